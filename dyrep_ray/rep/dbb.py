@@ -1,0 +1,408 @@
+"""Diverse Branch Block: a kxk conv re-expressed as a sum of up to seven branches.
+
+Branch names (``BRANCH_NAMES``) and what each computes (all followed by a BN):
+
+* ``1x1``      conv 1x1 (stride s)
+* ``1x1_kxk``  conv 1x1 -> BN -> pad with the BN's bias -> conv kxk (stride s)
+* ``1x1_avg``  conv 1x1 -> BN -> pad with the BN's bias -> avg-pool kxk (stride s)
+* ``kxk``      the original conv (may itself be a nested block)
+* ``1xk`` / ``kx1`` asymmetric convs centred in the kxk window
+* ``identity`` BN on the input (in == out channels, stride 1)
+
+Every branch has a ``bn`` attribute: its last BatchNorm, whose mean |gamma| is the
+branch's importance when cutting.  In eval mode the whole block equals one conv
+with kernel/bias :meth:`DiverseBranchBlock.equivalent_kernel`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import transforms as T
+
+BRANCH_NAMES = ("1x1", "1x1_kxk", "1x1_avg", "kxk", "1xk", "kx1", "identity")
+# Branches that need the kxk window centred on the output pixel (padding == k // 2).
+CENTRED_BRANCHES = ("1x1", "1xk", "kx1", "identity")
+KXK = "kxk"
+# Attribute set on convs/blocks that replace a user's conv: whether the user's
+# original conv had a bias (deploy must restore that layout).
+ORIG_BIAS_ATTR = "dyrep_orig_bias"
+
+
+def allowed_branches(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int
+) -> tuple[str, ...]:
+    """The branch set a block of this geometry can hold while staying exactly foldable."""
+    names = list(BRANCH_NAMES)
+    if padding != kernel_size // 2:
+        names = [n for n in names if n not in CENTRED_BRANCHES]
+    elif in_channels != out_channels or stride != 1:
+        names.remove("identity")
+    return tuple(names)
+
+
+def mid_channels_1x1_kxk(in_channels: int, out_channels: int, groups: int) -> int:
+    """Width of the 1x1->kxk bottleneck (as in Ding et al.'s DBB)."""
+    return in_channels if groups < out_channels else 2 * in_channels
+
+
+class BNAndPad(nn.Module):
+    """BatchNorm whose output is padded with the BN's own eval-mode bias, not zeros.
+
+    A 1x1 conv+BN fused into a kernel with bias ``b`` yields ``b`` on zero-padded
+    borders; padding with ``b`` here keeps the two-conv branch exactly foldable.
+    """
+
+    def __init__(self, num_features: int, pad: int, device=None, dtype=None):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, device=device, dtype=dtype)
+        self.pad = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn(x)
+        if self.pad == 0:
+            return out
+        _, shift = T.bn_scale_shift(
+            self.bn.running_mean, self.bn.running_var, self.bn.weight.detach(), self.bn.bias.detach(), self.bn.eps
+        )
+        shift = shift.reshape(1, -1, 1, 1).to(out.dtype)
+        return F.pad(out - shift, [self.pad] * 4) + shift
+
+
+class ConvBN(nn.Module):
+    """``bn(conv(x))``; ``conv`` is an ``nn.Conv2d`` or (kxk branch only) a nested block."""
+
+    def __init__(self, conv: nn.Module, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x))
+
+    def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
+        kernel, bias = conv_kernel_and_bias(self.conv)
+        bn = self.bn
+        kernel, bias = T.fuse_conv_bn(kernel, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        return T.pad_kernel_to(kernel, kernel_size), bias
+
+
+class OneByOneKxk(nn.Module):
+    """conv1x1 -> BN(pad with bias) -> conv kxk (no padding) -> BN."""
+
+    def __init__(self, in_ch, mid_ch, out_ch, k, stride, pad, groups, device=None, dtype=None):
+        super().__init__()
+        self.groups = groups
+        self.conv1 = nn.Conv2d(in_ch, mid_ch, 1, groups=groups, bias=False, device=device, dtype=dtype)
+        self.bn1 = BNAndPad(mid_ch, pad, device=device, dtype=dtype)
+        self.conv2 = nn.Conv2d(mid_ch, out_ch, k, stride=stride, groups=groups, bias=False, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_ch, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv2(self.bn1(self.conv1(x))))
+
+    def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
+        b1n, b2n = self.bn1.bn, self.bn
+        k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, b1n.running_mean, b1n.running_var, b1n.weight, b1n.bias, b1n.eps)
+        k2, b2 = T.fuse_conv_bn(self.conv2.weight, None, b2n.running_mean, b2n.running_var, b2n.weight, b2n.bias, b2n.eps)
+        return T.merge_1x1_kxk(k1, b1, k2, b2, self.groups)
+
+
+class OneByOneAvg(nn.Module):
+    """conv1x1 -> BN(pad with bias) -> avg-pool kxk (no padding) -> BN."""
+
+    def __init__(self, in_ch, out_ch, k, stride, pad, groups, device=None, dtype=None):
+        super().__init__()
+        self.groups = groups
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 1, groups=groups, bias=False, device=device, dtype=dtype)
+        self.bn1 = BNAndPad(out_ch, pad, device=device, dtype=dtype)
+        self.avg = nn.AvgPool2d(k, stride=stride, padding=0)
+        self.bn = nn.BatchNorm2d(out_ch, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.avg(self.bn1(self.conv1(x))))
+
+    def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
+        b1n, b2n = self.bn1.bn, self.bn
+        k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, b1n.running_mean, b1n.running_var, b1n.weight, b1n.bias, b1n.eps)
+        out_ch = k1.shape[0]
+        avg = T.avg_pool_kernel(out_ch, kernel_size, self.groups, like=k1)
+        k2, b2 = T.fuse_conv_bn(avg, None, b2n.running_mean, b2n.running_var, b2n.weight, b2n.bias, b2n.eps)
+        return T.merge_1x1_kxk(k1, b1, k2, b2, self.groups)
+
+
+class IdentityBN(nn.Module):
+    """BN on the input itself (the residual-like branch)."""
+
+    def __init__(self, channels: int, groups: int, device=None, dtype=None):
+        super().__init__()
+        self.groups = groups
+        self.bn = nn.BatchNorm2d(channels, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x)
+
+    def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
+        bn = self.bn
+        ident = T.identity_kernel(bn.num_features, kernel_size, self.groups, like=bn.running_mean)
+        return T.fuse_conv_bn(ident, None, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+def conv_kernel_and_bias(conv: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """Kernel and bias of a plain conv, or the equivalent kernel of a nested block."""
+    if isinstance(conv, DiverseBranchBlock):
+        return conv.equivalent_kernel()
+    return conv.weight, conv.bias
+
+
+class DiverseBranchBlock(nn.Module):
+    """A kxk conv as a sum of diverse branches; see module docstring.
+
+    ``branches`` selects which branches exist (default: every branch the geometry
+    allows).  New modules are created on ``device``/``dtype``.  Parameters of new
+    branches are left at PyTorch defaults: :func:`init_new_branches` applies DyRep's
+    initialization.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | None = None,
+        groups: int = 1,
+        branches: Sequence[str] | None = None,
+        kxk_conv: nn.Module | None = None,
+        orig_bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        padding = kernel_size // 2 if padding is None else padding
+        allowed = allowed_branches(in_channels, out_channels, kernel_size, stride, padding)
+        names = allowed if branches is None else tuple(branches)
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise ValueError(f"branches {unknown} not allowed for this geometry (allowed: {list(allowed)})")
+        if KXK not in names:
+            raise ValueError("a DiverseBranchBlock always holds its 'kxk' branch")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
+        setattr(self, ORIG_BIAS_ATTR, orig_bias)
+        k, s, p, g = kernel_size, stride, padding, groups
+        kw = dict(device=device, dtype=dtype)
+        self.branches = nn.ModuleDict()
+        for name in BRANCH_NAMES:  # canonical order keeps state_dict order stable
+            if name not in names:
+                continue
+            if name == KXK:
+                conv = kxk_conv if kxk_conv is not None else nn.Conv2d(
+                    in_channels, out_channels, k, s, p, groups=g, bias=False, **kw)
+                branch = ConvBN(conv, nn.BatchNorm2d(out_channels, **kw))
+            elif name == "1x1":
+                branch = ConvBN(nn.Conv2d(in_channels, out_channels, 1, s, 0, groups=g, bias=False, **kw),
+                                nn.BatchNorm2d(out_channels, **kw))
+            elif name == "1x1_kxk":
+                mid = mid_channels_1x1_kxk(in_channels, out_channels, g)
+                branch = OneByOneKxk(in_channels, mid, out_channels, k, s, p, g, **kw)
+            elif name == "1x1_avg":
+                branch = OneByOneAvg(in_channels, out_channels, k, s, p, g, **kw)
+            elif name == "1xk":
+                branch = ConvBN(nn.Conv2d(in_channels, out_channels, (1, k), s, (0, p), groups=g, bias=False, **kw),
+                                nn.BatchNorm2d(out_channels, **kw))
+            elif name == "kx1":
+                branch = ConvBN(nn.Conv2d(in_channels, out_channels, (k, 1), s, (p, 0), groups=g, bias=False, **kw),
+                                nn.BatchNorm2d(out_channels, **kw))
+            else:  # identity
+                branch = IdentityBN(in_channels, g, **kw)
+            self.branches[name] = branch
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        # Accumulate in place of stacking: no (n_branches, N, C, H, W) temporary.
+        out = None
+        for branch in self.branches.values():
+            y = branch(x)
+            out = y if out is None else out + y
+        return out
+
+    # ------------------------------------------------------------- the algebra
+    @property
+    def branch_names(self) -> list[str]:
+        return list(self.branches.keys())
+
+    @property
+    def kxk_branch(self) -> ConvBN:
+        return self.branches[KXK]
+
+    def equivalent_kernel(self) -> tuple[Tensor, Tensor]:
+        """Kernel and bias of the single conv this block equals in eval mode."""
+        kernels, biases = [], []
+        for branch in self.branches.values():
+            k, b = branch.equivalent_kernel(self.kernel_size)
+            kernels.append(k)
+            biases.append(b)
+        return T.sum_branches(kernels, biases)
+
+    def branch_kernel(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.branches[name].equivalent_kernel(self.kernel_size)
+
+    def branch_importance(self) -> dict[str, Tensor]:
+        """mean|gamma| of each branch's last BN relative to the kxk branch's (kxk == 1)."""
+        ref = self.kxk_branch.bn.weight.detach().abs().mean()
+        return {n: b.bn.weight.detach().abs().mean() / ref for n, b in self.branches.items()}
+
+    @torch.no_grad()
+    def absorb(self, kernel: Tensor, bias: Tensor) -> None:
+        """Add ``conv(x; kernel) + bias`` to this block's eval-mode function via its kxk branch."""
+        branch = self.kxk_branch
+        bn = branch.bn
+        scale, _ = T.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        if bool((scale.abs() < torch.finfo(scale.dtype).tiny).any()):
+            raise ValueError("kxk branch BN has a zero scale; cannot absorb a branch into it")
+        conv_delta = kernel / scale.reshape(-1, 1, 1, 1)
+        if isinstance(branch.conv, DiverseBranchBlock):
+            branch.conv.absorb(conv_delta, torch.zeros_like(bias))
+        else:
+            branch.conv.weight.add_(conv_delta.to(branch.conv.weight.dtype))
+        bn.bias.add_(bias.to(bn.bias.dtype))
+
+    @torch.no_grad()
+    def cut(self, names: Iterable[str]) -> None:
+        """Remove branches, folding each one's eval-mode function into the kxk branch."""
+        for name in list(names):
+            if name == KXK:
+                raise ValueError("the 'kxk' branch cannot be cut")
+            kernel, bias = self.branch_kernel(name)
+            self.absorb(kernel, bias)
+            del self.branches[name]
+
+    @torch.no_grad()
+    def to_conv(self) -> nn.Conv2d:
+        """One ``nn.Conv2d`` (with bias) computing this block's eval-mode function."""
+        kernel, bias = self.equivalent_kernel()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         groups=self.groups, bias=True, device=kernel.device, dtype=kernel.dtype)
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+        setattr(conv, ORIG_BIAS_ATTR, getattr(self, ORIG_BIAS_ATTR))
+        return conv
+
+    def reparameterize(self) -> nn.Conv2d:
+        """timm-style alias of :meth:`to_conv`."""
+        return self.to_conv()
+
+    @torch.no_grad()
+    def compensate_kxk(self, target_kernel: Tensor, target_bias: Tensor) -> None:
+        """Set the kxk branch so that the block's eval-mode function equals the target conv.
+
+        The kxk BN is reset (gamma=1, beta=0, fresh stats) and the kernel is scaled by
+        sqrt(1 + eps) so that its eval-mode fold is exact (no 1/sqrt(1+eps) residue).
+        """
+        others_k = torch.zeros_like(target_kernel)
+        others_b = torch.zeros_like(target_bias)
+        for name in self.branch_names:
+            if name != KXK:
+                k, b = self.branch_kernel(name)
+                others_k += k
+                others_b += b
+        branch = self.kxk_branch
+        bn = branch.bn
+        bn.reset_running_stats()
+        bn.weight.fill_(1.0)
+        if isinstance(branch.conv, DiverseBranchBlock):
+            raise ValueError("compensate_kxk expects a plain kxk conv (grow happens before nesting)")
+        std = math.sqrt(1.0 + bn.eps)  # eval-mode std of the freshly reset BN
+        branch.conv.weight.copy_(((target_kernel - others_k) * std).to(branch.conv.weight.dtype))
+        residual_bias = target_bias - others_b
+        if branch.conv.bias is not None:
+            residual_bias = residual_bias - branch.conv.bias / std
+        bn.bias.copy_(residual_bias.to(bn.bias.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, branches={self.branch_names}")
+
+    def describe(self) -> dict:
+        """JSON-serializable geometry + branch set (for the structure graph)."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "groups": self.groups,
+            "branches": self.branch_names,
+            "orig_bias": bool(getattr(self, ORIG_BIAS_ATTR)),
+        }
+
+
+# ---------------------------------------------------------------------------
+# Eligibility and construction from a plain conv
+# ---------------------------------------------------------------------------
+def conv_geometry(conv: nn.Conv2d) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) if ``conv`` can become a block, else None."""
+    if type(conv) is not nn.Conv2d:
+        return None
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    if isinstance(conv.padding, str):
+        return None
+    ph, pw = conv.padding
+    if kh != kw or kh <= 1 or sh != sw or ph != pw or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        return None
+    return kh, sh, ph
+
+
+def block_from_conv(conv: nn.Conv2d, branches: Sequence[str] | None = None) -> DiverseBranchBlock:
+    """A block whose kxk branch reuses ``conv`` (its bias removed: the caller keeps the target).
+
+    Reusing the conv keeps its ``weight`` Parameter object, so optimizer state survives.
+    """
+    geom = conv_geometry(conv)
+    if geom is None:
+        raise ValueError(f"conv {conv} is not eligible for growth (needs square k>1, no dilation, zero padding)")
+    k, s, p = geom
+    orig_bias = getattr(conv, ORIG_BIAS_ATTR, conv.bias is not None)
+    if conv.bias is not None:
+        conv.register_parameter("bias", None)
+    if hasattr(conv, ORIG_BIAS_ATTR):
+        delattr(conv, ORIG_BIAS_ATTR)
+    w = conv.weight
+    return DiverseBranchBlock(conv.in_channels, conv.out_channels, k, s, p, conv.groups, branches=branches,
+                              kxk_conv=conv, orig_bias=orig_bias, device=w.device, dtype=w.dtype)
+
+
+@torch.no_grad()
+def init_new_branches(block: DiverseBranchBlock, init_gamma: float, generator: torch.Generator) -> None:
+    """DyRep's init of the non-kxk branches: Kaiming-normal (fan-out) convs, last BN gamma=init_gamma.
+
+    Random numbers are drawn on the CPU in float64 from ``generator`` and then cast,
+    so every device/rank produces the same values for the same seed.
+    """
+    for name, branch in block.branches.items():
+        if name == KXK:
+            continue
+        for module in branch.modules():
+            if isinstance(module, nn.Conv2d):
+                cpu = torch.empty(module.weight.shape, dtype=torch.float64)
+                nn.init.kaiming_normal_(cpu, mode="fan_out", nonlinearity="relu", generator=generator)
+                module.weight.copy_(cpu.to(module.weight.dtype))
+            elif isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        branch.bn.weight.fill_(init_gamma)
+        branch.bn.bias.zero_()
+
+
+def new_branch_batchnorms(block: DiverseBranchBlock) -> list[nn.BatchNorm2d]:
+    """BatchNorms of every non-kxk branch (the ones BN recalibration must fill)."""
+    return [m for name, b in block.branches.items() if name != KXK for m in b.modules()
+            if isinstance(m, nn.BatchNorm2d)]

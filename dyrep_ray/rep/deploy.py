@@ -1,0 +1,117 @@
+"""Fold every block of a model back into plain convs (inference structure).
+
+A user's conv that had no bias gains one when it grows (its branches' BNs have
+shifts).  To keep the deployed state_dict loadable with ``strict=True`` into the
+architecture the user started from, that bias is folded into the BatchNorm that
+directly follows the conv (``running_mean -= bias``, exact in eval mode).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from .dbb import ORIG_BIAS_ATTR, DiverseBranchBlock
+from .dyrep import get_submodule, set_submodule
+
+logger = logging.getLogger(__name__)
+
+
+class DeployError(ValueError):
+    """The model cannot be folded into the user's original layout."""
+
+
+def _conv_to_bn_successors(model: nn.Module) -> dict[str, str]:
+    """Map conv path -> path of the BatchNorm that consumes its output and nothing else does.
+
+    Uses torch.fx when the model is traceable; otherwise falls back to module order
+    (the next BatchNorm2d registered under the same parent with matching width),
+    which holds for torchvision/timm ConvNormAct-style layouts.
+    """
+    try:
+        import torch.fx as fx
+
+        graph_module = fx.symbolic_trace(model)
+        modules = dict(model.named_modules())
+        result = {}
+        for node in graph_module.graph.nodes:
+            if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
+                continue
+            users = list(node.users)
+            if len(users) == 1 and users[0].op == "call_module" and isinstance(
+                    modules.get(users[0].target), nn.BatchNorm2d):
+                result[node.target] = users[0].target
+        return result
+    except Exception as exc:  # fx cannot trace every model (data-dependent control flow)
+        logger.debug("fx trace failed (%s); using module-order BN matching", exc)
+    result = {}
+    for parent_name, parent in model.named_modules():
+        children = list(parent.named_children())
+        for i, (name, child) in enumerate(children):
+            if isinstance(child, nn.Conv2d) and i + 1 < len(children):
+                nxt_name, nxt = children[i + 1]
+                if isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == child.out_channels:
+                    prefix = f"{parent_name}." if parent_name else ""
+                    result[prefix + name] = prefix + nxt_name
+    return result
+
+
+@torch.no_grad()
+def _fold_bias_into_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    bias: Tensor = conv.bias.detach()
+    bn.running_mean.sub_(bias.to(bn.running_mean.dtype))
+    conv.register_parameter("bias", None)
+
+
+def deploy(model: nn.Module, inplace: bool = False, keep_bias: bool = False) -> nn.Module:
+    """Return ``model`` with every DiverseBranchBlock replaced by one ``nn.Conv2d``.
+
+    With ``keep_bias=False`` (default) convs regain the user's original bias layout,
+    so ``deploy(m).state_dict()`` loads with ``strict=True`` into the untouched
+    architecture.  Raises :class:`DeployError` naming the conv if that is impossible.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    was_training = target.training
+    top_level = [(n, m) for n, m in target.named_modules() if isinstance(m, DiverseBranchBlock)
+                 and not any(n.startswith(o + ".") for o in _outer_paths(target, n))]
+    for path, block in top_level:
+        conv = block.to_conv()
+        set_submodule(target, path, conv)
+    if not keep_bias:
+        needs_fold = [n for n, m in target.named_modules() if isinstance(m, nn.Conv2d)
+                      and m.bias is not None and getattr(m, ORIG_BIAS_ATTR, True) is False]
+        if needs_fold:
+            successors = _conv_to_bn_successors(target)
+            for path in needs_fold:
+                if path not in successors:
+                    raise DeployError(
+                        f"conv '{path}' gained a bias during DyRep training and no BatchNorm directly follows it; "
+                        "deploy with keep_bias=True (the weights then need a conv with bias=True at that place)")
+                _fold_bias_into_bn(get_submodule(target, path), get_submodule(target, successors[path]))
+    for _, m in target.named_modules():
+        if isinstance(m, nn.Conv2d) and hasattr(m, ORIG_BIAS_ATTR):
+            delattr(m, ORIG_BIAS_ATTR)
+    target.train(was_training)
+    return target
+
+
+def _outer_paths(model: nn.Module, path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))
+            if isinstance(get_submodule(model, ".".join(parts[:i])), DiverseBranchBlock)]
+
+
+@torch.no_grad()
+def max_output_difference(a: nn.Module, b: nn.Module, x: Tensor) -> float:
+    """max |a(x) - b(x)| in eval mode (modes restored afterwards)."""
+    modes = (a.training, b.training)
+    a.eval()
+    b.eval()
+    try:
+        return float((a(x) - b(x)).abs().max())
+    finally:
+        a.train(modes[0])
+        b.train(modes[1])

@@ -1,0 +1,437 @@
+"""The DyRep controller: metric accumulation, plan (grow/cut), apply, structure graph.
+
+Split so that a distributed trainer can decide once and apply everywhere:
+
+* :meth:`DyRep.record_metrics` every step (device tensors only, no sync);
+* :meth:`DyRep.plan` at an adjust point (one all-reduce when a process group
+  exists) returns a small JSON-serializable dict;
+* :func:`apply_plan` applies a plan to any copy of the model; the same plan on
+  two identical models gives bit-identical models (seeded init).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .dbb import (
+    KXK,
+    ORIG_BIAS_ATTR,
+    DiverseBranchBlock,
+    block_from_conv,
+    conv_geometry,
+    init_new_branches,
+    new_branch_batchnorms,
+)
+from .optim import update_optimizer
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("synflow", "snip", "grad_norm", "random")
+GRAPH_VERSION = 1
+PLAN_VERSION = 1
+# Module path suffix of the conv inside a block's kxk branch (the only nested slot that may grow).
+KXK_CONV_SUFFIX = f"branches.{KXK}.conv"
+# Below this |gamma| the kxk BN cannot absorb a cut branch without blowing up.
+MIN_ABSORB_GAMMA = 1e-8
+
+RecalFn = Callable[[nn.Module, list[nn.BatchNorm2d]], object]
+
+
+# ---------------------------------------------------------------------------
+# Module tree helpers
+# ---------------------------------------------------------------------------
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = get_submodule(model, parent_path)
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and attr.isdigit():
+        parent[int(attr)] = module
+    else:
+        setattr(parent, attr, module)
+
+
+def iter_blocks(model: nn.Module) -> list[tuple[str, DiverseBranchBlock]]:
+    """Every block (nested ones included), outermost first."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DiverseBranchBlock)]
+
+
+def block_depth(model: nn.Module, path: str) -> int:
+    """Number of blocks enclosing the module at ``path`` (the module itself excluded)."""
+    depth, parts = 0, path.split(".") if path else []
+    for i in range(len(parts)):
+        if isinstance(get_submodule(model, ".".join(parts[:i])), DiverseBranchBlock):
+            depth += 1
+    return depth
+
+
+def eligible_convs(model: nn.Module, max_depth: int = 2, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Conv2d]]:
+    """Plain convs DyRep may grow: square k>1 convs outside blocks, or in a block's kxk slot
+    while the nesting depth stays below ``max_depth``."""
+    found = []
+    for name, module in model.named_modules():
+        if conv_geometry(module) is None or any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
+        depth = block_depth(model, name)
+        if depth == 0 or (name.endswith(KXK_CONV_SUFFIX) and depth < max_depth
+                          and _only_kxk_slots(model, name)):
+            found.append((name, module))
+    return found
+
+
+def _only_kxk_slots(model: nn.Module, path: str) -> bool:
+    """True if every block on the way to ``path`` is entered through its kxk conv slot."""
+    parts = path.split(".")
+    for i in range(len(parts)):
+        if isinstance(get_submodule(model, ".".join(parts[:i])), DiverseBranchBlock):
+            if parts[i:i + 3] != KXK_CONV_SUFFIX.split("."):
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Structure graph
+# ---------------------------------------------------------------------------
+def structure_graph(model: nn.Module) -> dict:
+    """JSON-serializable description of every structural change made to ``model``.
+
+    Entries are ordered outermost first: ``{"path", "type": "dbb", geometry..., "branches"}``
+    for blocks and ``{"path", "type": "conv", "bias": true, "orig_bias": false}`` for
+    plain convs that gained a bias when a block collapsed back into a conv.
+    """
+    entries = []
+    for name, module in model.named_modules():
+        if isinstance(module, DiverseBranchBlock):
+            entries.append({"path": name, "type": "dbb", **module.describe()})
+        elif isinstance(module, nn.Conv2d) and hasattr(module, ORIG_BIAS_ATTR):
+            entries.append({"path": name, "type": "conv", "bias": module.bias is not None,
+                            "orig_bias": bool(getattr(module, ORIG_BIAS_ATTR))})
+    entries.sort(key=lambda e: e["path"].count(".") if e["path"] else -1)
+    return {"version": GRAPH_VERSION, "blocks": entries}
+
+
+def restore_graph(model: nn.Module, graph: dict) -> nn.Module:
+    """Rebuild on a fresh base model the structure described by ``graph`` (in place).
+
+    Only the structure is rebuilt; load the state_dict (``strict=True``) afterwards.
+    """
+    if not isinstance(graph, dict) or graph.get("version") != GRAPH_VERSION or not isinstance(graph.get("blocks"), list):
+        raise ValueError(f"not a dyrep structure graph (expected version {GRAPH_VERSION} with a 'blocks' list)")
+    for entry in sorted(graph["blocks"], key=lambda e: e["path"].count(".")):
+        path = entry["path"]
+        try:
+            current = get_submodule(model, path)
+        except AttributeError as exc:
+            raise ValueError(f"structure graph names module '{path}', which this model does not have") from exc
+        if not isinstance(current, nn.Conv2d):
+            raise ValueError(f"structure graph expects a Conv2d at '{path}', found {type(current).__name__}")
+        w = current.weight
+        if entry["type"] == "dbb":
+            block = DiverseBranchBlock(
+                entry["in_channels"], entry["out_channels"], entry["kernel_size"], entry["stride"],
+                entry["padding"], entry["groups"], branches=entry["branches"], orig_bias=entry["orig_bias"],
+                kxk_conv=nn.Conv2d(current.in_channels, current.out_channels, current.kernel_size, current.stride,
+                                   current.padding, groups=current.groups, bias=False, device=w.device,
+                                   dtype=w.dtype),
+                device=w.device, dtype=w.dtype)
+            if (block.in_channels, block.out_channels, block.groups) != (current.in_channels, current.out_channels,
+                                                                        current.groups):
+                raise ValueError(f"structure graph geometry for '{path}' does not match the model's conv")
+            set_submodule(model, path, block)
+        elif entry["type"] == "conv":
+            conv = nn.Conv2d(current.in_channels, current.out_channels, current.kernel_size, current.stride,
+                             current.padding, groups=current.groups, bias=bool(entry["bias"]),
+                             device=w.device, dtype=w.dtype)
+            setattr(conv, ORIG_BIAS_ATTR, bool(entry["orig_bias"]))
+            set_submodule(model, path, conv)
+        else:
+            raise ValueError(f"unknown structure graph entry type {entry['type']!r} at '{path}'")
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Applying a plan (pure function of model + plan: used on replicas and EMA copies)
+# ---------------------------------------------------------------------------
+def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = 0.01,
+              recal_fn: RecalFn | None = None) -> DiverseBranchBlock:
+    """Replace the conv at ``path`` by a function-preserving block (eval mode)."""
+    conv = get_submodule(model, path)
+    if conv_geometry(conv) is None:
+        raise ValueError(f"module '{path}' is not a growable conv ({type(conv).__name__})")
+    with torch.no_grad():
+        target_kernel = conv.weight.detach().clone()
+        target_bias = (conv.bias.detach().clone() if conv.bias is not None
+                       else torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
+    block = block_from_conv(conv)
+    block.train(conv.training)
+    generator = torch.Generator().manual_seed(int(seed))
+    init_new_branches(block, init_gamma, generator)
+    set_submodule(model, path, block)
+    if recal_fn is not None:
+        recal_fn(model, new_branch_batchnorms(block))
+    block.compensate_kxk(target_kernel, target_bias)
+    return block
+
+
+def cut_block(model: nn.Module, path: str, branches: Iterable[str]) -> nn.Module:
+    """Cut ``branches`` of the block at ``path``; a block left with only kxk becomes a Conv2d."""
+    block = get_submodule(model, path)
+    if not isinstance(block, DiverseBranchBlock):
+        raise ValueError(f"module '{path}' is not a DiverseBranchBlock")
+    block.cut(branches)
+    if block.branch_names == [KXK]:
+        conv = block.to_conv()
+        conv.train(block.training)
+        set_submodule(model, path, conv)
+        return conv
+    return block
+
+
+def apply_plan(model: nn.Module, plan: dict, recal_fn: RecalFn | None = None) -> list[dict]:
+    """Apply cuts then grows of ``plan`` to ``model``; returns the events applied."""
+    check_plan(plan)
+    init_gamma = float(plan.get("init_gamma", 0.01))
+    events = []
+    for cut in plan["cut"]:
+        result = cut_block(model, cut["path"], cut["branches"])
+        events.append({"op": "cut", "path": cut["path"], "branches": list(cut["branches"]),
+                       "collapsed": not isinstance(result, DiverseBranchBlock),
+                       "remaining": result.branch_names if isinstance(result, DiverseBranchBlock) else []})
+    for grow in plan["grow"]:
+        block = grow_conv(model, grow["path"], grow["seed"], init_gamma, recal_fn)
+        events.append({"op": "grow", "path": grow["path"], "branches": block.branch_names})
+    return events
+
+
+def check_plan(plan: dict) -> None:
+    if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION:
+        raise ValueError(f"not a dyrep plan (expected a dict with version {PLAN_VERSION})")
+    for key in ("grow", "cut"):
+        if not isinstance(plan.get(key), list):
+            raise ValueError(f"dyrep plan is missing its '{key}' list")
+
+
+def empty_plan() -> dict:
+    return {"version": PLAN_VERSION, "grow": [], "cut": [], "notes": []}
+
+
+# ---------------------------------------------------------------------------
+# The controller
+# ---------------------------------------------------------------------------
+class DyRep:
+    """Decides where a model grows and which branches it cuts.
+
+    Args mirror the official DyRep defaults: ``metric`` ("synflow"), ``grow_topk`` (1),
+    ``cut_threshold`` λ (0.1), ``cut_std_gate`` (0.02), ``init_gamma`` (0.01),
+    ``max_depth`` (2 nesting levels).  ``model`` is the *unwrapped* module (not DDP).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        metric: str = "synflow",
+        grow_topk: int = 1,
+        cut_threshold: float = 0.1,
+        cut_std_gate: float = 0.02,
+        init_gamma: float = 0.01,
+        max_depth: int = 2,
+        seed: int = 0,
+        exclude: Sequence[str] = (),
+    ):
+        if metric not in METRICS:
+            raise ValueError(f"unknown DyRep metric {metric!r}; choose one of {list(METRICS)}")
+        if grow_topk < 0 or max_depth < 1 or init_gamma <= 0:
+            raise ValueError("grow_topk must be >= 0, max_depth >= 1 and init_gamma > 0")
+        self.model = model
+        self.metric = metric
+        self.grow_topk = grow_topk
+        self.cut_threshold = cut_threshold
+        self.cut_std_gate = cut_std_gate
+        self.init_gamma = init_gamma
+        self.max_depth = max_depth
+        self.seed = seed
+        self.exclude = tuple(exclude)
+        self.adjust_count = 0
+        self._sums: dict[str, Tensor] = {}
+        self._steps = 0
+        self._eligible: list[tuple[str, nn.Conv2d]] = []
+        self.refresh()
+
+    # --------------------------------------------------------------- metrics
+    def refresh(self) -> None:
+        """Re-scan eligible convs and reset accumulators (after any structure change)."""
+        self._eligible = eligible_convs(self.model, self.max_depth, self.exclude)
+        self.reset_metrics()
+
+    def reset_metrics(self) -> None:
+        self._sums = {name: torch.zeros((), device=conv.weight.device, dtype=torch.float32)
+                      for name, conv in self._eligible}
+        self._steps = 0
+
+    @property
+    def eligible_names(self) -> list[str]:
+        return [n for n, _ in self._eligible]
+
+    @torch.no_grad()
+    def record_metrics(self, grad_scale: Tensor | float | None = None) -> None:
+        """Accumulate the metric of every eligible conv (call after backward, before step).
+
+        Pure device work: no ``.item()``, no collective.  ``grad_scale`` is the AMP
+        loss scale when gradients are still scaled (pass ``None`` after ``unscale_``).
+        """
+        self._steps += 1
+        if self.metric == "random":
+            return
+        inv = None if grad_scale is None else 1.0 / grad_scale
+        for name, conv in self._eligible:
+            grad = conv.weight.grad
+            if grad is None:
+                continue
+            if self.metric == "synflow":
+                value = (grad * conv.weight).sum()
+            elif self.metric == "snip":
+                value = (grad * conv.weight).abs().sum()
+            else:  # grad_norm
+                value = torch.linalg.vector_norm(grad)
+            if inv is not None:
+                value = value * inv
+            self._sums[name].add_(value.float())
+
+    def metric_scores(self) -> dict[str, float]:
+        """Interval-averaged metric per eligible conv, reduced across ranks (one collective)."""
+        names = self.eligible_names
+        if not names:
+            return {}
+        if self.metric == "random":
+            gen = torch.Generator().manual_seed(self._decision_seed("random"))
+            values = torch.rand(len(names), generator=gen, dtype=torch.float64)
+            return dict(zip(names, values.tolist()))
+        sums = torch.stack([self._sums[n] for n in names])
+        steps = torch.tensor([float(self._steps)], device=sums.device)
+        packed = torch.cat([sums, steps])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        total_steps = max(float(packed[-1]), 1.0)
+        return dict(zip(names, (packed[:-1].double() / total_steps).tolist()))
+
+    def _decision_seed(self, salt: str) -> int:
+        return zlib.crc32(f"{self.seed}:{self.adjust_count}:{salt}".encode())
+
+    # ------------------------------------------------------------------ plan
+    def plan(self) -> dict:
+        """Decide this adjust point's cuts and grows. Returns a JSON-serializable dict."""
+        plan = empty_plan()
+        plan["adjust_index"] = self.adjust_count
+        plan["init_gamma"] = self.init_gamma
+        plan["cut"] = self._plan_cuts(plan["notes"])
+        collapsing = {c["path"] for c in plan["cut"] if c["collapses"]}
+        scores = self.metric_scores()
+        if scores and not all(math.isfinite(v) for v in scores.values()):
+            bad = [n for n, v in scores.items() if not math.isfinite(v)]
+            plan["notes"].append(f"no growth: non-finite metric for {bad[:5]}")
+            logger.warning("DyRep: non-finite metric for %s; skipping growth at this adjust point", bad[:5])
+            scores = {}
+        candidates = [(v, n) for n, v in scores.items()
+                      if not any(n.startswith(c + ".") for c in collapsing)]
+        candidates.sort(key=lambda t: (-t[0], t[1]))
+        plan["scores"] = {n: v for v, n in candidates}
+        plan["grow"] = [{"path": n, "seed": self._decision_seed(n)} for _, n in candidates[: self.grow_topk]]
+        return plan
+
+    def _plan_cuts(self, notes: list[str]) -> list[dict]:
+        cuts = []
+        for path, block in iter_blocks(self.model):
+            importance = {n: float(v) for n, v in block.branch_importance().items()}
+            if not all(math.isfinite(v) for v in importance.values()):
+                notes.append(f"no cut at {path}: non-finite BN scales")
+                continue
+            others = {n: v for n, v in importance.items() if n != KXK}
+            if len(others) < 2:
+                if others and list(others.values())[0] < self.cut_threshold:
+                    weak = list(others)
+                else:
+                    continue
+            else:
+                vals = torch.tensor(list(others.values()), dtype=torch.float64)
+                if float(vals.std()) <= self.cut_std_gate:
+                    continue
+                mean = float(vals.mean())
+                weak = [n for n, v in others.items() if v < mean and v < self.cut_threshold]
+            if not weak:
+                continue
+            kxk_gamma = block.kxk_branch.bn.weight.detach().abs()
+            if float(kxk_gamma.min()) < MIN_ABSORB_GAMMA:
+                notes.append(f"no cut at {path}: kxk BN gamma ~ 0 cannot absorb branches")
+                continue
+            remaining = [n for n in block.branch_names if n not in weak]
+            cuts.append({"path": path, "branches": weak, "collapses": remaining == [KXK],
+                         "importance": importance})
+        return cuts
+
+    # ----------------------------------------------------------------- apply
+    def apply(self, plan: dict, optimizer: Optimizer | None = None, recal_fn: RecalFn | None = None) -> list[dict]:
+        """Apply ``plan`` to this controller's model, then optimizer surgery and re-scan."""
+        events = apply_plan(self.model, plan, recal_fn)
+        if optimizer is not None:
+            update_optimizer(optimizer, self.model)
+        self.adjust_count += 1
+        self.refresh()
+        for e in events:
+            logger.info("DyRep %s %s -> %s", e["op"], e["path"], e.get("branches"))
+        return events
+
+    def step(self, optimizer: Optimizer | None = None, recal_fn: RecalFn | None = None) -> list[dict]:
+        """plan() + apply() in one process (no broadcast)."""
+        return self.apply(self.plan(), optimizer, recal_fn)
+
+    def grow(self, module_name: str, seed: int | None = None, recal_fn: RecalFn | None = None,
+             optimizer: Optimizer | None = None) -> DiverseBranchBlock:
+        """Grow one named conv now (outside the plan/adjust schedule)."""
+        plan = empty_plan()
+        plan["init_gamma"] = self.init_gamma
+        plan["grow"] = [{"path": module_name, "seed": self._decision_seed(module_name) if seed is None else seed}]
+        self.apply(plan, optimizer, recal_fn)
+        return get_submodule(self.model, module_name)
+
+    def cut(self, module_name: str, branches: Sequence[str], optimizer: Optimizer | None = None) -> nn.Module:
+        plan = empty_plan()
+        plan["cut"] = [{"path": module_name, "branches": list(branches)}]
+        self.apply(plan, optimizer)
+        return get_submodule(self.model, module_name)
+
+    # ----------------------------------------------------------------- graph
+    def graph(self) -> dict:
+        return structure_graph(self.model)
+
+    restore_graph = staticmethod(restore_graph)
+
+    # ------------------------------------------------------------ (de)serial
+    def state_dict(self) -> dict:
+        """Accumulators and counters (tensors + ints) for checkpoints."""
+        return {"adjust_count": self.adjust_count, "steps": self._steps,
+                "sums": {n: t.detach().clone() for n, t in self._sums.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adjust_count = int(state["adjust_count"])
+        self.refresh()
+        self._steps = int(state["steps"])
+        for name, value in state["sums"].items():
+            if name in self._sums:
+                self._sums[name].copy_(value)
+
+
+def clone_structure(model: nn.Module) -> nn.Module:
+    """Deep copy (used for EMA copies and tests)."""
+    return copy.deepcopy(model)
