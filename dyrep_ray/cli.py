@@ -1,0 +1,136 @@
+"""``dyrep-ray`` command line: train | tune | convert | eval | report.
+
+User errors (bad config, missing data, unknown model, impossible resources,
+unreachable cluster) print one line and exit with code 2; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("dyrep_ray.cli")
+
+EXIT_USAGE = 2
+DEFAULT_OUTPUT = "runs"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DatasetError
+    from .distributed.trainer import ClusterError
+    from .engine.checkpoint import CheckpointError
+    from .engine.config import ConfigError
+    from .models import UnknownModelError
+    from .rep.deploy import DeployError
+
+    return (ConfigError, DatasetError, UnknownModelError, ClusterError, CheckpointError, DeployError)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dyrep-ray", description="DyRep dynamic re-parameterization on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model with DyRep (Ray Train, or --local)")
+    t.add_argument("-c", "--config", help="experiment YAML (ours or an original DyRep strategy file); "
+                                          "default: the built-in synthetic demo")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    t.add_argument("--workers", type=int, help="number of Ray Train workers (config key 'workers')")
+    dev = t.add_mutually_exclusive_group()
+    dev.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker")
+    dev.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="CPU workers only")
+    t.add_argument("--local", action="store_true", help="run in this process without Ray (one device; pdb works)")
+    t.add_argument("--output", default=DEFAULT_OUTPUT, help=f"output directory (default: {DEFAULT_OUTPUT})")
+    t.add_argument("--name", help="run name (default: <model>-<dataset>-<timestamp>); reuse it to resume")
+    t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local instance)")
+    _add_common(t)
+    return parser
+
+
+def _resolve_train_config(args):
+    from .engine.config import load_config
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"workers={args.workers}")
+    if args.use_gpu is not None:
+        overrides.append(f"use_gpu={str(args.use_gpu).lower()}")
+    return load_config(args.config, overrides)
+
+
+def _preflight(cfg) -> None:
+    """Fail fast, before anything is written, on names and paths we can check here."""
+    from .data import check_dataset_name
+    from .models import build_model
+
+    check_dataset_name(cfg.dataset)
+    build_model(cfg.model, cfg.num_classes or 10)
+    if cfg.dataset != "synthetic":
+        from .data import DatasetError
+
+        if cfg.data_dir is None:
+            raise DatasetError(f"dataset {cfg.dataset!r} needs data_dir; pass --set data_dir=/path/to/data")
+        if not Path(cfg.data_dir).exists():
+            raise DatasetError(f"data_dir {cfg.data_dir!r} does not exist; put the {cfg.dataset} files there "
+                               "or pass --set data_dir=... (nothing is downloaded)")
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .engine.loop import summary_line
+
+    cfg = _resolve_train_config(args)
+    _preflight(cfg)
+    name = args.name or f"{cfg.model.replace('/', '_')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.local:
+        from .engine.context import LocalContext
+        from .engine.loop import train
+
+        use_cuda = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
+        if use_cuda and not torch.cuda.is_available():
+            from .distributed.trainer import ClusterError
+
+            raise ClusterError("--gpu requested but no CUDA device is visible; drop --gpu or use --cpu")
+        run_dir = Path(cfg.storage_path or args.output) / name
+        summary = train(cfg, LocalContext(torch.device("cuda" if use_cuda else "cpu"), run_dir,
+                                          cfg.keep_checkpoints), run_dir)
+    else:
+        from .distributed.trainer import run_distributed
+
+        run_dir = Path(cfg.storage_path or args.output) / name
+        summary = run_distributed(cfg, args.output, name, address=args.address)
+    print(f"dyrep-ray: {name}: {summary_line(summary)} (run dir: {run_dir})")
+    return 0
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"dyrep-ray: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dyrep-ray: interrupted; re-run the same command (same --output/--name) to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Ray Train implementation of the training-loop context (DESIGN §4).
+
+Every structure change is decided once: rank 0's plan is broadcast with
+``broadcast_object_list``; after the change the model is re-wrapped in DDP, whose
+constructor broadcasts rank 0's parameters and buffers, so replicas are
+bit-identical.  Every rank calls ``ray.train.report``; only rank 0 attaches the
+checkpoint, written atomically to a local temp dir and persisted by Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..engine.checkpoint import CheckpointError, LoadedCheckpoint, find_valid_checkpoints, load_checkpoint_dir
+from ..engine.context import CHECKPOINT_PREFIX, CheckpointWriter, checkpoint_dir_name, load_newest_valid
+
+logger = logging.getLogger(__name__)
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    """Ray metrics stay flat scalars (Tune schedulers compare them); events travel as a count."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    flat["n_events"] = len(metrics.get("events", []))
+    return flat
+
+
+class RayTrainContext:
+    def __init__(self, run_dir: str | Path):
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.run_dir = Path(run_dir)
+        self._distributed = self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        if not self._distributed:
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def broadcast_object(self, obj):
+        if not self._distributed:
+            return obj
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, obj) -> list:
+        if not self._distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def resume_checkpoint(self) -> LoadedCheckpoint | None:
+        """Latest checkpoint Ray hands us; if it is corrupt, the newest valid one in the run dir."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            try:
+                with checkpoint.as_directory() as directory:
+                    return load_checkpoint_dir(directory)
+            except CheckpointError as exc:
+                logger.warning("latest Ray checkpoint unusable (%s); looking for an earlier valid one", exc)
+        return load_newest_valid(find_valid_checkpoints(self.run_dir, CHECKPOINT_PREFIX))
+
+    def report(self, metrics: dict, epoch: int, write_checkpoint: CheckpointWriter | None) -> None:
+        checkpoint, tmp = None, None
+        if self.rank == 0 and write_checkpoint is not None:
+            tmp = Path(tempfile.mkdtemp(prefix="dyrep-ckpt-"))
+            try:
+                write_checkpoint(tmp / "checkpoint")
+                checkpoint = Checkpoint.from_directory(str(tmp / "checkpoint"))
+            except OSError as exc:
+                logger.error("checkpoint for epoch %d NOT written (%s); the previous checkpoint stays valid",
+                             epoch, exc)
+        try:
+            # Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint.
+            ray.train.report(_scalar_metrics(metrics), checkpoint=checkpoint,
+                             checkpoint_dir_name=checkpoint_dir_name(epoch) if checkpoint is not None else None)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)

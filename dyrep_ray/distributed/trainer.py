@@ -1,0 +1,134 @@
+"""Driver side of distributed training: connect to Ray, launch a ``TorchTrainer``, summarize.
+
+``train_loop_per_worker`` is the one function every Ray Train worker runs; it
+builds a :class:`~dyrep_ray.distributed.context.RayTrainContext` and runs the same
+loop as ``--local``.  Re-running with the same output dir and name resumes: Ray
+Train restores its checkpoint manager from ``<output>/<name>`` and hands the
+latest checkpoint to the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ..engine.config import TrainConfig
+from ..engine.faults import FAULT_ENV
+from ..engine.loop import METRICS_FILE, Trainer, summarize
+
+logger = logging.getLogger(__name__)
+
+CPUS_PER_WORKER = 1
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run this job as requested (one-line, user-fixable)."""
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    from .context import RayTrainContext
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if loop_config.get("fault"):  # test-only fault injection, forwarded from the driver's environment
+        os.environ[FAULT_ENV] = loop_config["fault"]
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    ctx = RayTrainContext(loop_config["run_dir"])
+    if ctx.rank != 0:  # one progress log is enough
+        logging.getLogger("dyrep_ray").setLevel(logging.WARNING)
+    Trainer(cfg, ctx, loop_config["run_dir"]).fit()
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Attach to an existing cluster (``address``, ``RAY_ADDRESS`` or inside ``ray job submit``) or start one."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+            return address
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        return "local"
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or "a new local instance"
+        raise ClusterError(f"cannot connect to Ray at {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                           "check --address / RAY_ADDRESS, that the head is running, and RAY_AUTH_MODE=token "
+                           "with a valid token") from exc
+
+
+def resolve_use_gpu(cfg: TrainConfig) -> bool:
+    import ray
+
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if use_gpu and gpus < cfg.workers:
+        raise ClusterError(f"{cfg.workers} GPU workers requested but the cluster has {gpus:g} GPUs; "
+                           f"use --workers {int(gpus) or 1}{'' if gpus else ' --cpu'} or add GPU nodes")
+    if not use_gpu and cpus < cfg.workers * CPUS_PER_WORKER:
+        raise ClusterError(f"{cfg.workers} CPU workers requested but the cluster has {cpus:g} CPUs; "
+                           f"use --workers {max(int(cpus) // CPUS_PER_WORKER, 1)} or add nodes")
+
+
+def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address: str | None = None) -> dict:
+    """Train with Ray Train ``TorchTrainer``; returns the summary dict."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    connect(address)
+    use_gpu = resolve_use_gpu(cfg)
+    check_resources(cfg, use_gpu)
+    storage = cfg.storage_path or str(Path(output_dir).resolve())
+    run_dir = str(Path(storage) / name)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir,
+                           "fault": os.environ.get(FAULT_ENV)},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": CPUS_PER_WORKER}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_order="max"),
+        ),
+    )
+    logger.info("launching %d %s worker(s); run directory %s", cfg.workers, "GPU" if use_gpu else "CPU", run_dir)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return summarize(read_metrics(run_dir), plain_params_from(run_dir))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    import json
+
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plain_params_from(run_dir: str | Path) -> int:
+    """Parameter count of the untouched model, from the newest checkpoint's meta."""
+    import json
+
+    from ..engine.checkpoint import find_valid_checkpoints
+
+    ckpts = find_valid_checkpoints(run_dir)
+    if not ckpts:
+        return 0
+    return int(json.loads((ckpts[0] / "meta.json").read_text()).get("plain_params", 0))

@@ -1,0 +1,30 @@
+"""Shared fixtures: one Ray instance for every integration test (DESIGN §5)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tune-over-Train on 2 cores deadlocks unless Ray sees more logical CPUs than it has.
+RAY_TEST_CPUS = 4
+TINY_RUN = [
+    "synthetic_train_size=256", "synthetic_val_size=128", "batch_size=32", "dyrep_recal_bn_iters=2",
+    "dyrep_adjust_interval=1", "epochs=3", "workers=2", "log_interval=1000",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)
+    yield ray
+    # left running for the remaining tests; Ray shuts down at interpreter exit
+
+
+@pytest.fixture()
+def tiny_overrides():
+    return list(TINY_RUN)

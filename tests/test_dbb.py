@@ -1,0 +1,288 @@
+"""DiverseBranchBlock: eval-mode block == one conv (equivalent_kernel / to_conv), branch rules, cut.
+
+References are plain ``F.conv2d`` / ``F.batch_norm`` computations; every BN has
+randomized running statistics, affine parameters and eps before comparing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyrep_ray.rep import BRANCH_NAMES, DiverseBranchBlock, allowed_branches
+from dyrep_ray.rep.dyrep import grow_conv
+
+ALL = set(BRANCH_NAMES)
+CENTRED = {"1x1", "1xk", "kx1", "identity"}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def randomize(module: nn.Module, seed: int) -> None:
+    """Random conv weights/biases and BN running stats, affine params and eps (drawn in f64, then cast)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in))
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen, dtype=torch.float64))
+        elif isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) * 1.5 + 0.5)
+            m.weight.copy_(torch.randn(c, generator=gen, dtype=torch.float64) * 0.5 + 1.0)
+            m.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64) * 0.5)
+            m.eps = float(torch.rand((), generator=gen, dtype=torch.float64)) * 1e-3 + 1e-5
+
+
+def expected_branches(c_in, c_out, k, stride, padding) -> set[str]:
+    """The rule of DESIGN §3, written independently of the implementation."""
+    names = set(ALL)
+    if padding != k // 2:
+        names -= CENTRED
+    if c_in != c_out or stride != 1:
+        names.discard("identity")
+    return names
+
+
+def check_block_equivalence(block: DiverseBranchBlock, x: torch.Tensor, dtype) -> tuple[float, float]:
+    block.eval()
+    with torch.no_grad():
+        out = block(x)
+        kernel, bias = block.equivalent_kernel()
+        assert kernel.dtype == dtype and bias.dtype == dtype
+        assert kernel.shape == (block.out_channels, block.in_channels // block.groups,
+                                block.kernel_size, block.kernel_size)
+        ref = F.conv2d(x, kernel, bias, stride=block.stride, padding=block.padding, groups=block.groups)
+        conv = block.to_conv()
+        assert type(conv) is nn.Conv2d and conv.bias is not None
+        assert (conv.kernel_size, conv.stride, conv.padding, conv.groups) == (
+            (block.kernel_size,) * 2, (block.stride,) * 2, (block.padding,) * 2, block.groups)
+        assert conv.weight.dtype == dtype
+        ref2 = conv(x)
+    e1, e2 = rel_err(out, ref), rel_err(out, ref2)
+    assert e1 <= TOL[dtype], f"block vs F.conv2d(equivalent_kernel): rel err {e1:.3g}"
+    assert e2 <= TOL[dtype], f"block vs to_conv(): rel err {e2:.3g}"
+    return e1, e2
+
+
+PADDINGS = {"k//2": lambda k: k // 2, "0": lambda k: 0, "k//2+1": lambda k: k // 2 + 1}
+
+
+@pytest.mark.parametrize("padding_kind", list(PADDINGS))
+@pytest.mark.parametrize("groups", [1, 2, "dw"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_block_equals_its_equivalent_conv(k, stride, groups, padding_kind):
+    c = 4
+    g = c if groups == "dw" else groups
+    padding = PADDINGS[padding_kind](k)
+    for dtype in (torch.float64, torch.float32):
+        block = DiverseBranchBlock(c, c, k, stride, padding, g, dtype=dtype)
+        assert set(block.branch_names) == expected_branches(c, c, k, stride, padding)
+        randomize(block, seed=k * 1000 + stride * 100 + g * 10 + padding)
+        x = torch.randn(2, c, 11, 10, generator=torch.Generator().manual_seed(k), dtype=dtype)
+        check_block_equivalence(block, x, dtype)
+
+
+@pytest.mark.parametrize("groups", [1, 2, "dw"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5])
+def test_block_equivalence_in_ne_out(k, stride, groups):
+    c_in, c_out = 4, 8
+    g = c_in if groups == "dw" else groups
+    for dtype in (torch.float64, torch.float32):
+        block = DiverseBranchBlock(c_in, c_out, k, stride, k // 2, g, dtype=dtype)
+        assert set(block.branch_names) == expected_branches(c_in, c_out, k, stride, k // 2)
+        assert "identity" not in block.branch_names
+        randomize(block, seed=k + stride + g)
+        x = torch.randn(2, c_in, 9, 9, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        check_block_equivalence(block, x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_grown_block_with_and_without_conv_bias_equals_its_conv(k, bias, dtype):
+    """Blocks made by grow (kxk branch reusing the user's conv, bias moved to the BN) stay foldable."""
+    model = nn.Sequential(nn.Conv2d(4, 4, k, 1, k // 2, bias=bias, dtype=dtype))
+    block = grow_conv(model, "0", seed=k)
+    assert isinstance(model[0], DiverseBranchBlock) and model[0] is block
+    assert block.dyrep_orig_bias is bias
+    assert block.kxk_branch.conv.bias is None
+    randomize(block, seed=k + 17 * bias)
+    x = torch.randn(2, 4, 10, 10, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    check_block_equivalence(block, x, dtype)
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,padding", [
+    (4, 4, 3, 1, 1), (4, 4, 3, 2, 1), (4, 6, 3, 1, 1), (4, 4, 3, 1, 0), (4, 4, 5, 1, 3),
+    (4, 4, 3, 2, 0), (8, 8, 7, 1, 3), (8, 4, 5, 2, 2),
+])
+def test_allowed_branches_rules(c_in, c_out, k, stride, padding):
+    got = allowed_branches(c_in, c_out, k, stride, padding)
+    assert set(got) == expected_branches(c_in, c_out, k, stride, padding)
+    # canonical order
+    assert list(got) == [n for n in BRANCH_NAMES if n in got]
+
+
+def test_allowed_branches_explicit_table():
+    assert set(allowed_branches(4, 4, 3, 1, 1)) == ALL
+    assert set(allowed_branches(4, 4, 3, 2, 1)) == ALL - {"identity"}
+    assert set(allowed_branches(4, 8, 3, 1, 1)) == ALL - {"identity"}
+    assert set(allowed_branches(4, 4, 3, 1, 0)) == {"1x1_kxk", "1x1_avg", "kxk"}
+    assert set(allowed_branches(4, 4, 5, 1, 3)) == {"1x1_kxk", "1x1_avg", "kxk"}
+
+
+def test_block_constructor_validates_branches():
+    with pytest.raises(ValueError):
+        DiverseBranchBlock(4, 4, 3, 1, 0, branches=["kxk", "1x1"])  # 1x1 needs centred padding
+    with pytest.raises(ValueError):
+        DiverseBranchBlock(4, 4, 3, 2, 1, branches=["kxk", "identity"])  # stride 2
+    with pytest.raises(ValueError):
+        DiverseBranchBlock(4, 6, 3, 1, 1, branches=["kxk", "identity"])  # in != out
+    with pytest.raises(ValueError):
+        DiverseBranchBlock(4, 4, 3, 1, 1, branches=["1x1", "identity"])  # no kxk
+    block = DiverseBranchBlock(4, 4, 3, 1, 1, branches=["identity", "kxk", "1x1"])
+    assert block.branch_names == ["1x1", "kxk", "identity"]  # canonical order
+
+
+def reference_forward(block: DiverseBranchBlock, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode forward of a block written from the branch definitions with functional ops only."""
+    k, s, p, g = block.kernel_size, block.stride, block.padding, block.groups
+
+    def bn(m, t):
+        return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, training=False, eps=m.eps)
+
+    def bn_pad_with_bias(m, t):
+        y = bn(m, t)
+        shift = (m.bias - m.running_mean * m.weight / torch.sqrt(m.running_var + m.eps)).reshape(1, -1, 1, 1)
+        return F.pad(y - shift, [p] * 4) + shift
+
+    total = 0
+    for name, br in block.branches.items():
+        if name == "kxk":
+            y = bn(br.bn, F.conv2d(x, br.conv.weight, br.conv.bias, s, p, groups=g))
+        elif name == "1x1":
+            y = bn(br.bn, F.conv2d(x, br.conv.weight, None, s, 0, groups=g))
+        elif name == "1xk":
+            y = bn(br.bn, F.conv2d(x, br.conv.weight, None, s, (0, p), groups=g))
+        elif name == "kx1":
+            y = bn(br.bn, F.conv2d(x, br.conv.weight, None, s, (p, 0), groups=g))
+        elif name == "identity":
+            y = bn(br.bn, x)
+        elif name == "1x1_kxk":
+            mid = bn_pad_with_bias(br.bn1.bn, F.conv2d(x, br.conv1.weight, None, groups=g))
+            y = bn(br.bn, F.conv2d(mid, br.conv2.weight, None, s, 0, groups=g))
+        elif name == "1x1_avg":
+            mid = bn_pad_with_bias(br.bn1.bn, F.conv2d(x, br.conv1.weight, None, groups=g))
+            y = bn(br.bn, F.avg_pool2d(mid, k, s, 0))
+        else:
+            raise AssertionError(name)
+        total = total + y
+    return total
+
+
+@pytest.mark.parametrize("k,stride,padding,groups", [(3, 1, 1, 1), (5, 2, 2, 2), (3, 1, 0, 4), (7, 1, 3, 4)])
+def test_block_forward_is_sum_of_documented_branches(k, stride, padding, groups):
+    block = DiverseBranchBlock(4, 4, k, stride, padding, groups, dtype=torch.float64)
+    randomize(block, seed=5)
+    block.eval()
+    x = torch.randn(2, 4, 11, 11, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(block(x), reference_forward(block, x)) <= 1e-12
+        # The output has the geometry of a plain conv with the same hyper-parameters.
+        plain = nn.Conv2d(4, 4, k, stride, padding, groups=groups, dtype=torch.float64)
+        assert block(x).shape == plain(x).shape
+
+
+def test_block_train_mode_forward_backward_reaches_every_branch():
+    block = DiverseBranchBlock(4, 4, 3, 1, 1, dtype=torch.float64)
+    randomize(block, seed=1)
+    block.train()
+    x = torch.randn(4, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    block(x).square().sum().backward()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("to_cut", [["1x1"], ["identity", "1x1_avg"], ["1x1_kxk", "1xk", "kx1"],
+                                    ["1x1", "1x1_kxk", "1x1_avg", "1xk", "kx1", "identity"]])
+def test_cut_preserves_eval_function(to_cut, dtype):
+    block = DiverseBranchBlock(4, 4, 3, 1, 1, dtype=dtype)
+    randomize(block, seed=len(to_cut))
+    block.eval()
+    x = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    with torch.no_grad():
+        before = block(x)
+        block.cut(to_cut)
+        after = block(x)
+    assert set(block.branch_names) == ALL - set(to_cut)
+    assert rel_err(after, before) <= TOL[dtype]
+    check_block_equivalence(block, x, dtype)
+
+
+def test_cut_kxk_is_refused():
+    block = DiverseBranchBlock(4, 4, 3, 1, 1)
+    with pytest.raises(ValueError):
+        block.cut(["kxk"])
+
+
+def test_absorb_into_zero_scale_kxk_bn_is_refused():
+    block = DiverseBranchBlock(4, 4, 3, 1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        block.kxk_branch.bn.weight[1] = 0.0
+    with pytest.raises(ValueError):
+        block.cut(["1x1"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nested_block_in_kxk_slot_equivalence_and_cut(dtype):
+    inner = DiverseBranchBlock(4, 4, 3, 1, 1, dtype=dtype)
+    outer = DiverseBranchBlock(4, 4, 3, 1, 1, kxk_conv=inner, dtype=dtype)
+    assert outer.kxk_branch.conv is inner
+    randomize(outer, seed=9)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    check_block_equivalence(outer, x, dtype)
+    with torch.no_grad():
+        before = outer(x)
+        outer.cut(["1x1", "identity", "1x1_kxk"])  # absorbed by the nested block's kxk branch
+        assert rel_err(outer(x), before) <= TOL[dtype]
+    assert set(inner.branch_names) == ALL  # the nested block keeps its branches
+    check_block_equivalence(outer, x, dtype)
+
+
+def test_branch_importance_by_hand():
+    block = DiverseBranchBlock(4, 4, 3, 1, 1)
+    with torch.no_grad():
+        block.kxk_branch.bn.weight.copy_(torch.tensor([1.0, -3.0, 2.0, -2.0]))  # mean |g| = 2
+        block.branches["1x1"].bn.weight.copy_(torch.tensor([0.1, -0.1, 0.3, 0.3]))  # 0.2 -> 0.1
+        block.branches["identity"].bn.weight.copy_(torch.tensor([-4.0, 4.0, 4.0, 4.0]))  # 4 -> 2
+    imp = {n: float(v) for n, v in block.branch_importance().items()}
+    assert imp["kxk"] == pytest.approx(1.0)
+    assert imp["1x1"] == pytest.approx(0.1)
+    assert imp["identity"] == pytest.approx(2.0)
+    assert set(imp) == set(block.branch_names)
+
+
+def test_describe_is_json_and_rebuilds_same_block():
+    block = DiverseBranchBlock(4, 8, 5, 2, 2, groups=2, branches=["kxk", "1x1_avg", "1xk"], orig_bias=True)
+    d = json.loads(json.dumps(block.describe()))
+    assert d == {"in_channels": 4, "out_channels": 8, "kernel_size": 5, "stride": 2, "padding": 2, "groups": 2,
+                 "branches": ["1x1_avg", "kxk", "1xk"], "orig_bias": True}
+    rebuilt = DiverseBranchBlock(d["in_channels"], d["out_channels"], d["kernel_size"], d["stride"], d["padding"],
+                                 d["groups"], branches=d["branches"], orig_bias=d["orig_bias"])
+    assert list(rebuilt.state_dict()) == list(block.state_dict())
+    assert all(rebuilt.state_dict()[n].shape == t.shape for n, t in block.state_dict().items())
