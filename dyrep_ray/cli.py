@@ -53,7 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", help="run name (default: <model>-<dataset>-<timestamp>); reuse it to resume")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local instance)")
     _add_common(t)
+    t.set_defaults(func=cmd_train)
+    for module_name in COMMAND_MODULES:
+        _register_commands(module_name, sub)
     return parser
+
+
+# Other subcommands live next to the code they drive; each module exposes
+# ``register(subparsers)`` adding its parser with ``set_defaults(func=handler)``
+# where ``handler(args) -> int``.
+COMMAND_MODULES = (
+    "dyrep_ray.data.commands",      # prepare
+    "dyrep_ray.export.commands",    # convert, eval
+    "dyrep_ray.report.commands",    # report
+    "dyrep_ray.tune.commands",      # tune
+)
+
+
+def _register_commands(module_name: str, sub) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if not (exc.name and module_name.startswith(exc.name)):  # a missing dependency inside it
+            raise
+        return
+    module.register(sub, _add_common)
 
 
 def _resolve_train_config(args):
@@ -88,6 +114,7 @@ def cmd_train(args) -> int:
     import torch
 
     from .engine.loop import summary_line
+    from .engine.storage import RunStorage
 
     cfg = _resolve_train_config(args)
     _preflight(cfg)
@@ -101,19 +128,17 @@ def cmd_train(args) -> int:
             from .distributed.trainer import ClusterError
 
             raise ClusterError("--gpu requested but no CUDA device is visible; drop --gpu or use --cpu")
-        run_dir = Path(cfg.storage_path or args.output) / name
-        summary = train(cfg, LocalContext(torch.device("cuda" if use_cuda else "cpu"), run_dir,
-                                          cfg.keep_checkpoints), run_dir)
+        storage = RunStorage(cfg.storage_path or args.output, name)
+        summary = train(cfg, LocalContext(torch.device("cuda" if use_cuda else "cpu"), storage,
+                                          cfg.keep_checkpoints))
     else:
         from .distributed.trainer import run_distributed
 
-        run_dir = Path(cfg.storage_path or args.output) / name
+        storage = RunStorage(cfg.storage_path or args.output, name)
         summary = run_distributed(cfg, args.output, name, address=args.address)
+    run_dir = storage.root
     print(f"dyrep-ray: {name}: {summary_line(summary)} (run dir: {run_dir})")
     return 0
-
-
-COMMANDS = {"train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except _user_errors() as exc:
         if getattr(args, "debug", False):
             raise

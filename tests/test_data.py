@@ -32,6 +32,7 @@ from dyrep_ray.data.parquet import (
     export_parquet,
     read_parquet_metadata,
 )
+from dyrep_ray.data.synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD
 
 CIFAR_ROW = 3 * 32 * 32
 SMALL_TRAIN = 256
@@ -451,8 +452,10 @@ def test_ray_data_reads_exported_shards(tmp_path):
     labels = torch.cat(seen_labels)
     assert labels.numel() == SMALL_VAL
     assert sorted(labels.tolist()) == sorted(val.targets)
-    # order may differ across blocks: compare as multisets of (label, image checksum)
+    # order may differ across blocks: compare multisets of (label, exact integer pixel checksum)
     images = torch.cat(seen_images)
-    got = sorted(zip(labels.tolist(), images.sum(dim=(1, 2, 3)).round(decimals=3).tolist()))
-    want = sorted(zip(val.targets, val.images.sum(dim=(1, 2, 3)).round(decimals=3).tolist()))
+    mean, std = SYNTHETIC_MEAN[0], SYNTHETIC_STD[0]
+    checksums = ((images * std + mean) * 255).round().long().sum(dim=(1, 2, 3))
+    got = sorted(zip(labels.tolist(), checksums.tolist()))
+    want = sorted(zip(val.targets, val.pixels.long().sum(dim=(1, 2, 3)).tolist()))
     assert got == want

@@ -30,6 +30,15 @@ from dyrep_ray.rep import (
 from dyrep_ray.rep.dyrep import grow_conv
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threading only adds overhead (and spins badly on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 ELIGIBLE = ["0", "3", "6", "9"]
 
 
@@ -396,8 +405,12 @@ def hand_metric(metric: str, grad: torch.Tensor, weight: torch.Tensor) -> float:
     raise AssertionError(metric)
 
 
-def train_steps(model, ctrl, n_steps, seed, grad_scale=None, lr=0.05, hand=None, metric=None):
-    """SGD steps with record_metrics between backward and step; optionally accumulate hand metrics."""
+def train_steps(model, ctrl, n_steps, seed, grad_scale=None, lr=0.05, hand=None):
+    """SGD steps with record_metrics between backward and step.
+
+    ``hand`` (if given) accumulates, per metric name, the per-conv hand-computed values of
+    every metric (so a test can also check that the wrong formula would not match).
+    """
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
     convs = dict(model.named_modules())
@@ -408,9 +421,11 @@ def train_steps(model, ctrl, n_steps, seed, grad_scale=None, lr=0.05, hand=None,
         scale = 1.0 if grad_scale is None else float(grad_scale)
         (loss * scale).backward()
         if hand is not None:
-            for name in ctrl.eligible_names:
-                conv = convs[name]
-                hand[name] = hand.get(name, 0.0) + hand_metric(metric, conv.weight.grad / scale, conv.weight.detach())
+            for m in ("synflow", "snip", "grad_norm"):
+                per = hand.setdefault(m, {})
+                for name in ctrl.eligible_names:
+                    conv = convs[name]
+                    per[name] = per.get(name, 0.0) + hand_metric(m, conv.weight.grad / scale, conv.weight.detach())
         ctrl.record_metrics(grad_scale=grad_scale)
         if grad_scale is not None:
             for p in model.parameters():
@@ -425,16 +440,21 @@ def test_metric_matches_hand_computation_averaged_over_steps(metric, n_steps):
     model = grown_net(paths=("6",))  # includes a nested-slot conv among the eligible ones
     ctrl = DyRep(model, metric=metric)
     assert ctrl.eligible_names == ["0", "3", "6.branches.kxk.conv", "9"]
-    hand: dict[str, float] = {}
-    train_steps(model, ctrl, n_steps, seed=100, hand=hand, metric=metric)
-    expected = {n: v / n_steps for n, v in hand.items()}
+    hand: dict[str, dict[str, float]] = {}
+    train_steps(model, ctrl, n_steps, seed=100, hand=hand)
+    expected = {n: v / n_steps for n, v in hand[metric].items()}
     scores = ctrl.metric_scores()
     assert set(scores) == set(expected)
     for name in expected:
         assert scores[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-9), name
-    if metric == "synflow":  # signed: the sum of the same terms' absolute values must differ somewhere
-        assert any(v < 0 for v in expected.values()) or True
-    if metric in ("snip", "grad_norm"):
+    # the check discriminates: every other formula (or a missing average) is off for some conv
+    for other in ("synflow", "snip", "grad_norm"):
+        if other != metric:
+            assert any(scores[n] != pytest.approx(v / n_steps, rel=1e-3) for n, v in hand[other].items()), other
+    assert any(scores[n] != pytest.approx(v, rel=1e-3) for n, v in hand[metric].items())  # not averaged
+    if metric == "synflow":
+        assert any(v < 0 for v in scores.values())  # signed: this run has negative sums
+    else:
         assert all(v > 0 for v in scores.values())
 
 
@@ -445,13 +465,13 @@ def test_grad_scale_divides(metric, as_tensor):
     ref_model = copy.deepcopy(model)
     ctrl, ref_ctrl = DyRep(model, metric=metric), DyRep(ref_model, metric=metric)
     scale = torch.tensor(1024.0, dtype=torch.float64) if as_tensor else 1024.0
-    hand: dict[str, float] = {}
-    train_steps(model, ctrl, 2, seed=7, grad_scale=scale, hand=hand, metric=metric)
+    hand: dict[str, dict[str, float]] = {}
+    train_steps(model, ctrl, 2, seed=7, grad_scale=scale, hand=hand)
     train_steps(ref_model, ref_ctrl, 2, seed=7)
     scores, ref = ctrl.metric_scores(), ref_ctrl.metric_scores()
     for name in ref:
         assert scores[name] == pytest.approx(ref[name], rel=1e-5, abs=1e-9)
-        assert scores[name] == pytest.approx(hand[name] / 2, rel=1e-5, abs=1e-9)
+        assert scores[name] == pytest.approx(hand[metric][name] / 2, rel=1e-5, abs=1e-9)
 
 
 def test_random_metric_deterministic_and_identical_across_controllers():
@@ -518,10 +538,10 @@ def test_non_finite_metric_means_no_growth_and_a_note(bad):
 def test_topk_picks_largest_scores():
     model = make_net()
     ctrl = DyRep(model, grow_topk=2, metric="snip")
-    hand: dict[str, float] = {}
-    train_steps(model, ctrl, 2, seed=21, hand=hand, metric="snip")
+    hand: dict[str, dict[str, float]] = {}
+    train_steps(model, ctrl, 2, seed=21, hand=hand)
     plan = ctrl.plan()
-    expected = sorted(hand, key=lambda n: -hand[n])[:2]
+    expected = sorted(hand["snip"], key=lambda n: -hand["snip"][n])[:2]
     assert [g["path"] for g in plan["grow"]] == expected
     assert len({g["seed"] for g in plan["grow"]}) == 2
 

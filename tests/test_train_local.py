@@ -23,7 +23,7 @@ LOCAL_TINY = ["synthetic_train_size=256", "synthetic_val_size=128", "batch_size=
 
 def _run_local(run_dir, overrides):
     cfg = load_config(None, overrides)
-    return cfg, train(cfg, LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints), run_dir)
+    return cfg, train(cfg, LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints))
 
 
 def _final_model(run_dir, cfg):

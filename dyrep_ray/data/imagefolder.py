@@ -19,6 +19,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 _LAYOUT = "expected <data_dir>/train/<class>/<image>.jpg|png and <data_dir>/val/<class>/...; no download is attempted"
 
 
+def is_image_file(path: str) -> bool:
+    """Whether ``path`` has an image extension (case-insensitive)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def _split_dir(data_dir: str | os.PathLike | None, split: str) -> Path:
     if data_dir is None:
         raise DatasetError(f"imagenet: data_dir is required; {_LAYOUT}")
@@ -34,7 +39,7 @@ def load_image_folder(
     """``torchvision.datasets.ImageFolder`` over ``<data_dir>/<split>``; raises :class:`DatasetError` when empty."""
     root = _split_dir(data_dir, split)
     try:
-        dataset = ImageFolder(str(root), transform=transform, extensions=IMAGE_EXTENSIONS)
+        dataset = ImageFolder(str(root), transform=transform, is_valid_file=is_image_file)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DatasetError(f"imagenet: no images under {root} ({exc}); {_LAYOUT}") from None
     logger.info("imagenet %s: %d images in %d classes from %s", split, len(dataset), len(dataset.classes), root)

@@ -241,7 +241,7 @@ class BatchDecoder:
                 f"batch lacks column {exc}; expected columns {IMAGE_COLUMN!r} and {LABEL_COLUMN!r}"
             ) from None
         images = torch.stack([self.transform(decode_image(bytes(item))) for item in encoded])
-        return images, torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        return images, torch.tensor(np.asarray(labels), dtype=torch.int64)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform!r})"

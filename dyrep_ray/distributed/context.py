@@ -21,8 +21,9 @@ from ray.train import Checkpoint
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..engine.checkpoint import CheckpointError, LoadedCheckpoint, find_valid_checkpoints, load_checkpoint_dir
-from ..engine.context import CHECKPOINT_PREFIX, CheckpointWriter, checkpoint_dir_name, load_newest_valid
+from ..engine.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
+from ..engine.context import CheckpointWriter, checkpoint_dir_name, load_newest_valid
+from ..engine.storage import RunStorage
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +36,12 @@ def _scalar_metrics(metrics: dict) -> dict:
 
 
 class RayTrainContext:
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, storage_uri: str, name: str):
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.run_dir = Path(run_dir)
+        self.storage = RunStorage(storage_uri, name)
         self._distributed = self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
     @property
@@ -75,13 +76,15 @@ class RayTrainContext:
     def resume_checkpoint(self) -> LoadedCheckpoint | None:
         """Latest checkpoint Ray hands us; if it is corrupt, the newest valid one in the run dir."""
         checkpoint = ray.train.get_checkpoint()
+        bad = None
         if checkpoint is not None:
             try:
                 with checkpoint.as_directory() as directory:
                     return load_checkpoint_dir(directory)
-            except CheckpointError as exc:
+            except (CheckpointError, OSError) as exc:
+                bad = Path(checkpoint.path).name
                 logger.warning("latest Ray checkpoint unusable (%s); looking for an earlier valid one", exc)
-        return load_newest_valid(find_valid_checkpoints(self.run_dir, CHECKPOINT_PREFIX))
+        return load_newest_valid(self.storage, skip=bad)
 
     def report(self, metrics: dict, epoch: int, write_checkpoint: CheckpointWriter | None) -> None:
         checkpoint, tmp = None, None

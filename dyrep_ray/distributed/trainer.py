@@ -9,12 +9,15 @@ latest checkpoint to the workers.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 from ..engine.config import TrainConfig
+from ..engine.context import CHECKPOINT_PREFIX
 from ..engine.faults import FAULT_ENV
+from ..engine.storage import RunStorage, resolve_filesystem
 from ..engine.loop import METRICS_FILE, Trainer, summarize
 
 logger = logging.getLogger(__name__)
@@ -34,10 +37,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if loop_config.get("fault"):  # test-only fault injection, forwarded from the driver's environment
         os.environ[FAULT_ENV] = loop_config["fault"]
     cfg = TrainConfig.from_dict(loop_config["config"])
-    ctx = RayTrainContext(loop_config["run_dir"])
+    ctx = RayTrainContext(loop_config["storage_uri"], loop_config["name"])
     if ctx.rank != 0:  # one progress log is enough
         logging.getLogger("dyrep_ray").setLevel(logging.WARNING)
-    Trainer(cfg, ctx, loop_config["run_dir"]).fit()
+    Trainer(cfg, ctx).fit()
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:
@@ -89,17 +92,22 @@ def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address
     connect(address)
     use_gpu = resolve_use_gpu(cfg)
     check_resources(cfg, use_gpu)
-    storage = cfg.storage_path or str(Path(output_dir).resolve())
-    run_dir = str(Path(storage) / name)
+    storage_uri = cfg.storage_path or str(output_dir)
+    storage = RunStorage(storage_uri, name)
+    if storage.local:
+        storage_uri = storage.root.rsplit("/", 1)[0]  # absolute: workers run in other directories
+    fs, fs_path = resolve_filesystem(storage_uri)
+    run_dir = storage.root
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir,
+        train_loop_config={"config": cfg.to_dict(), "storage_uri": storage_uri, "name": name,
                            "fault": os.environ.get(FAULT_ENV)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": CPUS_PER_WORKER}),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=fs_path,
+            storage_filesystem=None if storage.local else fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute="val_top1",
@@ -110,25 +118,19 @@ def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return summarize(read_metrics(run_dir), plain_params_from(run_dir))
+    return summarize(read_metrics(storage), plain_params_from(storage))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    import json
-
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(storage: RunStorage) -> list[dict]:
+    text = storage.read_text(METRICS_FILE) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def plain_params_from(run_dir: str | Path) -> int:
+def plain_params_from(storage: RunStorage) -> int:
     """Parameter count of the untouched model, from the newest checkpoint's meta."""
-    import json
-
-    from ..engine.checkpoint import find_valid_checkpoints
-
-    ckpts = find_valid_checkpoints(run_dir)
-    if not ckpts:
-        return 0
-    return int(json.loads((ckpts[0] / "meta.json").read_text()).get("plain_params", 0))
+    for name in sorted(storage.list_dirs(CHECKPOINT_PREFIX), reverse=True):
+        try:
+            return int(json.loads(storage.read_text(f"{name}/meta.json") or "{}").get("plain_params", 0))
+        except ValueError:
+            continue
+    return 0

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, LoadedCheckpoint, find_valid_checkpoints, load_checkpoint_dir
+from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
+from .storage import RunStorage
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +31,30 @@ def checkpoint_dir_name(epoch: int) -> str:
     return f"{CHECKPOINT_PREFIX}epoch{epoch:04d}"
 
 
-def load_newest_valid(candidates: list[Path]) -> LoadedCheckpoint | None:
-    """Load the first candidate that verifies; warn about each one skipped."""
-    for path in candidates:
+def as_storage(run_dir: str | Path | RunStorage) -> RunStorage:
+    if isinstance(run_dir, RunStorage):
+        return run_dir
+    text = str(run_dir).rstrip("/")
+    parent, _, name = text.rpartition("/")
+    return RunStorage(parent or ".", name)
+
+
+def load_newest_valid(storage: RunStorage, skip: str | None = None) -> LoadedCheckpoint | None:
+    """Newest checkpoint in the run directory that verifies; warns about each one skipped."""
+    for name in sorted(storage.list_dirs(CHECKPOINT_PREFIX), reverse=True):  # zero-padded epochs
+        if name == skip:
+            continue
+        tmp = None
         try:
-            return load_checkpoint_dir(path)
-        except CheckpointError as exc:
+            if storage.local:
+                return load_checkpoint_dir(storage.path(name))
+            tmp = storage.temp_download(name)
+            return load_checkpoint_dir(tmp)
+        except (CheckpointError, OSError) as exc:
             logger.warning("checkpoint unusable, falling back to an earlier one: %s", exc)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
     return None
 
 
@@ -45,9 +64,9 @@ class LocalContext:
     rank = 0
     world_size = 1
 
-    def __init__(self, device: torch.device, run_dir: str | Path, keep_checkpoints: int = 2):
+    def __init__(self, device: torch.device, run_dir: str | Path | RunStorage, keep_checkpoints: int = 2):
         self.device = torch.device(device)
-        self.run_dir = Path(run_dir)
+        self.storage = as_storage(run_dir)
         self.keep_checkpoints = keep_checkpoints
 
     @property
@@ -67,16 +86,25 @@ class LocalContext:
         return [obj]
 
     def resume_checkpoint(self) -> LoadedCheckpoint | None:
-        return load_newest_valid(find_valid_checkpoints(self.run_dir, CHECKPOINT_PREFIX))
+        return load_newest_valid(self.storage)
 
     def report(self, metrics: dict, epoch: int, write_checkpoint: CheckpointWriter | None) -> None:
         if write_checkpoint is None:
             return
-        target = self.run_dir / checkpoint_dir_name(epoch)
-        if target.exists():  # left by a run killed after this epoch's checkpoint: replace
-            shutil.rmtree(target)
+        name = checkpoint_dir_name(epoch)
         try:
-            write_checkpoint(target)
+            if self.storage.local:
+                target = Path(self.storage.path(name))
+                if target.exists():  # left by a run killed after this epoch's checkpoint: replace
+                    shutil.rmtree(target)
+                write_checkpoint(target)
+            else:
+                tmp = Path(tempfile.mkdtemp(prefix="dyrep-ckpt-"))
+                try:
+                    write_checkpoint(tmp / name)
+                    self.storage.upload_dir(tmp / name, name)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
         except OSError as exc:
             logger.error("checkpoint for epoch %d NOT written (%s); the previous checkpoint stays valid", epoch, exc)
             return
@@ -84,16 +112,18 @@ class LocalContext:
 
     def _prune(self) -> None:
         """Keep the best ``keep_checkpoints`` by val_top1 plus the latest."""
-        ckpts = find_valid_checkpoints(self.run_dir, CHECKPOINT_PREFIX)
-        if len(ckpts) <= self.keep_checkpoints:
+        names = sorted(self.storage.list_dirs(CHECKPOINT_PREFIX), reverse=True)
+        if len(names) <= self.keep_checkpoints:
             return
-        latest = ckpts[0]
 
-        def score(p: Path) -> float:
-            metrics = json.loads((p / "meta.json").read_text()).get("metrics", {})
-            return float(metrics.get(SCORE_KEY, float("-inf")))
+        def score(name: str) -> float:
+            try:
+                meta = json.loads(self.storage.read_text(f"{name}/meta.json") or "{}")
+            except ValueError:
+                return float("-inf")
+            return float(meta.get("metrics", {}).get(SCORE_KEY, float("-inf")))
 
-        best = sorted(ckpts, key=score, reverse=True)[: self.keep_checkpoints]
-        for p in ckpts:
-            if p != latest and p not in best:
-                shutil.rmtree(p, ignore_errors=True)
+        best = sorted(names, key=score, reverse=True)[: self.keep_checkpoints]
+        for name in names[1:]:
+            if name not in best:
+                self.storage.delete_dir(name)

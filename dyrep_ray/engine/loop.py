@@ -89,8 +89,8 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 class Trainer:
     """Holds everything one rank needs; :meth:`fit` runs all epochs."""
 
-    def __init__(self, cfg: TrainConfig, ctx, run_dir: str | Path):
-        self.cfg, self.ctx, self.run_dir = cfg, ctx, Path(run_dir)
+    def __init__(self, cfg: TrainConfig, ctx):
+        self.cfg, self.ctx = cfg, ctx
         self.device = ctx.device
         seed_everything(cfg.seed)
         aug = {k: getattr(cfg, k) for k in ("aa", "reprob", "remode", "color_jitter", "cutout_length",
@@ -343,10 +343,10 @@ class Trainer:
     # ------------------------------------------------------------------ files
     def _write_run_files(self) -> None:
         """metrics.jsonl is rewritten from history, so a resumed run never duplicates epochs."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.state.history))
-        _atomic_write(self.run_dir / STRUCTURE_FILE, json.dumps(structure_graph(self.model), indent=1))
-        _atomic_write(self.run_dir / CONFIG_FILE, json.dumps(self.cfg.to_dict(), indent=1, sort_keys=True))
+        storage = self.ctx.storage
+        storage.write_text(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.state.history))
+        storage.write_text(STRUCTURE_FILE, json.dumps(structure_graph(self.model), indent=1))
+        storage.write_text(CONFIG_FILE, json.dumps(self.cfg.to_dict(), indent=1, sort_keys=True))
 
     def summary(self) -> dict:
         return summarize(self.state.history, self.plain_params)
@@ -386,12 +386,6 @@ def summary_line(summary: dict) -> str:
             f"{summary['deployed_params']:,}")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def train(cfg: TrainConfig, ctx, run_dir: str | Path) -> dict:
+def train(cfg: TrainConfig, ctx) -> dict:
     """Run (or resume) training described by ``cfg`` in ``ctx``; returns the summary dict."""
-    return Trainer(cfg, ctx, run_dir).fit()
+    return Trainer(cfg, ctx).fit()
