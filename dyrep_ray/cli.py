@@ -101,13 +101,15 @@ def _preflight(cfg) -> None:
     check_dataset_name(cfg.dataset)
     build_model(cfg.model, cfg.num_classes or 10)
     if cfg.dataset != "synthetic":
-        from .data import DatasetError
+        from .data import DatasetError, build_datasets
 
         if cfg.data_dir is None:
             raise DatasetError(f"dataset {cfg.dataset!r} needs data_dir; pass --set data_dir=/path/to/data")
         if not Path(cfg.data_dir).exists():
             raise DatasetError(f"data_dir {cfg.data_dir!r} does not exist; put the {cfg.dataset} files there "
                                "or pass --set data_dir=... (nothing is downloaded)")
+        if cfg.dataset.startswith("cifar"):  # cheap enough to open fully: catches a malformed directory
+            build_datasets(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
 
 
 def cmd_train(args) -> int:
@@ -118,6 +120,8 @@ def cmd_train(args) -> int:
 
     cfg = _resolve_train_config(args)
     _preflight(cfg)
+    if cfg.data_dir and Path(cfg.data_dir).exists():  # Ray workers run in other directories
+        cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()))
     name = args.name or f"{cfg.model.replace('/', '_')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.local:
         from .engine.context import LocalContext
@@ -142,6 +146,8 @@ def cmd_train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .engine.loop import NonFiniteLossError as NonFiniteError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
@@ -152,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dyrep-ray: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
+    except NonFiniteError as exc:
+        print(f"dyrep-ray: stopped: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dyrep-ray: interrupted; re-run the same command (same --output/--name) to resume", file=sys.stderr)
         return 130

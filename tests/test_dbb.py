@@ -295,3 +295,12 @@ def test_describe_is_json_and_rebuilds_same_block():
                                  d["groups"], branches=d["branches"], orig_bias=d["orig_bias"])
     assert list(rebuilt.state_dict()) == list(block.state_dict())
     assert all(rebuilt.state_dict()[n].shape == t.shape for n, t in block.state_dict().items())
+
+
+@pytest.mark.parametrize("c_in,c_out,groups,mid", [(4, 4, 1, 4), (4, 8, 2, 4), (4, 4, 4, 8), (4, 8, 4, 4)])
+def test_1x1_kxk_bottleneck_width_follows_dbb(c_in, c_out, groups, mid):
+    """Ding et al.'s DBB: mid = in_channels, doubled when the conv is depthwise (groups == out_channels)."""
+    block = DiverseBranchBlock(c_in, c_out, 3, 1, 1, groups)
+    br = block.branches["1x1_kxk"]
+    assert br.conv1.out_channels == mid and br.conv2.in_channels == mid
+    assert br.conv1.groups == br.conv2.groups == groups

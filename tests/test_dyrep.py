@@ -167,6 +167,28 @@ def test_grow_fold_leaves_no_sqrt_eps_residue(dtype):
     assert rel_err(kxk_out, ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grow_resets_kxk_bn_even_if_recal_touches_it(dtype):
+    """A recal_fn that recalibrates every BN it can reach (kxk BN included) must not break the fold."""
+    model = make_net(dtype)
+    orig = copy.deepcopy(model[3])
+
+    def sloppy_recal(m, bns):
+        block = m[3]
+        randomizing_recal(8)(m, [b for b in block.modules() if isinstance(b, nn.BatchNorm2d)])
+        with torch.no_grad():
+            block.kxk_branch.bn.weight.mul_(3.0)
+
+    block = grow_conv(model, "3", seed=4, recal_fn=sloppy_recal)
+    kbn = block.kxk_branch.bn
+    assert torch.all(kbn.weight == 1)
+    assert torch.all(kbn.running_mean == 0) and torch.all(kbn.running_var == 1)
+    z = torch.randn(2, 8, 7, 7, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    block.eval()
+    with torch.no_grad():
+        assert rel_err(block(z), orig(z)) <= TOL[dtype]
+
+
 def test_grow_via_controller_and_eligibility_refresh():
     model = make_net()
     x, _ = batch(2)

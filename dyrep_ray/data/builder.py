@@ -55,7 +55,8 @@ def build_datasets(
     ``dataset``: ``synthetic`` (built-in, seeded, in memory), ``cifar10`` / ``cifar100`` (standard python-format
     directory under ``data_dir``) or ``imagenet`` (``data_dir/train/<class>/...``, ``data_dir/val/<class>/...``).
     ``aug`` keys (all optional): ``aa``, ``reprob``, ``remode``, ``color_jitter``, ``cutout_length``,
-    ``interpolation``, ``image_mean``, ``image_std`` (normalization override). ``seed`` only shapes the synthetic data; augmentation randomness comes from torch's RNG.
+    ``interpolation``, ``image_mean``, ``image_std`` (normalization override; None = dataset default).
+    ``seed`` only shapes the synthetic data; augmentation randomness comes from torch's RNG.
     Raises :class:`DatasetError` with a one-line message when something is missing or malformed.
     """
     check_dataset_name(dataset)

@@ -4,13 +4,15 @@ Shard schema: ``image`` (binary: encoded PNG, or the original JPEG/PNG file byte
 ``label`` (int64). The schema metadata key ``dyrep_ray`` holds JSON: dataset name, split, num_classes, classes.
 
 Writer side needs only pyarrow and PIL. Reader side: :func:`read_parquet_dataset` returns a
-``ray.data.Dataset``; :class:`BatchDecoder` turns a numpy batch dict into ``(images NCHW float32, labels int64)``
-and is usable as ``collate_fn`` of ``iter_torch_batches``, e.g. inside a Ray Train worker::
+``ray.data.Dataset``; :class:`BatchDecoder` turns a numpy batch dict into ``(images NCHW float32, labels int64)``;
+:func:`iter_decoded_batches` runs it as the ``collate_fn`` of ``iter_torch_batches``, e.g. in a Ray Train worker::
 
     shard = ray.train.get_dataset_shard("train")
     decoder = build_batch_decoder("cifar10", train=True)
-    for images, labels in shard.iter_torch_batches(batch_size=128, collate_fn=decoder):
+    for images, labels in iter_decoded_batches(shard, decoder, batch_size=128):
         ...
+
+(or ``shard.iter_torch_batches(batch_size=128, collate_fn=decoder.as_ray_collate_fn())``).
 
 Ray is imported lazily inside the functions that need it.
 """
@@ -38,7 +40,7 @@ from .builder import (
     SYNTHETIC,
     check_dataset_name,
 )
-from .cifar import CIFAR_LAYOUTS, load_cifar_split
+from .cifar import CIFAR_LAYOUTS, CIFAR_SIDE, load_cifar_split
 from .errors import DatasetError
 from .imagefolder import load_image_folder
 from .synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD, build_synthetic
@@ -137,7 +139,7 @@ def export_parquet(
     """Write ``split`` (``train`` or ``val``; CIFAR's test set is ``val``) of a dataset as Parquet shards.
 
     Images are stored un-augmented (PNG for synthetic/CIFAR, original file bytes for ImageFolder); the reader
-    applies augmentation. Returns the shard paths in order. Existing shards of the same split in ``out_dir``
+    applies augmentation. ``image_size``, ``seed`` and the synthetic sizes only matter for ``synthetic``. Returns the shard paths in order. Existing shards of the same split in ``out_dir``
     are an error unless ``overwrite`` (then they are removed first).
     """
     check_dataset_name(dataset_name)
@@ -146,16 +148,11 @@ def export_parquet(
     if rows_per_shard < 1:
         raise DatasetError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(out.glob(f"{split}-*{SHARD_SUFFIX}"))
-    if existing:
-        if not overwrite:
-            raise DatasetError(
-                f"{out} already holds {len(existing)} {split} shard(s); pass overwrite=True or choose another out_dir"
-            )
-        for stale in existing:
-            stale.unlink()
-
+    existing = sorted(out.glob(f"{split}-*{SHARD_SUFFIX}")) if out.is_dir() else []
+    if existing and not overwrite:
+        raise DatasetError(
+            f"{out} already holds {len(existing)} {split} shard(s); pass overwrite=True or choose another out_dir"
+        )
     count, row, classes = _encoded_rows(
         dataset_name,
         data_dir,
@@ -165,10 +162,15 @@ def export_parquet(
         synthetic_train_size=synthetic_train_size,
         synthetic_val_size=synthetic_val_size,
     )
-    metadata = json.dumps(
-        {"dataset": dataset_name, "split": split, "num_classes": len(classes), "classes": classes,
-         "image_size": image_size, "seed": seed}
-    ).encode("utf-8")
+    info: dict[str, Any] = {"dataset": dataset_name, "split": split, "num_classes": len(classes), "classes": classes}
+    if dataset_name == SYNTHETIC:
+        info.update(image_size=image_size, seed=seed)
+    elif dataset_name in CIFAR_LAYOUTS:
+        info.update(image_size=CIFAR_SIDE)
+    metadata = json.dumps(info).encode("utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in existing:
+        stale.unlink()
     paths: list[Path] = []
     for shard_index, start in enumerate(range(0, count, rows_per_shard)):
         images: list[bytes] = []
@@ -243,6 +245,12 @@ class BatchDecoder:
         images = torch.stack([self.transform(decode_image(bytes(item))) for item in encoded])
         return images, torch.tensor(np.asarray(labels), dtype=torch.int64)
 
+    def as_ray_collate_fn(self) -> Any:
+        """This decoder as a ``ray.data.collate_fn.NumpyBatchCollateFn`` (imports Ray)."""
+        from .ray_collate import NumpyBatchDecoder
+
+        return NumpyBatchDecoder(self)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform!r})"
 
@@ -280,7 +288,7 @@ def iter_decoded_batches(
     """Iterate ``(images, labels)`` over a ``ray.data.Dataset`` or a ``DataIterator`` (``get_dataset_shard``)."""
     yield from data.iter_torch_batches(
         batch_size=batch_size,
-        collate_fn=decoder,
+        collate_fn=decoder.as_ray_collate_fn(),
         drop_last=drop_last,
         local_shuffle_buffer_size=local_shuffle_buffer_size,
         local_shuffle_seed=local_shuffle_seed,

@@ -36,8 +36,10 @@ def _scalar_metrics(metrics: dict) -> dict:
 
 
 class RayTrainContext:
-    def __init__(self, storage_uri: str, name: str):
+    def __init__(self, storage_uri: str, name: str, start_checkpoint: str | None = None):
+        """``start_checkpoint``: a dyrep checkpoint dir (path or URI) a *new* run starts from (PBT exploit)."""
         ctx = ray.train.get_context()
+        self.start_checkpoint = start_checkpoint
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -74,7 +76,8 @@ class RayTrainContext:
         return tensor
 
     def resume_checkpoint(self) -> LoadedCheckpoint | None:
-        """Latest checkpoint Ray hands us; if it is corrupt, the newest valid one in the run dir."""
+        """Latest checkpoint Ray hands us; if it is corrupt, the newest valid one in the run dir; if the run
+        has none, ``start_checkpoint``."""
         checkpoint = ray.train.get_checkpoint()
         bad = None
         if checkpoint is not None:
@@ -84,7 +87,11 @@ class RayTrainContext:
             except (CheckpointError, OSError) as exc:
                 bad = Path(checkpoint.path).name
                 logger.warning("latest Ray checkpoint unusable (%s); looking for an earlier valid one", exc)
-        return load_newest_valid(self.storage, skip=bad)
+        newest = load_newest_valid(self.storage, skip=bad)
+        if newest is None and self.start_checkpoint:  # nothing of our own yet: start from the given one
+            with Checkpoint(self.start_checkpoint).as_directory() as directory:
+                return load_checkpoint_dir(directory)
+        return newest
 
     def report(self, metrics: dict, epoch: int, write_checkpoint: CheckpointWriter | None) -> None:
         checkpoint, tmp = None, None

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..engine.config import TrainConfig
-from ..engine.context import CHECKPOINT_PREFIX
+from ..engine.context import CHECKPOINT_PREFIX, load_newest_valid
 from ..engine.faults import FAULT_ENV
 from ..engine.storage import RunStorage, resolve_filesystem
 from ..engine.loop import METRICS_FILE, Trainer, summarize
@@ -37,7 +37,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if loop_config.get("fault"):  # test-only fault injection, forwarded from the driver's environment
         os.environ[FAULT_ENV] = loop_config["fault"]
     cfg = TrainConfig.from_dict(loop_config["config"])
-    ctx = RayTrainContext(loop_config["storage_uri"], loop_config["name"])
+    ctx = RayTrainContext(loop_config["storage_uri"], loop_config["name"],
+                          start_checkpoint=loop_config.get("start_checkpoint"))
     if ctx.rank != 0:  # one progress log is enough
         logging.getLogger("dyrep_ray").setLevel(logging.WARNING)
     Trainer(cfg, ctx).fit()
@@ -47,9 +48,11 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     """Attach to an existing cluster (``address``, ``RAY_ADDRESS`` or inside ``ray job submit``) or start one."""
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
     if ray.is_initialized():
         return "existing"
-    address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -61,6 +64,27 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         raise ClusterError(f"cannot connect to Ray at {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                            "check --address / RAY_ADDRESS, that the head is running, and RAY_AUTH_MODE=token "
                            "with a valid token") from exc
+
+
+REACH_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when a ``host:port`` Ray address does not answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address == "auto" or address.startswith("local"):
+        return
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    if not parsed.hostname or not parsed.port:
+        return
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=REACH_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise ClusterError(f"Ray cluster at {address} is unreachable ({exc.strerror or exc}); start it with "
+                           "'ray start --head' or fix --address / RAY_ADDRESS") from exc
 
 
 def resolve_use_gpu(cfg: TrainConfig) -> bool:
@@ -97,6 +121,8 @@ def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address
     if storage.local:
         storage_uri = storage.root.rsplit("/", 1)[0]  # absolute: workers run in other directories
     fs, fs_path = resolve_filesystem(storage_uri)
+    # Refuse up front (exit 2) a run dir whose checkpoints are all unusable: never restart from scratch silently.
+    load_newest_valid(storage)
     run_dir = storage.root
     trainer = TorchTrainer(
         train_loop_per_worker,

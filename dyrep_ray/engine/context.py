@@ -40,9 +40,17 @@ def as_storage(run_dir: str | Path | RunStorage) -> RunStorage:
 
 
 def load_newest_valid(storage: RunStorage, skip: str | None = None) -> LoadedCheckpoint | None:
-    """Newest checkpoint in the run directory that verifies; warns about each one skipped."""
-    for name in sorted(storage.list_dirs(CHECKPOINT_PREFIX), reverse=True):  # zero-padded epochs
+    """Newest checkpoint in the run directory that verifies; warns about each one skipped.
+
+    Returns None only when the run has no checkpoint at all: if checkpoints exist
+    but none is usable, raises :class:`CheckpointError` rather than silently
+    starting from scratch.
+    """
+    names = [n for n in sorted(storage.list_dirs(CHECKPOINT_PREFIX), reverse=True)]  # zero-padded epochs
+    problems = []
+    for name in names:
         if name == skip:
+            problems.append(f"{name}: unusable latest checkpoint")
             continue
         tmp = None
         try:
@@ -51,10 +59,14 @@ def load_newest_valid(storage: RunStorage, skip: str | None = None) -> LoadedChe
             tmp = storage.temp_download(name)
             return load_checkpoint_dir(tmp)
         except (CheckpointError, OSError) as exc:
+            problems.append(str(exc))
             logger.warning("checkpoint unusable, falling back to an earlier one: %s", exc)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp.parent, ignore_errors=True)
+    if names:
+        raise CheckpointError(f"run directory {storage.root} has {len(names)} checkpoint(s) but none is valid "
+                              f"({problems[0]}); move them away to start over, or use a new --name")
     return None
 
 

@@ -4,6 +4,7 @@
 own process half-way through epoch 2 (1-based), once: the marker file records
 that the fault fired, so the restarted worker runs on.  ``raise`` instead of
 ``kill`` raises a RuntimeError.  Real process death, real Ray restart.
+``nan:epoch=1:steps=2`` makes the loss of the first 2 steps of epoch 1 NaN on every rank.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def maybe_inject(epoch: int, rank: int) -> None:
     if not spec:
         return
     kind, fields = _parse(spec)
+    if kind not in ("kill", "raise"):
+        return
     if int(fields.get("epoch", -1)) != epoch or int(fields.get("rank", 0)) != rank:
         return
     marker = Path(fields["marker"])
@@ -39,3 +42,12 @@ def maybe_inject(epoch: int, rank: int) -> None:
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected fault at epoch {epoch} on rank {rank}")
+
+
+def poison_loss(epoch: int, step: int) -> bool:
+    """True if the loss of (1-based ``epoch``, ``step``) should be replaced by NaN."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or not spec.startswith("nan"):
+        return False
+    _, fields = _parse(spec)
+    return int(fields.get("epoch", -1)) == epoch and step < int(fields.get("steps", 1))

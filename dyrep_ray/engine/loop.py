@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .ema import ModelEma
-from .faults import maybe_inject
+from .faults import maybe_inject, poison_loss
 from .schedule import LRSchedule
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,11 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.opt_eps)
 
 
+def model_kwargs(cfg: TrainConfig) -> dict:
+    """Regularization options for builders that take them (timm models); omitted when off."""
+    return {k: getattr(cfg, k) for k in ("drop_rate", "drop_path_rate") if getattr(cfg, k)}
+
+
 def count_blocks(model: nn.Module) -> int:
     return sum(isinstance(m, DiverseBranchBlock) for m in model.modules())
 
@@ -94,12 +99,12 @@ class Trainer:
         self.device = ctx.device
         seed_everything(cfg.seed)
         aug = {k: getattr(cfg, k) for k in ("aa", "reprob", "remode", "color_jitter", "cutout_length",
-                                            "interpolation")}
+                                            "interpolation", "image_mean", "image_std")}
         self.train_ds, self.val_ds, num_classes = build_datasets(
             cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed,
             synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size, aug=aug)
         self.num_classes = cfg.num_classes or num_classes
-        self.model = build_model(cfg.model, self.num_classes)
+        self.model = build_model(cfg.model, self.num_classes, **model_kwargs(cfg))
         self.plain_params = count_params(self.model)
         self.plain_flops = count_flops(self.model, (3, cfg.image_size, cfg.image_size))
         self.state = TrainState()
@@ -270,6 +275,8 @@ class Trainer:
             images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
             with _autocast(cfg, self.device):
                 loss = F.cross_entropy(self.wrapped(images), targets, label_smoothing=cfg.smoothing)
+            if poison_loss(epoch + 1, step):
+                loss = loss * float("nan")
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)

@@ -1,10 +1,18 @@
 """Where a run lives: a local/NFS directory or an object-store prefix, through pyarrow filesystems.
 
-``storage_path`` may be ``/abs/path``, ``relative/path``, ``s3://bucket/prefix`` or
-``gs://bucket/prefix``; S3-compatible stores take pyarrow's URI options, e.g.
-``s3://bucket/runs?endpoint_override=http://127.0.0.1:9000&scheme=http``.
-Credentials come from the environment (``AWS_ACCESS_KEY_ID`` ... / workload
-identity), never from files in this project.
+``storage_path`` may be ``/abs/path``, ``relative/path``, ``file:///abs/path``,
+``s3://bucket/prefix`` or ``gs://bucket/prefix``.  S3-compatible stores (MinIO, Ceph,
+R2, ...) take pyarrow's S3 URI query options, e.g.
+``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http`` (also ``region=``,
+``force_virtual_addressing=``, ``allow_bucket_creation=``; see
+``pyarrow.fs.S3FileSystem``).  Credentials come from the environment of every
+process that touches the store (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+instance roles, IRSA / workload identity), never from the URI or from files in
+this project.
+
+Object stores have no atomic rename: a directory is uploaded file by file with
+its commit file (the checkpoint ``MANIFEST.json``) last, so an interrupted upload
+leaves a directory that fails verification and is skipped on resume.
 """
 
 from __future__ import annotations
@@ -16,6 +24,10 @@ import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+# Written last by upload_dir (and deleted first when a directory is replaced):
+# the file whose presence makes a checkpoint directory complete.
+COMMIT_FILES = ("MANIFEST.json",)
 
 
 def is_remote(uri: str) -> bool:
@@ -75,11 +87,32 @@ class RunStorage:
         return local_dir
 
     def upload_dir(self, local_dir: str | Path, relpath: str) -> None:
+        """Copy ``local_dir`` to ``<run>/<relpath>``, replacing what is there.
+
+        Locally: copy to a sibling temp dir, then rename (atomic).  Object stores: delete
+        the old commit file(s) and the old directory, upload every other file, then the
+        commit file(s), so a reader never sees a complete-looking partial directory.
+        """
+        local_dir = Path(local_dir)
+        target = self.path(relpath)
         if self.local:
-            shutil.copytree(local_dir, self.path(relpath))
-        else:
-            pafs.copy_files(str(local_dir), self.path(relpath), source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.fs)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            shutil.copytree(local_dir, tmp)
+            if Path(target).exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            return
+        if self.fs.get_file_info(target).type == pafs.FileType.Directory:
+            for name in COMMIT_FILES:
+                if self.fs.get_file_info(f"{target}/{name}").type == pafs.FileType.File:
+                    self.fs.delete_file(f"{target}/{name}")
+            self.fs.delete_dir(target)
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.relative_to(local_dir).as_posix() in COMMIT_FILES)  # stable: commit last
+        local_fs = pafs.LocalFileSystem()
+        for path in files:
+            dest = f"{target}/{path.relative_to(local_dir).as_posix()}"  # object stores need no parent dirs
+            pafs.copy_files(str(path), dest, source_filesystem=local_fs, destination_filesystem=self.fs)
 
     def delete_dir(self, relpath: str) -> None:
         self.fs.delete_dir(self.path(relpath))

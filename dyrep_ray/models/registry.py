@@ -77,7 +77,8 @@ def _timm_model_names() -> list[str]:
     return list(timm.list_models())
 
 
-def _build_timm(timm_name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+def _check_timm_name(timm_name: str) -> None:
+    """Raise a one-line :class:`UnknownModelError` unless timm knows ``timm_name``."""
     import timm
 
     if not timm_name or not timm.is_model(timm_name):
@@ -88,6 +89,12 @@ def _build_timm(timm_name: str, num_classes: int, **kwargs: Any) -> nn.Module:
             f"unknown timm model {timm_name!r}; {suggestion}"
             f"list valid names with timm.list_models() ({len(names)} available)"
         )
+
+
+def _build_timm(timm_name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    import timm
+
+    _check_timm_name(timm_name)
     logger.info("building timm model %s (pretrained=False, num_classes=%d)", timm_name, num_classes)
     return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
 
@@ -119,8 +126,7 @@ def default_input_size(name: str) -> int:
         import timm
 
         timm_name = name[len(TIMM_PREFIX):]
-        if not timm.is_model(timm_name):
-            _build_timm(timm_name, num_classes=1)  # raises the one-line UnknownModelError
+        _check_timm_name(timm_name)
         cfg = timm.get_pretrained_cfg(timm_name)
         if cfg is not None and getattr(cfg, "input_size", None):
             return int(cfg.input_size[-1])

@@ -1,0 +1,42 @@
+"""``dyrep-ray report RUN_DIR [--out DIR]``."""
+
+from __future__ import annotations
+
+import sys
+
+EXIT_USAGE = 2
+
+
+def register(subparsers, add_common) -> None:
+    r = subparsers.add_parser(
+        "report", help="PNG figures + summary.md of what DyRep did to a run (or every trial of a sweep)",
+        description="Structure timeline (which convs grew, when, which branches they held, when branches were cut), "
+                    "accuracy/loss curves with adjust points, and parameter count during training vs the deployed "
+                    "model. A directory holding several run directories (a Tune sweep) gets one sub-folder per "
+                    "trial plus a val_top1 comparison. Reads JSON files only.")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="run directory (with metrics.jsonl) or sweep directory")
+    r.add_argument("--out", help="output directory (default: <RUN_DIR>/report)")
+    add_common(r)
+    r.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .figures import SUMMARY_MD, ReportError, render_report
+
+    try:
+        result = render_report(args.run_dir, args.out)
+    except ReportError as exc:
+        if args.debug:
+            raise
+        print(f"dyrep-ray: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out = result["out_dir"]
+    if result["mode"] == "run":
+        s = result["summary"]
+        best = f"{s['best_top1']:.2f}%" if isinstance(s["best_top1"], (int, float)) else "n/a"
+        print(f"dyrep-ray: report: {s['name']}: best top-1 {best}, {s['grows']} grows, {s['cuts']} cuts; "
+              f"{len(result['files'])} files in {out} (see {out / SUMMARY_MD})")
+    else:
+        print(f"dyrep-ray: report: {len(result['trials'])} trials, comparison plot and per-trial reports in {out} "
+              f"(see {out / SUMMARY_MD})")
+    return 0

@@ -1,0 +1,244 @@
+"""The PBT checkpoint bridge between Ray Train runs and Ray Tune trials.
+
+Ray Train V2 runs one ``TorchTrainer`` per trial; its checkpoints (``checkpoint_epochNNNN/``: structure graph,
+tensors, meta, manifest) live in the trial's run directory and are unknown to Tune.  PBT needs *Tune*
+checkpoints: it clones the last checkpoint a strong trial reported into a weak one.  The bridge:
+
+1. :class:`BridgeCallback` runs in the Train controller after every ``ray.train.report``.  It hands rank 0's
+   metrics to the trial's function trainable through a Ray queue and -- when a dyrep checkpoint was persisted
+   and exports are on (PBT) -- first copies that checkpoint (hard links when possible) plus ``bridge.json``
+   (trial, segment, epoch, source path, sha256 of structure and state) into a temp dir.  Doing it inside the
+   callback means the Train checkpoint manager cannot delete the checkpoint before it is copied.
+2. The function trainable reports the metrics to Tune with that directory as the Tune checkpoint.
+3. When PBT restores a trial from a *donor's* Tune checkpoint, :func:`plan_segment` opens a new segment
+   ``<trial>/seg<N>/``, copies the donor checkpoint into it (``start_checkpoint/``), records where it came from
+   in ``pbt_origin.json``, and the next ``TorchTrainer`` run starts from it: the donor's structure graph (grown
+   blocks, cut branches), weights, optimizer state, epoch and history, with this trial's (mutated) config.
+   A restore from the trial's *own* checkpoint (PBT pause, retry, ``--resume``) re-runs the segment it names;
+   Ray Train resumes it from its newest checkpoint.
+
+Segment 0 of a trial is the trial directory itself, so a trial that is never exploited has exactly the run
+directory of ``dyrep-ray train``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..engine.checkpoint import GRAPH_FILE, MANIFEST_FILE, META_FILE, STATE_FILE, verify_checkpoint_dir
+from ..engine.storage import RunStorage, resolve_filesystem
+
+logger = logging.getLogger(__name__)
+
+BRIDGE_FILE = "bridge.json"
+ORIGIN_FILE = "pbt_origin.json"
+START_CHECKPOINT_DIR = "start_checkpoint"
+SEGMENT_PREFIX = "seg"
+CHECKPOINT_FILES = (STATE_FILE, META_FILE, GRAPH_FILE, MANIFEST_FILE)
+_DONE = "__dyrep_fit_done__"
+
+
+def graph_sha256(graph: Any) -> str:
+    """Digest of a structure graph (canonical JSON): equal digests = identical structures."""
+    return hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_fingerprint(directory: str | Path) -> dict:
+    """``{"epoch", "graph_sha256", "state_sha256"}`` of a verified dyrep checkpoint directory."""
+    directory = Path(directory)
+    verify_checkpoint_dir(directory)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    meta = json.loads((directory / META_FILE).read_text())
+    return {"epoch": int(meta["epoch"]),
+            "graph_sha256": graph_sha256(json.loads((directory / GRAPH_FILE).read_text())),
+            "state_sha256": manifest["files"][STATE_FILE]["sha256"]}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # checkpoint files are immutable once written: a hard link is a free copy
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def copy_checkpoint(src: str, dst: Path, filesystem=None) -> None:
+    """Copy a dyrep checkpoint directory (local path, or path on ``filesystem``) to the local ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    import pyarrow.fs as pafs
+
+    fs = filesystem
+    if fs is None:
+        fs, src = resolve_filesystem(src)
+    if isinstance(fs, pafs.LocalFileSystem):
+        for name in CHECKPOINT_FILES:
+            _link_or_copy(Path(src) / name, dst / name)
+    else:
+        pafs.copy_files(src, str(dst), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    verify_checkpoint_dir(dst)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train controller side
+# ---------------------------------------------------------------------------------------------------------------
+
+try:  # the callback base class; absent only with a Ray too old for Train V2
+    from ray.train.v2.api.callback import UserCallback as _UserCallback
+except ImportError:  # pragma: no cover
+    _UserCallback = object
+
+
+class BridgeCallback(_UserCallback):
+    """Forward rank 0's metrics (and, with ``export``, a copy of the new checkpoint) to the trial.
+
+    Runs in the Ray Train controller actor, on the node of the trial actor (Train V2 pins it there).  The queue
+    holds one item, so training waits for Tune to take each epoch's report, as ``TuneReportCallback`` does.
+    """
+
+    def __init__(self, queue, trial_id: str, segment: int, run_dir: str, export: bool):
+        self.queue, self.trial_id, self.segment = queue, trial_id, segment
+        self.run_dir, self.export = run_dir, export
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        item = {"metrics": dict(metrics[0]), "checkpoint_path": None, "export_dir": None}
+        if checkpoint is not None:
+            item["checkpoint_path"] = checkpoint.path
+            if self.export:
+                item["export_dir"] = self._export(checkpoint)
+        self.queue.put(item, block=True)
+
+    def _export(self, checkpoint) -> Optional[str]:
+        tmp = Path(tempfile.mkdtemp(prefix="dyrep-tune-ckpt-"))
+        try:
+            copy_checkpoint(checkpoint.path, tmp, filesystem=checkpoint.filesystem)
+            info = {"trial_id": self.trial_id, "segment": self.segment, "run_dir": self.run_dir,
+                    "source": checkpoint.path, **checkpoint_fingerprint(tmp), "time": time.time()}
+            (tmp / BRIDGE_FILE).write_text(json.dumps(info, indent=1))
+            return str(tmp)
+        except Exception as exc:  # a failed export must not kill training; PBT skips this trial as a donor
+            logger.error("could not export checkpoint %s for Tune (%s)", checkpoint.path, exc)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trial (function trainable) side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    """Where the next ``TorchTrainer`` run of a trial lives and what it starts from."""
+
+    index: int
+    storage_uri: str  # Ray Train storage_path of this run
+    name: str  # Ray Train run name; run dir = <storage_uri>/<name>
+    start_checkpoint: Optional[str] = None  # a dyrep checkpoint dir the run starts from (PBT exploit)
+    origin: dict = field(default_factory=dict)  # pbt_origin.json contents for exploited segments
+
+    @property
+    def run_dir(self) -> str:
+        return RunStorage(self.storage_uri, self.name).root
+
+
+def segment_storage(sweep_uri: str, trial_id: str, index: int) -> RunStorage:
+    return RunStorage(sweep_uri, trial_id) if index == 0 else RunStorage(f"{sweep_uri}/{trial_id}",
+                                                                          f"{SEGMENT_PREFIX}{index}")
+
+
+def _segment(sweep_uri: str, trial_id: str, index: int, **kwargs) -> Segment:
+    if index == 0:
+        return Segment(0, sweep_uri, trial_id, **kwargs)
+    return Segment(index, f"{sweep_uri}/{trial_id}", f"{SEGMENT_PREFIX}{index}", **kwargs)
+
+
+def existing_segments(sweep_uri: str, trial_id: str) -> list[int]:
+    """Indices of the trial's segments on storage (0 = the trial dir itself, when it exists)."""
+    trial = RunStorage(sweep_uri, trial_id)
+    found = [int(m.group(1)) for d in trial.list_dirs(SEGMENT_PREFIX)
+             if (m := re.fullmatch(rf"{SEGMENT_PREFIX}(\d+)", d))]
+    root_exists = trial.fs.get_file_info(trial.root).type.name == "Directory"
+    return sorted(({0} if root_exists else set()) | set(found))
+
+
+def read_origin(sweep_uri: str, trial_id: str, index: int) -> dict:
+    if index == 0:
+        return {}
+    text = segment_storage(sweep_uri, trial_id, index).read_text(ORIGIN_FILE)
+    return json.loads(text) if text else {}
+
+
+def latest_origin(sweep_uri: str, trial_id: str) -> tuple[int, dict]:
+    """(number of exploits, origin of the latest exploited segment or {})."""
+    segments = [s for s in existing_segments(sweep_uri, trial_id) if s > 0]
+    return len(segments), (read_origin(sweep_uri, trial_id, segments[-1]) if segments else {})
+
+
+def plan_segment(sweep_uri: str, trial_id: str, tune_checkpoint, searched: dict) -> Segment:
+    """Choose the segment the trial runs next (see module docstring).
+
+    ``tune_checkpoint`` is ``ray.tune.get_checkpoint()`` (``None`` on a fresh start); ``searched`` is this
+    trial's current values of the searched keys (recorded in ``pbt_origin.json``).
+    """
+    segments = existing_segments(sweep_uri, trial_id)
+    if tune_checkpoint is None:  # fresh start, or a restart before any checkpoint: continue the newest segment
+        return _segment(sweep_uri, trial_id, segments[-1] if segments else 0)
+    with tune_checkpoint.as_directory() as directory:
+        bridge_text = (Path(directory) / BRIDGE_FILE).read_text() if (Path(directory) / BRIDGE_FILE).is_file() else ""
+        info = json.loads(bridge_text) if bridge_text else {}
+        if not info:
+            logger.warning("Tune checkpoint %s has no %s; continuing the newest segment", tune_checkpoint.path,
+                           BRIDGE_FILE)
+            return _segment(sweep_uri, trial_id, segments[-1] if segments else 0)
+        if info["trial_id"] == trial_id:  # our own checkpoint: Ray Train resumes that segment's run
+            return _segment(sweep_uri, trial_id, int(info["segment"]))
+        # A donor's checkpoint: PBT exploit. Reuse the segment already opened for this very checkpoint
+        # (the trial was restarted before reporting a checkpoint of its own), else open a new one.
+        last = segments[-1] if segments else 0
+        origin = read_origin(sweep_uri, trial_id, last)
+        if origin and origin.get("tune_checkpoint") == tune_checkpoint.path:
+            logger.info("trial %s: continuing segment %d (started from donor %s epoch %d)", trial_id, last,
+                        origin["donor_trial_id"], origin["donor_epoch"])
+            return _segment(sweep_uri, trial_id, last, origin=origin)
+        index = last + 1
+        segment = _segment(sweep_uri, trial_id, index)
+        storage = RunStorage(segment.storage_uri, segment.name)
+        local_start = Path(tempfile.mkdtemp(prefix="dyrep-start-")) / START_CHECKPOINT_DIR
+        try:
+            copy_checkpoint(directory, local_start)
+            fingerprint = checkpoint_fingerprint(local_start)
+            if (fingerprint["graph_sha256"], fingerprint["state_sha256"]) != (info["graph_sha256"],
+                                                                              info["state_sha256"]):
+                raise RuntimeError(f"donor checkpoint {tune_checkpoint.path} does not match its {BRIDGE_FILE}")
+            storage.upload_dir(local_start, START_CHECKPOINT_DIR)
+        finally:
+            shutil.rmtree(local_start.parent, ignore_errors=True)
+    origin = {"segment": index, "trial_id": trial_id, "donor_trial_id": info["trial_id"],
+              "donor_segment": int(info["segment"]), "donor_epoch": int(info["epoch"]),
+              "donor_checkpoint": info["source"], "donor_run_dir": info.get("run_dir"),
+              "tune_checkpoint": tune_checkpoint.path, "graph_sha256": info["graph_sha256"],
+              "state_sha256": info["state_sha256"], "config": searched, "time": time.time()}
+    storage.write_text(ORIGIN_FILE, json.dumps(origin, indent=1))
+    logger.info("trial %s: PBT exploit of %s at epoch %d -> segment %d (%s)", trial_id, info["trial_id"],
+                info["epoch"], index, storage.root)
+    segment.start_checkpoint = storage.path(START_CHECKPOINT_DIR)
+    segment.origin = origin
+    return segment
+
+
+def start_checkpoint_of(segment: Segment) -> Optional[str]:
+    """Path of the segment's ``start_checkpoint/`` (exploited segments), else None."""
+    if segment.index == 0:
+        return None
+    storage = RunStorage(segment.storage_uri, segment.name)
+    info = storage.fs.get_file_info(storage.path(f"{START_CHECKPOINT_DIR}/{MANIFEST_FILE}"))
+    return storage.path(START_CHECKPOINT_DIR) if info.type.name == "File" else None

@@ -1,0 +1,213 @@
+"""Run a sweep: connect to Ray, build the Tuner (scheduler, search algorithm, trainable), fit, summarize.
+
+Sweep directory ``<output>/<name>/``::
+
+    sweep.json                 the resolved sweep (base config included); ``--resume`` reads it
+    tune/                      Ray Tune's experiment state, per-trial results and (PBT) bridge checkpoints
+    <trial_id>/                the trial's training run: the same files as ``dyrep-ray train`` writes
+    <trial_id>/seg<N>/         PBT: the run after the N-th exploit (start_checkpoint/, pbt_origin.json)
+    trials.csv, trials.parquet the table of trials;   best_config.yaml  the best trial as an experiment
+    <metric>_vs_epoch.png      the metric per epoch of every trial
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..distributed.trainer import check_resources, connect, resolve_use_gpu
+from ..engine.config import ConfigError, TrainConfig
+from ..engine.storage import RunStorage, resolve_filesystem
+from .spec import TIME_ATTR, Distribution, SweepSpec
+
+logger = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+TUNE_DIR = "tune"
+#: Tune checkpoints kept per trial under PBT (PBT restores from them; fewer risks losing a donor's).
+TUNE_CHECKPOINTS_TO_KEEP = 4
+
+
+def local_ray_cpus() -> int:
+    """Logical CPUs for a Ray the tune command starts itself: Tune-over-Train needs some oversubscription."""
+    return max(4, os.cpu_count() or 1)
+
+
+class ClampMutations:
+    """PBT ``custom_explore_fn``: keep perturbed values inside their distributions (x1.2 may leave them)."""
+
+    def __init__(self, mutations: dict[str, Distribution]):
+        self.mutations = mutations
+
+    def __call__(self, config: dict) -> dict:
+        for key, dist in self.mutations.items():
+            if key in config:
+                config[key] = dist.clamp(config[key])
+        return config
+
+
+def trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def trial_name(trial) -> str:
+    return trial.trial_id
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: str
+    spec: SweepSpec
+    records: list = field(default_factory=list)
+    table: object = None  # pandas.DataFrame
+    best: Optional[dict] = None
+    files: dict = field(default_factory=dict)
+
+
+def _build_scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s = spec.scheduler
+    if s["type"] == "asha":
+        return ASHAScheduler(time_attr=TIME_ATTR, max_t=s["max_t"], grace_period=s["grace_period"],
+                             reduction_factor=s["reduction_factor"], brackets=s["brackets"])
+    if s["type"] == "pbt":
+        return PopulationBasedTraining(
+            time_attr=TIME_ATTR, perturbation_interval=s["perturbation_interval"],
+            burn_in_period=s["burn_in_period"],
+            hyperparam_mutations={k: d.to_mutation() for k, d in spec.mutations.items()},
+            quantile_fraction=s["quantile_fraction"], resample_probability=s["resample_probability"],
+            perturbation_factors=tuple(s["perturbation_factors"]), custom_explore_fn=ClampMutations(spec.mutations),
+            synch=s["synch"])
+    return FIFOScheduler()
+
+
+def _build_search_alg(spec: SweepSpec, concurrency: int):
+    """(search algorithm, TuneConfig.max_concurrent_trials): the random generator limits concurrency itself
+    (Tune ignores max_concurrent_trials for it), model-based searchers get Tune's ConcurrencyLimiter."""
+    alg, seed = spec.search_alg["type"], spec.search_alg.get("seed")
+    if alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=seed), concurrency
+    if alg == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(random_state_seed=seed), concurrency
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed), None
+
+
+def population_size(spec: SweepSpec) -> int:
+    grid = 1
+    for dist in spec.search_space.values():
+        if dist.kind == "grid":
+            grid *= len(dist.values)
+    return grid * spec.num_samples
+
+
+def plan_concurrency(spec: SweepSpec, use_gpu: bool) -> int:
+    """Trials at once: what the user asked, capped by what the cluster can run (never 0)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if use_gpu:
+        capacity = int(resources.get("GPU", 0) // spec.workers)
+    else:
+        capacity = int(resources.get("CPU", 0) // (spec.workers * spec.cpus_per_worker) + 1e-9)
+    capacity = max(capacity, 1)
+    wanted = spec.max_concurrent_trials or capacity
+    if wanted > capacity:
+        logger.warning("max_concurrent_trials=%d but the cluster runs at most %d trial(s) of %d %s worker(s) at "
+                       "once; using %d", wanted, capacity, spec.workers, "GPU" if use_gpu else "CPU", capacity)
+    concurrency = min(wanted, capacity, population_size(spec))
+    if spec.scheduler_type == "pbt" and concurrency < population_size(spec):
+        logger.warning("PBT population of %d runs %d at a time: trials will be paused and resumed from their "
+                       "checkpoints", population_size(spec), concurrency)
+    return concurrency
+
+
+def _probe_config(spec: SweepSpec) -> TrainConfig:
+    return TrainConfig.from_dict({**spec.base_config, "workers": spec.workers, "use_gpu": spec.use_gpu,
+                                  "storage_path": None})
+
+
+def prepare_sweep(spec: Optional[SweepSpec], output: str, name: str, resume: bool) -> tuple[SweepSpec, RunStorage]:
+    """Check the sweep directory and persist (or, with ``resume``, read back) the resolved sweep."""
+    root = RunStorage(output, name)
+    saved = root.read_text(SWEEP_FILE)
+    tune_exists = root.fs.get_file_info(root.path(TUNE_DIR)).type.name == "Directory"
+    if resume:
+        if saved is None:
+            raise ConfigError(f"nothing to resume: {root.root} holds no {SWEEP_FILE}; check --output/--name")
+        stored = SweepSpec.from_json(saved)
+        if spec is not None and spec.to_json() != stored.to_json():
+            logger.warning("--resume continues the sweep as it was started (%s); the given sweep file differs "
+                           "and is ignored", root.path(SWEEP_FILE))
+        return stored, root
+    if spec is None:
+        raise ConfigError("dyrep-ray tune needs a sweep file: -c experiments/tune/demo.yaml")
+    if tune_exists or saved is not None:
+        raise ConfigError(f"sweep directory {root.root} already exists; pass --resume to continue it, or choose "
+                          f"another --name / --output")
+    root.write_text(SWEEP_FILE, spec.to_json())
+    return spec, root
+
+
+def run_sweep(spec: Optional[SweepSpec], output: str, name: str, *, resume: bool = False,
+              address: Optional[str] = None, verbose: int = 1) -> SweepOutcome:
+    """Run (or ``resume``) the sweep under ``<output>/<name>``; returns the table and written files."""
+    from ray import tune
+
+    from .results import collect_records, write_results
+    from .trainable import default_fault, make_trainable
+
+    spec, root = prepare_sweep(spec, output, name, resume)
+    started = connect(address, num_cpus=local_ray_cpus())  # num_cpus only matters for a new local Ray
+    logger.info("Ray: %s", started)
+    if spec.use_gpu is None:
+        spec.use_gpu = resolve_use_gpu(_probe_config(spec))
+    probe = _probe_config(spec)
+    check_resources(probe, bool(spec.use_gpu))
+    concurrency = plan_concurrency(spec, bool(spec.use_gpu))
+    sweep_uri = root.root if root.local else output.rstrip("/") + "/" + name
+    trainable = make_trainable(spec, sweep_uri, default_fault())
+    fs, fs_path = resolve_filesystem(sweep_uri)
+    tune_path = f"{fs_path}/{TUNE_DIR}"
+    if resume:
+        from ray.tune import Tuner
+
+        if not Tuner.can_restore(tune_path, storage_filesystem=None if root.local else fs):
+            raise ConfigError(f"nothing to resume: {tune_path} holds no Tune experiment state")
+        logger.info("resuming sweep %s (unfinished and errored trials continue)", root.root)
+        tuner = Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                              storage_filesystem=None if root.local else fs)
+    else:
+        logger.info("sweep %s: %d trial(s) (%s scheduler, %d at a time, %d %s worker(s) each) in %s",
+                    name, population_size(spec), spec.scheduler_type, concurrency, spec.workers,
+                    "GPU" if spec.use_gpu else "CPU", root.root)
+        search_alg, max_concurrent = _build_search_alg(spec, concurrency)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=spec.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, scheduler=_build_scheduler(spec),
+                search_alg=search_alg, num_samples=spec.num_samples,
+                max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname,
+                trial_name_creator=trial_name, reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR, storage_path=fs_path, storage_filesystem=None if root.local else fs,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=TUNE_CHECKPOINTS_TO_KEEP if spec.scheduler_type == "pbt" else None),
+                verbose=verbose),
+        )
+    results = tuner.fit()
+    records = collect_records(results, spec, sweep_uri)
+    outcome = SweepOutcome(sweep_dir=root.root, spec=spec, records=records)
+    write_results(outcome, root)
+    return outcome
+

@@ -1,0 +1,171 @@
+"""A real ``ray job submit`` of ``dyrep-ray train`` to a token-authenticated local head (DESIGN §5).
+
+The head is a separate process tree (``ray start --head`` with its own ``--temp-dir`` and ports) that
+this test talks to only through the ``ray`` CLI, so it neither sees nor disturbs a Ray instance that
+other tests of this pytest process (``conftest.ray_session``) or other users of the machine started.
+Teardown never uses ``ray stop``: that kills every Ray process on the machine.  Instead it ends exactly
+the processes of this head (found by its unique temp dir) and of its job driver (found by the GCS
+address in its environment), and fails if any survives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+JOB_TIMEOUT_S = 180
+CLI_TIMEOUT_S = 60
+TRAIN_ARGS = ["--set", "epochs=2", "--set", "synthetic_train_size=256", "--set", "synthetic_val_size=128",
+              "--set", "batch_size=32", "--set", "dyrep_recal_bn_iters=2", "--set", "log_interval=1000"]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _cli_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+    env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _ensure_token(env: dict) -> None:
+    if env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    # creates ~/.ray/auth_token (mode 600); its stdout is the token: never log it
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE, check=True, timeout=CLI_TIMEOUT_S)
+
+
+def _proc_text(pid: int, name: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _head_pids(temp_dir: str, gcs_port: int) -> list[int]:
+    """Processes of our head: its temp dir in the command line, or RAY_ADDRESS=<our GCS> in the environment."""
+    mine = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        if temp_dir in _proc_text(pid, "cmdline"):
+            mine.append(pid)
+            continue
+        environ = _proc_text(pid, "environ")
+        if any(v.startswith("RAY_ADDRESS=") and v.endswith(f":{gcs_port}") for v in environ.split(" ")):
+            mine.append(pid)
+    return mine
+
+
+def _kill_head(temp_dir: str, gcs_port: int) -> list[int]:
+    """SIGTERM, then SIGKILL, exactly our head's processes; returns the pids still alive."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        pids = _head_pids(temp_dir, gcs_port)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _alive(pids):
+            time.sleep(0.2)
+    return [p for p in _head_pids(temp_dir, gcs_port) if _alive([p])]
+
+
+def _alive(pids: list[int]) -> bool:
+    for pid in pids:
+        status = _proc_text(pid, "status")
+        if status and "State:\tZ" not in status:
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A token-authenticated single-node head on free ports; yields (dashboard address, cli env)."""
+    if shutil.which("ray") is None or shutil.which("dyrep-ray") is None:
+        pytest.skip("needs the `ray` (ray[default]) and `dyrep-ray` commands on PATH")
+    env = _cli_env()
+    _ensure_token(env)
+    # short path: Ray's unix socket paths (<temp>/session_.../sockets/...) must stay under 108 bytes
+    temp_dir = tempfile.mkdtemp(prefix="dyrep-jt-", dir="/tmp")
+    (gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env_agent, node_manager,
+     object_manager) = _free_ports(9)
+    cmd = ["ray", "start", "--head", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+           "--include-dashboard=true", "--num-cpus=4", "--num-gpus=0", "--object-store-memory=200000000",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+           f"--runtime-env-agent-port={runtime_env_agent}", f"--node-manager-port={node_manager}",
+           f"--object-manager-port={object_manager}", "--disable-usage-stats"]
+    try:
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, f"ray start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        survivors = _kill_head(temp_dir, gcs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not survivors, f"Ray processes of the test head survived teardown: {survivors}"
+
+
+def _ray_job(env: dict, *args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", "job", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ray_job_submit_dyrep_train(ray_head, tmp_path):
+    address, env = ray_head
+    workdir = tmp_path / "workdir"  # tiny upload: the package itself is installed on the "cluster"
+    workdir.mkdir()
+    (workdir / "README").write_text("working_dir of the job-submit test\n")
+    output = tmp_path / "out"
+    submission_id = f"dyrep-test-{uuid.uuid4().hex[:8]}"
+    t0 = time.monotonic()
+    try:
+        submit = _ray_job(env, "submit", "--address", address, "--working-dir", str(workdir),
+                          "--submission-id", submission_id, "--",
+                          "dyrep-ray", "train", *TRAIN_ARGS, "--output", str(output), "--name", "job",
+                          timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        _ray_job(env, "stop", "--address", address, submission_id)
+        pytest.fail(f"job did not finish within {JOB_TIMEOUT_S}s; last output:\n{(exc.stdout or b'')[-3000:]!r}")
+    logs = submit.stdout + submit.stderr
+    assert submit.returncode == 0, f"ray job submit failed (rc {submit.returncode}):\n{logs[-6000:]}"
+    status = _ray_job(env, "status", "--address", address, submission_id)
+    assert "SUCCEEDED" in status.stdout + status.stderr, status.stdout + status.stderr
+
+    # the driver attached to the job's cluster (RAY_ADDRESS set by the job supervisor), not a new instance
+    assert "Connecting to existing Ray cluster" in logs, logs[-6000:]
+    assert "dyrep-ray: job:" in logs and "after 2 epochs" in logs, logs[-6000:]
+    lines = [json.loads(x) for x in (output / "job" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert lines[0]["events"] and lines[0]["events"][0]["op"] == "grow"
+    digests = lines[0]["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert any(p.name.startswith("checkpoint_") for p in (output / "job").iterdir())
+    print(f"ray job submit round trip: {time.monotonic() - t0:.1f}s")
