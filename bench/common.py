@@ -26,13 +26,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def paired_ratio(samples_a: list[float], samples_b: list[float]) -> float:
-    """Median of per-round ratios a/b (rounds are adjacent in time, so load changes cancel)."""
+    """Median of per-round ratios a/b (rounds are adjacent in time, so load changes largely cancel)."""
     return statistics.median(a / b for a, b in zip(samples_a, samples_b))
 
 
 def interleaved_ratios(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
                        device: torch.device | None = None, baseline: str | None = None) -> dict[str, dict]:
-    """Like :func:`interleaved_medians`, plus ``ratio``: the median of the per-round ratios to ``baseline``."""
+    """Time each function ``reps`` times, alternating between them round by round (the order rotates
+    every round).  Per function: median wall seconds (``median_s``), median process CPU seconds
+    (``median_cpu_s``: all threads of this process; robust on a shared, oversubscribed CPU where
+    wall time mostly measures waiting), and the medians of the per-round ratios to ``baseline``
+    (``ratio`` on wall time, ``cpu_ratio`` on CPU time)."""
     device = device or torch.device("cpu")
     names = list(fns)
     baseline = baseline or names[0]
@@ -40,19 +44,23 @@ def interleaved_ratios(fns: dict[str, Callable[[], object]], reps: int, warmup: 
         for name in names:
             fns[name]()
     synchronize(device)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             synchronize(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
             synchronize(device)
-            samples[name].append(time.perf_counter() - t0)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     out = {}
-    for n, v in samples.items():
-        out[n] = {"median_s": statistics.median(v), "min_s": min(v), "samples": len(v),
-                  "ratio": paired_ratio(v, samples[baseline])}
+    for n in names:
+        out[n] = {"median_s": statistics.median(wall[n]), "min_s": min(wall[n]),
+                  "median_cpu_s": statistics.median(cpu[n]), "samples": reps,
+                  "ratio": paired_ratio(wall[n], wall[baseline]),
+                  "cpu_ratio": paired_ratio(cpu[n], cpu[baseline])}
     return out
 
 

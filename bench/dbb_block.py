@@ -73,7 +73,8 @@ def run(device: torch.device, quick: bool = False, batch: int | None = None, rep
         grad = torch.randn(batch, channels, side, side, device=device)
         steps = {k: _fwd_bwd(m, x, grad) for k, m in variants.items()}
         timing = interleaved_ratios(steps, reps=reps, warmup=2, device=device, baseline="dbb_stack_sum")
-        entry = {"time_s": {k: v["median_s"] for k, v in timing.items()}}
+        entry = {"time_s": {k: v["median_s"] for k, v in timing.items()},
+                 "cpu_time_s": {k: v["median_cpu_s"] for k, v in timing.items()}}
         # peak memory of one fwd+bwd (params' grads freed first), and bytes saved for backward
         mem, saved = {}, {}
         for k, m in variants.items():
@@ -94,14 +95,18 @@ def run(device: torch.device, quick: bool = False, batch: int | None = None, rep
         entry["saved_bytes"] = saved
         entry["activation_unit_bytes"] = act
         entry["fused_over_stack_time"] = timing["dbb_fused"]["ratio"]
-        entry["stack_over_conv_time"] = timing["dbb_stack_sum"]["median_s"] / timing["conv_bn"]["median_s"]
-        entry["fused_over_conv_time"] = timing["dbb_fused"]["median_s"] / timing["conv_bn"]["median_s"]
+        entry["fused_over_stack_cpu_time"] = timing["dbb_fused"]["cpu_ratio"]
+        entry["stack_over_conv_time"] = 1.0 / timing["conv_bn"]["ratio"]
+        entry["fused_over_conv_time"] = timing["dbb_fused"]["ratio"] / timing["conv_bn"]["ratio"]
+        entry["fused_over_conv_cpu_time"] = timing["dbb_fused"]["cpu_ratio"] / timing["conv_bn"]["cpu_ratio"]
         entry["fused_over_stack_peak_mem"] = mem["dbb_fused"] / mem["dbb_stack_sum"]
         entry["fused_over_conv_peak_mem"] = mem["dbb_fused"] / mem["conv_bn"]
         entry["fused_over_stack_saved_mem"] = saved["dbb_fused"] / saved["dbb_stack_sum"]
         results["shapes"][name] = entry
     results["goal_time"] = 0.75
     results["goal_mem"] = 0.6
-    results["met"] = all(e["fused_over_stack_time"] <= 0.75 and e["fused_over_stack_peak_mem"] <= 0.6
-                         for e in results["shapes"].values())
+    results["met_time"] = all(e["fused_over_stack_time"] <= 0.75
+                              for e in results["shapes"].values())
+    results["met_mem"] = all(e["fused_over_stack_peak_mem"] <= 0.6 for e in results["shapes"].values())
+    results["met"] = results["met_time"] and results["met_mem"]
     return results

@@ -346,7 +346,7 @@ def test_max_output_difference_restores_modes():
     assert max_output_difference(a, b, x) > 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: deploy() on a bare DiverseBranchBlock (path '') calls "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: deploy() on a bare DiverseBranchBlock (path '') calls "
                                        "set_submodule(model, '', conv), which registers a child named '' instead "
                                        "of returning the conv")
 def test_deploy_bare_block_returns_conv():

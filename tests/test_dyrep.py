@@ -252,7 +252,7 @@ def test_depth_limit_and_kxk_slot_rule():
     assert eligible_convs(model, exclude=["3", "6"]) == [("9", model[9])]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: grow_conv/DyRep.grow accept a square conv inside a non-kxk branch "
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="BUG: grow_conv/DyRep.grow accept a square conv inside a non-kxk branch "
                                        "(e.g. 1x1_kxk.conv2); the enclosing block then cannot fold "
                                        "(OneByOneKxk.equivalent_kernel reads conv2.weight)")
 def test_grow_refuses_conv_inside_non_kxk_branch():
@@ -264,7 +264,7 @@ def test_grow_refuses_conv_inside_non_kxk_branch():
     model[0].equivalent_kernel()  # the block must still fold
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: even square kernels are eligible, but for padding == k//2 the centred "
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: even square kernels are eligible, but for padding == k//2 the centred "
                                        "branches (1x1, 1xk, kx1, identity) cannot align: pad_kernel_to raises "
                                        "mid-grow and leaves a broken block in the model")
 @pytest.mark.parametrize("k", [2, 4])
@@ -394,7 +394,7 @@ def test_plan_collapses_block_with_single_weak_branch():
     assert "3" in d.eligible_names
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: apply_plan applies cuts outermost first; when an outer block collapses "
+@pytest.mark.xfail(strict=True, raises=AttributeError, reason="BUG: apply_plan applies cuts outermost first; when an outer block collapses "
                                        "to a Conv2d, a planned cut of a block nested in its kxk slot then fails "
                                        "(AttributeError: Conv2d has no attribute 'branches')")
 def test_plan_with_outer_collapse_and_nested_cut_applies():
@@ -408,8 +408,9 @@ def test_plan_with_outer_collapse_and_nested_cut_applies():
     x, _ = batch(7)
     before = eval_out(model, x)
     plan = d.plan()
-    assert {c["path"] for c in plan["cut"]} == {"3", "3.branches.kxk.conv"}
+    assert "3" in {c["path"] for c in plan["cut"]}  # (today the nested block's cut is planned too)
     d.apply(plan)
+    assert type(model[3]) is nn.Conv2d
     assert rel_err(eval_out(model, x), before) <= 1e-10
 
 
@@ -533,7 +534,9 @@ def test_record_metrics_does_no_host_sync(metric, monkeypatch):
         ctrl.record_metrics()
         ctrl.record_metrics(grad_scale=torch.tensor(2.0))
         ctrl.record_metrics(grad_scale=4.0)
-    # the patches were effective (sanity) and are gone now
+        with pytest.raises(AssertionError):  # the patches are live
+            torch.ones(2).sum().item()
+    # the patches are gone now
     assert ctrl.metric_scores()
     assert ctrl._steps == 3
 

@@ -75,3 +75,48 @@ def test_worker_killed_mid_epoch_resumes_exactly(reference, tmp_path, monkeypatc
     assert worst <= 1e-6, worst
     assert [m["epoch"] for m in _metrics(tmp_path / "killed")] == [1, 2, 3]
     assert model_digest(reference_model) == model_digest(resumed_model)
+
+
+def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(reference, tmp_path):
+    """SIGKILL the `dyrep-ray train` process mid-epoch 3, truncate the newest checkpoint, re-run the same
+    command: Ray restores the run, the workers skip the corrupt checkpoint (warning), resume from the previous
+    valid one and end with the uninterrupted run's weights and structure."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    from tests.conftest import TINY_RUN
+
+    out, cfg, _ = reference
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "dyrep_ray.cli", "train", "--address", address, "--output", str(tmp_path),
+               "--name", "drv", *sum((["--set", kv] for kv in TINY_RUN), [])]
+    env = {**os.environ, FAULT_ENV: f"sleep:epoch=3:seconds=120:marker={tmp_path / 'unused'}"}
+    log = open(tmp_path / "driver1.log", "w")
+    driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "drv"
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoint_epoch0002" / "MANIFEST.json").exists():
+        assert driver.poll() is None, (tmp_path / "driver1.log").read_text()[-3000:]
+        assert time.time() < deadline, "no epoch-2 checkpoint in time"
+        time.sleep(0.5)
+    time.sleep(2)  # inside epoch 3's injected stall
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert len(_metrics(run_dir)) == 2
+    state = run_dir / "checkpoint_epoch0002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # the latest checkpoint is now corrupt
+    env.pop(FAULT_ENV)
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    reference_model, ckpt_a = _final_model(out / "ref", cfg)
+    resumed_model, ckpt_b = _final_model(run_dir, cfg)
+    assert ckpt_a.graph == ckpt_b.graph
+    ref_state, new_state = reference_model.state_dict(), resumed_model.state_dict()
+    worst = max((ref_state[k].double() - new_state[k].double()).abs().max().item() for k in ref_state)
+    assert worst <= 1e-6, worst
+    assert [m["epoch"] for m in _metrics(run_dir)] == [1, 2, 3]

@@ -139,8 +139,9 @@ def export_parquet(
     """Write ``split`` (``train`` or ``val``; CIFAR's test set is ``val``) of a dataset as Parquet shards.
 
     Images are stored un-augmented (PNG for synthetic/CIFAR, original file bytes for ImageFolder); the reader
-    applies augmentation. ``image_size``, ``seed`` and the synthetic sizes only matter for ``synthetic``. Returns the shard paths in order. Existing shards of the same split in ``out_dir``
-    are an error unless ``overwrite`` (then they are removed first).
+    applies augmentation. ``image_size``, ``seed`` and the synthetic sizes only matter for ``synthetic``.
+    Returns the shard paths in order. Existing shards of the same split in ``out_dir`` are an error unless
+    ``overwrite`` (then they are removed, after the source was read successfully).
     """
     check_dataset_name(dataset_name)
     if split not in SPLITS:

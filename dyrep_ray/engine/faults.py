@@ -4,7 +4,8 @@
 own process half-way through epoch 2 (1-based), once: the marker file records
 that the fault fired, so the restarted worker runs on.  ``raise`` instead of
 ``kill`` raises a RuntimeError.  Real process death, real Ray restart.
-``nan:epoch=1:steps=2`` makes the loss of the first 2 steps of epoch 1 NaN on every rank.
+``sleep:epoch=3:seconds=60:marker=...`` stalls every rank mid-epoch once (a window
+for a test to kill the driver).  ``nan:epoch=1:steps=2`` makes the loss of the first 2 steps of epoch 1 NaN on every rank.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -30,12 +32,16 @@ def maybe_inject(epoch: int, rank: int) -> None:
     if not spec:
         return
     kind, fields = _parse(spec)
-    if kind not in ("kill", "raise"):
+    if kind not in ("kill", "raise", "sleep"):
         return
-    if int(fields.get("epoch", -1)) != epoch or int(fields.get("rank", 0)) != rank:
+    if int(fields.get("epoch", -1)) != epoch or (kind != "sleep" and int(fields.get("rank", 0)) != rank):
         return
     marker = Path(fields["marker"])
     if marker.exists():
+        return
+    if kind == "sleep":
+        logger.warning("fault injection: sleeping %s s in epoch %d", fields.get("seconds", 60), epoch)
+        time.sleep(float(fields.get("seconds", 60)))
         return
     marker.write_text(f"{kind} at epoch {epoch} rank {rank} pid {os.getpid()}\n")
     logger.warning("fault injection: %s at epoch %d on rank %d", kind, epoch, rank)

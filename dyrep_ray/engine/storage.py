@@ -4,8 +4,8 @@
 ``s3://bucket/prefix`` or ``gs://bucket/prefix``.  S3-compatible stores (MinIO, Ceph,
 R2, ...) take pyarrow's S3 URI query options, e.g.
 ``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http`` (also ``region=``,
-``force_virtual_addressing=``, ``allow_bucket_creation=``; see
-``pyarrow.fs.S3FileSystem``).  Credentials come from the environment of every
+``tls_ca_file_path=``, ``tls_verify_certificates=``, ``allow_bucket_creation=``; see
+``pyarrow.fs.FileSystem.from_uri``).  Credentials come from the environment of every
 process that touches the store (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 instance roles, IRSA / workload identity), never from the URI or from files in
 this project.

@@ -107,9 +107,15 @@ class BridgeCallback(_UserCallback):
     def __init__(self, queue, trial_id: str, segment: int, run_dir: str, export: bool):
         self.queue, self.trial_id, self.segment = queue, trial_id, segment
         self.run_dir, self.export = run_dir, export
+        self._sent_controller = False
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         item = {"metrics": dict(metrics[0]), "checkpoint_path": None, "export_dir": None}
+        if not self._sent_controller:  # lets the trial abort this run cleanly when Tune stops or pauses it
+            import ray
+
+            item["controller"] = ray.get_runtime_context().current_actor
+            self._sent_controller = True
         if checkpoint is not None:
             item["checkpoint_path"] = checkpoint.path
             if self.export:

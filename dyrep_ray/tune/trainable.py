@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from typing import Any, Optional
 
 from ..distributed.trainer import CPUS_PER_WORKER, LOG_FORMAT, train_loop_per_worker
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: Logical CPUs the trial actor asks for: ~0, so trial actors never starve the Train workers they launch.
 TRIAL_ACTOR_CPUS = 0.01
+#: Seconds a stopped trial waits for its Train run to shut down (workers, placement group).
+ABORT_TIMEOUT_S = 60
 
 
 class TrialError(RuntimeError):
@@ -68,6 +71,46 @@ def _uri(path: Optional[str], storage: RunStorage) -> Optional[str]:
     if path is None or storage.local:
         return path
     return f"{storage.fs.type_name}://{path}"
+
+
+def _drain(queue) -> None:
+    """Take (and drop) what the Train controller queued, so its blocked report callback returns."""
+    from ray.util.queue import Empty
+
+    while True:
+        try:
+            item = queue.get_nowait()
+        except Empty:
+            return
+        if isinstance(item, dict) and item.get("export_dir"):
+            shutil.rmtree(item["export_dir"], ignore_errors=True)
+
+
+def stop_run_in_background(trial_id: str, controller, queue, fit_thread: threading.Thread) -> threading.Thread:
+    """Abort the trial's Train run cleanly when Tune stops or pauses the trial.
+
+    Without this the trial actor exits, the Train controller it owns dies with it, and the workers' placement
+    group stays reserved until the driver exits (Train's cleaner needs the state API, often unavailable), so
+    later trials starve.  The thread is not a daemon: the trial actor's process waits for it before exiting.
+    """
+    import ray
+
+    def stop() -> None:
+        deadline = time.monotonic() + ABORT_TIMEOUT_S
+        ref = controller.abort.remote() if controller is not None else None
+        while time.monotonic() < deadline and (fit_thread.is_alive() or ref is not None):
+            _drain(queue)  # the controller may be blocked putting the next epoch into the full queue
+            if ref is not None and ray.wait([ref], timeout=0.2)[0]:
+                ref = None
+            fit_thread.join(timeout=0.2)
+        if fit_thread.is_alive():
+            logger.warning("trial %s: its Train run did not stop within %ds", trial_id, ABORT_TIMEOUT_S)
+        else:
+            logger.info("trial %s: Train run stopped (Tune stopped or paused the trial)", trial_id)
+
+    thread = threading.Thread(target=stop, name=f"dyrep-stop-{trial_id}", daemon=False)
+    thread.start()
+    return thread
 
 
 def build_trainer(cfg: TrainConfig, segment: Segment, callback, fault: Optional[str]):
@@ -132,26 +175,32 @@ def run_trial(config: dict, spec: SweepSpec, sweep_uri: str, fault: Optional[str
             outcome["error"] = exc
         finally:
             try:
-                queue.put(_DONE, block=True)
-            except Exception:  # the trial (and its queue actor) may already be gone
+                queue.put(_DONE, block=True, timeout=ABORT_TIMEOUT_S)
+            except Exception:  # the trial stopped listening (or is gone)
                 pass
 
     thread = threading.Thread(target=fit, name=f"dyrep-fit-{trial_id}", daemon=True)
     thread.start()
-    while True:
-        item = queue.get(block=True)
-        if item == _DONE:
-            break
-        metrics = {**item["metrics"], **extras}
-        if item["checkpoint_path"]:
-            metrics["dyrep_checkpoint"] = item["checkpoint_path"]
-        export_dir = item.get("export_dir")
-        try:
-            checkpoint = tune.Checkpoint.from_directory(export_dir) if export_dir else None
-            tune.report(metrics, checkpoint=checkpoint)  # ends this function when Tune stops the trial
-        finally:
-            if export_dir:
-                shutil.rmtree(export_dir, ignore_errors=True)
+    controller = None
+    try:
+        while True:
+            item = queue.get(block=True)
+            if item == _DONE:
+                break
+            controller = item.pop("controller", None) or controller
+            metrics = {**item["metrics"], **extras}
+            if item["checkpoint_path"]:
+                metrics["dyrep_checkpoint"] = item["checkpoint_path"]
+            export_dir = item.get("export_dir")
+            try:
+                checkpoint = tune.Checkpoint.from_directory(export_dir) if export_dir else None
+                tune.report(metrics, checkpoint=checkpoint)  # raises SystemExit when Tune stops/pauses us
+            finally:
+                if export_dir:
+                    shutil.rmtree(export_dir, ignore_errors=True)
+    except SystemExit:
+        stop_run_in_background(trial_id, controller, queue, thread)
+        raise
     thread.join()
     if "error" in outcome:
         cause = _root_cause(outcome["error"])
