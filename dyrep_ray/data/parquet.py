@@ -209,6 +209,13 @@ def read_parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(raw)
 
 
+def parquet_row_count(path: str | os.PathLike) -> int:
+    """Rows in a shard or shard directory, from the Parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(file).metadata.num_rows for file in _parquet_files(path))
+
+
 def read_parquet_dataset(path: str | os.PathLike | Sequence[str], **read_kwargs: Any) -> "ray.data.Dataset":
     """A ``ray.data.Dataset`` over the shards at ``path`` (a shard, a directory of shards, or a list)."""
     import ray.data

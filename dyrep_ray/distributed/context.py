@@ -63,6 +63,12 @@ class RayTrainContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def dataset_shard(self, name: str):
+        try:
+            return ray.train.get_dataset_shard(name)
+        except (KeyError, ValueError):
+            return None
+
     def gather_object(self, obj) -> list:
         if not self._distributed:
             return [obj]

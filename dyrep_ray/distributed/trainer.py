@@ -124,8 +124,15 @@ def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address
     # Refuse up front (exit 2) a run dir whose checkpoints are all unusable: never restart from scratch silently.
     load_newest_valid(storage)
     run_dir = storage.root
+    datasets = None
+    if cfg.dataset == "parquet":  # streamed to workers through Ray Data: no copy of the data on every node
+        from ..data.parquet import read_parquet_dataset
+
+        datasets = {"train": read_parquet_dataset(cfg.parquet_train),
+                    "val": read_parquet_dataset(cfg.parquet_val or cfg.parquet_train)}
     trainer = TorchTrainer(
         train_loop_per_worker,
+        datasets=datasets,
         train_loop_config={"config": cfg.to_dict(), "storage_uri": storage_uri, "name": name,
                            "fault": os.environ.get(FAULT_ENV)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,

@@ -97,6 +97,10 @@ class LocalContext:
     def gather_object(self, obj) -> list:
         return [obj]
 
+    def dataset_shard(self, name: str):
+        """Ray Data shard of a dataset given to the trainer; never one in a single process."""
+        return None
+
     def resume_checkpoint(self) -> LoadedCheckpoint | None:
         return load_newest_valid(self.storage)
 

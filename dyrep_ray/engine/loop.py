@@ -48,6 +48,7 @@ STRUCTURE_FILE = "structure.json"
 CONFIG_FILE = "config.json"
 # Offset separating the BN-recalibration sampler seeds from the training sampler's.
 RECAL_SEED_OFFSET = 100_003
+PARQUET = "parquet"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,9 +101,13 @@ class Trainer:
         seed_everything(cfg.seed)
         aug = {k: getattr(cfg, k) for k in ("aa", "reprob", "remode", "color_jitter", "cutout_length",
                                             "interpolation", "image_mean", "image_std")}
-        self.train_ds, self.val_ds, num_classes = build_datasets(
-            cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed,
-            synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size, aug=aug)
+        self.shards = None  # Ray Data shards (dataset "parquet" under Ray Train)
+        if cfg.dataset == PARQUET:
+            num_classes = self._setup_parquet(aug)
+        else:
+            self.train_ds, self.val_ds, num_classes = build_datasets(
+                cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed,
+                synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size, aug=aug)
         self.num_classes = cfg.num_classes or num_classes
         self.model = build_model(cfg.model, self.num_classes, **model_kwargs(cfg))
         self.plain_params = count_params(self.model)
@@ -128,8 +133,63 @@ class Trainer:
         self._build_loaders()
 
     # ---------------------------------------------------------------- data
+    def _setup_parquet(self, aug: dict) -> int:
+        """Parquet shards: Ray Data shards per worker under Ray Train, a torch Dataset under --local."""
+        from ..data.parquet import ParquetImageDataset, build_batch_decoder, parquet_row_count, read_parquet_metadata
+
+        cfg = self.cfg
+        meta = read_parquet_metadata(cfg.parquet_train)
+        source = meta["dataset"]
+        train_shard = self.ctx.dataset_shard("train")
+        if train_shard is not None:
+            self.shards = {"train": train_shard, "val": self.ctx.dataset_shard("val")}
+            self.decoders = {split: build_batch_decoder(source, train=split == "train", image_size=cfg.image_size,
+                                                        aug=aug) for split in ("train", "val")}
+            self.train_rows = parquet_row_count(cfg.parquet_train)
+            self.val_rows = parquet_row_count(cfg.parquet_val or cfg.parquet_train)
+        else:
+            from ..data.parquet import sample_transform
+
+            self.train_ds = ParquetImageDataset(cfg.parquet_train, sample_transform(
+                source, train=True, image_size=cfg.image_size, aug=aug))
+            self.val_ds = ParquetImageDataset(cfg.parquet_val or cfg.parquet_train, sample_transform(
+                source, train=False, image_size=cfg.image_size, aug=aug))
+        return int(meta["num_classes"])
+
+    def _train_batches(self, epoch: int):
+        if self.shards is None:
+            self.train_sampler.set_epoch(epoch)
+            return self.train_loader
+        from ..data.parquet import iter_decoded_batches
+
+        return iter_decoded_batches(self.shards["train"], self.decoders["train"], batch_size=self.cfg.batch_size,
+                                    local_shuffle_buffer_size=4 * self.cfg.batch_size,
+                                    local_shuffle_seed=self.cfg.seed + epoch)
+
+    def _steps_per_epoch(self) -> int:
+        if self.shards is None:
+            return len(self.train_loader)
+        return max(math.ceil(self.train_rows / self.ctx.world_size / self.cfg.batch_size), 1)
+
+    def _val_batches(self):
+        if self.shards is None:
+            return self.val_loader
+        from ..data.parquet import iter_decoded_batches
+
+        shard = self.shards["val"] if self.shards["val"] is not None else self.shards["train"]
+        return iter_decoded_batches(shard, self.decoders["val"], batch_size=self.cfg.val_batch_size
+                                    or self.cfg.batch_size)
+
+    def _dataset_sizes(self) -> tuple[int, int]:
+        if self.shards is not None:
+            return self.train_rows, self.val_rows
+        return len(self.train_ds), len(self.val_ds)
+
     def _build_loaders(self) -> None:
         cfg, ctx = self.cfg, self.ctx
+        self._recent_batches = []  # recal source for Ray Data shards (they cannot be re-read out of step)
+        if self.shards is not None:
+            return
         self.train_sampler = DistributedSampler(self.train_ds, num_replicas=ctx.world_size, rank=ctx.rank,
                                                 shuffle=True, seed=cfg.seed)
         pin = self.device.type == "cuda"
@@ -143,6 +203,10 @@ class Trainer:
 
     def _recal_batches(self, salt: int):
         """Deterministic per-(seed, salt, rank) batches for BN recalibration."""
+        if self.shards is not None:
+            for images in list(self._recent_batches):
+                yield self._to_device(images)
+            return
         sampler = DistributedSampler(self.train_ds, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
                                      shuffle=True, seed=self.cfg.seed + RECAL_SEED_OFFSET * (salt + 1))
         loader = DataLoader(self.train_ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=0)
@@ -206,7 +270,7 @@ class Trainer:
             self._write_run_files()
             logger.info("model %s: %d params, %.1f MFLOPs, %d DyRep-eligible convs; %d train / %d val images, "
                         "%d worker(s)", cfg.model, self.plain_params, self.plain_flops / 1e6,
-                        len(self.dyrep.eligible_names) if self.dyrep else 0, len(self.train_ds), len(self.val_ds),
+                        len(self.dyrep.eligible_names) if self.dyrep else 0, *self._dataset_sizes(),
                         self.ctx.world_size)
         while self.state.epoch < cfg.epochs:
             self._run_epoch(self.state.epoch)
@@ -262,16 +326,19 @@ class Trainer:
     def _train_one_epoch(self, epoch: int, record: bool) -> tuple[float, int, float]:
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
-        self.train_sampler.set_epoch(epoch)
-        steps = len(self.train_loader)
+        steps = self._steps_per_epoch()
+        keep_recent = self.cfg.dyrep_recal_bn_iters if self.shards is not None else 0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         n_images, lr = 0, self.schedule.lr_at(epoch)
+        start_step = self.state.global_step
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = cfg.clip_grad if cfg.clip_grad is not None else math.inf
-        for step, (images, targets) in enumerate(self.train_loader):
+        for step, (images, targets) in enumerate(self._train_batches(epoch)):
+            if keep_recent:
+                self._recent_batches = (self._recent_batches + [images])[-keep_recent:]
             if step == steps // 2:
                 maybe_inject(epoch + 1, ctx.rank)
-            lr = self.schedule.apply(self.optimizer, epoch + step / steps)
+            lr = self.schedule.apply(self.optimizer, epoch + min(step / steps, 1.0))
             images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
             with _autocast(cfg, self.device):
                 loss = F.cross_entropy(self.wrapped(images), targets, label_smoothing=cfg.smoothing)
@@ -306,8 +373,9 @@ class Trainer:
             loss_sum += loss.detach()
             n_images += images.shape[0]
             self.state.global_step += 1
-        totals = ctx.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(steps), device=self.device,
-                                                                         dtype=torch.float64)]))
+        done = self.state.global_step - start_step
+        totals = ctx.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(done), device=self.device,
+                                                                        dtype=torch.float64)]))
         return float(totals[0] / max(float(totals[1]), 1.0)), n_images * ctx.world_size, lr
 
     def _adjust(self, epoch: int) -> list[dict]:
@@ -330,7 +398,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, top1, top5, n
-        for images, targets in self.val_loader:
+        for images, targets in self._val_batches():
             images, targets = self._to_device(images), targets.to(self.device)
             with _autocast(self.cfg, self.device):
                 logits = model(images)
