@@ -126,14 +126,15 @@ def run(device: torch.device, quick: bool = False, batch: int | None = None, rep
 
 
 def deploy_latency(trained: nn.Module, plain_reference: nn.Module, device, quick: bool = False,
-                   batch: int | None = None, reps: int | None = None) -> dict:
+                   batch: int | None = None, reps: int | None = None, model_name: str = MODEL,
+                   image_size: int = 32) -> dict:
     batch = batch or (128 if device.type == "cuda" else 32)
     reps = reps or (8 if quick else 20)
     trained = copy.deepcopy(trained).eval()
     deployed = deploy(trained).eval()
     plain = copy.deepcopy(plain_reference).eval()
     plain.load_state_dict(deployed.state_dict(), strict=True)  # the untouched architecture, same weights
-    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(2)).to(device)
+    x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         ref = trained(x)
         diff = float((deployed(x) - ref).abs().max())
@@ -143,7 +144,7 @@ def deploy_latency(trained: nn.Module, plain_reference: nn.Module, device, quick
     ratio = timing["deployed"]["ratio"]
     params_plain, params_deployed = count_params(plain_reference), count_params(deployed)
     return {
-        "model": MODEL, "batch": batch, "reps": reps, "blocks_folded": len(iter_blocks(trained)),
+        "model": model_name, "batch": batch, "reps": reps, "blocks_folded": len(iter_blocks(trained)),
         "params_trained": count_params(trained), "params_deployed": params_deployed, "params_plain": params_plain,
         "params_equal": params_plain == params_deployed,
         "max_abs_output_diff": diff, "max_abs_output": scale,

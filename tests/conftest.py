@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Small test workloads run faster single-threaded, and Ray workers share the 2 cores with the driver.
+torch.set_num_threads(1)
 
 # Tune-over-Train on 2 cores deadlocks unless Ray sees more logical CPUs than it has.
 RAY_TEST_CPUS = 4

@@ -205,7 +205,8 @@ def _randomize_bns(model: nn.Module, seed: int) -> None:
             m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
-def _family_checkpoint(directory: Path, name: str, grow: list[str], cut: dict[str, list[str]]) -> tuple[Path, dict]:
+def _family_checkpoint(directory: Path, name: str, grow: list[str], cut: dict[str, list[str]],
+                       **config) -> tuple[Path, dict]:
     """A checkpoint laid out like the training loop's, for ``name`` with ``grow`` convs grown."""
     model = build_model(name, 10)
     plain_params = count_params(model)
@@ -215,8 +216,8 @@ def _family_checkpoint(directory: Path, name: str, grow: list[str], cut: dict[st
     for path, branches in cut.items():
         dyrep.cut(path, branches)
     _randomize_bns(model, seed=len(name))
-    cfg = TrainConfig(model=name, image_size=32, synthetic_train_size=16, synthetic_val_size=16, batch_size=8,
-                      epochs=1)
+    cfg = TrainConfig(**{"model": name, "image_size": 32, "synthetic_train_size": 16, "synthetic_val_size": 16,
+                         "batch_size": 8, "epochs": 1, **config})
     history = [{"epoch": 1, "val_top1": 10.0, "params": count_params(model), "events": []}]
     meta = {"epoch": 1, "global_step": 2, "history": history, "metrics": history[-1], "config": cfg.to_dict(),
             "skipped_steps": 0, "plain_params": plain_params, "num_classes": 10}
@@ -260,6 +261,22 @@ def test_convert_each_model_family(name, tmp_path):
     with torch.no_grad():
         expected, actual = trained(x), plain(x)
     assert _within_tolerance(expected, actual), float((expected - actual).abs().max())
+
+
+def test_convert_and_eval_on_parquet_validation_shards(tmp_path, capsys):
+    from dyrep_ray.data.parquet import export_parquet
+
+    shards = tmp_path / "val_shards"
+    export_parquet("synthetic", None, shards, split="val", synthetic_val_size=24, rows_per_shard=10)
+    ckpt_dir, _ = _family_checkpoint(tmp_path / "run", "small_cnn", ["features.0.0", "features.3.0"], {},
+                                     dataset="parquet", parquet_train=str(shards))
+    result = convert_checkpoint(ckpt_dir)
+    assert result.weights == tmp_path / "run" / "deployed.safetensors"
+    assert result.info["val_images"] == 24 and abs(result.info["top1_after"] - result.info["top1_before"]) <= 0.01
+    capsys.readouterr()
+    assert main(["eval", str(result.weights), "--json", "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["images"] == 24 and evaluated["top1"] == pytest.approx(result.info["top1_after"], abs=1e-9)
 
 
 # ---------------------------------------------------------------------------

@@ -346,9 +346,6 @@ def test_max_output_difference_restores_modes():
     assert max_output_difference(a, b, x) > 1e-3
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: deploy() on a bare DiverseBranchBlock (path '') calls "
-                                       "set_submodule(model, '', conv), which registers a child named '' instead "
-                                       "of returning the conv")
 def test_deploy_bare_block_returns_conv():
     block = DiverseBranchBlock(4, 4, 3, dtype=torch.float64)
     randomize_bns(block, 1)

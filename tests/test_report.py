@@ -100,12 +100,14 @@ def test_sweep_dir_gets_per_trial_reports_and_a_comparison(tiny_run, tmp_path, c
         config = json.loads((trial / "config.json").read_text())
         config["lr"] = lr
         (trial / "config.json").write_text(json.dumps(config))
-        if i == 1:  # a different curve for the second trial
-            lines = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()]
+        if i == 1:  # trial_1 was continued by a PBT exploit: its newest segment (seg1) tells its story
+            segment = trial / "seg1"
+            shutil.copytree(trial, segment)
+            lines = [json.loads(x) for x in (segment / "metrics.jsonl").read_text().splitlines()]
             for m in lines:
                 m["val_top1"] = m["val_top1"] / 2
-            (trial / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-    assert find_runs(sweep) == [sweep / "trial_0", sweep / "trial_1"]
+            (segment / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    assert find_runs(sweep) == [sweep / "trial_0", sweep / "trial_1" / "seg1"]
     assert main(["report", str(sweep), "--out", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
     _check_png(out / "comparison_val_top1.png")
@@ -117,6 +119,9 @@ def test_sweep_dir_gets_per_trial_reports_and_a_comparison(tiny_run, tmp_path, c
     assert "[trial_0](trial_0/summary.md)" in table and "[trial_1](trial_1/summary.md)" in table
     assert "| max train params | lr |" in table  # the config key the sweep varied is a column
     assert table.index("trial_0") < table.index("trial_1")  # sorted by best top-1
+    best_1 = max(m["val_top1"] for m in _metrics(tiny_run)) / 2
+    assert f"| [trial_1](trial_1/summary.md) | {best_1:.2f}% |" in table  # read from the segment
+    assert "seg1" in (out / "trial_1" / "summary.md").read_text()
     assert "2 trials" in capsys.readouterr().out
 
 

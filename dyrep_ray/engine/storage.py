@@ -96,7 +96,8 @@ class RunStorage:
         local_dir = Path(local_dir)
         target = self.path(relpath)
         if self.local:
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            parent, _, base = target.rpartition("/")
+            tmp = f"{parent}/.{base}.tmp-{uuid.uuid4().hex[:8]}"  # hidden: never listed as a checkpoint
             shutil.copytree(local_dir, tmp)
             if Path(target).exists():
                 shutil.rmtree(target)

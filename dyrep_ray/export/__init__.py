@@ -23,6 +23,7 @@ _EXPORTS = {
     "read_sidecar": "convert",
     "rebuild_trained_model": "convert",
     "resolve_checkpoint": "convert",
+    "validation_dataset": "evaluate",
     "validation_loader": "evaluate",
 }
 

@@ -22,7 +22,8 @@ def register(subparsers, add_common) -> None:
     c.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run directory (newest valid checkpoint is used) or checkpoint directory")
     c.add_argument("--out", help="weights file (default: <run_dir>/deployed.safetensors; JSON written beside it)")
-    c.add_argument("--data-dir", help="override the config's data_dir for the validation set")
+    c.add_argument("--data-dir", help="override the config's data_dir for the validation set "
+                                      "(dataset parquet: the validation shards)")
     c.add_argument("--no-eval", action="store_true",
                    help="skip the validation set; compare outputs on random inputs only")
     c.add_argument("--torchscript", metavar="FILE", help="also write torch.jit.trace of the deployed model")
@@ -42,7 +43,7 @@ def register(subparsers, add_common) -> None:
     e.add_argument("-c", "--config", help="experiment YAML (optional when the weights carry their config)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
-    e.add_argument("--data-dir", help="override the config's data_dir")
+    e.add_argument("--data-dir", help="override the config's data_dir (dataset parquet: the validation shards)")
     e.add_argument("--ema", action="store_true", help="checkpoints: evaluate the EMA weights")
     e.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     e.add_argument("--batch-size", type=int, help="validation batch size (default: the config's)")

@@ -167,11 +167,12 @@ def strict_load(model: nn.Module, state: dict, what: str, error: type[Exception]
 
 def rebuild_trained_model(ckpt: LoadedCheckpoint, use_ema: bool = False) -> tuple[nn.Module, TrainConfig, int]:
     """(trained model in eval mode on the CPU, its config, num_classes) from a loaded checkpoint."""
+    from ..engine.loop import model_kwargs
     from ..rep import restore_graph
 
     cfg = config_from_dict(ckpt.meta.get("config"), f"{ckpt.path}/{META_FILE}")
     num_classes = num_classes_of(ckpt.meta, cfg)
-    model = build_model(cfg.model, num_classes)
+    model = build_model(cfg.model, num_classes, **model_kwargs(cfg))  # as the loop built it (dropout etc.)
     try:
         restore_graph(model, ckpt.graph)
     except (ValueError, KeyError, TypeError) as exc:

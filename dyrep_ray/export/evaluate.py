@@ -23,7 +23,28 @@ logger = logging.getLogger(__name__)
 
 # The training loop builds its datasets with exactly these augmentation keys
 # (dyrep_ray.engine.loop.Trainer); evaluation must see the same validation images.
-LOOP_AUG_KEYS = ("aa", "reprob", "remode", "color_jitter", "cutout_length", "interpolation")
+LOOP_AUG_KEYS = ("aa", "reprob", "remode", "color_jitter", "cutout_length", "interpolation", "image_mean",
+                 "image_std")
+PARQUET = "parquet"
+
+
+def validation_dataset(cfg: TrainConfig, data_dir: str | None = None):
+    """(validation dataset of ``cfg``, its class count), built as the training loop builds it.
+
+    ``data_dir`` overrides ``cfg.data_dir``; for ``dataset: parquet`` it replaces ``parquet_val``.
+    """
+    aug = {k: getattr(cfg, k) for k in LOOP_AUG_KEYS}
+    if cfg.dataset == PARQUET:
+        from ..data.parquet import ParquetImageDataset, read_parquet_metadata, sample_transform
+
+        source = data_dir or cfg.parquet_val or cfg.parquet_train
+        meta = read_parquet_metadata(source)
+        transform = sample_transform(meta["dataset"], train=False, image_size=cfg.image_size, aug=aug)
+        return ParquetImageDataset(source, transform), int(meta["num_classes"])
+    _, val_ds, num_classes = build_datasets(
+        cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed,
+        synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size, aug=aug)
+    return val_ds, num_classes
 
 
 def validation_loader(cfg: TrainConfig, data_dir: str | None = None,
@@ -33,10 +54,7 @@ def validation_loader(cfg: TrainConfig, data_dir: str | None = None,
     ``data_dir`` overrides ``cfg.data_dir``.  The split, transforms and synthetic seed are the
     ones the training loop used, so the accuracy matches what the run logged.
     """
-    aug = {k: getattr(cfg, k) for k in LOOP_AUG_KEYS}
-    _, val_ds, num_classes = build_datasets(
-        cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed,
-        synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size, aug=aug)
+    val_ds, num_classes = validation_dataset(cfg, data_dir)
     loader = DataLoader(val_ds, batch_size=batch_size or cfg.val_batch_size or cfg.batch_size, shuffle=False,
                         num_workers=cfg.num_data_workers)
     return loader, num_classes

@@ -292,11 +292,16 @@ class DiverseBranchBlock(nn.Module):
         one, two, avg = br["1x1"] if "1x1" in br else None, br["1x1_kxk"] if "1x1_kxk" in br else None, \
             br["1x1_avg"] if "1x1_avg" in br else None
         # The kxk branch's BN output is a fresh tensor nothing else holds (no hooks: see _fusable),
-        # so every other branch is added into it in place.
+        # so the other branches are added into it in place -- unless a branch's dtype would promote
+        # the sum (autocast: BN outputs can be wider than conv outputs), then once out of place.
         out = br[KXK](x)
 
         def accumulate(y: Tensor) -> None:
-            out.add_(y)
+            nonlocal out
+            if torch.result_type(out, y) == out.dtype:
+                out.add_(y)
+            else:
+                out = out + y
 
         # 1x1 convs reading x at stride 1: one GEMM over their concatenated weights.
         readers: list[nn.Conv2d] = []
@@ -509,13 +514,16 @@ def _padding_term_conv(weight: Tensor, shift: Tensor, height: int, width: int, p
     return F.conv2d(_border_mask(height, width, pad, weight), ring_kernel, None, stride)
 
 
-def _avg_pool_zero_padded(z: Tensor, k: int, s: int, pad: int) -> Tensor:
+def _avg_pool_zero_padded(z: Tensor, k: int, s: int, pad: int, box_filter: bool | None = None) -> Tensor:
     """avg_pool(pad(z, 0), k, s) with divisor k*k.
 
-    On the CPU (outside autocast) as a depthwise conv with a constant 1/k^2 kernel: the same sum,
-    but ~2.5x faster forward+backward there than ``avg_pool2d`` (whose CPU kernels are slow).
+    On the CPU (outside autocast; ``box_filter=None``) as a depthwise conv with a constant 1/k^2
+    kernel: the same sum, ~2.5x faster forward+backward there than ``avg_pool2d`` (whose CPU kernels
+    are slow), and its input is not kept for backward.
     """
-    if z.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+    if box_filter is None:
+        box_filter = z.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    if box_filter:
         box = torch.full((z.shape[1], 1, k, k), 1.0 / (k * k), dtype=z.dtype, device=z.device)
         return _BoxFilter.apply(z, box, s, pad)
     if 2 * pad <= k:
@@ -550,7 +558,10 @@ def _padding_term_avg(shift: Tensor, height: int, width: int, pad: int, k: int, 
 # Eligibility and construction from a plain conv
 # ---------------------------------------------------------------------------
 def conv_geometry(conv: nn.Conv2d) -> tuple[int, int, int] | None:
-    """(kernel, stride, padding) if ``conv`` can become a block, else None."""
+    """(kernel, stride, padding) if ``conv`` can become a block, else None.
+
+    Odd square kernels only: the centred branches need a centre tap.
+    """
     if type(conv) is not nn.Conv2d:
         return None
     kh, kw = conv.kernel_size
@@ -558,7 +569,7 @@ def conv_geometry(conv: nn.Conv2d) -> tuple[int, int, int] | None:
     if isinstance(conv.padding, str):
         return None
     ph, pw = conv.padding
-    if kh != kw or kh <= 1 or sh != sw or ph != pw or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+    if kh != kw or kh <= 1 or kh % 2 == 0 or sh != sw or ph != pw or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
         return None
     return kh, sh, ph
 

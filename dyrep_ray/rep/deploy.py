@@ -34,10 +34,14 @@ def _conv_to_bn_successors(model: nn.Module) -> dict[str, str]:
     try:
         import torch.fx as fx
 
-        graph_module = fx.symbolic_trace(model)
+        class _BNLeafTracer(fx.Tracer):  # BN subclasses (timm BatchNormAct2d) stay single call_module nodes
+            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+                return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, qualname)
+
+        graph = _BNLeafTracer().trace(model)
         modules = dict(model.named_modules())
         result = {}
-        for node in graph_module.graph.nodes:
+        for node in graph.nodes:
             if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
                 continue
             users = list(node.users)
@@ -47,6 +51,10 @@ def _conv_to_bn_successors(model: nn.Module) -> dict[str, str]:
         return result
     except Exception as exc:  # fx cannot trace every model (data-dependent control flow)
         logger.debug("fx trace failed (%s); using module-order BN matching", exc)
+    return _successors_by_module_order(model)
+
+
+def _successors_by_module_order(model: nn.Module) -> dict[str, str]:
     result = {}
     for parent_name, parent in model.named_modules():
         children = list(parent.named_children())
@@ -75,6 +83,12 @@ def deploy(model: nn.Module, inplace: bool = False, keep_bias: bool = False) -> 
     """
     target = model if inplace else copy.deepcopy(model)
     was_training = target.training
+    if isinstance(target, DiverseBranchBlock):  # a bare block: the result is its conv
+        conv = target.to_conv()
+        if not keep_bias and getattr(conv, ORIG_BIAS_ATTR) is False:
+            raise DeployError("a bare block whose conv had no bias cannot drop its bias; use keep_bias=True")
+        delattr(conv, ORIG_BIAS_ATTR)
+        return conv.train(was_training)
     top_level = [(n, m) for n, m in target.named_modules() if isinstance(m, DiverseBranchBlock)
                  and not any(n.startswith(o + ".") for o in _outer_paths(target, n))]
     for path, block in top_level:

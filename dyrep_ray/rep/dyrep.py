@@ -169,6 +169,8 @@ def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = 0.01,
     conv = get_submodule(model, path)
     if conv_geometry(conv) is None:
         raise ValueError(f"module '{path}' is not a growable conv ({type(conv).__name__})")
+    if not _only_kxk_slots(model, path):
+        raise ValueError(f"module '{path}' sits in a non-kxk branch of a block; only kxk convs may grow")
     with torch.no_grad():
         target_kernel = conv.weight.detach().clone()
         target_bias = (conv.bias.detach().clone() if conv.bias is not None
@@ -203,7 +205,8 @@ def apply_plan(model: nn.Module, plan: dict, recal_fn: RecalFn | None = None) ->
     check_plan(plan)
     init_gamma = float(plan.get("init_gamma", 0.01))
     events = []
-    for cut in plan["cut"]:
+    # Innermost first: a nested block's cut must land before its outer block may collapse into a conv.
+    for cut in sorted(plan["cut"], key=lambda c: -c["path"].count(".")):
         result = cut_block(model, cut["path"], cut["branches"])
         events.append({"op": "cut", "path": cut["path"], "branches": list(cut["branches"]),
                        "collapsed": not isinstance(result, DiverseBranchBlock),
@@ -383,6 +386,10 @@ class DyRep:
     # ----------------------------------------------------------------- apply
     def apply(self, plan: dict, optimizer: Optimizer | None = None, recal_fn: RecalFn | None = None) -> list[dict]:
         """Apply ``plan`` to this controller's model, then optimizer surgery and re-scan."""
+        check_plan(plan)
+        not_eligible = [g["path"] for g in plan["grow"] if g["path"] not in self.eligible_names]
+        if not_eligible:
+            raise ValueError(f"cannot grow {not_eligible}: not eligible (eligible: {self.eligible_names[:8]}...)")
         events = apply_plan(self.model, plan, recal_fn)
         if optimizer is not None:
             update_optimizer(optimizer, self.model)

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -32,6 +33,7 @@ CHECKPOINT_PREFIX = "checkpoint_"
 REPORT_DIRNAME = "report"
 MAX_BRANCHES = 7  # len(dyrep_ray.rep.BRANCH_NAMES)
 SWEEP_SEARCH_DEPTH = 4
+SEGMENT_PREFIX = "seg"  # dyrep_ray.tune.bridge: later PBT segments of a trial live in <trial>/seg<N>/
 CELL_TEXT_MAX = 40  # write branch counts in cells while rows and epochs stay below this
 DPI = 110
 
@@ -131,16 +133,27 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
     return run
 
 
+def latest_segment(run_dir: Path) -> Path:
+    """A Tune trial continued by PBT exploits keeps later runs in ``seg<N>/`` sub-directories, each
+    starting from the donor's history: the newest one holds the trial's whole story."""
+    segments = [(int(m.group(1)), d) for d in run_dir.glob(f"{SEGMENT_PREFIX}*")
+                if (m := re.fullmatch(rf"{SEGMENT_PREFIX}(\d+)", d.name)) and (d / METRICS_FILE).is_file()]
+    return max(segments)[1] if segments else run_dir
+
+
 def find_runs(root: str | os.PathLike, max_depth: int = SWEEP_SEARCH_DEPTH) -> list[Path]:
-    """``[root]`` if it is a run directory, else every run directory below it (a Tune sweep)."""
+    """``[root]`` if it is a run directory, else every run directory below it (a Tune sweep).
+
+    For a trial with PBT segments the run directory of its newest segment is returned.
+    """
     root = Path(root)
     if (root / METRICS_FILE).is_file():
-        return [root]
+        return [latest_segment(root)]
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         depth = len(Path(dirpath).relative_to(root).parts)
         if METRICS_FILE in filenames and Path(dirpath) != root:
-            found.append(Path(dirpath))
+            found.append(latest_segment(Path(dirpath)))
             dirnames[:] = []
             continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", CHECKPOINT_PREFIX))
@@ -540,12 +553,17 @@ def summary_markdown(run: RunData, s: dict, tl: Timeline) -> str:
     if s["unexplained_blocks"]:
         lines += [f"Note: {len(s['unexplained_blocks'])} block(s) in `{STRUCTURE_FILE}` have no grow event in "
                   f"`{METRICS_FILE}` (e.g. inherited from a PBT donor): {', '.join(s['unexplained_blocks'][:5])}", ""]
+    if run.run_dir.name != run.name and re.fullmatch(rf"{SEGMENT_PREFIX}\d+", run.run_dir.name):
+        lines += [f"Note: PBT trial; this report reads its newest segment `{run.run_dir.name}/`, whose history "
+                  "includes the epochs inherited from the donor.", ""]
     if run.skipped_lines:
         lines += [f"Note: {run.skipped_lines} unreadable line(s) of `{METRICS_FILE}` were skipped.", ""]
     return "\n".join(lines)
 
 
 def _trial_folder(root: Path, run_dir: Path) -> str:
+    if re.fullmatch(rf"{SEGMENT_PREFIX}\d+", run_dir.name) and (run_dir.parent / METRICS_FILE).is_file():
+        run_dir = run_dir.parent  # a PBT segment reports under its trial's name
     return "__".join(run_dir.relative_to(root).parts) or run_dir.name
 
 
@@ -597,8 +615,8 @@ def render_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     if not found:
         raise ReportError(f"{run_dir}: no {METRICS_FILE} in it or in its sub-directories (depth "
                           f"{SWEEP_SEARCH_DEPTH}); is this a dyrep-ray run or sweep directory?")
-    if found == [run_dir]:
-        result = render_run_report(load_run(run_dir), out_dir)
+    if (run_dir / METRICS_FILE).is_file():
+        result = render_run_report(load_run(found[0], name=run_dir.name), out_dir)
         result["mode"] = "run"
         return result
     result = render_sweep_report(run_dir, found, out_dir)

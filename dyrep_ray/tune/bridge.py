@@ -9,7 +9,9 @@ checkpoints: it clones the last checkpoint a strong trial reported into a weak o
    and exports are on (PBT) -- first copies that checkpoint (hard links when possible) plus ``bridge.json``
    (trial, segment, epoch, source path, sha256 of structure and state) into a temp dir.  Doing it inside the
    callback means the Train checkpoint manager cannot delete the checkpoint before it is copied.
-2. The function trainable reports the metrics to Tune with that directory as the Tune checkpoint.
+2. The trial (:class:`~dyrep_ray.tune.trainable.DyRepTrial`) returns the metrics to Tune epoch by epoch and,
+   when Tune asks it to save (PBT at a perturbation, a pause), writes the latest exported copy as the Tune
+   checkpoint.
 3. When PBT restores a trial from a *donor's* Tune checkpoint, :func:`plan_segment` opens a new segment
    ``<trial>/seg<N>/``, copies the donor checkpoint into it (``start_checkpoint/``), records where it came from
    in ``pbt_origin.json``, and the next ``TorchTrainer`` run starts from it: the donor's structure graph (grown
@@ -35,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..engine.checkpoint import GRAPH_FILE, MANIFEST_FILE, META_FILE, STATE_FILE, verify_checkpoint_dir
 from ..engine.storage import RunStorage, resolve_filesystem
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,15 @@ BRIDGE_FILE = "bridge.json"
 ORIGIN_FILE = "pbt_origin.json"
 START_CHECKPOINT_DIR = "start_checkpoint"
 SEGMENT_PREFIX = "seg"
+# The files of a DyRep checkpoint (dyrep_ray.engine.checkpoint; not imported here, it pulls in torch).
+STATE_FILE, META_FILE, GRAPH_FILE, MANIFEST_FILE = "state.pt", "meta.json", "structure.json", "MANIFEST.json"
 CHECKPOINT_FILES = (STATE_FILE, META_FILE, GRAPH_FILE, MANIFEST_FILE)
-_DONE = "__dyrep_fit_done__"
+
+
+def verify_checkpoint_dir(directory: str | Path) -> None:
+    from ..engine.checkpoint import verify_checkpoint_dir as verify
+
+    verify(directory)
 
 
 def graph_sha256(graph: Any) -> str:
@@ -189,54 +197,65 @@ def latest_origin(sweep_uri: str, trial_id: str) -> tuple[int, dict]:
     return len(segments), (read_origin(sweep_uri, trial_id, segments[-1]) if segments else {})
 
 
-def plan_segment(sweep_uri: str, trial_id: str, tune_checkpoint, searched: dict) -> Segment:
+def read_bridge(checkpoint_dir: Optional[str | Path]) -> dict:
+    """``bridge.json`` of a Tune checkpoint directory ({} when absent)."""
+    if checkpoint_dir is None:
+        return {}
+    path = Path(checkpoint_dir) / BRIDGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _same_donor(origin: dict, info: dict) -> bool:
+    return bool(origin) and (origin.get("donor_trial_id"), origin.get("donor_epoch"), origin.get("state_sha256")) == (
+        info.get("trial_id"), info.get("epoch"), info.get("state_sha256"))
+
+
+def plan_segment(sweep_uri: str, trial_id: str, checkpoint_dir: Optional[str | Path], searched: dict) -> Segment:
     """Choose the segment the trial runs next (see module docstring).
 
-    ``tune_checkpoint`` is ``ray.tune.get_checkpoint()`` (``None`` on a fresh start); ``searched`` is this
-    trial's current values of the searched keys (recorded in ``pbt_origin.json``).
+    ``checkpoint_dir`` is the (local copy of the) Tune checkpoint the trial is restored from, ``None`` on a
+    fresh start; ``searched`` is this trial's current values of the searched keys (kept in ``pbt_origin.json``).
+    Call it while ``checkpoint_dir`` exists: a donor's checkpoint is copied into the new segment right away.
     """
     segments = existing_segments(sweep_uri, trial_id)
-    if tune_checkpoint is None:  # fresh start, or a restart before any checkpoint: continue the newest segment
-        return _segment(sweep_uri, trial_id, segments[-1] if segments else 0)
-    with tune_checkpoint.as_directory() as directory:
-        bridge_text = (Path(directory) / BRIDGE_FILE).read_text() if (Path(directory) / BRIDGE_FILE).is_file() else ""
-        info = json.loads(bridge_text) if bridge_text else {}
-        if not info:
-            logger.warning("Tune checkpoint %s has no %s; continuing the newest segment", tune_checkpoint.path,
-                           BRIDGE_FILE)
-            return _segment(sweep_uri, trial_id, segments[-1] if segments else 0)
-        if info["trial_id"] == trial_id:  # our own checkpoint: Ray Train resumes that segment's run
-            return _segment(sweep_uri, trial_id, int(info["segment"]))
-        # A donor's checkpoint: PBT exploit. Reuse the segment already opened for this very checkpoint
-        # (the trial was restarted before reporting a checkpoint of its own), else open a new one.
-        last = segments[-1] if segments else 0
-        origin = read_origin(sweep_uri, trial_id, last)
-        if origin and origin.get("tune_checkpoint") == tune_checkpoint.path:
-            logger.info("trial %s: continuing segment %d (started from donor %s epoch %d)", trial_id, last,
-                        origin["donor_trial_id"], origin["donor_epoch"])
-            return _segment(sweep_uri, trial_id, last, origin=origin)
-        index = last + 1
-        segment = _segment(sweep_uri, trial_id, index)
-        storage = RunStorage(segment.storage_uri, segment.name)
-        local_start = Path(tempfile.mkdtemp(prefix="dyrep-start-")) / START_CHECKPOINT_DIR
-        try:
-            copy_checkpoint(directory, local_start)
-            fingerprint = checkpoint_fingerprint(local_start)
-            if (fingerprint["graph_sha256"], fingerprint["state_sha256"]) != (info["graph_sha256"],
-                                                                              info["state_sha256"]):
-                raise RuntimeError(f"donor checkpoint {tune_checkpoint.path} does not match its {BRIDGE_FILE}")
-            storage.upload_dir(local_start, START_CHECKPOINT_DIR)
-        finally:
-            shutil.rmtree(local_start.parent, ignore_errors=True)
+    newest = segments[-1] if segments else 0
+    info = read_bridge(checkpoint_dir)
+    if checkpoint_dir is not None and not info:
+        logger.warning("Tune checkpoint %s has no %s; continuing the newest segment", checkpoint_dir, BRIDGE_FILE)
+    if not info:  # fresh start, or a restart without checkpoint: continue the newest segment (Train resumes it)
+        return _segment(sweep_uri, trial_id, newest)
+    if info["trial_id"] == trial_id:  # our own checkpoint: Ray Train resumes that segment's run
+        return _segment(sweep_uri, trial_id, int(info["segment"]))
+    # A donor's checkpoint: a PBT exploit. Reuse the segment already opened for this very checkpoint (the trial
+    # was restarted before it saved a checkpoint of its own), else open a new one.
+    origin = read_origin(sweep_uri, trial_id, newest)
+    if _same_donor(origin, info):
+        logger.info("trial %s: continuing segment %d (started from %s epoch %d)", trial_id, newest,
+                    origin["donor_trial_id"], origin["donor_epoch"])
+        return _segment(sweep_uri, trial_id, newest, origin=origin)
+    if "state_sha256" not in info:
+        raise RuntimeError(f"Tune checkpoint {checkpoint_dir} of trial {info['trial_id']} holds no DyRep "
+                           f"checkpoint to exploit")
+    index = newest + 1
+    segment = _segment(sweep_uri, trial_id, index)
+    storage = RunStorage(segment.storage_uri, segment.name)
+    local_start = Path(tempfile.mkdtemp(prefix="dyrep-start-")) / START_CHECKPOINT_DIR
+    try:
+        copy_checkpoint(str(checkpoint_dir), local_start)
+        fingerprint = checkpoint_fingerprint(local_start)
+        if (fingerprint["graph_sha256"], fingerprint["state_sha256"]) != (info["graph_sha256"], info["state_sha256"]):
+            raise RuntimeError(f"donor checkpoint {checkpoint_dir} does not match its {BRIDGE_FILE}")
+        storage.upload_dir(local_start, START_CHECKPOINT_DIR)
+    finally:
+        shutil.rmtree(local_start.parent, ignore_errors=True)
     origin = {"segment": index, "trial_id": trial_id, "donor_trial_id": info["trial_id"],
               "donor_segment": int(info["segment"]), "donor_epoch": int(info["epoch"]),
               "donor_checkpoint": info["source"], "donor_run_dir": info.get("run_dir"),
-              "tune_checkpoint": tune_checkpoint.path, "graph_sha256": info["graph_sha256"],
-              "state_sha256": info["state_sha256"], "config": searched, "time": time.time()}
+              "graph_sha256": info["graph_sha256"], "state_sha256": info["state_sha256"],
+              "config": searched, "time": time.time()}
     storage.write_text(ORIGIN_FILE, json.dumps(origin, indent=1))
     logger.info("trial %s: PBT exploit of %s at epoch %d -> segment %d (%s)", trial_id, info["trial_id"],
                 info["epoch"], index, storage.root)
-    segment.start_checkpoint = storage.path(START_CHECKPOINT_DIR)
     segment.origin = origin
     return segment
 

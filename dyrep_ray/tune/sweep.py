@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
-from ..distributed.trainer import check_resources, connect, resolve_use_gpu
+from ..distributed.trainer import ClusterError, check_resources, connect, resolve_use_gpu
 from ..engine.config import ConfigError, TrainConfig
 from ..engine.storage import RunStorage, resolve_filesystem
 from .spec import TIME_ATTR, Distribution, SweepSpec
@@ -118,7 +119,10 @@ def plan_concurrency(spec: SweepSpec, use_gpu: bool) -> int:
         capacity = int(resources.get("GPU", 0) // spec.workers)
     else:
         capacity = int(resources.get("CPU", 0) // (spec.workers * spec.cpus_per_worker) + 1e-9)
-    capacity = max(capacity, 1)
+    if capacity < 1:
+        need = f"{spec.workers} GPU(s)" if use_gpu else f"{spec.workers * spec.cpus_per_worker:g} CPU(s)"
+        raise ClusterError(f"one trial needs {need} but the cluster has {resources.get('GPU' if use_gpu else 'CPU', 0):g}; "
+                           f"lower resources.workers / resources.cpus_per_worker or add nodes")
     wanted = spec.max_concurrent_trials or capacity
     if wanted > capacity:
         logger.warning("max_concurrent_trials=%d but the cluster runs at most %d trial(s) of %d %s worker(s) at "
@@ -128,6 +132,29 @@ def plan_concurrency(spec: SweepSpec, use_gpu: bool) -> int:
         logger.warning("PBT population of %d runs %d at a time: trials will be paused and resumed from their "
                        "checkpoints", population_size(spec), concurrency)
     return concurrency
+
+
+def preflight_sweep(spec: SweepSpec) -> None:
+    """Every model / dataset a trial can get exists (and its data dir), before anything is written or started."""
+    from ..data import DatasetError, check_dataset_name
+    from ..models import build_model
+
+    def values(key: str) -> list:
+        dist = spec.search_space.get(key)
+        if dist is None:
+            return [spec.base_config[key]]
+        return list(dist.values)  # str / Optional[int] keys can only be searched with choice / grid
+
+    for dataset in values("dataset"):
+        check_dataset_name(dataset)
+        if dataset not in ("synthetic", "parquet"):
+            for data_dir in values("data_dir"):
+                if data_dir is None or not Path(data_dir).exists():
+                    raise DatasetError(f"data_dir {data_dir!r} does not exist; put the {dataset} files there or "
+                                       f"pass --set data_dir=... (nothing is downloaded)")
+    for model in values("model"):
+        for num_classes in values("num_classes"):
+            build_model(model, num_classes or 10)
 
 
 def _probe_config(spec: SweepSpec) -> TrainConfig:
@@ -165,6 +192,8 @@ def run_sweep(spec: Optional[SweepSpec], output: str, name: str, *, resume: bool
     from .results import collect_records, write_results
     from .trainable import default_fault, make_trainable
 
+    if spec is not None:
+        preflight_sweep(spec)
     spec, root = prepare_sweep(spec, output, name, resume)
     started = connect(address, num_cpus=local_ray_cpus())  # num_cpus only matters for a new local Ray
     logger.info("Ray: %s", started)

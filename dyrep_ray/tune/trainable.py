@@ -1,30 +1,47 @@
-"""The Tune function trainable: one distributed DyRep training run (a ``TorchTrainer``) per trial.
+"""The Tune trainable: one distributed DyRep training run (a Ray Train ``TorchTrainer``) per trial.
 
-Train V2 has no ``Tuner(trainer)``; a function trainable launches the ``TorchTrainer`` itself.  Metrics flow:
-every worker calls ``ray.train.report`` -> the Train controller runs :class:`~.bridge.BridgeCallback` with all
-ranks' metrics -> rank 0's metrics (plus an exported checkpoint under PBT) go through a one-slot Ray queue to
-this function -> ``ray.tune.report`` -> schedulers (ASHA, PBT) and the trial's Tune results.
-``TorchTrainer.fit()`` runs in a helper thread so the trial's own thread can do the reporting: a Tune
-checkpoint can only be registered by ``ray.tune.report`` from the trial's function, which is exactly what
-``TuneReportCallback`` (metrics only) cannot do.
+Train V2 has no ``Tuner(trainer)``: the trial launches its ``TorchTrainer`` itself and bridges metrics and
+checkpoints to Tune.  Metrics flow: every worker calls ``ray.train.report`` -> the Train controller runs
+:class:`~dyrep_ray.tune.bridge.BridgeCallback` with all ranks' metrics -> rank 0's metrics (and, under PBT, an
+exported copy of the new checkpoint) go through a one-slot Ray queue -> :meth:`DyRepTrial.step` returns them
+to Tune, one epoch per step -> schedulers (ASHA, PBT) and the trial's results.  ``TorchTrainer.fit()`` runs in
+a helper thread of the trial actor.
 
-When Tune stops the trial (ASHA), ``ray.tune.report`` ends this function; the trial actor exits and the Train
-controller and workers it owns go with it (Ray fate-sharing).
+It is a class trainable rather than a function trainable (``TuneReportCallback`` style) for two reasons:
+
+* PBT needs *Tune* checkpoints; :meth:`save_checkpoint` writes one when Tune asks (at a perturbation, on a
+  pause) from the latest exported DyRep checkpoint, and :meth:`load_checkpoint` turns a donor's checkpoint
+  into the start of a new segment (see :mod:`dyrep_ray.tune.bridge`).
+* When Tune stops (ASHA) or pauses (PBT) a trial, :meth:`cleanup` aborts the Train run *before* the trial
+  actor exits.  A function trainable only learns of the stop from a ``SystemExit`` in its thread while the
+  actor is already exiting; the Train controller it owns then dies abruptly and the workers' placement group
+  stays reserved until the driver exits (Train's cleaner actor needs the state API / dashboard), so later
+  trials starve -- measured here: two leaked 1-CPU placement groups per PBT exploit on a 4-CPU Ray.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import threading
 import time
+from pathlib import Path
 from typing import Any, Optional
 
-from ..distributed.trainer import CPUS_PER_WORKER, LOG_FORMAT, train_loop_per_worker
+from ray import tune
+
 from ..engine.config import TrainConfig
-from ..engine.storage import RunStorage
-from .bridge import _DONE, BridgeCallback, Segment, latest_origin, plan_segment, start_checkpoint_of
+from ..engine.storage import RunStorage, resolve_filesystem
+from .bridge import (
+    BRIDGE_FILE,
+    BridgeCallback,
+    Segment,
+    latest_origin,
+    plan_segment,
+    start_checkpoint_of,
+)
 from .spec import SweepSpec
 
 logger = logging.getLogger(__name__)
@@ -33,6 +50,10 @@ logger = logging.getLogger(__name__)
 TRIAL_ACTOR_CPUS = 0.01
 #: Seconds a stopped trial waits for its Train run to shut down (workers, placement group).
 ABORT_TIMEOUT_S = 60
+#: Seconds a finished trial waits for its Train run to end by itself before aborting it.
+FINISH_TIMEOUT_S = 30
+_DONE = "__dyrep_fit_done__"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class TrialError(RuntimeError):
@@ -53,82 +74,29 @@ def _root_cause(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """Names we can check without data or workers (fails the trial at once, with a clear message)."""
-    from ..data import check_dataset_name
-    from ..models import build_model
-
-    check_dataset_name(cfg.dataset)
-    build_model(cfg.model, cfg.num_classes or 10)
-
-
-def _storage_uri_for_workers(segment: Segment) -> str:
-    storage = RunStorage(segment.storage_uri, segment.name)
-    return storage.root.rsplit("/", 1)[0] if storage.local else segment.storage_uri
-
-
 def _uri(path: Optional[str], storage: RunStorage) -> Optional[str]:
     if path is None or storage.local:
         return path
     return f"{storage.fs.type_name}://{path}"
 
 
-def _drain(queue) -> None:
-    """Take (and drop) what the Train controller queued, so its blocked report callback returns."""
-    from ray.util.queue import Empty
-
-    while True:
-        try:
-            item = queue.get_nowait()
-        except Empty:
-            return
-        if isinstance(item, dict) and item.get("export_dir"):
-            shutil.rmtree(item["export_dir"], ignore_errors=True)
-
-
-def stop_run_in_background(trial_id: str, controller, queue, fit_thread: threading.Thread) -> threading.Thread:
-    """Abort the trial's Train run cleanly when Tune stops or pauses the trial.
-
-    Without this the trial actor exits, the Train controller it owns dies with it, and the workers' placement
-    group stays reserved until the driver exits (Train's cleaner needs the state API, often unavailable), so
-    later trials starve.  The thread is not a daemon: the trial actor's process waits for it before exiting.
-    """
-    import ray
-
-    def stop() -> None:
-        deadline = time.monotonic() + ABORT_TIMEOUT_S
-        ref = controller.abort.remote() if controller is not None else None
-        while time.monotonic() < deadline and (fit_thread.is_alive() or ref is not None):
-            _drain(queue)  # the controller may be blocked putting the next epoch into the full queue
-            if ref is not None and ray.wait([ref], timeout=0.2)[0]:
-                ref = None
-            fit_thread.join(timeout=0.2)
-        if fit_thread.is_alive():
-            logger.warning("trial %s: its Train run did not stop within %ds", trial_id, ABORT_TIMEOUT_S)
-        else:
-            logger.info("trial %s: Train run stopped (Tune stopped or paused the trial)", trial_id)
-
-    thread = threading.Thread(target=stop, name=f"dyrep-stop-{trial_id}", daemon=False)
-    thread.start()
-    return thread
-
-
-def build_trainer(cfg: TrainConfig, segment: Segment, callback, fault: Optional[str]):
+def build_trainer(cfg: TrainConfig, segment: Segment, callback, fault: Optional[str], cpus_per_worker: float = 1):
+    """The ``TorchTrainer`` of one segment: the same loop and run directory as ``dyrep-ray train``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..engine.storage import resolve_filesystem
+    from .worker import segment_loop
 
     storage = RunStorage(segment.storage_uri, segment.name)
-    storage_uri = _storage_uri_for_workers(segment)
+    storage_uri = storage.root.rsplit("/", 1)[0] if storage.local else segment.storage_uri
     fs, fs_path = resolve_filesystem(storage_uri)
     use_gpu = bool(cfg.use_gpu)
-    per_worker = {"CPU": CPUS_PER_WORKER} if not use_gpu else None
     return TorchTrainer(
-        train_loop_per_worker,
+        segment_loop,
         train_loop_config={"config": cfg.to_dict(), "storage_uri": storage_uri, "name": segment.name,
                            "fault": fault, "start_checkpoint": _uri(segment.start_checkpoint, storage)},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
             name=segment.name,
             storage_path=fs_path,
@@ -142,81 +110,157 @@ def build_trainer(cfg: TrainConfig, segment: Segment, callback, fault: Optional[
     )
 
 
-def run_trial(config: dict, spec: SweepSpec, sweep_uri: str, fault: Optional[str] = None) -> None:
-    """The function trainable (``config`` = this trial's sampled values, possibly PBT-mutated)."""
-    from ray import tune
-    from ray.util.queue import Queue
+def _drain(queue) -> None:
+    """Take (and drop) what the Train controller queued, so a report callback blocked on the queue returns."""
+    from ray.util.queue import Empty
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    trial_id = tune.get_context().get_trial_id()
-    cfg = spec.trial_config(config)
-    preflight(cfg)
-    searched = {k: getattr(cfg, k) for k in spec.search_space}
-    segment = plan_segment(sweep_uri, trial_id, tune.get_checkpoint(), searched)
-    segment.start_checkpoint = start_checkpoint_of(segment)
-    n_exploits, origin = latest_origin(sweep_uri, trial_id)
-    extras: dict[str, Any] = {"segment": segment.index, "run_dir": segment.run_dir, "pbt_exploits": n_exploits}
-    if origin:
-        extras.update(pbt_donor=origin["donor_trial_id"], pbt_donor_epoch=origin["donor_epoch"])
-    logger.info("trial %s: segment %d in %s%s; %s", trial_id, segment.index, segment.run_dir,
-                f", starting from {segment.start_checkpoint}" if segment.start_checkpoint else "",
-                ", ".join(f"{k}={v}" for k, v in searched.items()))
-
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    export = spec.scheduler_type == "pbt"
-    callback = BridgeCallback(queue, trial_id, segment.index, segment.run_dir, export)
-    trainer = build_trainer(cfg, segment, callback, fault)
-    outcome: dict[str, BaseException] = {}
-
-    def fit() -> None:
+    while True:
         try:
-            trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 -- re-raised in the trial thread below
-            outcome["error"] = exc
-        finally:
-            try:
-                queue.put(_DONE, block=True, timeout=ABORT_TIMEOUT_S)
-            except Exception:  # the trial stopped listening (or is gone)
-                pass
+            item = queue.get_nowait()
+        except Empty:
+            return
+        if isinstance(item, dict) and item.get("export_dir"):
+            shutil.rmtree(item["export_dir"], ignore_errors=True)
 
-    thread = threading.Thread(target=fit, name=f"dyrep-fit-{trial_id}", daemon=True)
-    thread.start()
-    controller = None
-    try:
-        while True:
-            item = queue.get(block=True)
-            if item == _DONE:
-                break
-            controller = item.pop("controller", None) or controller
-            metrics = {**item["metrics"], **extras}
-            if item["checkpoint_path"]:
-                metrics["dyrep_checkpoint"] = item["checkpoint_path"]
-            export_dir = item.get("export_dir")
+
+class DyRepTrial(tune.Trainable):
+    """One trial = one (or, after PBT exploits, several consecutive) ``TorchTrainer`` run(s)."""
+
+    def setup(self, config: dict, spec: SweepSpec, sweep_uri: str, fault: Optional[str] = None) -> None:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        self.spec, self.sweep_uri, self.fault = spec, sweep_uri, fault
+        self.cfg = spec.trial_config(config)
+        self.searched = {k: getattr(self.cfg, k) for k in spec.search_space}
+        self.segment: Optional[Segment] = None
+        self._queue = None
+        self._thread: Optional[threading.Thread] = None
+        self._outcome: dict[str, BaseException] = {}
+        self._controller = None
+        self._extras: dict[str, Any] = {}
+        self._last_metrics: Optional[dict] = None
+        self._latest_export: Optional[str] = None
+        self._finished = False
+
+    # -- checkpoints (Tune side of the bridge) -------------------------------------------------------------------
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        # Runs before the first step; a donor's checkpoint is copied into a new segment right here.
+        self.segment = plan_segment(self.sweep_uri, self.trial_id, checkpoint_dir, self.searched)
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        target = Path(checkpoint_dir)
+        if self._latest_export and Path(self._latest_export).is_dir():
+            for item in Path(self._latest_export).iterdir():
+                shutil.copy2(item, target / item.name)
+        else:  # nothing exported (no PBT, or no checkpoint yet): a pointer to our run, enough to resume it
+            epoch = int((self._last_metrics or {}).get("epoch", 0))
+            (target / BRIDGE_FILE).write_text(json.dumps({
+                "trial_id": self.trial_id, "segment": self.segment.index if self.segment else 0,
+                "run_dir": self.segment.run_dir if self.segment else None, "epoch": epoch}, indent=1))
+        return checkpoint_dir
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        from ray.util.queue import Queue
+
+        if self.segment is None:
+            self.segment = plan_segment(self.sweep_uri, self.trial_id, None, self.searched)
+        self.segment.start_checkpoint = start_checkpoint_of(self.segment)
+        n_exploits, origin = latest_origin(self.sweep_uri, self.trial_id)
+        self._extras = {"segment": self.segment.index, "run_dir": self.segment.run_dir, "pbt_exploits": n_exploits}
+        if origin:
+            self._extras.update(pbt_donor=origin["donor_trial_id"], pbt_donor_epoch=origin["donor_epoch"])
+        logger.info("trial %s: segment %d in %s%s; %s", self.trial_id, self.segment.index, self.segment.run_dir,
+                    f", starting from {self.segment.start_checkpoint}" if self.segment.start_checkpoint else "",
+                    ", ".join(f"{k}={v}" for k, v in self.searched.items()))
+        self._queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        callback = BridgeCallback(self._queue, self.trial_id, self.segment.index, self.segment.run_dir,
+                                  export=self.spec.scheduler_type == "pbt")
+        trainer = build_trainer(self.cfg, self.segment, callback, self.fault, self.spec.cpus_per_worker)
+        queue, outcome = self._queue, self._outcome
+
+        def fit() -> None:
             try:
-                checkpoint = tune.Checkpoint.from_directory(export_dir) if export_dir else None
-                tune.report(metrics, checkpoint=checkpoint)  # raises SystemExit when Tune stops/pauses us
+                trainer.fit()
+            except BaseException as exc:  # noqa: BLE001 -- re-raised by step()
+                outcome["error"] = exc
             finally:
-                if export_dir:
-                    shutil.rmtree(export_dir, ignore_errors=True)
-    except SystemExit:
-        stop_run_in_background(trial_id, controller, queue, thread)
-        raise
-    thread.join()
-    if "error" in outcome:
-        cause = _root_cause(outcome["error"])
-        raise TrialError(f"trial {trial_id} failed: {_first_line(cause)}") from outcome["error"]
+                try:
+                    queue.put(_DONE, block=True, timeout=ABORT_TIMEOUT_S)
+                except Exception:  # nobody listens any more (the trial is stopping)
+                    pass
+
+        self._thread = threading.Thread(target=fit, name=f"dyrep-fit-{self.trial_id}", daemon=True)
+        self._thread.start()
+
+    def _final_metrics_from_run(self) -> dict:
+        from ..engine.loop import METRICS_FILE
+
+        storage = RunStorage(self.segment.storage_uri, self.segment.name)
+        lines = [json.loads(x) for x in (storage.read_text(METRICS_FILE) or "").splitlines() if x.strip()]
+        if not lines:
+            return {}
+        last = lines[-1]
+        return {k: v for k, v in last.items() if isinstance(v, (int, float, str, bool))}
+
+    def step(self) -> dict:
+        if self._thread is None:
+            self._start()
+        item = self._queue.get(block=True)
+        if item == _DONE:
+            self._thread.join()
+            self._finished = True
+            if "error" in self._outcome:
+                cause = _root_cause(self._outcome["error"])
+                raise TrialError(f"trial {self.trial_id} failed: {_first_line(cause)}") from self._outcome["error"]
+            # The run ended without a new epoch (e.g. restored from a checkpoint of its last epoch).
+            return {**(self._last_metrics or self._final_metrics_from_run()), **self._extras, "done": True}
+        self._controller = item.pop("controller", None) or self._controller
+        metrics = {**item["metrics"], **self._extras}
+        if item["checkpoint_path"]:
+            metrics["dyrep_checkpoint"] = item["checkpoint_path"]
+        if item.get("export_dir"):
+            if self._latest_export:
+                shutil.rmtree(self._latest_export, ignore_errors=True)
+            self._latest_export = item["export_dir"]
+        self._last_metrics = metrics
+        if int(metrics.get("epoch", 0)) >= self.cfg.epochs:
+            self._finished = True
+            metrics["done"] = True
+        return metrics
+
+    def cleanup(self) -> None:
+        """Runs when Tune stops, pauses or finishes the trial: the Train run must not outlive it."""
+        import ray
+
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            if self._finished:
+                thread.join(timeout=FINISH_TIMEOUT_S)
+            if thread.is_alive():
+                deadline = time.monotonic() + ABORT_TIMEOUT_S
+                ref = self._controller.abort.remote() if self._controller is not None else None
+                while time.monotonic() < deadline and (thread.is_alive() or ref is not None):
+                    _drain(self._queue)  # the controller may be blocked putting the next epoch
+                    if ref is not None and ray.wait([ref], timeout=0.2)[0]:
+                        ref = None
+                    thread.join(timeout=0.2)
+                if thread.is_alive():
+                    logger.warning("trial %s: its Train run did not stop within %ds", self.trial_id, ABORT_TIMEOUT_S)
+                else:
+                    logger.info("trial %s: Train run stopped", self.trial_id)
+        if self._latest_export:
+            shutil.rmtree(self._latest_export, ignore_errors=True)
+            self._latest_export = None
 
 
 def make_trainable(spec: SweepSpec, sweep_uri: str, fault: Optional[str] = None):
-    """The Tune trainable of a sweep: :func:`run_trial` with its parameters, on a ~0-CPU trial actor."""
-    from ray import tune
-
-    trainable = tune.with_parameters(run_trial, spec=spec, sweep_uri=sweep_uri, fault=fault)
+    """The Tune trainable of a sweep: :class:`DyRepTrial` with its parameters, on a ~0-CPU trial actor."""
+    trainable = tune.with_parameters(DyRepTrial, spec=spec, sweep_uri=sweep_uri, fault=fault)
     return tune.with_resources(trainable, {"CPU": TRIAL_ACTOR_CPUS})
 
 
 def default_fault() -> Optional[str]:
+    """Test-only fault injection (``DYREP_RAY_FAULT``) forwarded from the driver to the trials' workers."""
     from ..engine.faults import FAULT_ENV
 
     return os.environ.get(FAULT_ENV)
-
