@@ -391,6 +391,11 @@ class Trainer:
         self.wrapped = self.ctx.wrap_model(self.model)  # DDP broadcasts rank 0's weights and buffers
         for note in plan.get("notes", []):
             logger.warning("DyRep: %s", note)
+        if events and self.ctx.is_main:
+            logger.info("after adjust: %d params, %.1f MFLOPs (plain model: %d params, %.1f MFLOPs)",
+                        count_params(self.model), count_flops(self.model, (3, self.cfg.image_size,
+                                                                          self.cfg.image_size)) / 1e6,
+                        self.plain_params, self.plain_flops / 1e6)
         return events
 
     @torch.no_grad()
