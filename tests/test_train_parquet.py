@@ -25,7 +25,7 @@ def shards(tmp_path_factory):
 
 
 def _overrides(root):
-    return [f"dataset=parquet", f"parquet_train={root / 'train'}", f"parquet_val={root / 'val'}", "epochs=2",
+    return ["dataset=parquet", f"parquet_train={root / 'train'}", f"parquet_val={root / 'val'}", "epochs=2",
             "batch_size=32", "dyrep_recal_bn_iters=2", "workers=2"]
 
 

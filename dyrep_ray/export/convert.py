@@ -286,7 +286,7 @@ class ConversionResult:
                          f"(change {i['top1_after'] - i['top1_before']:+.2f} points) on {i['val_images']} "
                          f"{i['dataset']} validation images")
         else:
-            lines.append(f"accuracy not measured (--no-eval); outputs compared on random inputs")
+            lines.append("accuracy not measured (--no-eval); outputs compared on random inputs")
         lines.append(f"max output difference {i['max_output_diff']:.3g} (allowed {i['allowed_output_diff']:.3g} "
                      f"= {RTOL:g} x max|logit| {i['max_abs_logit']:.3g} + {ATOL:g})")
         p, f = i["params"], i["flops"]
@@ -307,71 +307,10 @@ def _random_batches(image_size: int, count: int = RANDOM_BATCHES, batch: int = R
     return [(torch.randn(batch, 3, image_size, image_size, generator=gen), None) for _ in range(count)]
 
 
-def _bn_successors(model: nn.Module) -> dict[str, str]:
-    """conv path -> BatchNorm (subclasses included, e.g. timm's BatchNormAct2d) consuming only its output.
-
-    torch.fx with convs and BNs as leaves; for convs it cannot place, the BN registered right after
-    the conv under the same parent (ConvNormAct layouts).  A wrong guess cannot pass unnoticed: the
-    folded model is compared with the trained one afterwards.
-    """
-    result: dict[str, str] = {}
-    modules = dict(model.named_modules())
-    try:
-        import torch.fx as fx
-
-        class LeafTracer(fx.Tracer):
-            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-                return isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(
-                    m, qualname)
-
-        graph = LeafTracer().trace(model)
-        for node in graph.nodes:
-            if node.op == "call_module" and isinstance(modules.get(node.target), nn.Conv2d):
-                users = list(node.users)
-                if len(users) == 1 and users[0].op == "call_module" and isinstance(
-                        modules.get(users[0].target), nn.BatchNorm2d):
-                    result[node.target] = users[0].target
-    except Exception as exc:  # not traceable (data-dependent control flow)
-        logger.debug("fx trace failed (%s); matching BNs by module order", exc)
-    for parent_name, parent in modules.items():
-        children = list(parent.named_children())
-        for (name, child), (next_name, nxt) in zip(children, children[1:]):
-            prefix = f"{parent_name}." if parent_name else ""
-            if (isinstance(child, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d)
-                    and nxt.num_features == child.out_channels):
-                result.setdefault(prefix + name, prefix + next_name)
-    return result
-
-
-@torch.no_grad()
-def _deploy_restoring_plain_biases(model: nn.Module, plain: nn.Module, reason: Exception) -> nn.Module:
-    """Fallback when :func:`dyrep_ray.rep.deploy` cannot find the BN after a conv that gained a bias
-    (it misses BatchNorm subclasses such as timm's BatchNormAct2d): fold with ``keep_bias=True``, then
-    move each bias the plain architecture lacks into the BN that follows (``running_mean -= bias``)."""
-    deployed = deploy(model, keep_bias=True)
-    plain_modules = dict(plain.named_modules())
-    extra = [n for n, m in deployed.named_modules() if isinstance(m, nn.Conv2d) and m.bias is not None
-             and isinstance(plain_modules.get(n), nn.Conv2d) and plain_modules[n].bias is None]
-    successors = _bn_successors(deployed) if extra else {}
-    for path in extra:
-        if path not in successors:
-            raise reason
-        conv, bn = deployed.get_submodule(path), deployed.get_submodule(successors[path])
-        bn.running_mean.sub_(conv.bias.to(bn.running_mean.dtype))
-        conv.register_parameter("bias", None)
-    logger.info("folded %d conv bias(es) into the following BatchNorm (%s)", len(extra), reason)
-    return deployed
-
-
 def fold_to_plain(model: nn.Module, architecture: str, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """(deploy(model), fresh never-grown ``architecture`` holding the folded weights, loaded strictly)."""
-    from ..rep import DeployError
-
     plain = build_model(architecture, num_classes)
-    try:
-        deployed = deploy(model)
-    except DeployError as exc:
-        deployed = _deploy_restoring_plain_biases(model, plain, exc)
+    deployed = deploy(model)
     strict_load(plain, deployed.state_dict(),
                 f"folded weights do not load strict=True into the untouched {architecture}", ConversionCheckError)
     return deployed, plain.eval()
