@@ -26,7 +26,7 @@ BENCHMARKS = {
     "dbb_block": lambda dev, a: dbb_block.run(dev, quick=a.quick),
     "schedule": lambda dev, a: schedule.run(dev, quick=a.quick),
     "adjust": lambda dev, a: adjust.run(dev, quick=a.quick),
-    "ray_overhead": lambda dev, a: ray_overhead.run(dev, quick=a.quick),
+    "ray_overhead": lambda dev, a: ray_overhead.run(dev, quick=a.quick, shutdown=False),
     "data_path": lambda dev, a: data_path.run(dev, quick=a.quick, use_ray=a.ray),
 }
 
@@ -84,6 +84,8 @@ def main(argv=None) -> int:
         report["results"][name] = result
         rows.extend(ROW_BUILDERS[name](result))
         print(f"[bench] {name} done in {report['seconds'][name]:.0f} s", file=sys.stderr, flush=True)
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
     report["total_seconds"] = round(time.perf_counter() - start, 1)
     report["table_rows"] = [list(r) for r in rows]
     m = report["machine"]

@@ -35,7 +35,9 @@ class DDPLocalContext(LocalContext):
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         t0 = time.perf_counter()
-        ids = [self.device.index] if self.device.type == "cuda" else None
+        ids = None
+        if self.device.type == "cuda":
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         wrapped = DistributedDataParallel(model, device_ids=ids)
         self.wrap_seconds.append(time.perf_counter() - t0)
         return wrapped

@@ -1,4 +1,4 @@
-"""Shared measurement helpers: interleaved timing, live-memory tracking, device handling, result rows."""
+"""Shared measurement helpers: interleaved timing, live-tensor memory, saved-tensor bytes, process group."""
 
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ def run(device: torch.device, quick: bool = False, batch: int | None = None, rep
         "model": model_name, "batch": batch, "reps": reps,
         "eligible_convs": len(dyreps["dyrep_on"].eligible_names),
         "step_s_off": timing["dyrep_off"]["median_s"], "step_s_on": timing["dyrep_on"]["median_s"],
-        "ratio_on_off": ratio, "cpu_ratio_on_off": timing["dyrep_on"]["cpu_ratio"], "record_metrics_s": alone["record_metrics"]["median_s"],
+        "ratio_on_off": ratio, "cpu_ratio_on_off": timing["dyrep_on"]["cpu_ratio"],
+        "record_metrics_s": alone["record_metrics"]["median_s"],
         **counts,
         "met": counts["syncs_per_step"] == 0 and counts["collectives_per_step"] == 0,
     }

@@ -38,7 +38,9 @@ def _summary(run_dir: Path, wall: float) -> dict:
             "startup_s": wall - sum(epoch_times)}
 
 
-def run(device: torch.device, quick: bool = False, pairs: int | None = None, overrides=DEFAULT_OVERRIDES) -> dict:
+def run(device: torch.device, quick: bool = False, pairs: int | None = None, overrides=DEFAULT_OVERRIDES,
+        shutdown: bool = True) -> dict:
+    """``shutdown=False`` leaves a Ray instance this function started running (for the next benchmark)."""
     import ray
 
     from dyrep_ray.distributed.trainer import run_distributed
@@ -62,7 +64,7 @@ def run(device: torch.device, quick: bool = False, pairs: int | None = None, ove
             else:
                 run_distributed(cfg, tmp, name)
             runs[kind].append(_summary(Path(tmp) / name, time.perf_counter() - t))
-    if started_here:
+    if started_here and shutdown:
         ray.shutdown()
     local_epoch = statistics.median(r["median_epoch_s"] for r in runs["local"])
     ray_epoch = statistics.median(r["median_epoch_s"] for r in runs["ray"])

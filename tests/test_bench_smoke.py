@@ -22,7 +22,6 @@ from bench import adjust, data_path, dbb_block, dyrep_overhead, schedule
 from bench.common import LiveTensorMemory, single_process_group
 from bench.report import ROW_BUILDERS, markdown_table
 from bench.sync_counter import SyncCounter
-from dyrep_ray.models import build_model
 from dyrep_ray.rep.dbb import BRANCH_NAMES, DiverseBranchBlock, allowed_branches
 from dyrep_ray.rep.dyrep import grow_conv
 
@@ -134,7 +133,8 @@ def randomize(module: nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=torch.float64) / math.sqrt(m.weight[0].numel()))
+            fan_in = m.weight[0].numel()
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in))
         elif isinstance(m, nn.BatchNorm2d):
             c = m.num_features
             m.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64) * 0.5)

@@ -324,7 +324,7 @@ def test_bad_ranges_are_one_line_and_name_the_key(override: str, key: str, rule:
         ("opt", "adam"),
         ("dyrep_metric", "fisher"),
         ("amp", "fp8"),
-        ("on_nonfinite", "ignore"),
+        ("on_nonfinite", "continue"),
         ("dataset", "mnist"),
         ("remode", "zero"),
         ("interpolation", "lanczos"),
@@ -342,7 +342,7 @@ def test_enum_choices_are_complete_and_normalized() -> None:
     assert set(CHOICES["opt"]) == {"sgd", "adamw"}
     assert set(CHOICES["dyrep_metric"]) == {"synflow", "snip", "grad_norm", "random"}
     assert set(CHOICES["amp"]) == {"none", "bf16", "fp16"}
-    assert set(CHOICES["on_nonfinite"]) == {"skip", "stop"}
+    assert set(CHOICES["on_nonfinite"]) == {"skip", "stop", "ignore"}
     assert set(CHOICES["dataset"]) == {"synthetic", "cifar10", "cifar100", "imagenet", "parquet"}
     assert load_config(None, ["opt=AdamW", "sched=none", "amp=bf16"]).opt == "adamw"
 

@@ -109,7 +109,7 @@ def test_distributions_and_pbt_clamp(tmp_path):
     ({"metric": "val_acc"}, "unknown metric 'val_acc'"),
     ({"mode": "maximize"}, "mode must be 'max' or 'min'"),
     ({"scheduler": {"type": "hyperband"}}, "unknown scheduler 'hyperband'"),
-    ({"scheduler": {"type": "asha", "grace": 2}}, "unknown key scheduler.grace for asha (did you mean 'grace_period'?)"),
+    ({"scheduler": {"type": "asha", "grace": 2}}, "scheduler.grace for asha (did you mean 'grace_period'?)"),
     ({"scheduler": {"type": "asha", "grace_period": 9}}, "must be <= scheduler.max_t"),
     ({"scheduler": {"type": "pbt", "quantile_fraction": 0.7}}, "scheduler.quantile_fraction must be a number"),
     ({"search_alg": {"type": "bayes"}}, "unknown search_alg 'bayes'"),
@@ -150,6 +150,22 @@ def test_unknown_model_in_search_space_fails_before_anything_runs(tmp_path, caps
     assert main(["tune", "-c", str(path), "--output", str(tmp_path / "out")]) == 2
     assert "no_such_model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_directory_rules(tmp_path):
+    from dyrep_ray.tune.sweep import SWEEP_FILE, TUNE_DIR, prepare_sweep
+
+    spec = load_sweep(SWEEPS / "demo.yaml")
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        prepare_sweep(spec, str(tmp_path), "demo", resume=True)
+    got, root = prepare_sweep(spec, str(tmp_path), "demo", resume=False)
+    assert got is spec and root.root == str(tmp_path / "demo") and not (tmp_path / "demo").exists()
+    (tmp_path / "demo" / TUNE_DIR).mkdir(parents=True)
+    (tmp_path / "demo" / SWEEP_FILE).write_text(spec.to_json())
+    with pytest.raises(ConfigError, match="already exists; pass --resume"):
+        prepare_sweep(spec, str(tmp_path), "demo", resume=False)
+    stored, _ = prepare_sweep(None, str(tmp_path), "demo", resume=True)  # --resume needs no sweep file
+    assert stored.to_json() == spec.to_json() and stored.search_space == spec.search_space
 
 
 # ------------------------------------------------------------------------------------- the bridge, no Ray

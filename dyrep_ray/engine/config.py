@@ -90,7 +90,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sched": ("cosine", "step", "none"),
     "amp": ("none", "bf16", "fp16"),
     "dyrep_metric": ("synflow", "snip", "grad_norm", "random"),
-    "on_nonfinite": ("skip", "stop"),
+    "on_nonfinite": ("skip", "stop", "ignore"),
     "remode": ("pixel", "const", "rand"),
     "interpolation": ("bilinear", "bicubic"),
 }

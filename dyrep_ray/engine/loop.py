@@ -349,8 +349,10 @@ class Trainer:
             else:
                 loss.backward()
             # DDP has averaged gradients, so every rank sees the same norm and takes the same decision.
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if not bool(torch.isfinite(grad_norm)):
+            # This is the loop's one host sync per step; on_nonfinite=ignore removes it.
+            if cfg.clip_grad is not None or cfg.on_nonfinite != "ignore":
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if cfg.on_nonfinite != "ignore" and not bool(torch.isfinite(grad_norm)):
                 if cfg.on_nonfinite == "stop":
                     raise NonFiniteLossError(f"non-finite loss/gradient at epoch {epoch + 1} step {step}; "
                                              "lower the lr or set on_nonfinite=skip")

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 from . import transforms as T
 
@@ -240,38 +241,19 @@ class DiverseBranchBlock(nn.Module):
     def _fusable(self) -> bool:
         """True if :meth:`_forward_fused` computes exactly what the branch modules would.
 
-        It needs ``groups == 1``, the branch modules this class builds (exact types, no conv bias,
-        zero padding mode) and no hooks anywhere in the block: the fused path calls the convs of the
-        1x1 / 1x1_kxk / 1x1_avg branches functionally, so their hooks would not fire, and it adds into
-        a tensor in place.  Anything else takes :meth:`_forward_branches`.
+        It needs ``groups == 1``, the branch modules this class builds (exact types, plain
+        ``nn.Conv2d`` without bias, plain ``nn.BatchNorm2d``) and no hooks anywhere in the block:
+        the fused path calls the convs of the 1x1 / 1x1_kxk / 1x1_avg branches functionally, so
+        their hooks would not fire, and it adds into a tensor in place.  Anything else takes
+        :meth:`_forward_branches`.  Checked on every call (cheap: direct attribute access only).
         """
         if self.groups != 1 or _global_module_hooks():
             return False
-        for name, branch in self.branches.items():
-            if _has_hooks(branch):
+        for name, branch in self.branches._modules.items():
+            parts = _fusable_parts(name, branch, self.kernel_size, self.stride)
+            if parts is None or any(_has_hooks(m) for m in parts):
                 return False
-            if name == KXK:
-                if type(branch) is not ConvBN:
-                    return False
-                continue
-            expected = _FUSED_BRANCH_TYPES[name]
-            if type(branch) is not expected:
-                return False
-            for module in branch.modules():
-                if module is not branch and _has_hooks(module):
-                    return False
-                if isinstance(module, nn.Conv2d) and not _plain_conv(module):
-                    return False
-            if name in ("1x1_kxk", "1x1_avg") and type(branch.bn1) is not BNAndPad:
-                return False
-            if name == "1x1_avg" and not _plain_avg_pool(branch.avg, self.kernel_size, self.stride):
-                return False
-        kxk = self.branches[KXK]
-        if _has_hooks(kxk.conv) or _has_hooks(kxk.bn):
-            return False
-        if isinstance(kxk.conv, DiverseBranchBlock):
-            return True  # called as a module: it decides for itself
-        return type(kxk.conv) is nn.Conv2d
+        return True
 
     def _forward_fused(self, x: Tensor) -> Tensor:
         """The same function (and the same BN running-stat updates) as :meth:`_forward_branches`, faster.
@@ -289,8 +271,7 @@ class DiverseBranchBlock(nn.Module):
         """
         br = self.branches
         k, s = self.kernel_size, self.stride
-        one, two, avg = br["1x1"] if "1x1" in br else None, br["1x1_kxk"] if "1x1_kxk" in br else None, \
-            br["1x1_avg"] if "1x1_avg" in br else None
+        one, two, avg = (br[n] if n in br else None for n in ("1x1", "1x1_kxk", "1x1_avg"))
         # The kxk branch's BN output is a fresh tensor nothing else holds (no hooks: see _fusable),
         # so the other branches are added into it in place -- unless a branch's dtype would promote
         # the sum (autocast: BN outputs can be wider than conv outputs), then once out of place.
@@ -449,25 +430,50 @@ class DiverseBranchBlock(nn.Module):
 # ---------------------------------------------------------------------------
 # Helpers of the fused forward
 # ---------------------------------------------------------------------------
-_FUSED_BRANCH_TYPES = {"1x1": ConvBN, "1x1_kxk": OneByOneKxk, "1x1_avg": OneByOneAvg, "1xk": ConvBN,
-                       "kx1": ConvBN, "identity": IdentityBN}
+def _fusable_parts(name: str, branch: nn.Module, k: int, s: int) -> list[nn.Module] | None:
+    """The modules of ``branch`` the fused forward relies on, or None if the branch is not the
+    plain structure :class:`DiverseBranchBlock` builds."""
+    sub = branch._modules
+    if name in ("kxk", "1x1", "1xk", "kx1"):
+        if type(branch) is not ConvBN or type(sub["bn"]) is not nn.BatchNorm2d:
+            return None
+        conv = sub["conv"]
+        if name == KXK and isinstance(conv, DiverseBranchBlock):
+            return [branch, conv, sub["bn"]]  # called as a module: the nested block decides for itself
+        if not _plain_conv(conv) or (name == KXK and conv.bias is not None):
+            return None
+        return [branch, conv, sub["bn"]]
+    if name == "identity":
+        return [branch, sub["bn"]] if type(branch) is IdentityBN and type(sub["bn"]) is nn.BatchNorm2d else None
+    expected = OneByOneKxk if name == "1x1_kxk" else OneByOneAvg
+    if type(branch) is not expected or type(sub["bn1"]) is not BNAndPad:
+        return None
+    bn1 = sub["bn1"]._modules["bn"]
+    if type(bn1) is not nn.BatchNorm2d or type(sub["bn"]) is not nn.BatchNorm2d or not _plain_conv(sub["conv1"]):
+        return None
+    second = sub["conv2"] if name == "1x1_kxk" else sub["avg"]
+    if not (_plain_conv(second) if name == "1x1_kxk" else _plain_avg_pool(second, k, s)):
+        return None
+    return [branch, sub["conv1"], sub["bn1"], bn1, second, sub["bn"]]
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = tuple(getattr(_torch_module, f"_global{n}") for n in _HOOK_DICTS
+                           if hasattr(_torch_module, f"_global{n}"))
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None))
+    d = module.__dict__
+    return any(d.get(n) for n in _HOOK_DICTS)
 
 
 def _global_module_hooks() -> bool:
-    from torch.nn.modules import module as _m
-
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
-                or getattr(_m, "_global_backward_pre_hooks", None))
+    return any(_GLOBAL_HOOK_DICTS)
 
 
-def _plain_conv(conv: nn.Conv2d) -> bool:
-    return (type(conv) is nn.Conv2d and conv.bias is None and conv.groups == 1 and conv.dilation == (1, 1)
-            and conv.padding_mode == "zeros")
+def _plain_conv(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.__dict__["_parameters"].get("bias") is None and conv.groups == 1
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
 
 
 def _plain_avg_pool(pool: nn.Module, k: int, s: int) -> bool:

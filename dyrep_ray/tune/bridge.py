@@ -72,7 +72,7 @@ def checkpoint_fingerprint(directory: str | Path) -> dict:
             "state_sha256": manifest["files"][STATE_FILE]["sha256"]}
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)  # checkpoint files are immutable once written: a hard link is a free copy
     except OSError:
@@ -89,7 +89,7 @@ def copy_checkpoint(src: str, dst: Path, filesystem=None) -> None:
         fs, src = resolve_filesystem(src)
     if isinstance(fs, pafs.LocalFileSystem):
         for name in CHECKPOINT_FILES:
-            _link_or_copy(Path(src) / name, dst / name)
+            link_or_copy(Path(src) / name, dst / name)
     else:
         pafs.copy_files(src, str(dst), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     verify_checkpoint_dir(dst)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -59,4 +60,8 @@ def cmd_tune(args) -> int:
               f"({', '.join(f'{k}={v}' for k, v in best['config'].items())})")
     for kind, path in outcome.files.items():
         print(f"{kind}: {path}")
+    if outcome.interrupted:
+        print(f"dyrep-ray tune: sweep interrupted; continue it with: dyrep-ray tune --resume --output {args.output} "
+              f"--name {name}", file=sys.stderr)
+        return 130
     return 0 if any(r.status != "error" for r in outcome.records) else 1

@@ -22,7 +22,7 @@ def plot_metric(records, spec: SweepSpec, title: str = "") -> Optional[bytes]:
     ax = fig.add_subplot(1, 1, 1)
     drawn = 0
     for record in records:
-        points = [(float(r[TIME_ATTR]), float(r[spec.metric])) for r in record.reported
+        points = [(float(r[TIME_ATTR]), float(r[spec.metric])) for r in record.curve
                   if r.get(spec.metric) is not None and r.get(spec.metric) == r.get(spec.metric)]
         if not points:
             continue
@@ -32,7 +32,7 @@ def plot_metric(records, spec: SweepSpec, title: str = "") -> Optional[bytes]:
                         linestyle="--" if record.status != "completed" else "-")
         # PBT: the first epoch of every new segment is where the trial continued from a donor's checkpoint
         previous = None
-        for r in record.reported:
+        for r in record.curve:
             segment = r.get("segment")
             if previous is not None and segment is not None and segment != previous and r.get(spec.metric) is not None:
                 ax.plot([float(r[TIME_ATTR])], [float(r[spec.metric])], marker="*", markersize=12,
@@ -42,6 +42,9 @@ def plot_metric(records, spec: SweepSpec, title: str = "") -> Optional[bytes]:
     if not drawn:
         logger.warning("no trial reported %s: no plot", spec.metric)
         return None
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(spec.metric)
     ax.set_title(title + (" (* = PBT exploit)" if spec.scheduler_type == "pbt" else ""))

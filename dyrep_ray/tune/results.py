@@ -25,6 +25,7 @@ TABLE_CSV = "trials.csv"
 TABLE_PARQUET = "trials.parquet"
 BEST_CONFIG = "best_config.yaml"
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERROR = "completed", "stopped", "error"
+STATUS_UNFINISHED = "unfinished"  # the sweep was interrupted before this trial ended: --resume continues it
 
 
 @dataclass
@@ -33,6 +34,7 @@ class TrialRecord:
     status: str
     config: dict  # the searched keys' final values
     reported: list = field(default_factory=list)  # one dict per Tune report (epoch, metric, segment, ...)
+    curve: list = field(default_factory=list)  # the trial's epochs: {"epoch", <metric>, "segment"}, for best/plot
     summary: dict = field(default_factory=dict)  # engine.loop.summarize of the latest segment's history
     error: str = ""
     segments: int = 1
@@ -74,8 +76,34 @@ def _reported(result) -> list[dict]:
     return [r for r in rows if _finite(r.get(TIME_ATTR)) is not None]
 
 
+def _tune_states(results) -> dict[str, str]:
+    """Tune's status per trial id (TERMINATED, ERROR, RUNNING, PAUSED, PENDING); {} if Ray hides it."""
+    try:
+        return {t.trial_id: t.status for t in results._experiment_analysis.trials}
+    except Exception:  # a private attribute of ResultGrid: fall back to what the results show
+        return {}
+
+
+def sweep_interrupted(results) -> bool:
+    """True when some trials neither finished nor failed (Ctrl-C, a crash of the driver)."""
+    try:
+        return results.num_terminated + results.num_errors < len(results)
+    except Exception:
+        return False
+
+
+def _curve(record: TrialRecord, history: list[dict], metric: str) -> list[dict]:
+    """The trial's metric per epoch.  Never exploited: its run's own history (complete even when a report was
+    lost to an interruption).  Exploited (PBT): what it reported to Tune -- the run history of a later segment
+    starts with the donor's epochs, which this trial did not train."""
+    if record.exploits == 0 and history:
+        return [{TIME_ATTR: m[TIME_ATTR], metric: m.get(metric), "segment": 0} for m in history if TIME_ATTR in m]
+    return [{TIME_ATTR: r[TIME_ATTR], metric: r.get(metric), "segment": r.get("segment", 0)} for r in record.reported]
+
+
 def collect_records(results, spec: SweepSpec, sweep_uri: str) -> list[TrialRecord]:
     """One :class:`TrialRecord` per trial of a Tune ``ResultGrid``."""
+    states = _tune_states(results)
     records = []
     for result in results:
         trial_id = Path(str(result.path)).name
@@ -92,22 +120,33 @@ def collect_records(results, spec: SweepSpec, sweep_uri: str) -> list[TrialRecor
         record.exploits, origin = latest_origin(sweep_uri, trial_id)
         if origin:
             record.donor, record.donor_epoch = origin["donor_trial_id"], int(origin["donor_epoch"])
+        history: list[dict] = []
         if segments:
             storage = segment_storage(sweep_uri, trial_id, segments[-1])
             record.run_dir = storage.root
             try:
-                record.summary = summarize(read_metrics(storage), plain_params_from(storage))
+                history = read_metrics(storage)
+                # Training runs up to an epoch ahead of Tune: a trial stopped by the scheduler at epoch e may
+                # have finished e+1 before its run was aborted. The table shows what Tune decided on.
+                seen = max((int(r[TIME_ATTR]) for r in record.reported), default=None)
+                if seen is not None:
+                    history = [m for m in history if int(m.get(TIME_ATTR, 0)) <= seen]
+                record.summary = summarize(history, plain_params_from(storage))
             except (ValueError, OSError) as exc:
                 logger.warning("trial %s: cannot read its run files (%s)", trial_id, exc)
-        values = [(int(r[TIME_ATTR]), _finite(r.get(spec.metric))) for r in record.reported]
+        record.curve = _curve(record, history, spec.metric)
+        values = [(int(r[TIME_ATTR]), _finite(r.get(spec.metric))) for r in record.curve]
         values = [(e, v) for e, v in values if v is not None]
         if values:
             pick = max if spec.mode == "max" else min
             record.best_epoch, record.best_value = pick(values, key=lambda ev: ev[1])
             record.final_value = values[-1][1]
         epochs_done = max([record.summary.get("epochs", 0)] + [e for e, _ in values])
-        if record.error:
+        state = states.get(trial_id)
+        if record.error or state == "ERROR":
             record.status = STATUS_ERROR
+        elif state is not None and state != "TERMINATED":
+            record.status = STATUS_UNFINISHED
         elif epochs_done >= spec.epochs:
             record.status = STATUS_COMPLETED
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -65,6 +66,7 @@ class SweepOutcome:
     table: object = None  # pandas.DataFrame
     best: Optional[dict] = None
     files: dict = field(default_factory=dict)
+    interrupted: bool = False  # some trials did not end: continue with --resume
 
 
 def _build_scheduler(spec: SweepSpec):
@@ -121,7 +123,8 @@ def plan_concurrency(spec: SweepSpec, use_gpu: bool) -> int:
         capacity = int(resources.get("CPU", 0) // (spec.workers * spec.cpus_per_worker) + 1e-9)
     if capacity < 1:
         need = f"{spec.workers} GPU(s)" if use_gpu else f"{spec.workers * spec.cpus_per_worker:g} CPU(s)"
-        raise ClusterError(f"one trial needs {need} but the cluster has {resources.get('GPU' if use_gpu else 'CPU', 0):g}; "
+        have = resources.get("GPU" if use_gpu else "CPU", 0)
+        raise ClusterError(f"one trial needs {need} but the cluster has {have:g}; "
                            f"lower resources.workers / resources.cpus_per_worker or add nodes")
     wanted = spec.max_concurrent_trials or capacity
     if wanted > capacity:
@@ -163,7 +166,7 @@ def _probe_config(spec: SweepSpec) -> TrainConfig:
 
 
 def prepare_sweep(spec: Optional[SweepSpec], output: str, name: str, resume: bool) -> tuple[SweepSpec, RunStorage]:
-    """Check the sweep directory and persist (or, with ``resume``, read back) the resolved sweep."""
+    """Check the sweep directory (``resume``: read back the sweep as it was started); writes nothing."""
     root = RunStorage(output, name)
     saved = root.read_text(SWEEP_FILE)
     tune_exists = root.fs.get_file_info(root.path(TUNE_DIR)).type.name == "Directory"
@@ -180,7 +183,6 @@ def prepare_sweep(spec: Optional[SweepSpec], output: str, name: str, resume: boo
     if tune_exists or saved is not None:
         raise ConfigError(f"sweep directory {root.root} already exists; pass --resume to continue it, or choose "
                           f"another --name / --output")
-    root.write_text(SWEEP_FILE, spec.to_json())
     return spec, root
 
 
@@ -189,12 +191,13 @@ def run_sweep(spec: Optional[SweepSpec], output: str, name: str, *, resume: bool
     """Run (or ``resume``) the sweep under ``<output>/<name>``; returns the table and written files."""
     from ray import tune
 
-    from .results import collect_records, write_results
+    from .results import collect_records, sweep_interrupted, write_results
     from .trainable import default_fault, make_trainable
 
     if spec is not None:
         preflight_sweep(spec)
     spec, root = prepare_sweep(spec, output, name, resume)
+    spec_json = spec.to_json()  # as given (use_gpu may be "auto"): what --resume compares against
     started = connect(address, num_cpus=local_ray_cpus())  # num_cpus only matters for a new local Ray
     logger.info("Ray: %s", started)
     if spec.use_gpu is None:
@@ -203,6 +206,8 @@ def run_sweep(spec: Optional[SweepSpec], output: str, name: str, *, resume: bool
     check_resources(probe, bool(spec.use_gpu))
     concurrency = plan_concurrency(spec, bool(spec.use_gpu))
     sweep_uri = root.root if root.local else output.rstrip("/") + "/" + name
+    if not resume:
+        root.write_text(SWEEP_FILE, spec_json)
     trainable = make_trainable(spec, sweep_uri, default_fault())
     fs, fs_path = resolve_filesystem(sweep_uri)
     tune_path = f"{fs_path}/{TUNE_DIR}"
@@ -234,9 +239,11 @@ def run_sweep(spec: Optional[SweepSpec], output: str, name: str, *, resume: bool
                     num_to_keep=TUNE_CHECKPOINTS_TO_KEEP if spec.scheduler_type == "pbt" else None),
                 verbose=verbose),
         )
-    results = tuner.fit()
+    with warnings.catch_warnings():  # PBT advice that does not apply: a trial's actor holds a TorchTrainer run
+        warnings.filterwarnings("ignore", message=".*reuse_actors.*")
+        results = tuner.fit()
     records = collect_records(results, spec, sweep_uri)
-    outcome = SweepOutcome(sweep_dir=root.root, spec=spec, records=records)
+    outcome = SweepOutcome(sweep_dir=root.root, spec=spec, records=records, interrupted=sweep_interrupted(results))
     write_results(outcome, root)
     return outcome
 

@@ -38,6 +38,7 @@ from .bridge import (
     BRIDGE_FILE,
     BridgeCallback,
     Segment,
+    link_or_copy,
     latest_origin,
     plan_segment,
     start_checkpoint_of,
@@ -91,8 +92,15 @@ def build_trainer(cfg: TrainConfig, segment: Segment, callback, fault: Optional[
     storage_uri = storage.root.rsplit("/", 1)[0] if storage.local else segment.storage_uri
     fs, fs_path = resolve_filesystem(storage_uri)
     use_gpu = bool(cfg.use_gpu)
+    datasets = None
+    if cfg.dataset == "parquet":  # streamed to the workers through Ray Data, as dyrep-ray train does
+        from ..data.parquet import read_parquet_dataset
+
+        datasets = {"train": read_parquet_dataset(cfg.parquet_train),
+                    "val": read_parquet_dataset(cfg.parquet_val or cfg.parquet_train)}
     return TorchTrainer(
         segment_loop,
+        datasets=datasets,
         train_loop_config={"config": cfg.to_dict(), "storage_uri": storage_uri, "name": segment.name,
                            "fault": fault, "start_checkpoint": _uri(segment.start_checkpoint, storage)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
@@ -150,7 +158,7 @@ class DyRepTrial(tune.Trainable):
         target = Path(checkpoint_dir)
         if self._latest_export and Path(self._latest_export).is_dir():
             for item in Path(self._latest_export).iterdir():
-                shutil.copy2(item, target / item.name)
+                link_or_copy(item, target / item.name)
         else:  # nothing exported (no PBT, or no checkpoint yet): a pointer to our run, enough to resume it
             epoch = int((self._last_metrics or {}).get("epoch", 0))
             (target / BRIDGE_FILE).write_text(json.dumps({
