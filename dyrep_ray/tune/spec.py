@@ -19,7 +19,9 @@ A sweep file::
     resources: {workers: 1, use_gpu: true, cpus_per_worker: 1}   # per trial; default: the config's workers/use_gpu
     scheduler: {type: asha, grace_period: 10, reduction_factor: 3, max_t: 120}
     #   or {type: pbt, perturbation_interval: 15, quantile_fraction: 0.25, resample_probability: 0.25,
-    #       hyperparam_mutations: {lr: {loguniform: [0.01, 0.2]}}}     # default: the non-grid search space
+    #       hyperparam_mutations: {lr: {loguniform: [0.01, 0.2]}}}     # default: the whole search space
+    #       (numbers are multiplied by 0.8 / 1.2 and clamped to their range, or resampled; choice / grid values
+    #       move to a neighbour or are resampled); synch: true waits for the whole population at each step
     #   or {type: fifo} (the default: every trial runs to the end)
     search_alg: {type: random, seed: 0} # random (default), optuna / hyperopt when those packages are installed
     max_failures: 0                     # Tune-level retries of an errored trial (Ray Train retries workers itself)
