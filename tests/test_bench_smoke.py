@@ -26,14 +26,6 @@ from dyrep_ray.rep.dbb import BRANCH_NAMES, DiverseBranchBlock, allowed_branches
 from dyrep_ray.rep.dyrep import grow_conv
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # benchmark functions on tiny shapes
 # ---------------------------------------------------------------------------------------------------------------

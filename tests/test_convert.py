@@ -33,15 +33,6 @@ LOCAL_TINY = ["synthetic_train_size=256", "synthetic_val_size=128", "batch_size=
               "epochs=3", "dyrep_grow_topk=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, _one_thread):
     run_dir = tmp_path_factory.mktemp("convert") / "run"

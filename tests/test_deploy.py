@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+
+from tests.helpers import rel_err as _rel_err
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -30,19 +32,8 @@ from dyrep_ray.rep.dyrep import grow_conv, iter_blocks
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threading only adds overhead (and spins badly on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    actual, expected = actual.detach(), expected.detach()
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    return _rel_err(actual.detach(), expected.detach())
 
 
 @torch.no_grad()

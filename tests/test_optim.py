@@ -29,15 +29,6 @@ STATE_KEYS = {"sgd": ("momentum_buffer",), "sgd_nesterov": ("momentum_buffer",),
               "adamw": ("step", "exp_avg", "exp_avg_sq")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threading only adds overhead (and spins badly on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_net() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import pickle
-import shutil
 import subprocess
 import sys
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dyrep_ray.engine.checkpoint import load_checkpoint_dir
 from dyrep_ray.engine.config import TrainConfig, load_config
 from dyrep_ray.engine.context import CHECKPOINT_PREFIX, LocalContext, load_newest_valid
 from dyrep_ray.engine.faults import FAULT_ENV

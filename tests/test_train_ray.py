@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dyrep_ray.distributed.trainer import run_distributed
 from dyrep_ray.engine.checkpoint import find_valid_checkpoints, load_checkpoint_dir

@@ -12,22 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from dyrep_ray.rep import transforms as T
+from tests.helpers import rel_err
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threading only adds overhead (and spins badly on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
 def rand_bn(c: int, gen: torch.Generator, dtype: torch.dtype):
