@@ -34,7 +34,7 @@ LOCAL_TINY = ["synthetic_train_size=256", "synthetic_val_size=128", "batch_size=
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, _one_thread):
+def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("convert") / "run"
     cfg = load_config(None, LOCAL_TINY)
     summary = train(cfg, LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints))

@@ -108,9 +108,24 @@ def check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
                            f"use --workers {max(int(cpus) // CPUS_PER_WORKER, 1)} or add nodes")
 
 
+def run_config_for(cfg: TrainConfig, name: str, storage: RunStorage, fs, fs_path: str, callbacks=None):
+    """Ray ``RunConfig``: storage, restarts and best-N-by-val_top1 checkpoint retention (plus the latest)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(
+        name=name,
+        storage_path=fs_path,
+        storage_filesystem=None if storage.local else fs,
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_top1",
+                                           checkpoint_score_order="max"),
+        callbacks=callbacks,
+    )
+
+
 def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address: str | None = None) -> dict:
     """Train with Ray Train ``TorchTrainer``; returns the summary dict."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     connect(address)
@@ -137,15 +152,7 @@ def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address
                            "fault": os.environ.get(FAULT_ENV)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": CPUS_PER_WORKER}),
-        run_config=RunConfig(
-            name=name,
-            storage_path=fs_path,
-            storage_filesystem=None if storage.local else fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                               checkpoint_score_attribute="val_top1",
-                                               checkpoint_score_order="max"),
-        ),
+        run_config=run_config_for(cfg, name, storage, fs, fs_path),
     )
     logger.info("launching %d %s worker(s); run directory %s", cfg.workers, "GPU" if use_gpu else "CPU", run_dir)
     result = trainer.fit()

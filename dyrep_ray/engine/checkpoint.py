@@ -49,7 +49,7 @@ class LoadedCheckpoint:
     state: dict
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -80,7 +80,7 @@ def write_checkpoint_dir(directory: str | Path, *, state: dict, meta: dict, grap
         torch.save(state, tmp / STATE_FILE)
         _write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta})
         _write_json(tmp / GRAPH_FILE, graph)
-        files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                  for name in (STATE_FILE, META_FILE, GRAPH_FILE)}
         _write_json(tmp / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "files": files})
         os.replace(tmp, directory)
@@ -105,7 +105,7 @@ def verify_checkpoint_dir(directory: str | Path) -> None:
         path = directory / name
         if name not in files or not path.is_file():
             raise CheckpointError(f"{directory}: missing {name}")
-        if path.stat().st_size != files[name]["bytes"] or _sha256(path) != files[name]["sha256"]:
+        if path.stat().st_size != files[name]["bytes"] or sha256_file(path) != files[name]["sha256"]:
             raise CheckpointError(f"{directory}: {name} is corrupted (checksum mismatch)")
 
 

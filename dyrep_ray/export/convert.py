@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import logging
@@ -45,6 +44,7 @@ from ..engine.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
     find_valid_checkpoints,
+    sha256_file,
     verify_checkpoint_dir,
 )
 from ..engine.config import ConfigError, TrainConfig
@@ -228,14 +228,6 @@ def load_deployed(weights: str | os.PathLike, architecture: str | None = None,
     return model.eval()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=True) + "\n")
@@ -417,7 +409,7 @@ def convert_checkpoint(
     finally:
         if tmp.exists():
             tmp.unlink()
-    info["sha256"] = _sha256(out)
+    info["sha256"] = sha256_file(out)
     result = ConversionResult(out, side, info)
     if evaluate and isinstance(info["recorded_val_top1"], (int, float)) \
             and abs(info["recorded_val_top1"] - info["top1_before"]) > TOP1_TOLERANCE:

@@ -83,9 +83,10 @@ def _uri(path: Optional[str], storage: RunStorage) -> Optional[str]:
 
 def build_trainer(cfg: TrainConfig, segment: Segment, callback, fault: Optional[str], cpus_per_worker: float = 1):
     """The ``TorchTrainer`` of one segment: the same loop and run directory as ``dyrep-ray train``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ..distributed.trainer import run_config_for
     from .worker import segment_loop
 
     storage = RunStorage(segment.storage_uri, segment.name)
@@ -105,16 +106,7 @@ def build_trainer(cfg: TrainConfig, segment: Segment, callback, fault: Optional[
                            "fault": fault, "start_checkpoint": _uri(segment.start_checkpoint, storage)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(
-            name=segment.name,
-            storage_path=fs_path,
-            storage_filesystem=None if storage.local else fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                               checkpoint_score_attribute="val_top1",
-                                               checkpoint_score_order="max"),
-            callbacks=[callback],
-        ),
+        run_config=run_config_for(cfg, segment.name, storage, fs, fs_path, callbacks=[callback]),
     )
 
 
