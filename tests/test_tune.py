@@ -324,7 +324,7 @@ def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path):
 @pytest.mark.ray
 def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path, monkeypatch):
     """A worker of one trial raises mid-epoch (fault injection, no Train retries): the other trial finishes and
-    the table marks the errored one."""
+    the table marks the errored one; resuming the sweep re-runs the errored trial to completion."""
     from dyrep_ray.tune.sweep import run_sweep
 
     monkeypatch.setenv(FAULT_ENV, f"raise:epoch=1:rank=0:marker={tmp_path / 'fired'}")
@@ -341,3 +341,11 @@ def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path, monkeypatc
     assert "injected fault" in table.loc[errored.trial_id, "error"]
     good = next(r for r in out.records if r.status == "completed")
     assert out.best["trial_id"] == good.trial_id and (tmp_path / "faulty" / "best_config.yaml").is_file()
+    # --resume (Tuner.restore with resume_errored): the errored trial runs again (the fault fired once) and
+    # finishes; the completed one is not re-run.
+    resumed = run_sweep(None, str(tmp_path), "faulty", resume=True, verbose=0)
+    by_id = {r.trial_id: r for r in resumed.records}
+    assert by_id[errored.trial_id].status == "completed" and by_id[good.trial_id].status == "completed"
+    table = pd.read_csv(tmp_path / "faulty" / "trials.csv").set_index("trial_id")
+    assert table.loc[errored.trial_id, "status"] == "completed"
+    assert table.loc[good.trial_id, "epochs"] == 2
