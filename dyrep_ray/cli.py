@@ -27,8 +27,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .engine.config import ConfigError
     from .models import UnknownModelError
     from .rep.deploy import DeployError
+    from .report import ReportError
 
-    return (ConfigError, DatasetError, UnknownModelError, ClusterError, CheckpointError, DeployError)
+    return (ConfigError, DatasetError, UnknownModelError, ClusterError, CheckpointError, DeployError, ReportError)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -94,22 +95,22 @@ def _resolve_train_config(args):
 
 
 def _preflight(cfg) -> None:
-    """Fail fast, before anything is written, on names and paths we can check here."""
-    from .data import check_dataset_name
+    """Fail fast in the driver, before Ray starts workers, on names and paths it can check here.
+
+    (``--local`` needs none of this: the trainer builds model and data before it writes anything.)
+    """
     from .models import build_model
 
-    check_dataset_name(cfg.dataset)
     build_model(cfg.model, cfg.num_classes or 10)
-    if cfg.dataset != "synthetic":
-        from .data import DatasetError, build_datasets
+    if cfg.dataset in ("synthetic", "parquet"):  # built in memory / paths checked by the config
+        return
+    from .data import DatasetError, build_datasets
 
-        if cfg.data_dir is None:
-            raise DatasetError(f"dataset {cfg.dataset!r} needs data_dir; pass --set data_dir=/path/to/data")
-        if not Path(cfg.data_dir).exists():
-            raise DatasetError(f"data_dir {cfg.data_dir!r} does not exist; put the {cfg.dataset} files there "
-                               "or pass --set data_dir=... (nothing is downloaded)")
-        if cfg.dataset.startswith("cifar"):  # cheap enough to open fully: catches a malformed directory
-            build_datasets(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
+    if not Path(cfg.data_dir).exists():
+        raise DatasetError(f"data_dir {cfg.data_dir!r} does not exist; put the {cfg.dataset} files there "
+                           "or pass --set data_dir=... (nothing is downloaded)")
+    if cfg.dataset.startswith("cifar"):  # cheap enough to open fully: catches a malformed directory
+        build_datasets(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
 
 
 def cmd_train(args) -> int:
@@ -119,7 +120,8 @@ def cmd_train(args) -> int:
     from .engine.storage import RunStorage
 
     cfg = _resolve_train_config(args)
-    _preflight(cfg)
+    if not args.local:
+        _preflight(cfg)
     if cfg.data_dir and Path(cfg.data_dir).exists():  # Ray workers run in other directories
         cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()))
     name = args.name or f"{cfg.model.replace('/', '_')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
