@@ -7,13 +7,11 @@ import json
 import pytest
 import torch
 
-from dyrep_ray.engine.checkpoint import find_valid_checkpoints, load_checkpoint_dir
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.context import LocalContext
 from dyrep_ray.engine.faults import FAULT_ENV
 from dyrep_ray.engine.loop import METRICS_FILE, STRUCTURE_FILE, model_digest, train
-from dyrep_ray.models import build_model
-from dyrep_ray.rep import restore_graph
+from tests.helpers import final_model
 
 REQUIRED_KEYS = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "params", "n_blocks",
                  "epoch_time_s", "images_per_s", "events"}
@@ -24,14 +22,6 @@ LOCAL_TINY = ["synthetic_train_size=256", "synthetic_val_size=128", "batch_size=
 def _run_local(run_dir, overrides):
     cfg = load_config(None, overrides)
     return cfg, train(cfg, LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints))
-
-
-def _final_model(run_dir, cfg):
-    ckpt = load_checkpoint_dir(find_valid_checkpoints(run_dir)[0])
-    model = build_model(cfg.model, 10)
-    restore_graph(model, ckpt.graph)
-    model.load_state_dict(ckpt.state["model"], strict=True)
-    return model, ckpt
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def test_local_run_writes_metrics_events_and_structure(reference_run):
 
 def test_checkpoint_restores_structure_and_weights(reference_run):
     run_dir, cfg, _ = reference_run
-    model, ckpt = _final_model(run_dir, cfg)
+    model, ckpt = final_model(run_dir)
     assert ckpt.graph == json.loads((run_dir / STRUCTURE_FILE).read_text())
     # same weights => same validation accuracy as the run reported
     from dyrep_ray.data import build_datasets
@@ -82,8 +72,8 @@ def test_interrupted_local_run_resumes_exactly(reference_run, tmp_path, monkeypa
     assert (tmp_path / "fired").exists()
     assert len(json.loads("[" + ",".join((run_dir / METRICS_FILE).read_text().splitlines()) + "]")) == 2
     _run_local(run_dir, LOCAL_TINY)  # same command again: resumes from epoch 2
-    resumed, ckpt_b = _final_model(run_dir, cfg)
-    reference, ckpt_a = _final_model(ref_dir, cfg)
+    resumed, ckpt_b = final_model(run_dir)
+    reference, ckpt_a = final_model(ref_dir)
     assert ckpt_a.graph == ckpt_b.graph
     ref_state, new_state = reference.state_dict(), resumed.state_dict()
     assert ref_state.keys() == new_state.keys()

@@ -7,26 +7,16 @@ import json
 import pytest
 
 from dyrep_ray.distributed.trainer import run_distributed
-from dyrep_ray.engine.checkpoint import find_valid_checkpoints, load_checkpoint_dir
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.faults import FAULT_ENV
 from dyrep_ray.engine.loop import METRICS_FILE, STRUCTURE_FILE, model_digest
-from dyrep_ray.models import build_model
-from dyrep_ray.rep import restore_graph
+from tests.helpers import final_model
 
 pytestmark = pytest.mark.ray
 
 
 def _metrics(run_dir):
     return [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
-
-
-def _final_model(run_dir, cfg):
-    ckpt = load_checkpoint_dir(find_valid_checkpoints(run_dir)[0])
-    model = build_model(cfg.model, 10)
-    restore_graph(model, ckpt.graph)
-    model.load_state_dict(ckpt.state["model"], strict=True)
-    return model, ckpt
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +43,7 @@ def test_two_workers_grow_and_replicas_identical(reference):
     assert summary["grows"] == 2 and summary["deployed_params"] < summary["final_train_params"]
     assert lines[-1]["val_top1"] > 10.0  # above chance on 10 classes
     graph = json.loads((run_dir / STRUCTURE_FILE).read_text())
-    model, ckpt = _final_model(run_dir, cfg)
+    model, ckpt = final_model(run_dir)
     assert ckpt.graph == graph
     assert ckpt.meta["epoch"] == 3
 
@@ -66,8 +56,8 @@ def test_worker_killed_mid_epoch_resumes_exactly(reference, tmp_path, monkeypatc
     monkeypatch.setenv(FAULT_ENV, f"kill:epoch=3:rank=1:marker={marker}")
     run_distributed(cfg, tmp_path, "killed")
     assert marker.exists(), "the fault was not injected"
-    reference_model, ckpt_a = _final_model(out / "ref", cfg)
-    resumed_model, ckpt_b = _final_model(tmp_path / "killed", cfg)
+    reference_model, ckpt_a = final_model(out / "ref")
+    resumed_model, ckpt_b = final_model(tmp_path / "killed")
     assert ckpt_a.graph == ckpt_b.graph
     ref_state, new_state = reference_model.state_dict(), resumed_model.state_dict()
     worst = max((ref_state[k].double() - new_state[k].double()).abs().max().item() for k in ref_state)
@@ -112,8 +102,8 @@ def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(reference, t
     env.pop(FAULT_ENV)
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    reference_model, ckpt_a = _final_model(out / "ref", cfg)
-    resumed_model, ckpt_b = _final_model(run_dir, cfg)
+    reference_model, ckpt_a = final_model(out / "ref")
+    resumed_model, ckpt_b = final_model(run_dir)
     assert ckpt_a.graph == ckpt_b.graph
     ref_state, new_state = reference_model.state_dict(), resumed_model.state_dict()
     worst = max((ref_state[k].double() - new_state[k].double()).abs().max().item() for k in ref_state)

@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,14 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.opt_eps)
 
 
+AUG_KEYS = ("aa", "reprob", "remode", "color_jitter", "cutout_length", "interpolation", "image_mean", "image_std")
+
+
+def aug_options(cfg: TrainConfig) -> dict:
+    """The augmentation/normalization options the datasets are built with (train loop, eval, convert)."""
+    return {k: getattr(cfg, k) for k in AUG_KEYS}
+
+
 def model_kwargs(cfg: TrainConfig) -> dict:
     """Regularization options for builders that take them (timm models); omitted when off."""
     return {k: getattr(cfg, k) for k in ("drop_rate", "drop_path_rate") if getattr(cfg, k)}
@@ -98,8 +107,7 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         self.device = ctx.device
         seed_everything(cfg.seed)
-        aug = {k: getattr(cfg, k) for k in ("aa", "reprob", "remode", "color_jitter", "cutout_length",
-                                            "interpolation", "image_mean", "image_std")}
+        aug = aug_options(cfg)
         self.shards = None  # Ray Data shards (dataset "parquet" under Ray Train)
         if cfg.dataset == PARQUET:
             num_classes = self._setup_parquet(aug)
@@ -186,7 +194,8 @@ class Trainer:
 
     def _build_loaders(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        self._recent_batches = []  # recal source for Ray Data shards (they cannot be re-read out of step)
+        # Recal source for Ray Data shards (they cannot be re-read out of step): the epoch's last batches.
+        self._recent_batches = deque(maxlen=cfg.dyrep_recal_bn_iters)
         if self.shards is not None:
             return
         self.train_sampler = DistributedSampler(self.train_ds, num_replicas=ctx.world_size, rank=ctx.rank,
@@ -326,15 +335,14 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
         steps = self._steps_per_epoch()
-        keep_recent = self.cfg.dyrep_recal_bn_iters if self.shards is not None else 0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         n_images, lr = 0, self.schedule.lr_at(epoch)
         start_step = self.state.global_step
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = cfg.clip_grad if cfg.clip_grad is not None else math.inf
         for step, (images, targets) in enumerate(self._train_batches(epoch)):
-            if keep_recent:
-                self._recent_batches = (self._recent_batches + [images])[-keep_recent:]
+            if self.shards is not None:
+                self._recent_batches.append(images)
             if step == steps // 2:
                 maybe_inject(epoch + 1, ctx.rank)
             lr = self.schedule.apply(self.optimizer, epoch + min(step / steps, 1.0))

@@ -18,14 +18,9 @@ from torch.utils.data import DataLoader
 
 from ..data import build_datasets
 from ..engine.config import TrainConfig
+from ..engine.loop import PARQUET, aug_options
 
 logger = logging.getLogger(__name__)
-
-# The training loop builds its datasets with exactly these augmentation keys
-# (dyrep_ray.engine.loop.Trainer); evaluation must see the same validation images.
-LOOP_AUG_KEYS = ("aa", "reprob", "remode", "color_jitter", "cutout_length", "interpolation", "image_mean",
-                 "image_std")
-PARQUET = "parquet"
 
 
 def validation_dataset(cfg: TrainConfig, data_dir: str | None = None):
@@ -33,7 +28,7 @@ def validation_dataset(cfg: TrainConfig, data_dir: str | None = None):
 
     ``data_dir`` overrides ``cfg.data_dir``; for ``dataset: parquet`` it replaces ``parquet_val``.
     """
-    aug = {k: getattr(cfg, k) for k in LOOP_AUG_KEYS}
+    aug = aug_options(cfg)  # exactly as the training loop builds its datasets
     if cfg.dataset == PARQUET:
         from ..data.parquet import ParquetImageDataset, read_parquet_metadata, sample_transform
 

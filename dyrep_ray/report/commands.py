@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
-EXIT_USAGE = 2
-
 
 def register(subparsers, add_common) -> None:
     r = subparsers.add_parser(
@@ -21,15 +17,9 @@ def register(subparsers, add_common) -> None:
 
 
 def cmd_report(args) -> int:
-    from .figures import SUMMARY_MD, ReportError, render_report
+    from .figures import SUMMARY_MD, render_report
 
-    try:
-        result = render_report(args.run_dir, args.out)
-    except ReportError as exc:
-        if args.debug:
-            raise
-        print(f"dyrep-ray: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    result = render_report(args.run_dir, args.out)  # ReportError: one line, exit 2 (dyrep_ray.cli.main)
     out = result["out_dir"]
     if result["mode"] == "run":
         s = result["summary"]
