@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..errors import UserError
 from ..engine.config import TrainConfig
 from ..engine.context import CHECKPOINT_PREFIX, load_newest_valid
 from ..engine.faults import FAULT_ENV
@@ -26,7 +27,7 @@ CPUS_PER_WORKER = 1
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The Ray cluster cannot run this job as requested (one-line, user-fixable)."""
 
 

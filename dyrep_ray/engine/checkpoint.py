@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ MANIFEST_FILE = "MANIFEST.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, incomplete, corrupted or not ours."""
 
 

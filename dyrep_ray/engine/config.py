@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ ORIGINAL_FORMAT = "dyrep-original"
 _MAX_REPR = 80
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid configuration. ``str(err)`` is one line naming the key (or file) and how to fix it."""
 
     def __init__(self, message: str) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.nn as nn
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ _MAX_NAMES_IN_ERROR = 20
 ModelFn = Callable[..., nn.Module]
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     """Raised for a model name that is not registered (or not a timm model); the message is one line."""
 
 

@@ -14,13 +14,14 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .dbb import ORIG_BIAS_ATTR, DiverseBranchBlock
 from .dyrep import get_submodule, set_submodule
 
 logger = logging.getLogger(__name__)
 
 
-class DeployError(ValueError):
+class DeployError(UserError, ValueError):
     """The model cannot be folded into the user's original layout."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from matplotlib.ticker import MaxNLocator
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ CELL_TEXT_MAX = 40  # write branch counts in cells while rows and epochs stay be
 DPI = 110
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """Nothing to report on (no metrics.jsonl) or an unreadable run."""
 
 
