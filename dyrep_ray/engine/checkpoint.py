@@ -27,14 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.optim import Optimizer
+
 from ..errors import UserError
+from .layout import GRAPH_FILE, MANIFEST_FILE, META_FILE, STATE_FILE
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-GRAPH_FILE = "structure.json"
-MANIFEST_FILE = "MANIFEST.json"
 FORMAT_VERSION = 1
 
 

@@ -18,17 +18,13 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
+from .layout import CHECKPOINT_PREFIX, checkpoint_dir_name
 from .storage import RunStorage
 
 logger = logging.getLogger(__name__)
 
 CheckpointWriter = Callable[[Path], None]
-CHECKPOINT_PREFIX = "checkpoint_"
 SCORE_KEY = "val_top1"
-
-
-def checkpoint_dir_name(epoch: int) -> str:
-    return f"{CHECKPOINT_PREFIX}epoch{epoch:04d}"
 
 
 def as_storage(run_dir: str | Path | RunStorage) -> RunStorage:

@@ -38,14 +38,12 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .ema import ModelEma
+from .layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
 from .faults import maybe_inject, poison_loss
 from .schedule import LRSchedule
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-STRUCTURE_FILE = "structure.json"
-CONFIG_FILE = "config.json"
 # Offset separating the BN-recalibration sampler seeds from the training sampler's.
 RECAL_SEED_OFFSET = 100_003
 PARQUET = "parquet"

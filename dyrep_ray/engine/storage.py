@@ -25,9 +25,11 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from .layout import MANIFEST_FILE
+
 # Written last by upload_dir (and deleted first when a directory is replaced):
 # the file whose presence makes a checkpoint directory complete.
-COMMIT_FILES = ("MANIFEST.json",)
+COMMIT_FILES = (MANIFEST_FILE,)
 
 
 def is_remote(uri: str) -> bool:

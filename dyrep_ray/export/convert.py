@@ -48,6 +48,7 @@ from ..engine.checkpoint import (
     verify_checkpoint_dir,
 )
 from ..engine.config import ConfigError, TrainConfig
+from ..engine.layout import DEPLOYED_WEIGHTS as DEFAULT_WEIGHTS_NAME
 from ..models import build_model, count_flops, count_params
 from ..rep import deploy
 from ..rep.dbb import DiverseBranchBlock
@@ -59,7 +60,6 @@ RTOL = 1e-4
 ATOL = 1e-5
 TOP1_TOLERANCE = 0.01  # percentage points
 TOLERANCE_RULE = "per batch: max|trained - deployed| <= rtol * max|trained| + atol; |top1 change| <= top1_points"
-DEFAULT_WEIGHTS_NAME = "deployed.safetensors"
 SIDECAR_FORMAT = "dyrep-ray-deployed"
 SIDECAR_VERSION = 1
 RANDOM_BATCHES = 2  # with evaluate=False: batches of random inputs for the equivalence check

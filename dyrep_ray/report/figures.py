@@ -23,14 +23,10 @@ from urllib.parse import quote
 
 from matplotlib.ticker import MaxNLocator
 from ..errors import UserError
+from ..engine.layout import CHECKPOINT_PREFIX, CONFIG_FILE, DEPLOYED_SIDECAR, META_FILE, METRICS_FILE, STRUCTURE_FILE
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-STRUCTURE_FILE = "structure.json"
-CONFIG_FILE = "config.json"
-DEPLOYED_SIDECAR = "deployed.json"
-CHECKPOINT_PREFIX = "checkpoint_"
 REPORT_DIRNAME = "report"
 MAX_BRANCHES = 7  # len(dyrep_ray.rep.BRANCH_NAMES)
 SWEEP_SEARCH_DEPTH = 4
@@ -87,7 +83,7 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
 
 def _plain_params_from_checkpoints(run_dir: Path) -> int | None:
     for ckpt in sorted((d for d in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if d.is_dir()), reverse=True):
-        meta = _read_json(ckpt / "meta.json") if (ckpt / "meta.json").is_file() else None
+        meta = _read_json(ckpt / META_FILE) if (ckpt / META_FILE).is_file() else None
         if isinstance(meta, dict) and isinstance(meta.get("plain_params"), int):
             return meta["plain_params"]
     return None

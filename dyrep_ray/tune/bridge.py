@@ -38,15 +38,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..engine.storage import RunStorage, resolve_filesystem
+from ..engine.layout import BRIDGE_FILE, GRAPH_FILE, MANIFEST_FILE, META_FILE, STATE_FILE
+from ..engine.layout import PBT_ORIGIN_FILE as ORIGIN_FILE
 
 logger = logging.getLogger(__name__)
 
-BRIDGE_FILE = "bridge.json"
-ORIGIN_FILE = "pbt_origin.json"
 START_CHECKPOINT_DIR = "start_checkpoint"
 SEGMENT_PREFIX = "seg"
 # The files of a DyRep checkpoint (dyrep_ray.engine.checkpoint; not imported here, it pulls in torch).
-STATE_FILE, META_FILE, GRAPH_FILE, MANIFEST_FILE = "state.pt", "meta.json", "structure.json", "MANIFEST.json"
 CHECKPOINT_FILES = (STATE_FILE, META_FILE, GRAPH_FILE, MANIFEST_FILE)
 
 

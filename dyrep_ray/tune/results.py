@@ -16,12 +16,13 @@ from typing import Any, Optional
 
 from ..distributed.trainer import plain_params_from, read_metrics
 from ..engine.loop import summarize
+from ..engine.layout import SWEEP_SUMMARY
+from ..engine.layout import TRIALS_CSV as TABLE_CSV
 from .bridge import existing_segments, latest_origin, segment_storage
 from .spec import TIME_ATTR, SweepSpec
 
 logger = logging.getLogger(__name__)
 
-TABLE_CSV = "trials.csv"
 TABLE_PARQUET = "trials.parquet"
 BEST_CONFIG = "best_config.yaml"
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERROR = "completed", "stopped", "error"
@@ -245,5 +246,5 @@ def write_results(outcome, storage) -> None:
     png = plot_metric(records, spec, title=f"sweep {sweep_name}")
     if png:
         outcome.files["plot"] = _write_bytes(storage, f"{spec.metric}_vs_epoch.png", png)
-    storage.write_text("summary.json", json.dumps({"best": outcome.best, "files": outcome.files,
+    storage.write_text(SWEEP_SUMMARY, json.dumps({"best": outcome.best, "files": outcome.files,
                                                    "trials": len(records)}, indent=1, default=str))

@@ -21,12 +21,12 @@ from typing import Optional
 
 from ..distributed.trainer import ClusterError, check_resources, connect, resolve_use_gpu
 from ..engine.config import ConfigError, TrainConfig
+from ..engine.layout import SWEEP_FILE
 from ..engine.storage import RunStorage, resolve_filesystem
 from .spec import TIME_ATTR, Distribution, SweepSpec
 
 logger = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep.json"
 TUNE_DIR = "tune"
 #: Tune checkpoints kept per trial under PBT (PBT restores from them; fewer risks losing a donor's).
 TUNE_CHECKPOINTS_TO_KEEP = 4

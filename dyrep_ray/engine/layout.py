@@ -1,0 +1,44 @@
+"""The run directory's layout: every file and directory name dyrep-ray writes, in one place.
+
+Torch-free and Ray-free, so the CLI, ``report`` and ``compare`` can read run directories without importing
+either.  A run directory (``<output>/<name>/``) holds::
+
+    config.json            the resolved TrainConfig
+    metrics.jsonl          one JSON object per completed epoch (rewritten from history: no duplicates on resume)
+    structure.json         the current structure graph
+    checkpoint_epochNNNN/  meta.json, structure.json, state.pt, MANIFEST.json (written last)
+    deployed.safetensors   written by ``dyrep-ray convert``, with deployed.json beside it
+    report/                written by ``dyrep-ray report``
+
+A sweep directory holds ``sweep.json``, one run directory per trial, ``trials.csv`` / ``trials.parquet``,
+``best_config.yaml`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+# Run directory files.
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+STRUCTURE_FILE = "structure.json"
+DEPLOYED_WEIGHTS = "deployed.safetensors"
+DEPLOYED_SIDECAR = "deployed.json"
+REPORT_DIR = "report"
+
+# Checkpoint directories and the files inside one.
+CHECKPOINT_PREFIX = "checkpoint_"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+GRAPH_FILE = "structure.json"
+MANIFEST_FILE = "MANIFEST.json"
+
+# Sweep directory files.
+SWEEP_FILE = "sweep.json"
+TRIALS_CSV = "trials.csv"
+SWEEP_SUMMARY = "summary.json"
+BRIDGE_FILE = "bridge.json"
+PBT_ORIGIN_FILE = "pbt_origin.json"
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """Name of the checkpoint directory written after ``epoch`` (1-based) epochs."""
+    return f"{CHECKPOINT_PREFIX}epoch{epoch:04d}"
