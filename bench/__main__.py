@@ -4,6 +4,8 @@ its baseline (runs alternated, medians of per-round ratios).
     python -m bench                 # all benchmarks, a few minutes on CPU (GPU when present)
     python -m bench --quick         # smaller batches/repetitions, no Ray runs (~1-2 minutes idle CPU)
     python -m bench --only dbb_block,schedule --out perf.json
+    python -m bench --gpu           # the GPU suite (bench/gpu.py): one GPU, < 10 minutes, JSON to bench/results/
+    python -m bench --gpu --dry-run # the same code paths on CPU in seconds (what the test suite runs)
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import logging
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
+from . import gpu
 from . import adjust, data_path, dbb_block, dyrep_overhead, ray_overhead, schedule
 from .common import machine_info, pick_device
 from .report import ROW_BUILDERS, markdown_table
@@ -41,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads on CPU (default 1: on a shared CPU, OpenMP barriers of "
                         "several threads stall whenever one is descheduled, which swamps the ratios)")
+    p.add_argument("--gpu", action="store_true", help="run the GPU suite (bench/gpu.py) instead of the CPU benchmarks")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu: every code path on CPU, tiny shapes")
     ray_group = p.add_mutually_exclusive_group()
     ray_group.add_argument("--ray", dest="ray", action="store_true", default=None,
                            help="include Ray runs (benchmark 6, Ray Data in 7); default: on unless --quick")
@@ -51,9 +57,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+GPU_RESULTS = Path("bench/results/gpu.json")
+
+
+def run_gpu_suite(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("--gpu needs a CUDA device and none is visible; add --dry-run to exercise the suite on CPU",
+              file=sys.stderr)
+        return 2
+    else:
+        device = pick_device(args.device or "cuda")
+    start = time.perf_counter()
+    result = gpu.run(device, dry_run=args.dry_run)
+    result["total_seconds"] = round(time.perf_counter() - start, 1)
+    print(gpu.markdown(result))
+    out = Path(args.out) if args.out else GPU_RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"\nfull results: {out} ({result['total_seconds']:.0f} s)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.gpu:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return run_gpu_suite(args)
+    if args.dry_run:
+        print("--dry-run applies to --gpu only", file=sys.stderr)
+        return 2
     device = pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
