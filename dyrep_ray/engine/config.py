@@ -191,6 +191,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 3] + "..."
 
 
+short_repr = _short
+
+
 def _yaml_value(value: Any) -> str:
     """A value as it would be written after ``--set key=``."""
     if value is None:
@@ -279,6 +282,8 @@ def check_field(hint: Any, rule: Rule, value: Any) -> Any:
     Enum values are matched case-insensitively and returned as the enum member.
     """
     inner, optional = _split_optional(hint)
+    if inner is Any:
+        return value
     if value is None:
         if optional:
             return None
@@ -578,6 +583,11 @@ STRUCTURAL_KEYS: tuple[str, ...] = tuple(n for n in _FIELD_NAMES if _RULES[n].re
 def field_names() -> tuple[str, ...]:
     """Every config key, in declaration order."""
     return _FIELD_NAMES
+
+
+def type_text(name: str) -> str:
+    """The expected type of a key in words: ``an int``, ``a list of float or null`` ..."""
+    return _type_name(_HINTS[name], _RULES[name])
 
 
 def numeric_type(name: str) -> Optional[type]:
