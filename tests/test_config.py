@@ -344,7 +344,8 @@ def test_enum_choices_are_complete_and_normalized() -> None:
     assert set(CHOICES["amp"]) == {"none", "bf16", "fp16"}
     assert set(CHOICES["on_nonfinite"]) == {"skip", "stop", "ignore"}
     assert set(CHOICES["dataset"]) == {"synthetic", "cifar10", "cifar100", "imagenet", "parquet"}
-    assert load_config(None, ["opt=AdamW", "sched=none", "amp=bf16"]).opt == "adamw"
+    # amp with synflow/snip is refused (test_amp_refuses_sign_unstable_metrics): grad_norm here
+    assert load_config(None, ["opt=AdamW", "sched=none", "amp=bf16", "dyrep_metric=grad_norm"]).opt == "adamw"
 
 
 def test_enum_typo_suggests_closest_choice() -> None:
@@ -620,7 +621,7 @@ def test_original_ignored_keys_warn(caplog: pytest.LogCaptureFixture) -> None:
     ("raw", "fragments"),
     [
         ({"mixup": 0.2}, ("'mixup'", "not supported", "mixup")),
-        ({"dbb": True}, ("'dbb'", "not supported")),
+        ({"dbb": "yes"}, ("'dbb'", "bool")),  # dbb is supported (test_original_dbb_file_is_the_dbb_baseline)
         ({"kd": "dist"}, ("'kd'", "not supported")),
         ({"resume": "exp/last.pth.tar"}, ("'resume'", "storage_path")),
         (
@@ -679,3 +680,238 @@ def test_from_dict_rejects_non_mapping() -> None:
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_dict([("lr", 0.1)])  # type: ignore[arg-type]
     assert_one_line(err, "mapping")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# declarations, enums, new keys (issue 16 item 3, issue 12)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_every_key_declares_its_rules_with_option() -> None:
+    from dyrep_ray.engine.config import RULE_KEY, STRUCTURAL_KEYS
+
+    for f in dataclasses.fields(TrainConfig):
+        assert RULE_KEY in f.metadata, f"{f.name} has no option() declaration"
+    assert set(STRUCTURAL_KEYS) == {"model", "dataset", "num_classes", "image_size", "opt", "dyrep", "dbb",
+                                    "dyrep_block"}
+
+
+def test_enum_values_are_strings_and_serialize_plainly(tmp_path: Path) -> None:
+    import json
+
+    from dyrep_ray.engine.config import ConfigEnum
+
+    cfg = TrainConfig(opt="AdamW", dyrep_metric="grad_norm", dyrep_cut_mode="Absorb")
+    assert isinstance(cfg.opt, ConfigEnum) and cfg.opt == "adamw" and f"{cfg.opt}" == "adamw"
+    assert cfg.dyrep_cut_mode == "absorb" and repr(cfg.sched) == "'cosine'"
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["opt"] == "adamw" and type(cfg.to_dict()["opt"]) is str
+    assert "!!python" not in cfg.to_yaml() and yaml.safe_load(cfg.to_yaml())["dyrep_cut_mode"] == "absorb"
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert set(CHOICES["dyrep_cut_mode"]) == {"reset", "absorb"} and set(CHOICES["dyrep_block"]) == {"bn", "online"}
+
+
+def test_new_keys_defaults_follow_the_original() -> None:
+    cfg = TrainConfig()
+    assert cfg.dyrep_cut_lone_branch is False and cfg.dyrep_cut_mode == "reset" and cfg.dbb is False
+    assert cfg.dyrep_recal_bn_every_epoch_iters == 200 and cfg.dyrep_block == "bn"
+    assert cfg.checkpoint_every_steps == 0 and cfg.lr_scale_with_workers is False
+    assert cfg.mlflow_tracking_uri is None and cfg.tensorboard is True
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("dyrep_recal_bn_every_epoch_iters=0", ("'dyrep_recal_bn_every_epoch_iters'", ">= 1")),
+        ("checkpoint_every_steps=-1", ("'checkpoint_every_steps'", ">= 0")),
+        ("dyrep_cut_mode=fold", ("'dyrep_cut_mode'", "reset", "absorb")),
+        ("dyrep_block=orepa", ("'dyrep_block'", "bn", "online")),
+        ("dyrep_cut_lone_branch=1", ("'dyrep_cut_lone_branch'", "bool")),
+        ("mlflow_tracking_uri=''", ("'mlflow_tracking_uri'", "non-empty")),
+        ("tensorboard=null", ("'tensorboard'", "bool")),
+        ("workers=[4, 2]", ("'workers'", "[min, max]", "min <= max", "[4, 2]")),
+        ("workers=[0, 2]", ("'workers'", "1 <= min")),
+        ("workers=[1, 2, 3]", ("'workers'", "list [min, max]")),
+        ("workers=[1, true]", ("'workers'", "list [min, max]")),
+    ],
+)
+def test_new_keys_reject_bad_values_in_one_line(override: str, fragments: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert_one_line(err, *fragments)
+
+
+def test_elastic_workers_range() -> None:
+    cfg = load_config(None, ["workers=[2, 4]", "lr_scale_with_workers=true"])
+    assert cfg.workers == [2, 4] and (cfg.min_workers, cfg.max_workers, cfg.elastic) == (2, 4, True)
+    assert TrainConfig(workers=(1, 1)).workers == [1, 1]
+    fixed = TrainConfig(workers=3)
+    assert (fixed.min_workers, fixed.max_workers, fixed.elastic) == (3, 3, False)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_dbb_baseline_refuses_dyrep() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["dbb=true"])  # dyrep defaults to true
+    assert_one_line(err, "'dbb'", "'dyrep'", "dyrep: false")
+    cfg = load_config(None, ["dbb=true", "dyrep=false"])
+    assert cfg.dbb is True and cfg.dyrep is False
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("metric", ["synflow", "snip"])
+def test_amp_refuses_sign_unstable_metrics(amp: str, metric: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"amp={amp}", f"dyrep_metric={metric}"])
+    assert_one_line(err, "'amp'", "'dyrep_metric'", metric, "dyrep_metric: grad_norm", "amp: none")
+    assert load_config(None, [f"amp={amp}", "dyrep_metric=grad_norm"]).amp == amp
+    assert load_config(None, [f"amp={amp}", f"dyrep_metric={metric}", "dyrep=false"]).dyrep is False
+    assert load_config(None, [f"dyrep_metric={metric}"]).amp == "none"
+
+
+def test_original_dyrep_false_file_warns_once_with_the_fix(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    text = ORIGINAL_CIFAR_YAML.replace("# dyrep\n", "# dyrep\ndyrep: False\n")
+    path = write(tmp_path, "cifar.yaml", text)
+    with caplog.at_level(logging.WARNING, logger="dyrep_ray.engine.config"):
+        cfg = load_config(path, ["model=vgg16_cifar"])
+    assert cfg.dyrep is False
+    notices = [r for r in caplog.records if r.name == "dyrep_ray.engine.config" and "dyrep: False" in r.getMessage()]
+    assert len(notices) == 1 and "\n" not in notices[0].getMessage()
+    assert "--set dyrep=true" in notices[0].getMessage() and "cifar.yaml" in notices[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dyrep_ray.engine.config"):
+        assert load_config(path, ["model=vgg16_cifar", "dyrep=true"]).dyrep is True  # enabled: no notice
+        load_config(write(tmp_path, "on.yaml", ORIGINAL_RESNET_YAML), ["model=resnet18"])  # dyrep: True
+    assert "dyrep: False" not in caplog.text
+
+
+def test_original_dbb_file_is_the_dbb_baseline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert translate_original({"dbb": True}) == {"dbb": True, "dyrep": False}
+    assert translate_original({"dbb": True, "dyrep": False}) == {"dbb": True, "dyrep": False}
+    path = write(tmp_path, "dbb.yaml", ORIGINAL_CIFAR_YAML + "dbb: True\n")
+    with caplog.at_level(logging.WARNING, logger="dyrep_ray.engine.config"):
+        cfg = load_config(path, ["model=vgg16_cifar"])
+    assert cfg.dbb is True and cfg.dyrep is False
+    assert "dyrep: False" not in caplog.text  # a DBB baseline is meant to run without DyRep
+    assert "dbb" not in ORIGINAL_ONLY_KEYS
+
+
+def test_translator_lives_in_its_own_module() -> None:
+    from dyrep_ray.engine import original_format
+
+    assert translate_original is original_format.translate_original
+    assert ORIGINAL_KEY_MAP is original_format.ORIGINAL_KEY_MAP
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resume with a changed config (issue 17 item 5)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("saved_change", "key"),
+    [
+        ({"model": "resnet18"}, "model"),
+        ({"num_classes": 7}, "num_classes"),
+        ({"opt": "adamw"}, "opt"),
+        ({"image_size": 64}, "image_size"),
+        ({"dyrep": False}, "dyrep"),
+        ({"dyrep_block": "online"}, "dyrep_block"),
+    ],
+)
+def test_resume_refuses_structural_changes(saved_change: dict, key: str) -> None:
+    from dyrep_ray.engine.config import resume_changes
+
+    saved = {**TrainConfig().to_dict(), **saved_change}
+    with pytest.raises(ConfigError) as err:
+        resume_changes(saved, TrainConfig())
+    assert_one_line(err, f"'{key}'", "resume", f"{key}=")
+
+
+def test_resume_returns_allowed_changes() -> None:
+    from dyrep_ray.engine.config import ConfigChange, resume_changes
+
+    saved = TrainConfig(epochs=6, lr=0.05).to_dict()
+    saved.pop("tensorboard")  # written by an older version: absent = today's default
+    saved["retired_key"] = 1  # a key that no longer exists is ignored
+    new = TrainConfig(epochs=12, lr=0.1, weight_decay=1e-4, opt="SGD")
+    changes = resume_changes(saved, new)
+    assert changes == [ConfigChange("epochs", 6, 12), ConfigChange("lr", 0.05, 0.1),
+                       ConfigChange("weight_decay", 5e-4, 1e-4)]
+    assert str(changes[1]) == "lr: 0.05 -> 0.1"
+    assert resume_changes(TrainConfig().to_dict(), TrainConfig()) == []
+    assert resume_changes({**TrainConfig().to_dict(), "opt": "SGD"}, TrainConfig()) == []  # normalized
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_resumed_optimizer_keeps_new_hyperparameters_and_restores_buffers(opt: str) -> None:
+    import torch
+
+    from dyrep_ray.engine.checkpoint import load_optimizer_state_by_name, optimizer_state_by_name
+    from dyrep_ray.engine.loop import build_optimizer
+
+    def trained(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        optimizer = build_optimizer(cfg, model)
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(2, 3, 6, 6)).square().mean().backward()
+            optimizer.step()
+        return model, optimizer
+
+    old_cfg = TrainConfig(opt=opt, weight_decay=5e-4, momentum=0.9, opt_eps=1e-8)
+    model, old_opt = trained(old_cfg)
+    saved = optimizer_state_by_name(old_opt, model)
+    new_cfg = old_cfg.replace(weight_decay=1e-2, momentum=0.5, nesterov=False, opt_eps=1e-6,
+                              opt_betas=[0.8, 0.9])
+    new_opt = build_optimizer(new_cfg, model)
+    load_optimizer_state_by_name(new_opt, model, saved)
+    decays = sorted(g["weight_decay"] for g in new_opt.param_groups)
+    assert decays == [0.0, 1e-2]
+    for group in new_opt.param_groups:
+        if opt == "sgd":
+            assert group["momentum"] == 0.5 and group["nesterov"] is False
+        else:
+            assert group["betas"] == (0.8, 0.9) and group["eps"] == 1e-6
+    buffer_keys = ("momentum_buffer",) if opt == "sgd" else ("exp_avg", "exp_avg_sq")
+    for param in model.parameters():
+        for key in buffer_keys:
+            assert torch.equal(new_opt.state[param][key], old_opt.state[param][key]), key
+    # a weight-decay change to 0 turns two groups into one: state still follows the parameters by name
+    single = build_optimizer(new_cfg.replace(weight_decay=0.0), model)
+    assert len(single.param_groups) == 1
+    load_optimizer_state_by_name(single, model, saved)
+    for param in model.parameters():
+        assert torch.equal(single.state[param][buffer_keys[0]], old_opt.state[param][buffer_keys[0]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hostile YAML (issue 17 items 8-9)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_nested_alias_yaml_is_one_line_error_quickly(tmp_path: Path) -> None:
+    import time
+
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        levels.append(f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    text = "model: [" + ", ".join(levels) + "]\n"  # 9**9 leaves once expanded
+    assert len(text.encode()) < 600
+    path = write(tmp_path, "bomb.yaml", text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert time.perf_counter() - start < 5
+    assert len(assert_one_line(err, "bomb.yaml", "'model'", "str")) < 400
+    with pytest.raises(ConfigError) as err:  # the same value in an original-format file
+        load_config(write(tmp_path, "bomb_orig.yaml", "sgd_no_nesterov: true\n" + text.replace("model:", "opt:")))
+    assert len(assert_one_line(err, "'opt'")) < 500
+
+
+def test_deeply_nested_yaml_is_one_line_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "deep.yaml", "lr: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert_one_line(err, "deep.yaml", "too deeply")

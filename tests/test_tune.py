@@ -126,6 +126,14 @@ def test_sweep_errors_are_one_line(tmp_path, change, message):
     assert message in text and "\n" not in text
 
 
+def test_deeply_nested_sweep_file_is_one_line(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("search_space: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert "too deeply" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_cli_bad_sweep_exits_2(tmp_path, capsys):
     from dyrep_ray.cli import main
 

@@ -147,19 +147,31 @@ def optimizer_state_by_name(optimizer: Optimizer, model: nn.Module) -> dict:
 
 
 def load_optimizer_state_by_name(optimizer: Optimizer, model: nn.Module, saved: dict) -> None:
-    """Rebuild ``optimizer``'s groups from names in the saved order, then load the state."""
+    """Restore the saved per-parameter state (momentum buffers, Adam moments, steps) into ``optimizer``.
+
+    The param groups and their hyperparameters (lr, weight_decay, momentum, nesterov, betas, eps) stay those
+    of ``optimizer``, i.e. of the config the run resumes with: a changed ``--set weight_decay=...`` takes
+    effect instead of being overridden by the checkpoint. Each group keeps the saved parameter order where it
+    holds the same parameters (state is matched by parameter name, so group layout changes are harmless).
+    """
     params = dict(model.named_parameters())
     missing = [n for g in saved["groups"] for n in g["params"] if n not in params]
+    missing += [n for n in saved["state"] if n not in params and n not in missing]
     if missing:
         raise CheckpointError(f"optimizer state names parameters the model lacks: {missing[:3]}")
-    if len(saved["groups"]) != len(optimizer.param_groups):
-        raise CheckpointError("optimizer param-group count differs from the checkpoint's")
-    for group, saved_group in zip(optimizer.param_groups, saved["groups"]):
-        group["params"] = [params[n] for n in saved_group["params"]]
-    index = {n: i for i, n in enumerate(n for g in saved["groups"] for n in g["params"])}
+    names = {id(p): n for n, p in params.items()}
+    saved_order = {n: i for i, n in enumerate(n for g in saved["groups"] for n in g["params"])}
+    for group in optimizer.param_groups:
+        group["params"].sort(key=lambda p: saved_order.get(names.get(id(p), ""), len(saved_order)))
+    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    unheld = [n for n in saved["state"] if n not in index]
+    if unheld:
+        raise CheckpointError(f"optimizer state names parameters the optimizer does not train: {unheld[:3]}")
+    current_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     torch_state = {
         "state": {index[n]: s for n, s in saved["state"].items()},
-        "param_groups": [{**g["hyper"], "params": [index[n] for n in g["params"]]} for g in saved["groups"]],
+        "param_groups": [{**hyper, "params": [index[names[id(p)]] for p in group["params"]]}
+                         for hyper, group in zip(current_groups, optimizer.param_groups)],
     }
     optimizer.load_state_dict(torch_state)
 

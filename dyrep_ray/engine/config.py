@@ -6,28 +6,23 @@ precedence::
 
     TrainConfig defaults  <  base (a dict, e.g. from a sweep)  <  YAML file  <  overrides ("key=value", --set)
 
+Every rule of a key is declared next to it, with :func:`option` (``field(metadata=...)``): its bounds, example
+value for messages, whether it must be a non-empty string, and its resume policy (``resume="refuse"`` for a
+structural key that cannot change when a run resumes, see :func:`resume_changes`). Enum-like keys are typed
+with a :class:`ConfigEnum` (a ``str`` Enum: equal to its string, written as a plain string to JSON/YAML).
+Adding a key is one declaration in :class:`TrainConfig` (plus its line in ``experiments/default.yaml``, which
+lists every key). Only rules that involve several keys live apart, in :data:`CROSS_FIELD_RULES`.
+
 Every value is checked when a :class:`TrainConfig` is created (also by :meth:`TrainConfig.replace` and direct
 construction): unknown keys (with the closest valid key), types (ints are accepted for float fields, a bool is
-never an int, ``None`` only for Optional fields), ranges, enumerations and a few cross-field rules. Every
+never an int, ``None`` only for Optional fields), ranges, enumerations and the cross-field rules. Every
 problem raises :class:`ConfigError`, whose message is one line naming the key/file and the fix.
 
 Two YAML formats are read:
 
 * **dyrep-ray format** (``experiments/*.yaml``): keys are :class:`TrainConfig` field names.
-* **original DyRep strategy files** (``configs/strategies/DyRep/*.yaml`` of hunto/image_classification_sota,
-  the training code of hunto/DyRep), taken as they are. A file is read in the original format when it has the
-  marker ``format: dyrep-original``, or -- without a marker -- when it contains at least one key that exists
-  only in the original format (see :data:`ORIGINAL_ONLY_KEYS`: e.g. ``sgd_no_nesterov``, ``drop``,
-  ``clip_grad_norm``, ``val_batch_size_multiplier``, or any key spelled with a hyphen such as
-  ``drop-path-rate``). ``format: dyrep-ray`` forces the dyrep-ray format. Every original key is translated by
-  :data:`ORIGINAL_KEY_MAP` (copied, renamed -- ``workers`` is DataLoader workers there, so it becomes
-  ``num_data_workers`` -- negated, converted, ignored with a warning, or rejected when it would switch on a
-  feature dyrep-ray does not implement). As the original's dataset builder did, ``dataset`` also fixes
-  ``image_size`` (224 ImageNet, 32 CIFAR) and, without ``data_path``, sets ``data_dir`` to ``data/imagenet`` or
-  ``data/cifar``. Other keys an original file leaves out keep the dyrep-ray defaults (the original argparse
-  defaults are not applied; the shipped strategy files set every key whose default differs). The original
-  passed the model and the GPU count on the command line: give them with
-  ``--set model=resnet18 --set workers=8 --set use_gpu=true``.
+* **original DyRep strategy files** (``configs/strategies/DyRep/*.yaml`` of hunto/image_classification_sota):
+  translated by :mod:`dyrep_ray.engine.original_format` (see there for the detection rule and key map).
 
 Plain YAML 1.1 reads ``1e-4`` (no dot) as a string; float fields accept such strings, so ``lr: 1e-3`` works.
 """
@@ -37,13 +32,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import enum
 import logging
 import math
 import os
 import re
+import reprlib
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from ..errors import UserError
@@ -52,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHOICES",
+    "ConfigChange",
+    "ConfigEnum",
     "ConfigError",
     "DATASET_NUM_CLASSES",
     "FORMAT_KEY",
@@ -63,7 +62,9 @@ __all__ = [
     "TrainConfig",
     "detect_format",
     "load_config",
+    "option",
     "parse_override",
+    "resume_changes",
     "translate_original",
 ]
 
@@ -72,6 +73,10 @@ NATIVE_FORMAT = "dyrep-ray"
 ORIGINAL_FORMAT = "dyrep-original"
 
 _MAX_REPR = 80
+# reprlib limits for values quoted in messages: a few hundred bytes of nested YAML aliases expand to an
+# exponentially large value, so only a bounded prefix of it is ever visited
+_REPR_LEVELS = 3
+_REPR_ITEMS = 6
 
 
 class ConfigError(UserError, ValueError):
@@ -82,147 +87,111 @@ class ConfigError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The configuration
+# The declaration mechanism: option() + field metadata, shared by tune/spec.py
 # ---------------------------------------------------------------------------------------------------------------
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": ("synthetic", "cifar10", "cifar100", "imagenet", "parquet"),
-    "opt": ("sgd", "adamw"),
-    "sched": ("cosine", "step", "none"),
-    "amp": ("none", "bf16", "fp16"),
-    "dyrep_metric": ("synflow", "snip", "grad_norm", "random"),
-    "on_nonfinite": ("skip", "stop", "ignore"),
-    "remode": ("pixel", "const", "rand"),
-    "interpolation": ("bilinear", "bicubic"),
-}
 
-#: Class counts of datasets whose label set is fixed (``num_classes`` must match when given).
-DATASET_NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
+class ConfigEnum(enum.StrEnum):
+    """An enum-like config value: a ``str`` (``Opt.SGD == "sgd"``), printed and serialized as its value."""
 
-_DATASETS_WITH_DIR = ("cifar10", "cifar100", "imagenet")
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+RESUME_REFUSE = "refuse"
+RESUME_ALLOW = "allow"
+_RESUME_POLICIES = (RESUME_REFUSE, RESUME_ALLOW)
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a dyrep-ray run. Defaults = the built-in demo experiment (``experiments/default.yaml``).
+class Bounds:
+    """Numeric bounds of a value (or of every element of a list value)."""
 
-    Frozen: derive variants with :meth:`replace`. Creating one validates every field (see module docstring).
-    """
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
 
-    # --- model & data ---
-    model: str = "small_cnn"
-    dataset: str = "synthetic"
-    data_dir: Optional[str] = None  # root of CIFAR python-format dirs / ImageNet train+val folders
-    num_classes: Optional[int] = None  # None = from the dataset
-    image_size: int = 32
-    synthetic_train_size: int = 2048
-    synthetic_val_size: int = 512
-    parquet_train: Optional[str] = None
-    parquet_val: Optional[str] = None
-    # --- schedule & batch ---
-    epochs: int = 6
-    batch_size: int = 64  # per Ray worker; total = batch_size * workers
-    val_batch_size: Optional[int] = None  # per worker; None = batch_size
-    # --- optimizer ---
-    opt: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    opt_eps: float = 1e-8
-    opt_betas: Optional[list[float]] = None  # AdamW betas; None = torch default
-    opt_no_filter: bool = False  # False = bias/BN params excluded from weight decay
-    # --- learning-rate schedule ---
-    sched: str = "cosine"
-    min_lr: float = 1e-5
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-4
-    decay_epochs: float = 30
-    decay_rate: float = 0.1
-    decay_by_epoch: bool = True  # cosine: update the LR once per epoch (True) or every step (False)
-    # --- training ---
-    smoothing: float = 0.0
-    seed: int = 42
-    amp: str = "none"
-    clip_grad: Optional[float] = None  # max global grad norm; None = no clipping
-    channels_last: bool = True
-    model_ema: bool = False
-    model_ema_decay: float = 0.9998
-    drop_rate: float = 0.0  # classifier dropout (original `drop`); builders that lack it must reject > 0
-    drop_path_rate: float = 0.0  # stochastic depth (original `drop-path-rate`); same rule
-    # --- augmentation ---
-    aa: Optional[str] = None  # timm auto-augment spec, e.g. "rand-m9-mstd0.5"
-    reprob: float = 0.0
-    remode: str = "pixel"
-    color_jitter: float = 0.0
-    cutout_length: int = 0  # CIFAR cutout side; 0 = off
-    interpolation: str = "bilinear"
-    image_mean: Optional[list[float]] = None  # None = the dataset's standard normalization
-    image_std: Optional[list[float]] = None
-    # --- DyRep ---
-    dyrep: bool = True
-    dyrep_adjust_interval: int = 1
-    dyrep_max_adjust_epochs: int = 1000
-    dyrep_recal_bn_iters: int = 20
-    dyrep_recal_bn_every_epoch: bool = False
-    dyrep_metric: str = "synflow"
-    dyrep_grow_topk: int = 1
-    dyrep_cut_threshold: float = 0.1
-    dyrep_cut_std_gate: float = 0.02
-    dyrep_init_gamma: float = 0.01
-    dyrep_max_depth: int = 2
-    # --- Ray / runtime ---
-    workers: int = 2  # Ray Train workers (original DyRep `workers` = DataLoader workers -> num_data_workers)
-    use_gpu: Optional[bool] = None  # None = use GPUs when the cluster has them
-    num_data_workers: int = 0  # DataLoader worker processes per Ray worker
-    log_interval: int = 50
-    # --- checkpoints & fault tolerance ---
-    checkpoint_every: int = 1  # epochs
-    keep_checkpoints: int = 2
-    max_failures: int = 2  # -1 = retry forever
-    storage_path: Optional[str] = None
-    on_nonfinite: str = "skip"
+    def __bool__(self) -> bool:
+        return any(b is not None for b in (self.ge, self.gt, self.le, self.lt))
 
-    def __post_init__(self) -> None:
-        for name in _FIELD_NAMES:
-            object.__setattr__(self, name, _check_value(name, getattr(self, name)))
-        _check_cross_fields(self)
+    def holds(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
 
-    # -- conversions ----------------------------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields, in declaration order, as plain YAML/JSON-friendly values (lists are copies)."""
-        return {name: copy.deepcopy(getattr(self, name)) for name in _FIELD_NAMES}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """Validated config from field names -> values; missing fields take their defaults."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"a config must be a mapping of key: value pairs, got {type(data).__name__}")
-        return cls(**_validated_items(data, source=None))
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A validated copy with ``changes`` applied (unknown keys raise :class:`ConfigError`)."""
-        return type(self).from_dict({**self.to_dict(), **changes})
-
-    def to_yaml(self) -> str:
-        """The config as a dyrep-ray format YAML document (loads back with :func:`load_config`)."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+    def text(self) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1)``, ``in (0, 0.5]`` ..."""
+        low, low_open = (self.gt, True) if self.gt is not None else (self.ge, False)
+        high, high_open = (self.lt, True) if self.lt is not None else (self.le, False)
+        if low is not None and high is not None:
+            return f"in {'(' if low_open else '['}{_num(low)}, {_num(high)}{')' if high_open else ']'}"
+        if low is not None:
+            return f"{'>' if low_open else '>='} {_num(low)}"
+        if high is not None:
+            return f"{'<' if high_open else '<='} {_num(high)}"
+        return "any"
 
 
-_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-_HINTS: dict[str, Any] = get_type_hints(TrainConfig)
+@dataclass(frozen=True)
+class Rule:
+    """The per-key rules :func:`option` stores in a field's metadata (under :data:`RULE_KEY`)."""
+
+    bounds: Bounds = Bounds()
+    length: Optional[int] = None  # list keys: required number of elements (bounds apply to each element)
+    non_empty: bool = False  # str keys: must not be blank
+    example: Any = None  # a value for messages where the default (None) would not show the expected form
+    resume: str = RESUME_ALLOW  # "refuse": a structural key that cannot change when a run resumes
+    must: Optional[str] = None  # overrides the generated description in messages ("two positive numbers")
+    check: Optional[Callable[[str, Any], Any]] = None  # a custom check replacing the generic type check
+    type_text: Optional[str] = None  # the expected type in messages, for keys with a custom check
+    doc: str = ""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Value checks
-# ---------------------------------------------------------------------------------------------------------------
+RULE_KEY = "dyrep_ray.rule"
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    ge: Optional[float] = None,
+    gt: Optional[float] = None,
+    le: Optional[float] = None,
+    lt: Optional[float] = None,
+    length: Optional[int] = None,
+    non_empty: bool = False,
+    example: Any = None,
+    resume: str = RESUME_ALLOW,
+    must: Optional[str] = None,
+    check: Optional[Callable[[str, Any], Any]] = None,
+    type_text: Optional[str] = None,
+    doc: str = "",
+) -> Any:
+    """A dataclass field whose validation rules are declared with it (read back by :func:`field_rule`)."""
+    if resume not in _RESUME_POLICIES:
+        raise ValueError(f"resume must be one of {_RESUME_POLICIES}, got {resume!r}")
+    rule = Rule(Bounds(ge, gt, le, lt), length, non_empty, example, resume, must, check, type_text, doc)
+    return dataclasses.field(default=default, metadata={RULE_KEY: rule})
+
+
+def field_rule(f: dataclasses.Field) -> Rule:
+    return f.metadata.get(RULE_KEY, Rule())
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A bounded repr for messages (bounded work too: see _REPR_LEVELS)."""
+    shortener = reprlib.Repr()
+    shortener.maxlevel = _REPR_LEVELS
+    shortener.maxlist = shortener.maxtuple = shortener.maxdict = shortener.maxset = _REPR_ITEMS
+    shortener.maxstring = shortener.maxother = shortener.maxlong = _MAX_REPR
+    text = shortener.repr(value)
     return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 3] + "..."
+
+
+short_repr = _short
 
 
 def _yaml_value(value: Any) -> str:
@@ -236,25 +205,13 @@ def _yaml_value(value: Any) -> str:
     return str(value)
 
 
-# example values for error messages, where the default (None) would not show the expected form
-_EXAMPLES: dict[str, Any] = {
-    "data_dir": "data/cifar",
-    "num_classes": 10,
-    "parquet_train": "/data/train.parquet",
-    "parquet_val": "/data/val.parquet",
-    "val_batch_size": 128,
-    "opt_betas": [0.9, 0.999],
-    "clip_grad": 5.0,
-    "aa": "rand-m9-mstd0.5",
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "use_gpu": True,
-    "storage_path": "/mnt/runs",
-}
-
-
-def _example(name: str) -> str:
-    return f"{name}={_yaml_value(_EXAMPLES.get(name, _DEFAULTS[name]))}"
+def _plain(value: Any) -> Any:
+    """A validated value as a plain JSON/YAML value (enums -> their string, lists copied)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return copy.deepcopy(value)
 
 
 def _split_optional(hint: Any) -> tuple[Any, bool]:
@@ -265,10 +222,18 @@ def _split_optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
-def _type_name(hint: Any) -> str:
+def _is_enum(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, enum.Enum)
+
+
+def _type_name(hint: Any, rule: Rule = Rule()) -> str:
     inner, optional = _split_optional(hint)
-    if get_origin(inner) is list:
+    if rule.type_text:
+        text = rule.type_text
+    elif get_origin(inner) is list:
         text = f"a list of {get_args(inner)[0].__name__}"
+    elif _is_enum(inner):
+        text = "a str"
     else:
         text = f"a {inner.__name__}" if inner is not int else "an int"
     return f"{text} or null" if optional else text
@@ -293,169 +258,458 @@ def _coerce_scalar(value: Any, target: type) -> Any:
             if not math.isfinite(value):
                 raise ValueError("must be finite")
             return float(value)
-    elif target is str:
+    elif target is str or _is_enum(target):
         if isinstance(value, str):
             return value
+    elif target is Any:
+        return value
     raise TypeError
 
 
-def _check_type(name: str, value: Any) -> Any:
-    hint = _HINTS[name]
+class FieldProblem(Exception):
+    """One value breaking one rule; each user formats it its own way (config keys, sweep file keys)."""
+
+    def __init__(self, kind: str, value: Any, detail: str = "") -> None:
+        super().__init__(kind)
+        self.kind = kind  # "null" | "finite" | "type" | "choice" | "empty" | "length" | "elements" | "range"
+        self.value = value
+        self.detail = detail  # choice: the closest choice; range/elements: the rule text
+
+
+def check_field(hint: Any, rule: Rule, value: Any) -> Any:
+    """The normalized ``value`` of a field declared with ``hint`` and ``rule``; raises :class:`FieldProblem`.
+
+    Enum values are matched case-insensitively and returned as the enum member.
+    """
     inner, optional = _split_optional(hint)
+    if inner is Any:
+        return value
     if value is None:
         if optional:
             return None
-        raise ConfigError(
-            f"config key {name!r} expects {_type_name(hint)}, got null; set it, e.g. {_example(name)} (the default)"
-        )
+        raise FieldProblem("null", value)
     try:
         if get_origin(inner) is list:
-            elem = get_args(inner)[0]
             if not isinstance(value, (list, tuple)):
                 raise TypeError
-            return [_coerce_scalar(v, elem) for v in value]
-        return _coerce_scalar(value, inner)
+            value = [_coerce_scalar(v, get_args(inner)[0]) for v in value]
+        else:
+            value = _coerce_scalar(value, inner)
     except ValueError:  # a non-finite float
-        raise ConfigError(
-            f"config key {name!r} expects finite numbers, got {_short(value)}; e.g. {_example(name)}"
-        ) from None
+        raise FieldProblem("finite", value) from None
     except TypeError:
-        raise ConfigError(
-            f"config key {name!r} expects {_type_name(hint)}, got {_short(value)} ({type(value).__name__}); "
-            f"e.g. {_example(name)}"
-        ) from None
+        raise FieldProblem("type", value) from None
+    if _is_enum(inner):
+        normalized = value.strip().lower()
+        try:
+            return inner(normalized)
+        except ValueError:
+            valid = [m.value for m in inner]
+            close = difflib.get_close_matches(normalized, valid, n=1, cutoff=0.5)
+            raise FieldProblem("choice", value, close[0] if close else "") from None
+    if rule.non_empty and isinstance(value, str) and not value.strip():
+        raise FieldProblem("empty", value)
+    if isinstance(value, list):
+        if rule.length is not None and len(value) != rule.length:
+            raise FieldProblem("length", value)
+        if rule.bounds and not all(rule.bounds.holds(v) for v in value):
+            raise FieldProblem("elements", value, rule.bounds.text())
+        return value
+    if rule.bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not rule.bounds.holds(value):
+            raise FieldProblem("range", value, rule.bounds.text())
+    return value
 
 
-def _ge(bound: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v >= bound), f">= {bound}"
+# ---------------------------------------------------------------------------------------------------------------
+# Enum-like values
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def _gt(bound: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v > bound), f"> {bound}"
+class Dataset(ConfigEnum):
+    SYNTHETIC = "synthetic"
+    CIFAR10 = "cifar10"
+    CIFAR100 = "cifar100"
+    IMAGENET = "imagenet"
+    PARQUET = "parquet"
 
 
-def _in(lo: float, hi: float, hi_open: bool = True) -> tuple[Callable[[Any], bool], str]:
-    if hi_open:
-        return (lambda v: lo <= v < hi), f"in [{lo}, {hi})"
-    return (lambda v: lo <= v <= hi), f"in [{lo}, {hi}]"
+class Opt(ConfigEnum):
+    SGD = "sgd"
+    ADAMW = "adamw"
 
 
-# Range rules per field (checked on non-None values; list fields are checked element-wise and by length).
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "num_classes": _ge(1),
-    "image_size": _ge(1),
-    "synthetic_train_size": _ge(1),
-    "synthetic_val_size": _ge(1),
-    "epochs": _ge(1),
-    "batch_size": _ge(1),
-    "val_batch_size": _ge(1),
-    "lr": _gt(0),
-    "momentum": _in(0, 1),
-    "weight_decay": _ge(0),
-    "opt_eps": _gt(0),
-    "min_lr": _ge(0),
-    "warmup_epochs": _ge(0),
-    "warmup_lr": _ge(0),
-    "decay_epochs": _gt(0),
-    "decay_rate": _gt(0),
-    "smoothing": _in(0, 1),
-    "seed": _ge(0),
-    "clip_grad": _gt(0),
-    "model_ema_decay": _in(0, 1),
-    "drop_rate": _in(0, 1),
-    "drop_path_rate": _in(0, 1),
-    "reprob": _in(0, 1, hi_open=False),
-    "color_jitter": _ge(0),
-    "cutout_length": _ge(0),
-    "dyrep_adjust_interval": _ge(1),
-    "dyrep_max_adjust_epochs": _ge(0),
-    "dyrep_recal_bn_iters": _ge(0),
-    "dyrep_grow_topk": _ge(0),
-    "dyrep_cut_threshold": _ge(0),
-    "dyrep_cut_std_gate": _ge(0),
-    "dyrep_init_gamma": _gt(0),
-    "dyrep_max_depth": _ge(1),
-    "workers": _ge(1),
-    "num_data_workers": _ge(0),
-    "log_interval": _ge(1),
-    "checkpoint_every": _ge(1),
-    "keep_checkpoints": _ge(1),
-    "max_failures": _ge(-1),
+class Sched(ConfigEnum):
+    COSINE = "cosine"
+    STEP = "step"
+    NONE = "none"
+
+
+class Amp(ConfigEnum):
+    NONE = "none"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class DyRepMetric(ConfigEnum):
+    SYNFLOW = "synflow"
+    SNIP = "snip"
+    GRAD_NORM = "grad_norm"
+    RANDOM = "random"
+
+
+class OnNonfinite(ConfigEnum):
+    SKIP = "skip"
+    STOP = "stop"
+    IGNORE = "ignore"
+
+
+class Remode(ConfigEnum):
+    PIXEL = "pixel"
+    CONST = "const"
+    RAND = "rand"
+
+
+class Interpolation(ConfigEnum):
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+
+
+class CutMode(ConfigEnum):
+    """How a cut branch leaves a block."""
+
+    RESET = "reset"  # the original: kxk BN reset, kxk conv set so the block's eval function is unchanged
+    ABSORB = "absorb"  # dyrep-ray's first version: the cut branch folded into kxk, kxk BN statistics kept
+
+
+class BlockType(ConfigEnum):
+    BN = "bn"  # Diverse Branch Block, a BN after every branch (DBB / DyRep)
+    ONLINE = "online"  # OREPA-style online re-parameterization
+
+
+#: Class counts of datasets whose label set is fixed (``num_classes`` must match when given).
+DATASET_NUM_CLASSES: dict[str, int] = {"cifar10": 10, "cifar100": 100}
+
+_DATASETS_WITH_DIR = ("cifar10", "cifar100", "imagenet")
+#: Metrics whose value under autocast is eps-scale noise for a conv followed by train-mode BN (sign flips).
+AMP_UNSAFE_METRICS = (DyRepMetric.SYNFLOW, DyRepMetric.SNIP)
+
+_ELASTIC_LEN = 2
+
+
+def _check_workers(name: str, value: Any) -> Any:
+    """``workers``: a fixed count (int >= 1) or an elastic range ``[min, max]`` with 1 <= min <= max."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise FieldProblem("range", value, ">= 1")
+        return value
+    if (isinstance(value, (list, tuple)) and len(value) == _ELASTIC_LEN
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        low, high = value
+        if low < 1 or low > high:
+            raise ConfigError(
+                f"config key {name!r} as an elastic range [min, max] needs 1 <= min <= max, got {_short(value)}; "
+                f"e.g. {name}=[2,4]"
+            )
+        return [low, high]
+    raise FieldProblem("type", value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+_REFUSE = RESUME_REFUSE
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a dyrep-ray run. Defaults = the built-in demo experiment (``experiments/default.yaml``).
+
+    Frozen: derive variants with :meth:`replace`. Creating one validates every field (see module docstring).
+    Keys marked ``resume=_REFUSE`` change what is trained: a resumed run refuses a change of them.
+    """
+
+    # --- model & data ---
+    model: str = option("small_cnn", non_empty=True, resume=_REFUSE)
+    dataset: Dataset = option(Dataset.SYNTHETIC, resume=_REFUSE)
+    # root of CIFAR python-format dirs / ImageNet train+val folders; may move between resumes (same data)
+    data_dir: Optional[str] = option(None, non_empty=True, example="data/cifar")
+    num_classes: Optional[int] = option(None, ge=1, example=10, resume=_REFUSE)  # None = from the dataset
+    image_size: int = option(32, ge=1, resume=_REFUSE)
+    synthetic_train_size: int = option(2048, ge=1)
+    synthetic_val_size: int = option(512, ge=1)
+    parquet_train: Optional[str] = option(None, non_empty=True, example="/data/train.parquet")
+    parquet_val: Optional[str] = option(None, non_empty=True, example="/data/val.parquet")
+    # --- schedule & batch ---
+    epochs: int = option(6, ge=1)
+    batch_size: int = option(64, ge=1)  # per Ray worker; total = batch_size * workers
+    val_batch_size: Optional[int] = option(None, ge=1, example=128)  # per worker; None = batch_size
+    # --- optimizer ---
+    opt: Opt = option(Opt.SGD, resume=_REFUSE)  # the saved optimizer state is per optimizer type
+    lr: float = option(0.05, gt=0)
+    momentum: float = option(0.9, ge=0, lt=1)
+    nesterov: bool = option(True)
+    weight_decay: float = option(5e-4, ge=0)
+    opt_eps: float = option(1e-8, gt=0)
+    opt_betas: Optional[list[float]] = option(None, length=2, ge=0, lt=1, example=[0.9, 0.999])  # None = torch's
+    opt_no_filter: bool = option(False)  # False = bias/BN params excluded from weight decay
+    # --- learning-rate schedule ---
+    sched: Sched = option(Sched.COSINE)
+    min_lr: float = option(1e-5, ge=0)
+    warmup_epochs: int = option(0, ge=0)
+    warmup_lr: float = option(1e-4, ge=0)
+    decay_epochs: float = option(30, gt=0)
+    decay_rate: float = option(0.1, gt=0)
+    decay_by_epoch: bool = option(True)  # cosine: update the LR once per epoch (True) or every step (False)
+    # --- training ---
+    smoothing: float = option(0.0, ge=0, lt=1)
+    seed: int = option(42, ge=0)  # may change on resume: RNG states come from the checkpoint
+    amp: Amp = option(Amp.NONE)
+    clip_grad: Optional[float] = option(None, gt=0, example=5.0)  # max global grad norm; None = no clipping
+    channels_last: bool = option(True)
+    model_ema: bool = option(False)
+    model_ema_decay: float = option(0.9998, ge=0, lt=1)
+    drop_rate: float = option(0.0, ge=0, lt=1)  # classifier dropout (original `drop`); builders lacking it reject > 0
+    drop_path_rate: float = option(0.0, ge=0, lt=1)  # stochastic depth (original `drop-path-rate`); same rule
+    # --- augmentation ---
+    aa: Optional[str] = option(None, non_empty=True, example="rand-m9-mstd0.5")  # timm auto-augment spec
+    reprob: float = option(0.0, ge=0, le=1)
+    remode: Remode = option(Remode.PIXEL)
+    color_jitter: float = option(0.0, ge=0)
+    cutout_length: int = option(0, ge=0)  # CIFAR cutout side; 0 = off
+    interpolation: Interpolation = option(Interpolation.BILINEAR)
+    # None = the dataset's standard normalization
+    image_mean: Optional[list[float]] = option(None, length=3, example=[0.485, 0.456, 0.406])
+    image_std: Optional[list[float]] = option(None, length=3, gt=0, example=[0.229, 0.224, 0.225])
+    # --- DyRep ---
+    dyrep: bool = option(True, resume=_REFUSE)
+    dbb: bool = option(False, resume=_REFUSE)  # static DBB baseline: every eligible conv a block from the start
+    dyrep_block: BlockType = option(BlockType.BN, resume=_REFUSE)  # block type: bn (DBB) or online (OREPA-style)
+    dyrep_adjust_interval: int = option(1, ge=1)
+    dyrep_max_adjust_epochs: int = option(1000, ge=0)
+    dyrep_recal_bn_iters: int = option(20, ge=0)  # BN recalibration of new branches after a grow
+    dyrep_recal_bn_every_epoch: bool = option(False)  # recalibrate every BN on non-adjust epochs (RepVGG recipe)
+    dyrep_recal_bn_every_epoch_iters: int = option(200, ge=1)  # iterations of that recalibration (original 200)
+    dyrep_metric: DyRepMetric = option(DyRepMetric.SYNFLOW)
+    dyrep_grow_topk: int = option(1, ge=0)
+    dyrep_cut_threshold: float = option(0.1, ge=0)  # λ
+    dyrep_cut_std_gate: float = option(0.02, ge=0)
+    # refinement: a block's lone remaining non-kxk branch is cut below λ (the block collapses to a conv);
+    # the original never cuts it
+    dyrep_cut_lone_branch: bool = option(False)
+    dyrep_cut_mode: CutMode = option(CutMode.RESET)
+    dyrep_init_gamma: float = option(0.01, gt=0)
+    dyrep_max_depth: int = option(2, ge=1)
+    # --- Ray / runtime ---
+    # Ray Train workers: a count, or [min, max] for an elastic run (original DyRep `workers` = DataLoader
+    # workers -> num_data_workers)
+    workers: Union[int, list[int]] = option(
+        2, check=_check_workers, type_text="an int or a list [min, max] of two ints"
+    )
+    lr_scale_with_workers: bool = option(False)  # elastic: scale lr linearly with the current worker count
+    use_gpu: Optional[bool] = option(None, example=True)  # None = use GPUs when the cluster has them
+    num_data_workers: int = option(0, ge=0)  # DataLoader worker processes per Ray worker
+    log_interval: int = option(50, ge=1)
+    mlflow_tracking_uri: Optional[str] = option(None, non_empty=True, example="http://mlflow:5000")  # None = off
+    tensorboard: bool = option(True)  # TensorBoard event files in the run directory
+    # --- checkpoints & fault tolerance ---
+    checkpoint_every: int = option(1, ge=1)  # epochs
+    checkpoint_every_steps: int = option(0, ge=0)  # mid-epoch checkpoints every N steps; 0 = off
+    keep_checkpoints: int = option(2, ge=1)
+    max_failures: int = option(2, ge=-1)  # -1 = retry forever
+    storage_path: Optional[str] = option(None, non_empty=True, example="/mnt/runs")
+    on_nonfinite: OnNonfinite = option(OnNonfinite.SKIP)
+
+    def __post_init__(self) -> None:
+        for name in _FIELD_NAMES:
+            object.__setattr__(self, name, _check_value(name, getattr(self, name)))
+        for rule in CROSS_FIELD_RULES:
+            rule(self)
+
+    # -- derived -------------------------------------------------------------------------------------------
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest Ray workers the run may use (= ``workers`` unless it is an elastic ``[min, max]``)."""
+        return self.workers[0] if isinstance(self.workers, list) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most Ray workers the run may use."""
+        return self.workers[1] if isinstance(self.workers, list) else self.workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, list)
+
+    # -- conversions ----------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, in declaration order, as plain YAML/JSON-friendly values (enums as strings, list copies)."""
+        return {name: _plain(getattr(self, name)) for name in _FIELD_NAMES}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Validated config from field names -> values; missing fields take their defaults."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a config must be a mapping of key: value pairs, got {type(data).__name__}")
+        return cls(**_validated_items(data, source=None))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with ``changes`` applied (unknown keys raise :class:`ConfigError`)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def to_yaml(self) -> str:
+        """The config as a dyrep-ray format YAML document (loads back with :func:`load_config`)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_FIELD_NAMES: tuple[str, ...] = tuple(_FIELDS)
+_DEFAULTS: dict[str, Any] = {name: f.default for name, f in _FIELDS.items()}
+_HINTS: dict[str, Any] = get_type_hints(TrainConfig)
+_RULES: dict[str, Rule] = {name: field_rule(f) for name, f in _FIELDS.items()}
+
+#: Enum-like keys -> their valid values (derived from the enum types of the fields).
+CHOICES: dict[str, tuple[str, ...]] = {
+    name: tuple(m.value for m in _split_optional(hint)[0])
+    for name, hint in _HINTS.items() if _is_enum(_split_optional(hint)[0])
 }
+#: Keys a resumed run cannot change (declared with ``resume="refuse"``).
+STRUCTURAL_KEYS: tuple[str, ...] = tuple(n for n in _FIELD_NAMES if _RULES[n].resume == RESUME_REFUSE)
 
-# list fields: (required length, element rule)
-_LIST_RULES: dict[str, tuple[int, tuple[Callable[[Any], bool], str]]] = {
-    "opt_betas": (2, _in(0, 1)),
-    "image_mean": (3, (lambda v: True, "any")),
-    "image_std": (3, _gt(0)),
-}
 
-_NON_EMPTY_STR = ("model", "data_dir", "parquet_train", "parquet_val", "storage_path", "aa")
+def field_names() -> tuple[str, ...]:
+    """Every config key, in declaration order."""
+    return _FIELD_NAMES
+
+
+def type_text(name: str) -> str:
+    """The expected type of a key in words: ``an int``, ``a list of float or null`` ..."""
+    return _type_name(_HINTS[name], _RULES[name])
+
+
+def numeric_type(name: str) -> Optional[type]:
+    """``int`` or ``float`` for a numeric key (Optional or not), else None (e.g. for sweep ranges)."""
+    inner = _split_optional(_HINTS[name])[0]
+    return inner if inner in (int, float) else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Value checks (messages for config keys)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _example(name: str) -> str:
+    example = _RULES[name].example
+    return f"{name}={_yaml_value(_plain(example if example is not None else _DEFAULTS[name]))}"
 
 
 def _check_value(name: str, value: Any) -> Any:
     """Type-checked, normalized value of field ``name`` (per-field rules only); raises ConfigError."""
-    value = _check_type(name, value)
-    if value is None:
-        return None
-    if name in CHOICES:
-        normalized = value.strip().lower()
-        valid = CHOICES[name]
-        if normalized not in valid:
-            close = difflib.get_close_matches(normalized, valid, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                f"config key {name!r} must be one of {', '.join(valid)}; got {_short(value)}{hint}; "
-                f"e.g. {_example(name)}"
-            )
-        return normalized
-    if name in _NON_EMPTY_STR and not value.strip():
-        null_ok = " or null" if _split_optional(_HINTS[name])[1] else ""
-        raise ConfigError(f"config key {name!r} must be a non-empty string{null_ok}, got {value!r}")
-    if name in _LIST_RULES:
-        length, (ok, text) = _LIST_RULES[name]
-        if len(value) != length:
-            raise ConfigError(
-                f"config key {name!r} needs exactly {length} numbers, got {len(value)}: {_short(value)}; "
-                f"e.g. {_example(name)} or null"
-            )
-        bad = [v for v in value if not ok(v)]
-        if bad:
-            raise ConfigError(f"config key {name!r}: every value must be {text}, got {_short(value)}")
-        return value
-    if name in _RANGES:
-        ok, text = _RANGES[name]
-        if not ok(value):
-            raise ConfigError(f"config key {name!r} must be {text}, got {_short(value)}; e.g. {_example(name)}")
-    return value
+    hint, rule = _HINTS[name], _RULES[name]
+    try:
+        if rule.check is not None and value is not None:
+            return rule.check(name, value)
+        return check_field(hint, rule, value)
+    except FieldProblem as problem:
+        raise ConfigError(_config_message(name, hint, rule, problem)) from None
 
 
-def _check_cross_fields(cfg: TrainConfig) -> None:
+def _config_message(name: str, hint: Any, rule: Rule, problem: FieldProblem) -> str:
+    value, kind = problem.value, problem.kind
+    if kind == "null":
+        return f"config key {name!r} expects {_type_name(hint, rule)}, got null; set it, e.g. {_example(name)} (the default)"
+    if kind == "finite":
+        return f"config key {name!r} expects finite numbers, got {_short(value)}; e.g. {_example(name)}"
+    if kind == "type":
+        return (f"config key {name!r} expects {_type_name(hint, rule)}, got {_short(value)} "
+                f"({type(value).__name__}); e.g. {_example(name)}")
+    if kind == "choice":
+        hint_text = f" (did you mean {problem.detail!r}?)" if problem.detail else ""
+        return (f"config key {name!r} must be one of {', '.join(CHOICES[name])}; got {_short(value)}{hint_text}; "
+                f"e.g. {_example(name)}")
+    if kind == "empty":
+        null_ok = " or null" if _split_optional(hint)[1] else ""
+        return f"config key {name!r} must be a non-empty string{null_ok}, got {value!r}"
+    if kind == "length":
+        return (f"config key {name!r} needs exactly {rule.length} numbers, got {len(value)}: {_short(value)}; "
+                f"e.g. {_example(name)} or null")
+    if kind == "elements":
+        return f"config key {name!r}: every value must be {problem.detail}, got {_short(value)}"
+    return f"config key {name!r} must be {problem.detail}, got {_short(value)}; e.g. {_example(name)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cross-field rules (the only rules that are not declared on one field)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _data_dir_given(cfg: TrainConfig) -> None:
     if cfg.dataset in _DATASETS_WITH_DIR and cfg.data_dir is None:
         place = {
             "cifar10": "the directory holding cifar-10-batches-py",
             "cifar100": "the directory holding cifar-100-python",
         }.get(cfg.dataset, "the ImageNet root holding train/ and val/")
         raise ConfigError(
-            f"dataset {cfg.dataset!r} needs data_dir, {place}; e.g. --set data_dir=/path/to/data, "
+            f"dataset '{cfg.dataset}' needs data_dir, {place}; e.g. --set data_dir=/path/to/data, "
             f"or dataset=synthetic to run without files"
         )
-    if cfg.dataset == "parquet" and cfg.parquet_train is None:
+
+
+def _parquet_train_given(cfg: TrainConfig) -> None:
+    if cfg.dataset == Dataset.PARQUET and cfg.parquet_train is None:
         raise ConfigError(
             "dataset 'parquet' needs parquet_train (a Parquet file/dir or URI with image and label columns); "
             "e.g. --set parquet_train=/data/train.parquet"
         )
+
+
+def _num_classes_match(cfg: TrainConfig) -> None:
     expected = DATASET_NUM_CLASSES.get(cfg.dataset)
     if expected is not None and cfg.num_classes is not None and cfg.num_classes != expected:
         raise ConfigError(
-            f"config key 'num_classes' is {cfg.num_classes} but dataset {cfg.dataset!r} has {expected} classes; "
+            f"config key 'num_classes' is {cfg.num_classes} but dataset '{cfg.dataset}' has {expected} classes; "
             f"set num_classes=null (from the dataset) or num_classes={expected}"
         )
-    if cfg.opt == "sgd" and cfg.nesterov and cfg.momentum == 0:
+
+
+def _nesterov_needs_momentum(cfg: TrainConfig) -> None:
+    if cfg.opt == Opt.SGD and cfg.nesterov and cfg.momentum == 0:
         raise ConfigError(
             "config keys 'nesterov' and 'momentum': Nesterov SGD needs momentum > 0; "
             "set nesterov=false or e.g. momentum=0.9"
         )
+
+
+def _dbb_is_not_dyrep(cfg: TrainConfig) -> None:
+    if cfg.dbb and cfg.dyrep:
+        raise ConfigError(
+            "config keys 'dbb' and 'dyrep': a static DBB baseline run (dbb: true) has no growth or cuts; "
+            "set dyrep: false (--set dyrep=false), or dbb: false for a DyRep run"
+        )
+
+
+def _metric_safe_under_amp(cfg: TrainConfig) -> None:
+    # issue 12 item 6: synflow/snip of a conv before train-mode BN is eps-scale; bf16/fp16 flips its sign
+    if cfg.dyrep and cfg.amp != Amp.NONE and cfg.dyrep_metric in AMP_UNSAFE_METRICS:
+        raise ConfigError(
+            f"config keys 'amp' and 'dyrep_metric': dyrep_metric '{cfg.dyrep_metric}' is unreliable under "
+            f"amp '{cfg.amp}' (its eps-scale values flip sign versus float32, so the wrong convs grow); "
+            f"set dyrep_metric: grad_norm or amp: none"
+        )
+
+
+#: Rules over several keys, applied in order after every key passed its own rules.
+CROSS_FIELD_RULES: tuple[Callable[[TrainConfig], None], ...] = (
+    _data_dir_given,
+    _parquet_train_given,
+    _num_classes_match,
+    _nesterov_needs_momentum,
+    _dbb_is_not_dyrep,
+    _metric_safe_under_amp,
+)
 
 
 def _unknown_key_message(
@@ -481,8 +735,10 @@ def _validated_items(data: Mapping[str, Any], source: Optional[str]) -> dict[str
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key not in _DEFAULTS:
+            from .original_format import original_key_hint
+
             message = _unknown_key_message(key, _FIELD_NAMES)
-            hint = _original_key_hint(key)
+            hint = original_key_hint(key)
             raise ConfigError(prefix + message + (f"; {hint}" if hint else ""))
         try:
             out[key] = _check_value(key, value)
@@ -492,310 +748,70 @@ def _validated_items(data: Mapping[str, Any], source: Optional[str]) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Original DyRep strategy files (hunto/image_classification_sota, lib/utils/args.py + configs/strategies/DyRep)
+# Resume with a changed config (issue 17 item 5)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class OriginalKey(NamedTuple):
-    """How one key of an original DyRep strategy file (hyphens read as underscores) becomes dyrep-ray config.
+@dataclass(frozen=True)
+class ConfigChange:
+    """One key whose value differs between a run's saved config and the config it resumes with."""
 
-    ``action``:
-      * ``"copy"``    -- the value goes to ``field`` unchanged (``null`` into a non-Optional field keeps the
-        dyrep-ray default, as the original's ``None`` meant "unset");
-      * ``"negate"``  -- ``field = not value`` (a bool);
-      * ``"convert"`` -- translated by dedicated code (model names, AMP flag, gradient clipping pair,
-        validation batch multiplier);
-      * ``"ignore"``  -- accepted and dropped with one warning (launcher/bookkeeping keys with no effect);
-      * ``"off-only"`` -- accepted (and dropped) only with one of the ``neutral`` values that switch the
-        original feature off; any other value raises ConfigError (dyrep-ray does not implement it).
+    key: str
+    saved: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {_yaml_value(self.saved)} -> {_yaml_value(self.new)}"
+
+
+def _saved_value(key: str, saved: Mapping[str, Any]) -> Any:
+    """A saved value normalized like a new one; an absent key (older run) had the default of today."""
+    if key not in saved:
+        return _plain(_DEFAULTS[key])
+    try:
+        return _plain(_check_value(key, saved[key]))
+    except ConfigError:  # a value today's rules refuse still compares as written
+        return saved[key]
+
+
+def resume_changes(saved: Mapping[str, Any], new: TrainConfig) -> list[ConfigChange]:
+    """The keys ``new`` changes against a run's ``saved`` config (its ``config.json`` / checkpoint meta).
+
+    Raises :class:`ConfigError` naming the key when a structural key (``resume="refuse"``, see
+    :data:`STRUCTURAL_KEYS`) differs; returns the allowed changes (they take effect; the caller logs them).
+    Saved keys that no longer exist are ignored.
     """
-
-    field: Optional[str]
-    action: str
-    note: str = ""
-    neutral: tuple[Any, ...] = ()
-
-
-_OFF_STR = ("", None)
-
-#: Every key of the original training code (argparse dests + keys seen in its strategy files) -> translation.
-ORIGINAL_KEY_MAP: dict[str, OriginalKey] = {
-    # dataset / model
-    "dataset": OriginalKey("dataset", "copy", "also fixes image_size (224 imagenet, 32 cifar) as the original did"),
-    "data_path": OriginalKey("data_dir", "convert", "'' -> data/imagenet or data/cifar, as the original did"),
-    "model": OriginalKey("model", "convert", "timm_<name> -> timm/<name>; nas_model needs model_config"),
-    "model_config": OriginalKey("model", "convert", "configs/models/VGG/vgg16_cifar10|100.yaml -> vgg16_cifar"),
-    "batch_size": OriginalKey("batch_size", "copy", "per GPU there, per Ray worker here"),
-    "val_batch_size_multiplier": OriginalKey("val_batch_size", "convert", "val_batch_size = batch_size * m"),
-    "smoothing": OriginalKey("smoothing", "copy"),
-    # optimizer
-    "opt": OriginalKey("opt", "copy"),
-    "opt_eps": OriginalKey("opt_eps", "copy"),
-    "opt_betas": OriginalKey("opt_betas", "copy"),
-    "opt_no_filter": OriginalKey("opt_no_filter", "copy"),
-    "momentum": OriginalKey("momentum", "copy"),
-    "sgd_no_nesterov": OriginalKey("nesterov", "negate"),
-    "weight_decay": OriginalKey("weight_decay", "copy"),
-    "clip_grad_norm": OriginalKey("clip_grad", "convert", "true -> clip_grad = clip_grad_max_norm"),
-    "clip_grad_max_norm": OriginalKey("clip_grad", "convert", "used only with clip_grad_norm: true"),
-    "amp": OriginalKey("amp", "convert", "true -> 'fp16' (torch.cuda.amp), false -> 'none'"),
-    # LR schedule
-    "sched": OriginalKey("sched", "copy"),
-    "lr": OriginalKey("lr", "copy"),
-    "warmup_lr": OriginalKey("warmup_lr", "copy"),
-    "min_lr": OriginalKey("min_lr", "copy"),
-    "epochs": OriginalKey("epochs", "copy"),
-    "warmup_epochs": OriginalKey("warmup_epochs", "copy"),
-    "decay_epochs": OriginalKey("decay_epochs", "copy"),
-    "decay_rate": OriginalKey("decay_rate", "copy"),
-    "decay_by_epoch": OriginalKey("decay_by_epoch", "copy"),
-    # augmentation & regularization
-    "image_mean": OriginalKey("image_mean", "copy"),
-    "image_std": OriginalKey("image_std", "copy"),
-    "interpolation": OriginalKey("interpolation", "copy"),
-    "color_jitter": OriginalKey("color_jitter", "copy"),
-    "cutout_length": OriginalKey("cutout_length", "copy"),
-    "aa": OriginalKey("aa", "copy"),
-    "reprob": OriginalKey("reprob", "copy"),
-    "remode": OriginalKey("remode", "copy"),
-    "drop": OriginalKey("drop_rate", "copy"),
-    "drop_path_rate": OriginalKey("drop_path_rate", "copy"),
-    "drop_path_strategy": OriginalKey(
-        None, "off-only", "a linearly growing drop-path rate is not implemented", ("const", None)
-    ),
-    "mixup": OriginalKey(None, "off-only", "mixup is not implemented", (0, 0.0, None)),
-    "cutmix": OriginalKey(None, "off-only", "cutmix is not implemented", (0, 0.0, None)),
-    "cutmix_minmax": OriginalKey(None, "off-only", "cutmix is not implemented", (None,)),
-    "mixup_prob": OriginalKey(None, "ignore", "only used with mixup/cutmix"),
-    "mixup_switch_prob": OriginalKey(None, "ignore", "only used with mixup/cutmix"),
-    "mixup_mode": OriginalKey(None, "ignore", "only used with mixup/cutmix"),
-    "model_ema": OriginalKey("model_ema", "copy"),
-    "model_ema_decay": OriginalKey("model_ema_decay", "copy"),
-    "auxiliary": OriginalKey(None, "off-only", "auxiliary towers (NAS models) are not implemented", (False, None)),
-    "auxiliary_weight": OriginalKey(None, "ignore", "only used with auxiliary towers"),
-    # misc / launcher
-    "seed": OriginalKey("seed", "copy"),
-    "log_interval": OriginalKey("log_interval", "copy"),
-    "workers": OriginalKey("num_data_workers", "copy", "DataLoader workers there; Ray workers are `workers` here"),
-    "experiment": OriginalKey(None, "ignore", "run name: dyrep-ray names runs on the command line / storage_path"),
-    "resume": OriginalKey(None, "off-only", "resume by re-running with the same storage_path and name", _OFF_STR),
-    "slurm": OriginalKey(None, "ignore", "launcher flag: dyrep-ray runs on Ray"),
-    "local_rank": OriginalKey(None, "ignore", "set by the launcher; Ray assigns ranks"),
-    "dist_port": OriginalKey(None, "ignore", "set by the launcher; Ray sets up the process group"),
-    "config": OriginalKey(None, "ignore", "the -c flag of the original command line"),
-    # knowledge distillation (later versions of the original code)
-    "kd": OriginalKey(None, "off-only", "knowledge distillation is not implemented", _OFF_STR),
-    "teacher_model": OriginalKey(None, "ignore", "only used with kd"),
-    "teacher_pretrained": OriginalKey(None, "ignore", "only used with kd"),
-    "teacher_ckpt": OriginalKey(None, "ignore", "only used with kd"),
-    "kd_loss_weight": OriginalKey(None, "ignore", "only used with kd"),
-    "ori_loss_weight": OriginalKey(None, "ignore", "only used with kd"),
-    "teacher_module": OriginalKey(None, "ignore", "only used with kd"),
-    "student_module": OriginalKey(None, "ignore", "only used with kd"),
-    "kd_loss_kwargs": OriginalKey(None, "ignore", "only used with kd"),
-    # structural re-parameterization
-    "dbb": OriginalKey(
-        None, "off-only", "static DBB (every conv re-parameterized) is not offered; DyRep grows DBBs", (False, None)
-    ),
-    "dyrep": OriginalKey("dyrep", "copy"),
-    "dyrep_adjust_interval": OriginalKey("dyrep_adjust_interval", "copy"),
-    "dyrep_max_adjust_epochs": OriginalKey("dyrep_max_adjust_epochs", "copy"),
-    "dyrep_recal_bn_iters": OriginalKey("dyrep_recal_bn_iters", "copy"),
-    "dyrep_recal_bn_every_epoch": OriginalKey("dyrep_recal_bn_every_epoch", "copy"),
-    "edgenn_config": OriginalKey(None, "off-only", "EdgeNN models are not implemented", _OFF_STR),
-}
-
-#: Keys that mark a file without a ``format:`` marker as an original DyRep strategy file (together with any
-#: hyphenated key): original keys that are not dyrep-ray field names.
-ORIGINAL_ONLY_KEYS: frozenset[str] = frozenset(k for k in ORIGINAL_KEY_MAP if k not in _DEFAULTS)
-
-# what the original's lib/dataset/builder.py fixes per dataset (data_path '' -> these, input_shape)
-_ORIGINAL_DATA_DIRS = {"imagenet": "data/imagenet", "cifar10": "data/cifar", "cifar100": "data/cifar"}
-_ORIGINAL_IMAGE_SIZES = {"imagenet": 224, "cifar10": 32, "cifar100": 32}
-
-_VGG_CIFAR_CONFIG = re.compile(r"vgg16_cifar(10|100)?\.ya?ml$", re.IGNORECASE)
-
-
-def _original_key_hint(key: Any) -> str:
-    """For a dyrep-ray key error: how to write an original DyRep key in dyrep-ray form."""
-    if not isinstance(key, str):
-        return ""
-    entry = ORIGINAL_KEY_MAP.get(key.replace("-", "_"))
-    if entry is None or key in _DEFAULTS:
-        return ""
-    if entry.action == "negate":
-        return f"{key!r} is an original DyRep key: write {entry.field}=false instead"
-    if entry.field is not None:
-        return f"{key!r} is an original DyRep key: write {entry.field!r} in dyrep-ray configs"
-    return f"{key!r} is an original DyRep key that dyrep-ray does not use ({entry.note})"
-
-
-def detect_format(raw: Mapping[Any, Any]) -> tuple[str, str]:
-    """``(NATIVE_FORMAT | ORIGINAL_FORMAT, reason)`` of a parsed YAML mapping (see module docstring)."""
-    if FORMAT_KEY in raw:
-        marker = raw[FORMAT_KEY]
-        if marker not in (NATIVE_FORMAT, ORIGINAL_FORMAT):
-            raise ConfigError(
-                f"config key 'format' must be {NATIVE_FORMAT!r} or {ORIGINAL_FORMAT!r}, got {_short(marker)}; "
-                f"remove it to detect the format automatically"
-            )
-        return marker, f"marker format: {marker}"
-    for key in raw:
-        if isinstance(key, str) and (key in ORIGINAL_ONLY_KEYS or "-" in key):
-            return ORIGINAL_FORMAT, f"it contains the original-only key {key!r}"
-    return NATIVE_FORMAT, "no original-only keys"
-
-
-def _neutral_text(value: Any) -> str:
-    return "an empty string" if value == "" else _yaml_value(value)
-
-
-def _model_from_original(model: Any, model_config: Any, source: str) -> Optional[str]:
-    if model_config not in (None, "") and not isinstance(model_config, str):
-        raise ConfigError(f"{source}: original key 'model_config' expects a path string, got {_short(model_config)}")
-    if model is None and model_config in (None, ""):
-        return None
-    if model is not None and not isinstance(model, str):
-        raise ConfigError(f"{source}: original key 'model' expects a string, got {_short(model)}")
-    if model in (None, "nas_model"):
-        if model_config and _VGG_CIFAR_CONFIG.search(model_config):
-            return "vgg16_cifar"
-        raise ConfigError(
-            f"{source}: original model 'nas_model' with model_config {_short(model_config)} is not supported "
-            f"by dyrep-ray (only configs/models/VGG/vgg16_cifar10|100.yaml); set --set model=<name>, "
-            f"e.g. model=vgg16_cifar"
-        )
-    if model.startswith("timm_"):
-        return "timm/" + model[len("timm_"):]
-    return model
-
-
-def translate_original(raw: Mapping[Any, Any], source: str = "original DyRep strategy file") -> dict[str, Any]:
-    """Values (dyrep-ray field names, each checked) that an original DyRep strategy mapping stands for.
-
-    Raises ConfigError for unknown keys, bad values and original features dyrep-ray does not implement;
-    logs one warning listing ignored keys.
-    """
-    normalized: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == FORMAT_KEY:
+    if not isinstance(saved, Mapping):
+        raise ConfigError(f"the run's saved config must be a mapping, got {type(saved).__name__}; "
+                          f"start a new run (another --name)")
+    changes: list[ConfigChange] = []
+    current = new.to_dict()
+    for key in _FIELD_NAMES:
+        before, after = _saved_value(key, saved), current[key]
+        if before == after:
             continue
-        if not isinstance(key, str):
-            raise ConfigError(f"{source}: {_unknown_key_message(key, list(ORIGINAL_KEY_MAP), 'original DyRep key')}")
-        name = key.replace("-", "_")
-        if name not in ORIGINAL_KEY_MAP:
-            message = _unknown_key_message(
-                name, list(ORIGINAL_KEY_MAP), "original DyRep key", "valid keys are those of ORIGINAL_KEY_MAP"
-            )
-            if name in _DEFAULTS:
-                message += (
-                    f"; {name!r} is a dyrep-ray key: in an original strategy file give it with --set {name}=..., "
-                    f"or write the whole file in dyrep-ray form"
-                )
-            raise ConfigError(f"{source}: {message}")
-        if name in normalized and normalized[name] != value:
+        if _RULES[key].resume == RESUME_REFUSE:
             raise ConfigError(
-                f"{source}: original key {name!r} is given twice (with '-' and '_') with different values "
-                f"{_short(normalized[name])} and {_short(value)}; keep one"
+                f"resume: config key {key!r} differs from the run's ({_short(before)} saved, {_short(after)} now) "
+                f"and cannot change on resume; set {key}={_yaml_value(before)} or start a new run (another --name)"
             )
-        normalized[name] = value
+        changes.append(ConfigChange(key, before, after))
+    return changes
 
-    out: dict[str, Any] = {}
-    ignored: list[str] = []
 
-    def put(field: str, value: Any, original: str) -> None:
-        try:
-            out[field] = _check_value(field, value)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: original key {original!r} (-> {field!r}): {exc}") from None
+# ---------------------------------------------------------------------------------------------------------------
+# Original DyRep strategy files: re-exported from original_format (imported lazily: it builds on this module)
+# ---------------------------------------------------------------------------------------------------------------
 
-    for name, value in normalized.items():
-        entry = ORIGINAL_KEY_MAP[name]
-        if entry.action == "copy":
-            assert entry.field is not None
-            if value is None and not _split_optional(_HINTS[entry.field])[1]:
-                logger.debug("original key %r is null: keeping the dyrep-ray default of %r", name, entry.field)
-                continue
-            put(entry.field, value, name)
-        elif entry.action == "negate":
-            assert entry.field is not None
-            if not isinstance(value, bool):
-                raise ConfigError(
-                    f"{source}: original key {name!r} expects true or false, got {_short(value)} "
-                    f"({type(value).__name__})"
-                )
-            put(entry.field, not value, name)
-        elif entry.action == "ignore":
-            ignored.append(f"{name} ({entry.note})")
-        elif entry.action == "off-only":
-            if value not in entry.neutral:
-                raise ConfigError(
-                    f"{source}: original DyRep key {name!r}={_short(value)} is not supported by dyrep-ray "
-                    f"({entry.note}); remove the key or set it to {_neutral_text(entry.neutral[0])}"
-                )
-        # "convert" keys are handled below
+_ORIGINAL_EXPORTS = ("ORIGINAL_KEY_MAP", "ORIGINAL_ONLY_KEYS", "OriginalKey", "detect_format", "translate_original")
 
-    # model / model_config
-    model = _model_from_original(normalized.get("model"), normalized.get("model_config"), source)
-    if model is not None:
-        put("model", model, "model")
-    # dataset location and input size, fixed by the original's dataset builder
-    dataset = out.get("dataset")
-    data_path = normalized.get("data_path")
-    if data_path not in (None, ""):
-        put("data_dir", data_path, "data_path")
-    elif dataset in _ORIGINAL_DATA_DIRS:
-        out["data_dir"] = _ORIGINAL_DATA_DIRS[dataset]
-    if dataset in _ORIGINAL_IMAGE_SIZES:
-        out["image_size"] = _ORIGINAL_IMAGE_SIZES[dataset]
-    # automatic mixed precision flag
-    if "amp" in normalized:
-        amp = normalized["amp"]
-        if amp is None:
-            pass
-        elif isinstance(amp, bool):
-            put("amp", "fp16" if amp else "none", "amp")
-        else:  # a dyrep-ray style string is tolerated
-            put("amp", amp, "amp")
-    # gradient clipping: --clip-grad-norm (flag) + --clip-grad-max-norm (default 5.0)
-    if "clip_grad_norm" in normalized or "clip_grad_max_norm" in normalized:
-        enabled = normalized.get("clip_grad_norm", False)
-        if not isinstance(enabled, bool):
-            raise ConfigError(
-                f"{source}: original key 'clip_grad_norm' expects true or false, got {_short(enabled)}"
-            )
-        if enabled:
-            put("clip_grad", normalized.get("clip_grad_max_norm", 5.0), "clip_grad_max_norm")
-        else:
-            out["clip_grad"] = None
-            if "clip_grad_max_norm" in normalized:
-                ignored.append("clip_grad_max_norm (clip_grad_norm is off)")
-    # validation batch size = batch_size * multiplier
-    multiplier = normalized.get("val_batch_size_multiplier")
-    if multiplier is not None:
-        try:
-            multiplier = _coerce_scalar(multiplier, float)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"{source}: original key 'val_batch_size_multiplier' expects a number, got {_short(multiplier)}"
-            ) from None
-        if multiplier <= 0:
-            raise ConfigError(
-                f"{source}: original key 'val_batch_size_multiplier' must be > 0, got {multiplier}"
-            )
-        if multiplier != 1.0:
-            batch = out.get("batch_size", _DEFAULTS["batch_size"])
-            put("val_batch_size", max(1, int(batch * multiplier)), "val_batch_size_multiplier")
 
-    if ignored:
-        logger.warning("%s: ignoring original DyRep keys with no effect in dyrep-ray: %s", source, "; ".join(ignored))
-    if "num_data_workers" in out:
-        logger.info(
-            "%s: original 'workers: %s' means DataLoader workers -> num_data_workers=%s; the number of Ray "
-            "workers (GPUs) is `workers` -- e.g. --set workers=8 for the original 8-GPU runs",
-            source, normalized.get("workers"), out["num_data_workers"],
-        )
-    return out
+def __getattr__(name: str) -> Any:
+    if name in _ORIGINAL_EXPORTS:
+        from . import original_format
+
+        return getattr(original_format, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -855,6 +871,9 @@ def _read_yaml_file(path: Union[str, os.PathLike]) -> dict[Any, Any]:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {name!r} is not valid YAML: {_yaml_problem(exc)}; fix the syntax") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"config file {name!r} nests collections too deeply to read; a config is a flat "
+                          f"mapping of key: value pairs") from None
     if not isinstance(data, dict):
         got = "nothing (the file is empty)" if data is None else f"a {type(data).__name__}"
         raise ConfigError(
@@ -880,6 +899,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(
             f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)}); quote it, e.g. {key}='...'"
         ) from None
+    except RecursionError:
+        raise ConfigError(f"override {text!r}: the value nests too deeply; give a plain value") from None
     return key, value
 
 
@@ -900,15 +921,16 @@ def load_config(
         if not isinstance(base, Mapping):
             raise ConfigError(f"base config must be a mapping of key: value pairs, got {type(base).__name__}")
         values.update(_validated_items(base, source="base config"))
-    original = False
+    original_from_file: Optional[dict[str, Any]] = None
     if path is not None:
+        from .original_format import detect_format, translate_original
+
         name = os.fspath(path)
         raw = _read_yaml_file(name)
         fmt, reason = detect_format(raw)
         if fmt == ORIGINAL_FORMAT:
-            original = True
             logger.info("reading %s as an original DyRep strategy file (%s)", name, reason)
-            from_file = translate_original(raw, source=f"config file {name!r}")
+            from_file = original_from_file = translate_original(raw, source=f"config file {name!r}")
         else:
             body = {k: v for k, v in raw.items() if k != FORMAT_KEY}
             from_file = _validated_items(body, source=f"config file {name!r}")
@@ -916,10 +938,23 @@ def load_config(
     for text in overrides:
         key, value = parse_override(text)
         values.update(_validated_items({key: value}, source=f"--set {text!r}"))
-    if original and "model" not in values:
+    if original_from_file is not None:
+        _original_file_notices(os.fspath(path), original_from_file, values)  # type: ignore[arg-type]
+    return TrainConfig.from_dict(values)
+
+
+def _original_file_notices(name: str, from_file: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """What an original strategy file leaves to its command line (model, --dyrep), one warning line each."""
+    if "model" not in values:
         logger.warning(
             "%s names no model (the original passed it on the command line); using model=%r -- "
             "pass e.g. --set model=resnet18",
-            os.fspath(path), _DEFAULTS["model"],  # type: ignore[arg-type]
+            name, _DEFAULTS["model"],
         )
-    return TrainConfig.from_dict(values)
+    # issue 12 item 10: the original files say `dyrep: False`; the original enabled DyRep with --dyrep
+    if from_file.get("dyrep") is False and values.get("dyrep") is False and not values.get("dbb"):
+        logger.warning(
+            "%s says dyrep: False, so this run trains without DyRep (the original enabled it with --dyrep on "
+            "its command line); add --set dyrep=true to train with DyRep",
+            name,
+        )

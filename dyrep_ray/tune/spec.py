@@ -27,7 +27,9 @@ A sweep file::
     max_failures: 0                     # Tune-level retries of an errored trial (Ray Train retries workers itself)
 
 Every problem raises :class:`~dyrep_ray.engine.config.ConfigError` with a one-line message naming the file, the
-key and the fix (unknown keys get the closest valid name).
+key and the fix (unknown keys get the closest valid name). The sections (``resources``, ``scheduler``,
+``search_alg``, the counts) are dataclasses whose rules are declared with the config's :func:`option`, checked by
+the same :func:`~dyrep_ray.engine.config.check_field` as every config key.
 """
 
 from __future__ import annotations
@@ -38,13 +40,27 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, get_type_hints
 
 import yaml
 
-from ..engine.config import ConfigError, TrainConfig, load_config, parse_override
+from ..engine.config import (
+    ConfigError,
+    FieldProblem,
+    Rule,
+    TrainConfig,
+    check_field,
+    field_names,
+    field_rule,
+    load_config,
+    numeric_type,
+    option,
+    parse_override,
+    short_repr,
+    type_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +73,6 @@ SCHEDULERS = ("fifo", "asha", "pbt")
 SEARCH_ALGS = ("random", "optuna", "hyperopt")
 TOP_KEYS = ("name", "description", "base", "config", "search_space", "metric", "mode", "num_samples",
             "max_concurrent_trials", "resources", "scheduler", "search_alg", "max_failures")
-RESOURCE_KEYS = ("workers", "use_gpu", "cpus_per_worker")
-SCHEDULER_KEYS = {
-    "fifo": ("type",),
-    "asha": ("type", "max_t", "grace_period", "reduction_factor", "brackets"),
-    "pbt": ("type", "perturbation_interval", "burn_in_period", "quantile_fraction", "resample_probability",
-            "perturbation_factors", "hyperparam_mutations", "synch"),
-}
-SEARCH_ALG_KEYS = ("type", "seed")
 #: The time axis of ASHA / PBT: the 1-based epoch every report carries (continues across PBT exploits).
 TIME_ATTR = "epoch"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -200,7 +208,114 @@ class SweepSpec:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# parsing
+# sections declared with the config's option() rules (one validation mechanism for configs and sweeps)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resources:
+    """``resources:`` -- per trial; defaults come from the base config (``workers``: its max when elastic)."""
+
+    workers: int = option(1, ge=1)
+    use_gpu: Optional[bool] = option(None, must="true, false or null")
+    cpus_per_worker: float = option(1.0, gt=0, le=1024)
+
+
+@dataclass(frozen=True)
+class Asha:
+    """``scheduler: {type: asha, ...}``; ``max_t`` defaults to the base config's epochs."""
+
+    type: str = option("asha")
+    max_t: int = option(1, ge=1)
+    grace_period: int = option(1, ge=1)
+    reduction_factor: float = option(3.0, gt=1, le=1e6)
+    brackets: int = option(1, ge=1)
+
+
+@dataclass(frozen=True)
+class Pbt:
+    """``scheduler: {type: pbt, ...}``; ``perturbation_interval`` defaults to the config's adjust interval."""
+
+    type: str = option("pbt")
+    perturbation_interval: int = option(1, ge=1)
+    burn_in_period: int = option(0, ge=0)
+    quantile_fraction: float = option(0.25, gt=0, le=0.5)
+    resample_probability: float = option(0.25, ge=0, le=1)
+    perturbation_factors: list[float] = option((1.2, 0.8), length=2, gt=0, must="two positive numbers")
+    synch: bool = option(False)
+    hyperparam_mutations: Any = option(None)  # key -> distribution; checked against the config below
+
+
+@dataclass(frozen=True)
+class Fifo:
+    type: str = option("fifo")
+
+
+@dataclass(frozen=True)
+class SearchAlg:
+    type: str = option("random")
+    seed: Optional[int] = option(None, ge=0)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The top-level numbers of a sweep file."""
+
+    num_samples: int = option(1, ge=1)
+    max_concurrent_trials: Optional[int] = option(None, ge=1)
+    max_failures: int = option(0, ge=0)
+
+
+_SCHEDULER_SECTIONS = {"fifo": Fifo, "asha": Asha, "pbt": Pbt}
+SCHEDULER_KEYS = {kind: tuple(f.name for f in fields(cls)) for kind, cls in _SCHEDULER_SECTIONS.items()}
+RESOURCE_KEYS = tuple(f.name for f in fields(Resources))
+SEARCH_ALG_KEYS = tuple(f.name for f in fields(SearchAlg))
+
+
+def _what_it_must_be(hint: Any, rule: Rule, detail: str) -> str:
+    """``an integer >= 1``, ``a number in (0, 0.5]``, ``true or false`` (or the declared ``must`` text)."""
+    if rule.must:
+        return rule.must
+    args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
+    inner = args[0] if len(args) == 1 else hint  # Optional[X] -> X
+    if inner is bool:
+        return "true or false"
+    noun = "an integer" if inner is int else "a number"
+    return f"{noun} {detail}" if detail and detail != "any" else noun
+
+
+def _section(cls: type, raw: Any, where: str, source: str, defaults: Mapping[str, Any] = (),
+             unknown_suffix: str = "") -> Any:
+    """An instance of the declared section ``cls`` from a mapping; messages name ``where.key`` in ``source``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"sweep file {source}: '{where}' must be a mapping ({', '.join(_keys_of(cls))})")
+    names = _keys_of(cls)
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"sweep file {source}: unknown key {_dotted(where, key)}{unknown_suffix}"
+                              f"{_closest(key, names)}")
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        value = raw.get(f.name, dict(defaults).get(f.name, f.default))
+        try:
+            values[f.name] = check_field(hints[f.name], field_rule(f), value)
+        except FieldProblem as problem:
+            what = _what_it_must_be(hints[f.name], field_rule(f), problem.detail or field_rule(f).bounds.text())
+            raise ConfigError(f"sweep file {source}: {_dotted(where, f.name)} must be {what}, got {value!r}") from None
+    return cls(**values)
+
+
+def _keys_of(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _dotted(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributions
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -208,7 +323,7 @@ def _parse_distribution(where: str, spec: Any, source: str) -> Distribution:
     example = "e.g. lr: {loguniform: [1.0e-3, 0.1]} or dyrep_metric: {choice: [synflow, snip]}"
     if not isinstance(spec, Mapping) or len(spec) != 1:
         raise ConfigError(f"sweep file {source}: {where} must be one distribution mapping "
-                          f"({', '.join(DISTRIBUTIONS)}), got {spec!r}; {example}")
+                          f"({', '.join(DISTRIBUTIONS)}), got {short_repr(spec)}; {example}")
     (kind, args), = spec.items()
     kind = _DIST_ALIASES.get(kind, kind)
     if kind not in DISTRIBUTIONS:
@@ -218,13 +333,14 @@ def _parse_distribution(where: str, spec: Any, source: str) -> Distribution:
                           f"use one of {', '.join(DISTRIBUTIONS)}")
     if kind in ("choice", "grid"):
         if not isinstance(args, (list, tuple)) or not args:
-            raise ConfigError(f"sweep file {source}: {where}: {kind} needs a non-empty list of values, got {args!r}")
+            raise ConfigError(f"sweep file {source}: {where}: {kind} needs a non-empty list of values, "
+                              f"got {short_repr(args)}")
         return Distribution(kind, values=tuple(args))
     if not isinstance(args, (list, tuple)) or len(args) != 2:
-        raise ConfigError(f"sweep file {source}: {where}: {kind} needs [low, high], got {args!r}")
+        raise ConfigError(f"sweep file {source}: {where}: {kind} needs [low, high], got {short_repr(args)}")
     low, high = (_number(a) for a in args)
     if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
-        raise ConfigError(f"sweep file {source}: {where}: {kind} bounds must be numbers, got {list(args)!r}")
+        raise ConfigError(f"sweep file {source}: {where}: {kind} bounds must be numbers, got {short_repr(list(args))}")
     if not low < high:
         raise ConfigError(f"sweep file {source}: {where}: {kind} needs low < high, got [{low:g}, {high:g}]")
     if kind == "loguniform" and low <= 0:
@@ -239,17 +355,18 @@ def _check_against_config(key: str, dist: Distribution, base: dict, source: str,
     """Every value a distribution can produce must make a valid TrainConfig; choice values are normalized."""
     def valid(value: Any) -> Any:
         try:
-            return getattr(TrainConfig.from_dict({**base, key: value}), key)
+            return TrainConfig.from_dict({**base, key: value}).to_dict()[key]
         except ConfigError as exc:
-            raise ConfigError(f"sweep file {source}: {where}: value {value!r} is invalid: {exc}") from None
+            raise ConfigError(f"sweep file {source}: {where}: value {short_repr(value)} is invalid: {exc}") from None
 
     if dist.kind in ("choice", "grid"):
         return Distribution(dist.kind, values=tuple(valid(v) for v in dist.values))
-    hint = str(TrainConfig.__annotations__.get(key, "")).replace("Optional[", "").rstrip("]")
-    if hint not in ("int", "float"):
+    kind = numeric_type(key)
+    if kind is None:
+        hint = type_text(key).removeprefix("an ").removeprefix("a ")
         raise ConfigError(f"sweep file {source}: {where}: {key!r} is not a number key ({hint}); "
                           f"use choice or grid")
-    if hint == "int" and dist.kind in ("uniform", "loguniform"):
+    if kind is int and dist.kind in ("uniform", "loguniform"):
         raise ConfigError(f"sweep file {source}: {where}: {key!r} is an integer key; use randint: [low, high) "
                           f"or choice instead of {dist.kind}")
     valid(dist.low if dist.kind != "randint" else int(dist.low))
@@ -257,9 +374,40 @@ def _check_against_config(key: str, dist: Distribution, base: dict, source: str,
     return dist
 
 
+def _config_key(key: Any, where: str, source: str) -> str:
+    if key not in field_names():
+        raise ConfigError(f"sweep file {source}: {where}: unknown config key {key!r}"
+                          f"{_closest(key, list(field_names()))}")
+    return key
+
+
+def _distributions(raw: Any, base: dict, source: str, where: str,
+                   name_key: bool = False) -> dict[str, Distribution]:
+    """A mapping of config keys to distributions, each checked against the base config.
+
+    ``name_key``: an unknown key's message names ``where.key`` (not just ``where``).
+    """
+    out: dict[str, Distribution] = {}
+    for key, spec in raw.items():
+        _config_key(key, f"{where}.{key}" if name_key else where, source)
+        if key in UNSEARCHABLE_KEYS:
+            raise ConfigError(f"sweep file {source}: {where}.{key}: per-trial resources and storage are not "
+                              f"searchable; set them under 'resources:' / with --output")
+        at = f"{where}.{key}"
+        out[key] = _check_against_config(key, _parse_distribution(at, spec, source), base, source, at)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sweep file, piece by piece
+# ---------------------------------------------------------------------------------------------------------------
+
+UNSEARCHABLE_KEYS = ("workers", "use_gpu", "storage_path")
+
+
 def _resolve_base_path(base: Any, sweep_path: Optional[Path]) -> Path:
     if not isinstance(base, (str, os.PathLike)) or not str(base).strip():
-        raise ConfigError(f"sweep file {sweep_path}: 'base' must be a path to an experiment YAML, got {base!r}")
+        raise ConfigError(f"sweep file {sweep_path}: 'base' must be a path to an experiment YAML, got {short_repr(base)}")
     candidate = Path(base).expanduser()
     places = [candidate] if candidate.is_absolute() else [
         *([sweep_path.parent / candidate] if sweep_path else []), Path.cwd() / candidate, REPO_ROOT / candidate]
@@ -268,20 +416,6 @@ def _resolve_base_path(base: Any, sweep_path: Optional[Path]) -> Path:
             return place
     raise ConfigError(f"sweep file {sweep_path}: base config {str(base)!r} not found (looked in "
                       f"{', '.join(str(p.parent) for p in places)}); give a path relative to the sweep file")
-
-
-def _int(source: str, where: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"sweep file {source}: {where} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _float(source: str, where: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
-    number = _number(value)
-    if number is None or not (lo < number if lo_open else lo <= number) or number > hi:
-        bracket = "(" if lo_open else "["
-        raise ConfigError(f"sweep file {source}: {where} must be a number in {bracket}{lo:g}, {hi:g}], got {value!r}")
-    return number
 
 
 def _apply_override(raw: dict, text: str, source: str) -> None:
@@ -303,190 +437,133 @@ def _apply_override(raw: dict, text: str, source: str) -> None:
             raise ConfigError(f"--set {text!r}: {head} is not a mapping in {source}")
         node[parts[-1]] = value
         return
-    if key in TrainConfig.__dataclass_fields__:
+    if key in field_names():
         raw.setdefault("config", {})[key] = value
         return
-    raise ConfigError(f"--set {text!r}: unknown key {key!r}"
-                      f"{_closest(key, [*TOP_KEYS, *TrainConfig.__dataclass_fields__])}")
+    raise ConfigError(f"--set {text!r}: unknown key {key!r}{_closest(key, [*TOP_KEYS, *field_names()])}")
 
 
-def load_sweep(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = (), *,
-               raw: Optional[Mapping[str, Any]] = None) -> SweepSpec:
-    """Parse and validate a sweep YAML (or an already-parsed mapping ``raw``), with ``--set`` overrides."""
-    sweep_path = Path(path) if path is not None else None
-    source = str(sweep_path) if sweep_path is not None else "<inline>"
-    if raw is None:
-        if sweep_path is None:
-            raise ConfigError("a sweep needs a YAML file: dyrep-ray tune -c experiments/tune/demo.yaml")
-        if not sweep_path.is_file():
-            raise ConfigError(f"sweep file {source} not found")
-        try:
-            raw = yaml.safe_load(sweep_path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"sweep file {source}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"sweep file {source} must contain a mapping (name:, base:, search_space:, ...)")
-    raw = copy.deepcopy(dict(raw))
-    for text in overrides:
-        _apply_override(raw, text, source)
+def _read_sweep_file(sweep_path: Optional[Path], source: str) -> Any:
+    if sweep_path is None:
+        raise ConfigError("a sweep needs a YAML file: dyrep-ray tune -c experiments/tune/demo.yaml")
+    if not sweep_path.is_file():
+        raise ConfigError(f"sweep file {source} not found")
+    try:
+        return yaml.safe_load(sweep_path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep file {source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"sweep file {source} is not UTF-8 text; pass a YAML file") from None
+    except RecursionError:
+        raise ConfigError(f"sweep file {source}: nests collections too deeply to read") from None
+
+
+def _check_top_keys(raw: Mapping[str, Any], source: str) -> None:
     for key in raw:
         if key not in TOP_KEYS:
             hint = _closest(key, TOP_KEYS)
-            if key in TrainConfig.__dataclass_fields__:
+            if key in field_names():
                 hint = f"; {key!r} is an experiment config key: put it under 'config:'"
             raise ConfigError(f"sweep file {source}: unknown key {key!r}{hint}")
 
-    # -- the base experiment config ----------------------------------------------------------------------------
+
+def _base_config(raw: Mapping[str, Any], sweep_path: Optional[Path], source: str) -> dict:
+    """The experiment config every trial starts from: ``base`` file < ``config`` overrides, as a dict."""
     inline = raw.get("config") or {}
     if not isinstance(inline, Mapping):
-        raise ConfigError(f"sweep file {source}: 'config' must be a mapping of experiment keys, got {inline!r}")
+        raise ConfigError(f"sweep file {source}: 'config' must be a mapping of experiment keys, got {short_repr(inline)}")
     base_path = _resolve_base_path(raw["base"], sweep_path) if raw.get("base") is not None else None
     try:
         cfg = load_config(base_path)
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **inline}) if inline else cfg
     except ConfigError as exc:
         raise ConfigError(f"sweep file {source}: {'config' if base_path is None else 'base/config'}: {exc}") from None
-    base = cfg.to_dict()
+    return cfg.to_dict()
 
-    # -- resources ----------------------------------------------------------------------------------------------
-    resources = raw.get("resources") or {}
-    if not isinstance(resources, Mapping):
-        raise ConfigError(f"sweep file {source}: 'resources' must be a mapping ({', '.join(RESOURCE_KEYS)})")
-    for key in resources:
-        if key not in RESOURCE_KEYS:
-            raise ConfigError(f"sweep file {source}: unknown key resources.{key}{_closest(key, RESOURCE_KEYS)}")
-    workers = _int(source, "resources.workers", resources.get("workers", base["workers"]), 1)
-    use_gpu = resources.get("use_gpu", base["use_gpu"])
-    if use_gpu is not None and not isinstance(use_gpu, bool):
-        raise ConfigError(f"sweep file {source}: resources.use_gpu must be true, false or null, got {use_gpu!r}")
-    cpus_per_worker = _float(source, "resources.cpus_per_worker", resources.get("cpus_per_worker", 1), 0, 1024,
-                             lo_open=True)
 
-    # -- search space -------------------------------------------------------------------------------------------
-    space_raw = raw.get("search_space") or {}
-    if not isinstance(space_raw, Mapping):
-        raise ConfigError(f"sweep file {source}: 'search_space' must map config keys to distributions")
-    space: dict[str, Distribution] = {}
-    for key, spec in space_raw.items():
-        if key not in TrainConfig.__dataclass_fields__:
-            raise ConfigError(f"sweep file {source}: search_space: unknown config key {key!r}"
-                              f"{_closest(key, list(TrainConfig.__dataclass_fields__))}")
-        if key in ("workers", "use_gpu", "storage_path"):
-            raise ConfigError(f"sweep file {source}: search_space.{key}: per-trial resources and storage are not "
-                              f"searchable; set them under 'resources:' / with --output")
-        where = f"search_space.{key}"
-        space[key] = _check_against_config(key, _parse_distribution(where, spec, source), base, source, where)
+def _resources(raw: Mapping[str, Any], base: dict, source: str) -> Resources:
+    workers = base["workers"]
+    defaults = {"workers": max(workers) if isinstance(workers, list) else workers, "use_gpu": base["use_gpu"]}
+    return _section(Resources, raw.get("resources") or {}, "resources", source, defaults)
 
-    # -- objective ----------------------------------------------------------------------------------------------
+
+def _objective(raw: Mapping[str, Any], base: dict, source: str) -> tuple[str, str]:
     metric = raw.get("metric", "val_top1")
     if metric not in KNOWN_METRICS:
-        raise ConfigError(f"sweep file {source}: unknown metric {metric!r}{_closest(metric, KNOWN_METRICS)}")
+        raise ConfigError(f"sweep file {source}: unknown metric {short_repr(metric)}{_closest(metric, KNOWN_METRICS)}")
     if metric.startswith("ema_") and not base["model_ema"]:
         raise ConfigError(f"sweep file {source}: metric {metric!r} needs model_ema: true under 'config:'")
     mode = raw.get("mode", "min" if metric.endswith("loss") else "max")
     if mode not in ("min", "max"):
-        raise ConfigError(f"sweep file {source}: mode must be 'max' or 'min', got {mode!r}")
-    num_samples = _int(source, "num_samples", raw.get("num_samples", 1), 1)
-    max_concurrent = raw.get("max_concurrent_trials")
-    if max_concurrent is not None:
-        max_concurrent = _int(source, "max_concurrent_trials", max_concurrent, 1)
-    max_failures = _int(source, "max_failures", raw.get("max_failures", 0), 0)
+        raise ConfigError(f"sweep file {source}: mode must be 'max' or 'min', got {short_repr(mode)}")
+    return metric, mode
 
-    # -- scheduler ----------------------------------------------------------------------------------------------
-    sched_raw = raw.get("scheduler") or {"type": "fifo"}
-    if isinstance(sched_raw, str):
-        sched_raw = {"type": sched_raw}
+
+def _scheduler_type(sched_raw: Any, source: str) -> str:
     if not isinstance(sched_raw, Mapping):
         raise ConfigError(f"sweep file {source}: 'scheduler' must be a mapping with 'type' ({', '.join(SCHEDULERS)})")
     sched_type = str(sched_raw.get("type", "fifo")).lower()
-    if sched_type == "none":
-        sched_type = "fifo"
+    sched_type = "fifo" if sched_type == "none" else sched_type
     if sched_type not in SCHEDULERS:
         close = difflib.get_close_matches(sched_type, SCHEDULERS, n=1, cutoff=0.4)
         raise ConfigError(f"sweep file {source}: unknown scheduler {sched_type!r}"
                           f"{f' (did you mean {close[0]!r}?)' if close else ''}; use one of {', '.join(SCHEDULERS)}")
-    for key in sched_raw:
-        if key not in SCHEDULER_KEYS[sched_type]:
-            raise ConfigError(f"sweep file {source}: unknown key scheduler.{key} for {sched_type}"
-                              f"{_closest(key, SCHEDULER_KEYS[sched_type])}")
-    scheduler: dict[str, Any] = {"type": sched_type}
-    mutations: dict[str, Distribution] = {}
-    epochs = base["epochs"]
-    if sched_type == "asha":
-        scheduler["max_t"] = _int(source, "scheduler.max_t", sched_raw.get("max_t", epochs), 1)
-        scheduler["grace_period"] = _int(source, "scheduler.grace_period", sched_raw.get("grace_period", 1), 1)
-        scheduler["reduction_factor"] = _float(source, "scheduler.reduction_factor",
-                                               sched_raw.get("reduction_factor", 3), 1, 1e6, lo_open=True)
-        scheduler["brackets"] = _int(source, "scheduler.brackets", sched_raw.get("brackets", 1), 1)
-        if scheduler["grace_period"] > scheduler["max_t"]:
-            raise ConfigError(f"sweep file {source}: scheduler.grace_period ({scheduler['grace_period']}) must be "
-                              f"<= scheduler.max_t ({scheduler['max_t']})")
-    elif sched_type == "pbt":
-        scheduler["perturbation_interval"] = _int(
-            source, "scheduler.perturbation_interval",
-            sched_raw.get("perturbation_interval", base["dyrep_adjust_interval"]), 1)
-        scheduler["burn_in_period"] = _int(source, "scheduler.burn_in_period", sched_raw.get("burn_in_period", 0), 0)
-        scheduler["quantile_fraction"] = _float(source, "scheduler.quantile_fraction",
-                                                sched_raw.get("quantile_fraction", 0.25), 0, 0.5, lo_open=True)
-        scheduler["resample_probability"] = _float(source, "scheduler.resample_probability",
-                                                   sched_raw.get("resample_probability", 0.25), 0, 1)
-        factors = sched_raw.get("perturbation_factors", [1.2, 0.8])
-        if (not isinstance(factors, (list, tuple)) or len(factors) != 2
-                or any(_number(f) is None or _number(f) <= 0 for f in factors)):
-            raise ConfigError(f"sweep file {source}: scheduler.perturbation_factors must be two positive numbers, "
-                              f"got {factors!r}")
-        scheduler["perturbation_factors"] = [_number(f) for f in factors]
-        synch = sched_raw.get("synch", False)
-        if not isinstance(synch, bool):
-            raise ConfigError(f"sweep file {source}: scheduler.synch must be true or false, got {synch!r}")
-        scheduler["synch"] = synch
-        mut_raw = sched_raw.get("hyperparam_mutations")
-        if mut_raw is None:  # grid dimensions seed the population and then mutate among their values
-            mutations = dict(space)
-        else:
-            if not isinstance(mut_raw, Mapping) or not mut_raw:
-                raise ConfigError(f"sweep file {source}: scheduler.hyperparam_mutations must map config keys to "
-                                  f"distributions")
-            for key, spec in mut_raw.items():
-                where = f"scheduler.hyperparam_mutations.{key}"
-                if key not in TrainConfig.__dataclass_fields__:
-                    raise ConfigError(f"sweep file {source}: {where}: unknown config key {key!r}"
-                                      f"{_closest(key, list(TrainConfig.__dataclass_fields__))}")
-                dist = _check_against_config(key, _parse_distribution(where, spec, source), base, source, where)
-                if dist.kind == "grid":
-                    raise ConfigError(f"sweep file {source}: {where}: PBT cannot mutate with grid; use choice")
-                mutations[key] = dist
-                if key not in space:  # every mutated key needs an initial value per trial
-                    space[key] = dist
-        if not mutations:
-            raise ConfigError(f"sweep file {source}: scheduler pbt needs something to mutate: a search_space "
-                              f"key or scheduler.hyperparam_mutations")
-        every = base["checkpoint_every"]
-        if scheduler["perturbation_interval"] % every or scheduler["burn_in_period"] % every:
-            raise ConfigError(f"sweep file {source}: PBT exploits checkpoints: scheduler.perturbation_interval "
-                              f"({scheduler['perturbation_interval']}) and burn_in_period must be multiples of "
-                              f"checkpoint_every ({every})")
-    if not space:
-        raise ConfigError(f"sweep file {source}: search_space is empty; add e.g. "
-                          f"dyrep_cut_threshold: {{uniform: [0.05, 0.3]}}")
+    return sched_type
 
-    # -- search algorithm ---------------------------------------------------------------------------------------
+
+def _scheduler(raw: Mapping[str, Any], base: dict, space: dict[str, Distribution],
+               source: str) -> tuple[dict, dict[str, Distribution]]:
+    """The scheduler settings (a plain dict, as sweep.py builds it) and PBT's mutations (may extend ``space``)."""
+    sched_raw = raw.get("scheduler") or {"type": "fifo"}
+    sched_raw = {"type": sched_raw} if isinstance(sched_raw, str) else sched_raw
+    sched_type = _scheduler_type(sched_raw, source)
+    defaults = {"type": sched_type, "max_t": base["epochs"], "perturbation_interval": base["dyrep_adjust_interval"]}
+    section = _section(_SCHEDULER_SECTIONS[sched_type], {**sched_raw, "type": sched_type}, "scheduler", source,
+                       defaults, unknown_suffix=f" for {sched_type}")
+    scheduler = {k: v for k, v in asdict(section).items() if k != "hyperparam_mutations"}
+    if sched_type == "asha" and section.grace_period > section.max_t:
+        raise ConfigError(f"sweep file {source}: scheduler.grace_period ({section.grace_period}) must be "
+                          f"<= scheduler.max_t ({section.max_t})")
+    if sched_type != "pbt":
+        return scheduler, {}
+    return scheduler, _pbt_mutations(section, base, space, source)
+
+
+def _pbt_mutations(section: Pbt, base: dict, space: dict[str, Distribution], source: str) -> dict[str, Distribution]:
+    mut_raw = section.hyperparam_mutations
+    if mut_raw is None:  # grid dimensions seed the population and then mutate among their values
+        mutations = dict(space)
+    else:
+        if not isinstance(mut_raw, Mapping) or not mut_raw:
+            raise ConfigError(f"sweep file {source}: scheduler.hyperparam_mutations must map config keys to "
+                              f"distributions")
+        mutations = _distributions(mut_raw, base, source, "scheduler.hyperparam_mutations", name_key=True)
+        for key, dist in mutations.items():
+            if dist.kind == "grid":
+                raise ConfigError(f"sweep file {source}: scheduler.hyperparam_mutations.{key}: PBT cannot mutate "
+                                  f"with grid; use choice")
+            space.setdefault(key, dist)  # every mutated key needs an initial value per trial
+    if not mutations:
+        raise ConfigError(f"sweep file {source}: scheduler pbt needs something to mutate: a search_space "
+                          f"key or scheduler.hyperparam_mutations")
+    every = base["checkpoint_every"]
+    if section.perturbation_interval % every or section.burn_in_period % every:
+        raise ConfigError(f"sweep file {source}: PBT exploits checkpoints: scheduler.perturbation_interval "
+                          f"({section.perturbation_interval}) and burn_in_period must be multiples of "
+                          f"checkpoint_every ({every})")
+    return mutations
+
+
+def _search_alg(raw: Mapping[str, Any], space: dict[str, Distribution], sched_type: str, source: str) -> dict:
     alg_raw = raw.get("search_alg") or {"type": "random"}
-    if isinstance(alg_raw, str):
-        alg_raw = {"type": alg_raw}
+    alg_raw = {"type": alg_raw} if isinstance(alg_raw, str) else alg_raw
     if not isinstance(alg_raw, Mapping):
         raise ConfigError(f"sweep file {source}: 'search_alg' must be a mapping with 'type' "
                           f"({', '.join(SEARCH_ALGS)})")
-    for key in alg_raw:
-        if key not in SEARCH_ALG_KEYS:
-            raise ConfigError(f"sweep file {source}: unknown key search_alg.{key}{_closest(key, SEARCH_ALG_KEYS)}")
     alg_type = str(alg_raw.get("type", "random")).lower()
+    alg = _section(SearchAlg, {**alg_raw, "type": alg_type}, "search_alg", source)
     if alg_type not in SEARCH_ALGS:
-        raise ConfigError(f"sweep file {source}: unknown search_alg {alg_type!r}"
-                          f"{_closest(alg_type, SEARCH_ALGS)}")
-    seed = alg_raw.get("seed")
-    if seed is not None:
-        seed = _int(source, "search_alg.seed", seed, 0)
+        raise ConfigError(f"sweep file {source}: unknown search_alg {alg_type!r}{_closest(alg_type, SEARCH_ALGS)}")
     if alg_type != "random":
         import importlib.util
 
@@ -499,13 +576,45 @@ def load_sweep(path: Optional[str | os.PathLike] = None, overrides: Sequence[str
         if sched_type == "pbt":
             raise ConfigError(f"sweep file {source}: scheduler pbt samples its own population; "
                               f"use search_alg: {{type: random}}")
+    return {"type": alg.type, "seed": alg.seed}
 
+
+def _name(raw: Mapping[str, Any], source: str) -> Optional[str]:
     name = raw.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip() or "/" in name):
-        raise ConfigError(f"sweep file {source}: name must be a non-empty string without '/', got {name!r}")
-    description = raw.get("description") or ""
-    return SweepSpec(source=source, name=name, base_config=base, search_space=space, metric=metric, mode=mode,
-                     num_samples=num_samples, max_concurrent_trials=max_concurrent, workers=workers,
-                     use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, scheduler=scheduler, mutations=mutations,
-                     search_alg={"type": alg_type, "seed": seed}, max_failures=max_failures,
-                     description=str(description))
+        raise ConfigError(f"sweep file {source}: name must be a non-empty string without '/', got {short_repr(name)}")
+    return name
+
+
+def load_sweep(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = (), *,
+               raw: Optional[Mapping[str, Any]] = None) -> SweepSpec:
+    """Parse and validate a sweep YAML (or an already-parsed mapping ``raw``), with ``--set`` overrides."""
+    sweep_path = Path(path) if path is not None else None
+    source = str(sweep_path) if sweep_path is not None else "<inline>"
+    if raw is None:
+        raw = _read_sweep_file(sweep_path, source)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"sweep file {source} must contain a mapping (name:, base:, search_space:, ...)")
+    raw = copy.deepcopy(dict(raw))
+    for text in overrides:
+        _apply_override(raw, text, source)
+    _check_top_keys(raw, source)
+
+    base = _base_config(raw, sweep_path, source)
+    resources = _resources(raw, base, source)
+    space_raw = raw.get("search_space") or {}
+    if not isinstance(space_raw, Mapping):
+        raise ConfigError(f"sweep file {source}: 'search_space' must map config keys to distributions")
+    space = _distributions(space_raw, base, source, "search_space")
+    metric, mode = _objective(raw, base, source)
+    counts = _section(Counts, {k: raw[k] for k in _keys_of(Counts) if k in raw}, "", source)
+    scheduler, mutations = _scheduler(raw, base, space, source)
+    if not space:
+        raise ConfigError(f"sweep file {source}: search_space is empty; add e.g. "
+                          f"dyrep_cut_threshold: {{uniform: [0.05, 0.3]}}")
+    search_alg = _search_alg(raw, space, scheduler["type"], source)
+    return SweepSpec(source=source, name=_name(raw, source), base_config=base, search_space=space, metric=metric,
+                     mode=mode, num_samples=counts.num_samples, max_concurrent_trials=counts.max_concurrent_trials,
+                     workers=resources.workers, use_gpu=resources.use_gpu, cpus_per_worker=resources.cpus_per_worker,
+                     scheduler=scheduler, mutations=mutations, search_alg=search_alg,
+                     max_failures=counts.max_failures, description=str(raw.get("description") or ""))
