@@ -271,6 +271,7 @@ def test_unreachable_uri_and_unwritable_tensorboard_dir_warn_once_and_the_run_go
     tb_warning, mlflow_warning = warnings
     assert tb_warning.startswith("TensorBoard tracking disabled for this run") and TENSORBOARD_DIR in tb_warning
     assert mlflow_warning.startswith("MLflow tracking disabled for this run") and UNREACHABLE_URI in mlflow_warning
+    assert "Connection refused" in mlflow_warning  # the root cause survives the one-line cut
     assert all("\n" not in w for w in warnings)
     assert not any(cb.enabled for cb in callbacks)
     assert not (run_dir / TRACKING_FILE).exists()
@@ -316,3 +317,62 @@ def test_resolve_tracking_uri_makes_file_stores_absolute(tmp_path):
     assert resolve_tracking_uri(f"file://{tmp_path}/m") == (tmp_path / "m").as_uri()
     for uri in ("http://host:5000", "sqlite:///rel.db", None):
         assert resolve_tracking_uri(uri) == uri
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` (sqlite backend) on a free local port; stopped after the test."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root",
+         str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + SERVER_START_S
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, "mlflow server exited during start"
+            assert time.monotonic() < deadline, f"mlflow server not up after {SERVER_START_S} s"
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group this test started
+        proc.wait(timeout=30)
+
+
+SERVER_START_S = 240  # a cold `mlflow server` start takes 1-2 minutes on a busy 2-core machine
+
+
+@pytest.mark.slow
+def test_tracking_to_a_real_mlflow_server(tracked_run, mlflow_server, tmp_path):
+    run_dir = tmp_path / "served"
+    callback = MLflowCallback(mlflow_server)
+    trainer = _replay_trainer(tracked_run, run_dir)
+    _replay(trainer, [callback], tracked_run.rows)
+    callback.on_fit_end(trainer, tracked_run.summary)
+    assert callback.enabled
+    client = MlflowClient(tracking_uri=mlflow_server)
+    for key in TRACKED_KEYS:
+        assert metric_history(client, callback.run_id, key) == {r["epoch"]: float(r[key]) for r in tracked_run.rows}
+    assert client.get_run(callback.run_id).data.params["model"] == tracked_run.cfg.model
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    assert log_deployed_artifacts(run_dir, weights) is True
+    assert artifact_paths(client, callback.run_id, "deployed") == {"deployed/w.safetensors"}

@@ -27,10 +27,32 @@ def run_storage(run_dir: str | Path | RunStorage) -> RunStorage:
     return RunStorage(parent or ".", name)
 
 
+def _squash(exc: BaseException) -> str:
+    return re.sub(r"\s+", " ", f"{type(exc).__name__}: {exc}").strip()
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
+
+
 def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line, cut to :data:`WARNING_DETAIL_CHARS`."""
-    text = re.sub(r"\s+", " ", f"{type(exc).__name__}: {exc}").strip()
-    return text if len(text) <= WARNING_DETAIL_CHARS else text[: WARNING_DETAIL_CHARS - 3] + "..."
+    """``Type: message`` on one line, at most :data:`WARNING_DETAIL_CHARS`; a long one keeps its root cause.
+
+    (MLflow wraps e.g. ``ConnectionRefusedError`` in a page of request details: the cause is what matters.)
+    """
+    text, root = _squash(exc), root_cause(exc)
+    if len(text) <= WARNING_DETAIL_CHARS or root is exc:
+        return _cut(text, WARNING_DETAIL_CHARS)
+    cause = _cut(_squash(root), WARNING_DETAIL_CHARS // 2)
+    return f"{_cut(text, WARNING_DETAIL_CHARS - len(cause) - 10)} (cause: {cause})"
 
 
 # Per-epoch metrics.jsonl keys that are not scalars to plot.

@@ -56,6 +56,9 @@ STRUCTURE_ARTIFACT = "structure.json"
 # Logged every epoch: its history tells a resumed run which epochs the MLflow run already holds.
 EPOCH_SENTINEL_METRIC = "train_loss"
 SUMMARY_PREFIX = "summary."
+# MLflow prints its schema-creation steps for a new sqlite store on its own console handler; our one
+# "MLflow run ..." line says where the run went.
+QUIET_MLFLOW_LOGGERS = ("mlflow.store.db.utils",)
 
 
 def is_http(uri: str) -> bool:
@@ -81,6 +84,19 @@ def _environ(values: dict[str, str]):
                 os.environ[key] = old
 
 
+@contextmanager
+def _quiet(names: tuple[str, ...]):
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def connect(tracking_uri: str):
     """An ``MlflowClient`` for ``tracking_uri`` whose store answered a request (raises otherwise, fast)."""
     from mlflow.tracking import MlflowClient
@@ -90,7 +106,7 @@ def connect(tracking_uri: str):
     if is_http(tracking_uri):
         for key, value in RUN_HTTP_ENV.items():
             os.environ.setdefault(key, value)
-    with _environ(PROBE_HTTP_ENV if is_http(tracking_uri) else {}):
+    with _environ(PROBE_HTTP_ENV if is_http(tracking_uri) else {}), _quiet(QUIET_MLFLOW_LOGGERS):
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
     return client
