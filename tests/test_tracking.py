@@ -13,27 +13,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import (
+    SCALARS,
+    TENSORS,
+    EventAccumulator,
+)
 
-pytest.importorskip("tensorboard")
-pytest.importorskip("mlflow")
-
-from mlflow.tracking import MlflowClient  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator  # noqa: E402
-
-from dyrep_ray.engine.config import load_config  # noqa: E402
-from dyrep_ray.engine.context import LocalContext  # noqa: E402
-from dyrep_ray.engine.layout import METRICS_FILE, STRUCTURE_FILE  # noqa: E402
-from dyrep_ray.engine.loop import Trainer  # noqa: E402
-from dyrep_ray.models import build_model, count_flops  # noqa: E402
-from dyrep_ray.tracking import (  # noqa: E402
+from dyrep_ray.engine.config import load_config
+from dyrep_ray.engine.context import LocalContext
+from dyrep_ray.engine.layout import METRICS_FILE, STRUCTURE_FILE
+from dyrep_ray.engine.loop import Trainer
+from dyrep_ray.tracking import (
     TENSORBOARD_DIR,
     TRACKING_FILE,
     build_tracking_callbacks,
     resolve_tracking_uri,
 )
-from dyrep_ray.tracking.base import epoch_scalars  # noqa: E402
-from dyrep_ray.tracking.mlflow import MLflowCallback, flatten_params, log_deployed_artifacts  # noqa: E402
-from dyrep_ray.tracking.tensorboard import TensorBoardCallback  # noqa: E402
+from dyrep_ray.tracking.base import epoch_scalars
+from dyrep_ray.tracking.mlflow import (
+    MLflowCallback,
+    flatten_params,
+    log_deployed_artifacts,
+)
+from dyrep_ray.tracking.tensorboard import TensorBoardCallback
 
 LOCAL_TINY = ["synthetic_train_size=256", "synthetic_val_size=128", "batch_size=32", "dyrep_recal_bn_iters=2",
               "epochs=3", "dyrep_grow_topk=2"]
@@ -42,6 +45,7 @@ TRACKED_KEYS = ("train_loss", "val_top1", "val_top5", "val_loss", "lr", "params"
                 "epoch_time_s")
 UNREACHABLE_URI = "http://127.0.0.1:9"  # discard port: closed
 FAIL_FAST_S = 10.0
+SERVER_START_S = 240  # a cold `mlflow server` start takes 1-2 minutes on a busy 2-core machine
 
 
 class TrackedTrainer(Trainer):
@@ -355,9 +359,6 @@ def mlflow_server(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group this test started
         proc.wait(timeout=30)
-
-
-SERVER_START_S = 240  # a cold `mlflow server` start takes 1-2 minutes on a busy 2-core machine
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine.storage import RunStorage
-from .base import TENSORBOARD_DIR, TRACKING_FILE, TrackingCallback, run_storage
+from .base import TENSORBOARD_DIR, TRACKING_FILE, TrackingCallback
 
 __all__ = [
     "TENSORBOARD_DIR",
@@ -35,7 +35,7 @@ def resolve_tracking_uri(uri: str | None, base: str | Path | None = None) -> str
     """
     if uri is None or uri.startswith(_NON_PATH_SCHEMES):
         return uri
-    local = uri[len("file://"):] if uri.startswith("file://") else uri
+    local = uri.removeprefix("file://")
     if "://" in local:  # another scheme MLflow may know (a plugin store): leave it to MLflow
         return uri
     path = Path(local).expanduser()

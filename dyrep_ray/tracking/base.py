@@ -148,5 +148,5 @@ class TrackingCallback:
         logger.warning("%s tracking disabled for this run: %s%s", self.backend, problem, detail)
         try:
             self._close()
-        except Exception:  # noqa: BLE001 -- already disabled; a failing close adds nothing
+        except Exception:  # already disabled; a failing close adds nothing
             logger.debug("%s: close after failure failed", self.backend, exc_info=True)

@@ -27,7 +27,14 @@ from urllib.parse import urlparse
 
 from ..engine.layout import METRICS_FILE
 from ..engine.storage import RunStorage
-from .base import TRACKING_FILE, TrackingCallback, epoch_scalars, event_counts, one_line, run_storage
+from .base import (
+    TRACKING_FILE,
+    TrackingCallback,
+    epoch_scalars,
+    event_counts,
+    one_line,
+    run_storage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +233,10 @@ class MLflowCallback(TrackingCallback):
 
     def _log_params(self, trainer, existing: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+        from mlflow.utils.validation import (
+            MAX_PARAM_VAL_LENGTH,
+            MAX_PARAMS_TAGS_PER_BATCH,
+        )
 
         params = flatten_params(trainer.cfg.to_dict(), MAX_PARAM_VAL_LENGTH)
         params.update(flatten_params({"model": {"plain_params": trainer.plain_params,

@@ -14,7 +14,13 @@ import logging
 import shutil
 import tempfile
 
-from .base import TENSORBOARD_DIR, TrackingCallback, completed_epochs, event_counts, epoch_scalars
+from .base import (
+    TENSORBOARD_DIR,
+    TrackingCallback,
+    completed_epochs,
+    epoch_scalars,
+    event_counts,
+)
 
 logger = logging.getLogger(__name__)
 
