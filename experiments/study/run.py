@@ -43,12 +43,13 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("DyRep online block", {"dyrep": True, "dyrep_block": "online"}, "dyrep_block: online"),
 )
 
-# Same budget for every variant. Chosen so that 5 variants x 3 seeds finish in about 20 minutes on a 2-core CPU
-# (one run ~75 s there, measured; see the README's study section).
+# Same budget for every variant. Sized for 5 variants x 3 seeds in <= 25 minutes on an idle 2-core CPU: a DyRep
+# run of 2048 images took 64 CPU-seconds per epoch (measured on a heavily shared machine, so from CPU time, not
+# wall time); half the images and 2 threads give ~1.5 minutes per 6-epoch run.
 DEFAULT_SEEDS = 3
 DEFAULT_BUDGET: dict[str, Any] = {
-    "model": "small_cnn", "dataset": "synthetic", "epochs": 6, "synthetic_train_size": 2048,
-    "synthetic_val_size": 512, "batch_size": 64, "dyrep_adjust_interval": 1,
+    "model": "small_cnn", "dataset": "synthetic", "epochs": 6, "synthetic_train_size": 1024,
+    "synthetic_val_size": 256, "batch_size": 64, "dyrep_adjust_interval": 1,
 }
 QUICK_BUDGET: dict[str, Any] = {
     **DEFAULT_BUDGET, "epochs": 2, "synthetic_train_size": 64, "synthetic_val_size": 32, "batch_size": 16,
