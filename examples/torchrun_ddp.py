@@ -34,9 +34,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dyrep_ray.data.synthetic import build_synthetic
-from dyrep_ray.integrations.common import canonical_param_order, optimizer_state_digest, replica_digest
+from dyrep_ray.integrations.common import (
+    canonical_param_order,
+    optimizer_state_digest,
+    replica_digest,
+)
 from dyrep_ray.models import build_model
-from dyrep_ray.rep import DyRep, param_groups_for, recalibrate_bn, restore_graph, structure_graph
+from dyrep_ray.rep import (
+    DyRep,
+    param_groups_for,
+    recalibrate_bn,
+    restore_graph,
+    structure_graph,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STRUCTURE_NAME = "structure.json"
@@ -72,7 +82,7 @@ def main() -> None:
     use_cuda = torch.cuda.is_available()
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP would broadcast them anyway)

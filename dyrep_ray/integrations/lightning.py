@@ -74,7 +74,7 @@ def restore_structure(module: nn.Module, checkpoint: dict) -> bool:
     return True
 
 
-def train_loader_images(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Iterator[Tensor]:
+def train_loader_images(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[Tensor]:
     """Default BN-recalibration source: the first element of each batch of the train DataLoader."""
     loader = trainer.train_dataloader
     if not isinstance(loader, DataLoader):
@@ -113,7 +113,7 @@ class DyRepCallback(pl.Callback):
         self._hooked: pl.LightningModule | None = None
 
     # ----------------------------------------------------------- lifecycle
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != FIT_STAGE:
             return
         strategy = trainer.strategy
@@ -126,12 +126,12 @@ class DyRepCallback(pl.Callback):
         self.dyrep = DyRep(pl_module, **self.dyrep_options)
         self._install_restore_hook(pl_module)
 
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._hooked is not None:
             del self._hooked.on_load_checkpoint  # back to the class's own hook
             self._hooked = None
 
-    def _install_restore_hook(self, pl_module: "pl.LightningModule") -> None:
+    def _install_restore_hook(self, pl_module: pl.LightningModule) -> None:
         if self._hooked is pl_module:
             return
         own_hook = pl_module.on_load_checkpoint
@@ -143,24 +143,24 @@ class DyRepCallback(pl.Callback):
         pl_module.on_load_checkpoint = restore_then_own_hook
         self._hooked = pl_module
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             raise DyRepLightningError(f"DyRepCallback needs exactly one optimizer, got {len(trainer.optimizers)}")
 
     # ------------------------------------------------------------ training
-    def _recording(self, trainer: "pl.Trainer") -> bool:
+    def _recording(self, trainer: pl.Trainer) -> bool:
         return self.max_adjust_epochs is None or trainer.current_epoch < self.max_adjust_epochs
 
-    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.dyrep is not None and self._recording(trainer):
             self.dyrep.record_metrics()  # gradients are unscaled here, also under AMP
 
-    def is_adjust_epoch(self, trainer: "pl.Trainer") -> bool:
+    def is_adjust_epoch(self, trainer: pl.Trainer) -> bool:
         done = trainer.current_epoch + 1  # epochs completed once this epoch ends
         last = trainer.max_epochs is not None and trainer.max_epochs >= 0 and done >= trainer.max_epochs
         return self._recording(trainer) and done % self.adjust_every_n_epochs == 0 and not last
 
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.dyrep is None or not self.is_adjust_epoch(trainer):
             return
         strategy = trainer.strategy
@@ -185,7 +185,7 @@ class DyRepCallback(pl.Callback):
             logger.info("DyRep after epoch %d: %s %s", epoch, event["op"], event["path"])
 
     # --------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint[GRAPH_KEY] = structure_graph(pl_module)
 
     def state_dict(self) -> dict:
