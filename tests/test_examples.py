@@ -8,6 +8,7 @@ its checkpoint with the grown structure, the same weights and the same optimizer
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
+from dyrep_ray.data.synthetic import build_synthetic
 from dyrep_ray.integrations.common import canonical_param_order
 from dyrep_ray.models import build_model
 from dyrep_ray.rep import DyRep, param_groups_for, structure_graph
@@ -137,3 +140,30 @@ def test_lightning_restore_structure_is_idempotent_and_ignores_plain_checkpoints
     assert restore_structure(fresh, checkpoint) is True  # second call: already that structure, no error
     fresh.load_state_dict(checkpoint["state_dict"], strict=True)
     assert structure_graph(fresh) == checkpoint[GRAPH_KEY]
+
+
+def test_lightning_single_device_weights_only_checkpoint_still_carries_the_graph(tmp_path):
+    """Lightning skips callbacks' on_save_checkpoint for weights-only checkpoints; the graph must still be there."""
+    pl = pytest.importorskip("lightning.pytorch", reason="needs the lightning extra: pip install -e .[lightning]")
+    from dyrep_ray.integrations.lightning import GRAPH_KEY, DyRepCallback, restore_structure  # noqa: I001
+
+    spec = importlib.util.spec_from_file_location("lightning_dyrep_example", EXAMPLES / "lightning_dyrep.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    train_ds, _, _ = build_synthetic(image_size=16, seed=0, train_size=128, val_size=8)
+    callback = DyRepCallback(recal_bn_batches=2, seed=0)
+    checkpointing = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_weights_only=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, callbacks=[callback, checkpointing],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    model = example.LitClassifier(lr=0.05, epochs=2)
+    trainer.fit(model, DataLoader(train_ds, batch_size=32, shuffle=True))
+    assert [e["op"] for e in callback.events] == ["grow"]  # one adjust: after epoch 1 of 2
+    assert "on_load_checkpoint" not in vars(model)  # teardown removed the per-instance hooks
+
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert "optimizer_states" not in checkpoint and checkpoint[GRAPH_KEY] == structure_graph(model)
+    fresh = example.LitClassifier(lr=0.05, epochs=2)
+    restore_structure(fresh, checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), name

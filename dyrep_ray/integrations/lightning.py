@@ -20,9 +20,11 @@ What the callback does, and where in Lightning's sequence:
   (Lightning orders them last), so that epoch's checkpoint holds the new structure.
 * Checkpoints: the structure graph goes into the checkpoint under :data:`GRAPH_KEY`, the DyRep
   accumulators into the callback's state.  Lightning loads the state_dict *before* any callback's
-  ``on_load_checkpoint`` runs; only the LightningModule's own ``on_load_checkpoint`` runs early
-  enough.  So in ``setup`` the callback puts a per-instance ``on_load_checkpoint`` on the module
-  that rebuilds the structure and then calls the module's own hook (removed in ``teardown``).
+  ``on_load_checkpoint`` runs, and skips callbacks' ``on_save_checkpoint`` for weights-only
+  checkpoints; only the LightningModule's own two hooks run in both cases, early enough.  So in
+  ``setup`` the callback gives the module per-instance ``on_save_checkpoint`` (writes the graph)
+  and ``on_load_checkpoint`` (rebuilds the structure) that then call the module's own hooks;
+  ``teardown`` removes them.
   For ``LitModel.load_from_checkpoint`` outside a Trainer, call :func:`restore_structure` from the
   module's ``on_load_checkpoint``; doing both is harmless (the restore is idempotent).
 
@@ -123,23 +125,31 @@ class DyRepCallback(pl.Callback):
         if getattr(strategy, "_layer_sync", None) is not None:
             raise DyRepLightningError("DyRepCallback does not support sync_batchnorm=True (grown branches would "
                                       "get plain BatchNorm); drop sync_batchnorm")
-        self.dyrep = DyRep(pl_module, **self.dyrep_options)
-        self._install_restore_hook(pl_module)
+        if self.dyrep is None or self.dyrep.model is not pl_module:
+            self.dyrep = DyRep(pl_module, **self.dyrep_options)
+        else:  # a second fit() of the same module: keep the adjust count (it seeds the decisions)
+            self.dyrep.refresh()
+        self._install_module_hooks(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._hooked is not None:
-            del self._hooked.on_load_checkpoint  # back to the class's own hook
+            del self._hooked.on_save_checkpoint, self._hooked.on_load_checkpoint  # back to the class's hooks
             self._hooked = None
 
-    def _install_restore_hook(self, pl_module: pl.LightningModule) -> None:
+    def _install_module_hooks(self, pl_module: pl.LightningModule) -> None:
         if self._hooked is pl_module:
             return
-        own_hook = pl_module.on_load_checkpoint
+        own_save, own_load = pl_module.on_save_checkpoint, pl_module.on_load_checkpoint
+
+        def save_graph_then_own_hook(checkpoint: dict) -> None:
+            checkpoint[GRAPH_KEY] = structure_graph(pl_module)
+            own_save(checkpoint)
 
         def restore_then_own_hook(checkpoint: dict) -> None:
             restore_structure(pl_module, checkpoint)
-            own_hook(checkpoint)
+            own_load(checkpoint)
 
+        pl_module.on_save_checkpoint = save_graph_then_own_hook
         pl_module.on_load_checkpoint = restore_then_own_hook
         self._hooked = pl_module
 
@@ -185,9 +195,6 @@ class DyRepCallback(pl.Callback):
             logger.info("DyRep after epoch %d: %s %s", epoch, event["op"], event["path"])
 
     # --------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint[GRAPH_KEY] = structure_graph(pl_module)
-
     def state_dict(self) -> dict:
         if self.dyrep is None:
             return {}
