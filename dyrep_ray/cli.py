@@ -26,10 +26,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .engine.checkpoint import CheckpointError
     from .engine.config import ConfigError
     from .models import UnknownModelError
+    from .errors import UserError
     from .rep.deploy import DeployError
     from .report import ReportError
 
-    return (ConfigError, DatasetError, UnknownModelError, ClusterError, CheckpointError, DeployError, ReportError)
+    return (ConfigError, DatasetError, UnknownModelError, ClusterError, CheckpointError, DeployError, ReportError,
+            UserError)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -114,9 +116,6 @@ def _preflight(cfg) -> None:
 
 
 def cmd_train(args) -> int:
-    import torch
-
-    from .engine.loop import summary_line
     from .engine.storage import RunStorage
 
     cfg = _resolve_train_config(args)
@@ -125,6 +124,26 @@ def cmd_train(args) -> int:
     if cfg.data_dir and Path(cfg.data_dir).exists():  # Ray workers run in other directories
         cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()))
     name = args.name or f"{cfg.model.replace('/', '_')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from .engine.rundir import open_run_dir, validate_run_name
+
+    validate_run_name(name)
+    if cfg.dataset == "parquet":
+        from .data.parquet import resolve_parquet_splits
+
+        cfg = cfg.replace(**resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val))
+    lock = open_run_dir(RunStorage(cfg.storage_path or args.output, name), name)  # the driver holds it for the run
+    try:
+        return _train_locked(args, cfg, name)
+    finally:
+        lock.release()
+
+
+def _train_locked(args, cfg, name: str) -> int:
+    import torch
+
+    from .engine.loop import summary_line
+    from .engine.storage import RunStorage
+
     if args.local:
         from .engine.context import LocalContext
         from .engine.loop import train

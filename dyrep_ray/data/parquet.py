@@ -65,6 +65,8 @@ DEFAULT_ROWS_PER_SHARD = 10_000
 SHARD_SUFFIX = ".parquet"
 _TMP_SUFFIX = ".tmp"
 _PNG = "PNG"
+# Decoded images larger than this are refused before decoding (a 17 KB PNG can declare 12000 x 12000 pixels).
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 def shard_name(split: str, index: int) -> str:
@@ -150,6 +152,12 @@ def export_parquet(
         raise DatasetError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     out = Path(out_dir).expanduser()
     existing = sorted(out.glob(f"{split}-*{SHARD_SUFFIX}")) if out.is_dir() else []
+    foreign = sorted(f for f in out.glob(f"*{SHARD_SUFFIX}") if f not in existing) if out.is_dir() else []
+    if foreign:
+        raise DatasetError(
+            f"{out} already holds other shards (e.g. {foreign[0].name}); a directory holds one split only: "
+            f"write {split} into its own directory (prepare --split both writes <out>/train and <out>/val)"
+        )
     if existing and not overwrite:
         raise DatasetError(
             f"{out} already holds {len(existing)} {split} shard(s); pass overwrite=True or choose another out_dir"
@@ -187,26 +195,105 @@ def export_parquet(
     return paths
 
 
+def _shard_metadata(file: Path) -> dict[str, Any] | None:
+    """The ``dyrep_ray`` metadata of one shard (None if it has none); a one-line error if unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        raw = (pq.read_schema(file).metadata or {}).get(METADATA_KEY)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DatasetError(f"{file}: not a readable Parquet file ({exc})".splitlines()[0]) from None
+    if raw is None:
+        return None
+    try:
+        info = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise DatasetError(f"{file}: its {METADATA_KEY.decode()} metadata is not JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise DatasetError(f"{file}: its {METADATA_KEY.decode()} metadata is not a JSON object")
+    return info
+
+
 def _parquet_files(path: str | os.PathLike) -> list[Path]:
+    """The shard files at ``path``; refuses a directory whose shards record different splits."""
     root = Path(path).expanduser()
     if root.is_file():
         return [root]
     files = sorted(root.glob(f"*{SHARD_SUFFIX}")) if root.is_dir() else []
     if not files:
-        raise DatasetError(f"no {SHARD_SUFFIX} files at {root}; write them with export_parquet(...)")
+        hint = ""
+        if root.is_dir() and any((root / s).is_dir() for s in SPLITS):
+            hint = f" (it has {'/'.join(SPLITS)} subdirectories: point at {root}/train and {root}/val)"
+        raise DatasetError(f"no {SHARD_SUFFIX} files at {root}{hint}; write them with dyrep-ray prepare")
+    splits = {}
+    for file in files:
+        info = _shard_metadata(file)
+        splits.setdefault(info.get("split") if info else None, file)
+    if len(splits) > 1:
+        shown = ", ".join(f"{split} ({file.name})" for split, file in splits.items())
+        raise DatasetError(f"{root} mixes shards of different splits: {shown}; keep train and val shards in "
+                           "separate directories (dyrep-ray prepare --split both writes <out>/train and <out>/val)")
     return files
 
 
 def read_parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``dyrep_ray`` metadata (dataset, split, num_classes, classes, ...) of a shard or shard directory."""
-    import pyarrow.parquet as pq
-
     first = _parquet_files(path)[0]
-    schema = pq.read_schema(first)
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
+    info = _shard_metadata(first)
+    if info is None:
         raise DatasetError(f"{first} has no {METADATA_KEY.decode()} metadata; it was not written by export_parquet")
-    return json.loads(raw)
+    num_classes = info.get("num_classes")
+    if type(num_classes) is not int or num_classes < 1:
+        raise DatasetError(f"{first}: metadata num_classes must be a positive integer, got {num_classes!r}"[:200])
+    if not isinstance(info.get("dataset"), str):
+        raise DatasetError(f"{first}: metadata names no dataset (a string)")
+    return info
+
+
+def recorded_split(path: str | os.PathLike) -> str | None:
+    """The split the shards at ``path`` record (None for shards without dyrep-ray metadata)."""
+    info = _shard_metadata(_parquet_files(path)[0])
+    split = info.get("split") if info else None
+    return split if isinstance(split, str) else None
+
+
+def resolve_parquet_splits(train: str | None, val: str | None) -> dict[str, str]:
+    """``{"parquet_train", "parquet_val"}`` checked against the splits the shards record.
+
+    ``parquet_val`` is never the training data: when it is unset it is derived only from the layout
+    ``prepare --split both`` writes (``<D>/train`` given -> ``<D>/val``; ``<D>`` given -> ``<D>/train`` and
+    ``<D>/val``), otherwise refused with one line.  Object-store URIs are not inspected here.
+    """
+    if not train:
+        raise DatasetError("dataset 'parquet' needs parquet_train; e.g. --set parquet_train=/data/pq/train")
+    remote = "://" in str(train) and not str(train).startswith("file://")
+    if remote:
+        if not val:
+            raise DatasetError("parquet_val is not set; pass --set parquet_val=... (validation never "
+                               "defaults to the training shards)")
+        return {"parquet_train": str(train), "parquet_val": str(val)}
+    root = Path(train).expanduser()
+    if root.is_dir() and not any(root.glob(f"*{SHARD_SUFFIX}")) and (root / SPLITS[0]).is_dir():
+        train_path, derived_val = root / SPLITS[0], root / SPLITS[1]
+    else:
+        train_path, derived_val = root, root.parent / SPLITS[1] if root.name == SPLITS[0] else None
+    if val:
+        val_path = Path(val).expanduser()
+    elif derived_val is not None and derived_val.is_dir():
+        val_path = derived_val
+    else:
+        raise DatasetError(f"parquet_val is not set and {train} has no sibling '{SPLITS[1]}' directory written "
+                           "by dyrep-ray prepare; pass --set parquet_val=... (validation never defaults to the "
+                           "training shards)")
+    if train_path.resolve() == val_path.resolve():
+        raise DatasetError(f"parquet_train and parquet_val are the same ({train_path}); validation must not run "
+                           "on the training shards")
+    for wanted, path in zip(SPLITS, (train_path, val_path)):
+        found = recorded_split(path)
+        if found is not None and found != wanted:
+            raise DatasetError(f"parquet_{wanted} {path} holds shards recorded as split {found!r}; "
+                               f"point parquet_{wanted} at the {wanted} shards")
+    return {"parquet_train": str(train_path), "parquet_val": str(val_path)}
 
 
 def parquet_row_count(path: str | os.PathLike) -> int:
@@ -227,10 +314,27 @@ def read_parquet_dataset(path: str | os.PathLike | Sequence[str], **read_kwargs:
     return ray.data.read_parquet(paths, **read_kwargs)
 
 
-def decode_image(encoded: bytes) -> Image.Image:
-    """Encoded PNG/JPEG bytes -> RGB PIL image."""
-    with Image.open(io.BytesIO(encoded)) as image:
-        return image.convert("RGB")
+def check_image_pixels(image: Image.Image, where: str) -> None:
+    """Refuse, before decoding, an image declaring more than :data:`MAX_IMAGE_PIXELS` pixels."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"{where}: image of {width}x{height} pixels exceeds the {MAX_IMAGE_PIXELS}-pixel cap; "
+                           "resize it or remove it from the dataset")
+
+
+def decode_image(encoded: bytes, where: str = "image") -> Image.Image:
+    """Encoded PNG/JPEG bytes -> RGB PIL image; :class:`DatasetError` naming ``where`` if it is not one."""
+    if encoded is None:
+        raise DatasetError(f"{where}: the image is null; re-export the data with dyrep-ray prepare")
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            check_image_pixels(image, where)
+            return image.convert("RGB")
+    except DatasetError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated / not an image
+        raise DatasetError(f"{where}: not a decodable image ({type(exc).__name__}: {exc})".splitlines()[0]) \
+            from None
 
 
 class BatchDecoder:
@@ -304,25 +408,57 @@ def iter_decoded_batches(
 
 
 class ParquetImageDataset(Dataset):
-    """Map-style torch Dataset over exported shards (read with pyarrow, no Ray), items ``(tensor, int)``."""
+    """Map-style torch Dataset over exported shards (read with pyarrow, no Ray), items ``(tensor, int)``.
+
+    Refuses, at construction, null images and labels that are not integers in ``[0, num_classes)`` (from the
+    shards' metadata), naming the file and row.  (Skipping bad samples with a count is not offered yet.)
+    """
 
     def __init__(self, path: str | os.PathLike, transform: Callable[[Image.Image], Any] | None = None) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         files = _parquet_files(path)
+        info = _shard_metadata(files[0]) or {}
+        num_classes = info.get("num_classes") if type(info.get("num_classes")) is int else None
         self.images: list[bytes] = []
         self.targets: list[int] = []
+        self._where: list[tuple[Path, int]] = []  # (file, first row) per file, for error messages
         for file in files:
-            table = pq.read_table(file, columns=[IMAGE_COLUMN, LABEL_COLUMN])
-            self.images.extend(table.column(IMAGE_COLUMN).to_pylist())
-            self.targets.extend(int(label) for label in table.column(LABEL_COLUMN).to_pylist())
+            try:
+                table = pq.read_table(file, columns=[IMAGE_COLUMN, LABEL_COLUMN])
+            except (OSError, ValueError, KeyError) as exc:
+                raise DatasetError(f"{file}: cannot read columns {IMAGE_COLUMN!r}/{LABEL_COLUMN!r} "
+                                   f"({exc})".splitlines()[0]) from None
+            labels = table.column(LABEL_COLUMN)
+            if not pa.types.is_integer(labels.type):
+                raise DatasetError(f"{file}: column {LABEL_COLUMN!r} is {labels.type}, not integer class indices")
+            values = labels.to_pylist()
+            for row, label in enumerate(values):
+                if label is None or label < 0 or (num_classes is not None and label >= num_classes):
+                    raise DatasetError(f"{file} row {row}: label {label!r} is not a class index in "
+                                       f"[0, {num_classes if num_classes is not None else 'num_classes'})")
+            images = table.column(IMAGE_COLUMN).to_pylist()
+            for row, image in enumerate(images):
+                if image is None:
+                    raise DatasetError(f"{file} row {row}: the image is null; re-export the data")
+            self._where.append((file, len(self.targets)))
+            self.images.extend(images)
+            self.targets.extend(int(label) for label in values)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.targets)
 
+    def _describe(self, index: int) -> str:
+        file, first = next((f, start) for f, start in reversed(self._where) if start <= index)
+        return f"{file} row {index - first}"
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = decode_image(self.images[index])
+        try:
+            image = decode_image(self.images[index], "image")
+        except DatasetError as exc:
+            raise DatasetError(str(exc).replace("image:", f"{self._describe(index)}:", 1)) from None
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]

@@ -58,7 +58,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         if address:
             ray.init(address=address, log_to_driver=True)
             return address
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        from .ray_local import stale_local_cluster
+
+        stale = stale_local_cluster()  # a head that died without `ray stop`: ray.init would retry it for minutes
+        if stale is not None:
+            logger.warning("%s names a Ray head at %s that does not answer (it died without 'ray stop'); "
+                           "starting a fresh local instance", *stale)
+        ray.init(address="local" if stale else None, num_cpus=num_cpus, log_to_driver=True)
         return "local"
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local instance"

@@ -51,7 +51,9 @@ class ClampMutations:
 
 
 def trial_dirname(trial) -> str:
-    return trial.trial_id
+    from ..engine.rundir import validate_run_name
+
+    return validate_run_name(trial.trial_id, "trial")  # becomes a directory: one safe path component
 
 
 def trial_name(trial) -> str:
@@ -167,13 +169,26 @@ def _probe_config(spec: SweepSpec) -> TrainConfig:
 
 def prepare_sweep(spec: Optional[SweepSpec], output: str, name: str, resume: bool) -> tuple[SweepSpec, RunStorage]:
     """Check the sweep directory (``resume``: read back the sweep as it was started); writes nothing."""
+    from ..engine.rundir import RunDirError, validate_run_name
+
+    validate_run_name(name, "sweep")
     root = RunStorage(output, name)
-    saved = root.read_text(SWEEP_FILE)
+    try:
+        saved = root.read_text(SWEEP_FILE)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {root.path(SWEEP_FILE)} ({exc}); check --output/--name".splitlines()[0]) \
+            from None
     tune_exists = root.fs.get_file_info(root.path(TUNE_DIR)).type.name == "Directory"
     if resume:
         if saved is None:
             raise ConfigError(f"nothing to resume: {root.root} holds no {SWEEP_FILE}; check --output/--name")
-        stored = SweepSpec.from_json(saved)
+        try:
+            stored = SweepSpec.from_json(saved)
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise ConfigError(f"{root.path(SWEEP_FILE)} is corrupt ({type(exc).__name__}: {exc}); it cannot be "
+                              "resumed: start a new sweep with another --name".splitlines()[0]) from None
         if spec is not None and spec.to_json() != stored.to_json():
             logger.warning("--resume continues the sweep as it was started (%s); the given sweep file differs "
                            "and is ignored", root.path(SWEEP_FILE))
@@ -183,7 +198,18 @@ def prepare_sweep(spec: Optional[SweepSpec], output: str, name: str, resume: boo
     if tune_exists or saved is not None:
         raise ConfigError(f"sweep directory {root.root} already exists; pass --resume to continue it, or choose "
                           f"another --name / --output")
+    info = root.fs.get_file_info(root.root)
+    if info.type.name == "File" or (info.type.name == "Directory" and root.list_dirs() + _files(root)):
+        raise RunDirError(f"{root.root} exists and is not a dyrep-ray sweep (no {SWEEP_FILE}); choose another "
+                          "--name or --output")
     return spec, root
+
+
+def _files(root: RunStorage) -> list[str]:
+    import pyarrow.fs as pafs
+
+    entries = root.fs.get_file_info(pafs.FileSelector(root.root, allow_not_found=True))
+    return [e.base_name for e in entries if e.type == pafs.FileType.File]
 
 
 def run_sweep(spec: Optional[SweepSpec], output: str, name: str, *, resume: bool = False,
