@@ -158,6 +158,30 @@ def test_one_batch_sized_conv_per_step():
     assert [c.split(".")[0] for c in counter.calls] == ["convolution", "convolution_backward"]
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bottleneck_branch_on_small_activations_is_the_same_function(stride, groups):
+    """Wide conv, tiny activations: the 1x1->kxk branch runs on the activations (its kernel merge would cost
+    more) -- same outputs and gradients as the separate branches and as the always-assembled path."""
+    c = 16
+    block = OnlineBlock(c, c, 3, stride, 1, groups, bias=True, dtype=torch.float64)
+    randomize(block, seed=21 + stride + groups)
+    x = torch.randn(1, c, 2, 2, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    assert block._bottleneck_on_activations(x)
+    assert not block._bottleneck_on_activations(torch.zeros(8, c, 16, 16, dtype=torch.float64))
+    assembled = copy.deepcopy(block)
+    assembled.always_assemble = True
+    twin = copy.deepcopy(block)
+    grad = torch.randn(block(x).shape, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    outs = [m(x) for m in (block, assembled)] + [reference(twin, x)]
+    for out, m in zip(outs, (block, assembled, twin)):
+        out.backward(grad)
+    assert rel_err(outs[0], outs[2]) <= 1e-12 and rel_err(outs[1], outs[2]) <= 1e-12
+    for (name, p), (_, q), (_, r) in zip(block.named_parameters(), assembled.named_parameters(),
+                                         twin.named_parameters()):
+        assert rel_err(p.grad, r.grad) <= 1e-10 and rel_err(q.grad, r.grad) <= 1e-10, name
+
+
 def test_kernel_maths_matches_transforms():
     gen = torch.Generator().manual_seed(0)
     for g, (c_in, mid, c_out) in ((1, (4, 6, 8)), (2, (4, 8, 6)), (4, (4, 8, 4))):

@@ -1,5 +1,6 @@
 """Online re-parameterized block (OREPA-style, Hu et al., CVPR 2022): a kxk conv whose kernel is a sum of
-scaled branch kernels, assembled differentiably on every step and applied as **one** conv.
+scaled branch kernels, assembled differentiably on every step and applied as **one** conv
+(except the 1x1->kxk branch where its kernel merge would cost more than running it on the activations).
 
 Same branch set and geometry rules as :class:`~dyrep_ray.rep.dbb.DiverseBranchBlock`
 (:func:`~dyrep_ray.rep.dbb.allowed_branches`), but no branch has a BatchNorm: each holds raw kernels
@@ -139,6 +140,9 @@ class OnlineBlock(nn.Module):
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
+        # True: always one conv with the fully assembled kernel (False: the 1x1->kxk branch runs on the
+        # activations when that is cheaper, see _bottleneck_on_activations).  Not state: a speed knob.
+        self.always_assemble = False
         k, s, p, g = kernel_size, stride, padding, groups
         kw = dict(device=device, dtype=dtype)
         if kxk_conv is None:
@@ -179,17 +183,46 @@ class OnlineBlock(nn.Module):
             self.branches[name] = branch
 
     # ------------------------------------------------------------------ forward
-    def assembled_kernel(self) -> Tensor:
-        """Σ branches' kernel contributions (differentiable): the one kernel :meth:`forward` applies."""
+    def assembled_kernel(self, skip: tuple[str, ...] = ()) -> Tensor:
+        """Σ branches' kernel contributions (differentiable): the one kernel :meth:`forward` applies.
+
+        Branches named in ``skip`` are left out (the forward runs them on the activations instead).
+        """
         kxk = self.branches[KXK]
         acc = OK.scale_kernel(_conv_kernel(kxk.conv), kxk.scale)  # a fresh tensor: safe to add into in place
         for name, branch in self.branches.items():
-            if name != KXK:
+            if name != KXK and name not in skip:
                 acc = branch.add_kernel_(acc)
         return acc
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._bottleneck_on_activations(x):
+            # Exactly the same function; cheaper when the activations are smaller than the merge.
+            two = self.branches["1x1_kxk"]
+            out = F.conv2d(x, self.assembled_kernel(skip=("1x1_kxk",)), self.bias, self.stride, self.padding, 1,
+                           self.groups)
+            mid = F.conv2d(x, two.conv1.weight, None, 1, 0, 1, self.groups)
+            return out + F.conv2d(mid, OK.scale_kernel(two.conv2.weight, two.scale), None, self.stride,
+                                  self.padding, 1, self.groups)
         return F.conv2d(x, self.assembled_kernel(), self.bias, self.stride, self.padding, 1, self.groups)
+
+    def _bottleneck_on_activations(self, x: Tensor) -> bool:
+        """True if running the 1x1->kxk branch on ``x`` costs fewer MACs than merging its two kernels.
+
+        The merge costs out*mid*in*k^2/g^2 MACs whatever the batch; on the activations the branch costs
+        N*H*W*mid*in/g + N*Ho*Wo*out*mid*k^2/g.  Deep, wide convs at small batch x resolution (ResNet
+        layer4 at 32x32 input: 1x1 pixels) are the case where the merge would dominate the step.
+        """
+        if self.always_assemble or "1x1_kxk" not in self.branches:
+            return False
+        g, k = self.groups, self.kernel_size
+        mid = self.branches["1x1_kxk"].conv1.out_channels
+        n, _, h, w = x.shape
+        ho = (h + 2 * self.padding - k) // self.stride + 1
+        wo = (w + 2 * self.padding - k) // self.stride + 1
+        merge = self.out_channels * mid * self.in_channels * k * k // (g * g)
+        on_activations = n * h * w * mid * self.in_channels // g + n * ho * wo * self.out_channels * mid * k * k // g
+        return on_activations < merge
 
     # ------------------------------------------------------------- the algebra
     @property
