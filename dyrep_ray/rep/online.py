@@ -1,6 +1,6 @@
 """Online re-parameterized block (OREPA-style, Hu et al., CVPR 2022): a kxk conv whose kernel is a sum of
 scaled branch kernels, assembled differentiably on every step and applied as **one** conv
-(except the 1x1->kxk branch where its kernel merge would cost more than running it on the activations).
+(unless running the branches on the activations is estimated cheaper: wide convs on tiny activations).
 
 Same branch set and geometry rules as :class:`~dyrep_ray.rep.dbb.DiverseBranchBlock`
 (:func:`~dyrep_ray.rep.dbb.allowed_branches`), but no branch has a BatchNorm: each holds raw kernels
@@ -28,12 +28,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import online_kernels as OK
+from . import transforms as T
 from .dbb import BRANCH_NAMES, KXK, ORIG_BIAS_ATTR, allowed_branches, conv_geometry, mid_channels_1x1_kxk
 
 BLOCK_TYPE = "online"
 DEFAULT_INIT_GAMMA = 0.01
 # Below this |scale| the kxk branch cannot absorb a cut branch without blowing up (same bound as the bn block).
 MIN_ABSORB_SCALE = 1e-8
+# Cost model of the forward-path choice (OnlineBlock._cheaper_on_activations), in multiply-accumulates:
+# one element of an elementwise pass costs about as much as this many conv MACs (memory-bound vs compute-bound)
+ELEMENTWISE_MACS = 8
+KERNEL_PASSES_PER_BRANCH = 4  # kernel-sized elementwise passes per branch per training step (fwd + bwd)
+OUTPUT_PASSES_PER_BRANCH = 4  # output-sized passes per branch (scale, sum; fwd + bwd)
+AUTO_PATH, KERNEL_PATH, BRANCHES_PATH = "auto", "kernel", "branches"  # OnlineBlock.forward_path values
 
 
 def _conv_kernel(conv: nn.Module) -> Tensor:
@@ -53,8 +60,18 @@ class ScaledConv(nn.Module):
         self.conv = conv
         self.scale = _scale_param(out_channels, 1.0, like)
 
-    def add_kernel_(self, acc: Tensor) -> Tensor:
-        return OK.add_centred_(acc, OK.scale_kernel(_conv_kernel(self.conv), self.scale))
+    def contribution(self) -> Tensor:
+        """This branch's scaled kernel at its natural size (centred in the block's kxk window)."""
+        return OK.scale_kernel(_conv_kernel(self.conv), self.scale)
+
+    def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
+        """This branch's (unscaled) output on ``x``; the block's ``padding`` for its ``window`` x ``window``
+        kernel, less the centring offset per kernel axis (centred branches exist only at padding k // 2)."""
+        if isinstance(self.conv, OnlineBlock):
+            return self.conv(x)
+        kh, kw = self.conv.weight.shape[-2:]
+        pad = (padding - (window - kh) // 2, padding - (window - kw) // 2)
+        return F.conv2d(x, self.conv.weight, None, stride, pad, 1, groups)
 
 
 class ScaledOneByOneKxk(nn.Module):
@@ -66,11 +83,15 @@ class ScaledOneByOneKxk(nn.Module):
         self.conv1, self.conv2 = conv1, conv2
         self.scale = _scale_param(out_channels, 1.0, like)
 
-    def add_kernel_(self, acc: Tensor) -> Tensor:
+    def contribution(self) -> Tensor:
         # Scale the kxk factor first: one kernel-sized temporary in all.
-        merged = OK.merge_1x1_kxk_kernel(self.conv1.weight, OK.scale_kernel(self.conv2.weight, self.scale),
-                                         self.groups)
-        return acc.add_(merged)
+        return OK.merge_1x1_kxk_kernel(self.conv1.weight, OK.scale_kernel(self.conv2.weight, self.scale),
+                                       self.groups)
+
+    def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
+        # Bias-free 1x1: zero padding its output is exact.
+        return F.conv2d(F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), self.conv2.weight, None, stride,
+                        padding, 1, groups)
 
 
 class ScaledOneByOneAvg(nn.Module):
@@ -82,8 +103,14 @@ class ScaledOneByOneAvg(nn.Module):
         self.conv1 = conv1
         self.scale = _scale_param(out_channels, 1.0, like)
 
-    def add_kernel_(self, acc: Tensor) -> Tensor:
-        return acc.add_(OK.avg_branch_kernel(OK.scale_kernel(self.conv1.weight, self.scale), self.kernel_size))
+    def contribution(self) -> Tensor:
+        return OK.avg_branch_kernel(OK.scale_kernel(self.conv1.weight, self.scale), self.kernel_size)
+
+    def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
+        y, k = F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), self.kernel_size
+        if 2 * padding <= k:
+            return F.avg_pool2d(y, k, stride, padding, count_include_pad=True)
+        return F.avg_pool2d(F.pad(y, [padding] * 4), k, stride, 0)  # avg_pool2d refuses padding > k / 2
 
 
 class ScaledIdentity(nn.Module):
@@ -95,8 +122,11 @@ class ScaledIdentity(nn.Module):
         # Not in the state_dict: a constant of the geometry, rebuilt by the constructor.
         self.register_buffer("eye", OK.identity_matrix(channels, groups, like), persistent=False)
 
-    def add_kernel_(self, acc: Tensor) -> Tensor:
-        return OK.add_centred_(acc, OK.scale_kernel(self.eye, self.scale))
+    def contribution(self) -> Tensor:
+        return OK.scale_kernel(self.eye, self.scale)
+
+    def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
+        return x
 
 
 def _branch_convs(branch: nn.Module) -> list[nn.Conv2d]:
@@ -140,9 +170,10 @@ class OnlineBlock(nn.Module):
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
-        # True: always one conv with the fully assembled kernel (False: the 1x1->kxk branch runs on the
-        # activations when that is cheaper, see _bottleneck_on_activations).  Not state: a speed knob.
-        self.always_assemble = False
+        # "kernel": always one conv with the assembled kernel; "branches": always every branch on the
+        # activations; "auto": whichever _cheaper_on_activations estimates cheaper.  Not state: a speed
+        # knob, the function is the same.
+        self.forward_path = AUTO_PATH
         k, s, p, g = kernel_size, stride, padding, groups
         kw = dict(device=device, dtype=dtype)
         if kxk_conv is None:
@@ -183,46 +214,68 @@ class OnlineBlock(nn.Module):
             self.branches[name] = branch
 
     # ------------------------------------------------------------------ forward
-    def assembled_kernel(self, skip: tuple[str, ...] = ()) -> Tensor:
-        """Σ branches' kernel contributions (differentiable): the one kernel :meth:`forward` applies.
-
-        Branches named in ``skip`` are left out (the forward runs them on the activations instead).
-        """
+    def assembled_kernel(self) -> Tensor:
+        """Σ branches' kernel contributions (differentiable): the one kernel :meth:`forward` applies."""
         kxk = self.branches[KXK]
-        acc = OK.scale_kernel(_conv_kernel(kxk.conv), kxk.scale)  # a fresh tensor: safe to add into in place
+        acc = kxk.contribution()  # a fresh tensor (a product): safe to add into in place
+        smaller: dict[tuple[int, int], Tensor] = {}  # 1x1 / 1xk / kx1 contributions, summed per shape
         for name, branch in self.branches.items():
-            if name != KXK and name not in skip:
-                acc = branch.add_kernel_(acc)
+            if name == KXK:
+                continue
+            part = branch.contribution()
+            if part.shape[-2:] == acc.shape[-2:]:
+                acc.add_(part)
+            else:
+                shape = tuple(part.shape[-2:])
+                smaller[shape] = part if shape not in smaller else smaller[shape] + part
+        # One zero-pad per shape, added out of a view-free in-place add (no full-kernel copies in backward).
+        for part in smaller.values():
+            acc.add_(T.pad_kernel_to(part, self.kernel_size))
         return acc
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._bottleneck_on_activations(x):
-            # Exactly the same function; cheaper when the activations are smaller than the merge.
-            two = self.branches["1x1_kxk"]
-            out = F.conv2d(x, self.assembled_kernel(skip=("1x1_kxk",)), self.bias, self.stride, self.padding, 1,
-                           self.groups)
-            mid = F.conv2d(x, two.conv1.weight, None, 1, 0, 1, self.groups)
-            return out + F.conv2d(mid, OK.scale_kernel(two.conv2.weight, two.scale), None, self.stride,
-                                  self.padding, 1, self.groups)
+        path = self.forward_path
+        if path == BRANCHES_PATH or (path == AUTO_PATH and self._cheaper_on_activations(x)):
+            return self._forward_on_activations(x)
         return F.conv2d(x, self.assembled_kernel(), self.bias, self.stride, self.padding, 1, self.groups)
 
-    def _bottleneck_on_activations(self, x: Tensor) -> bool:
-        """True if running the 1x1->kxk branch on ``x`` costs fewer MACs than merging its two kernels.
+    def _forward_on_activations(self, x: Tensor) -> Tensor:
+        """The same function, every branch run on ``x`` and its output scaled (no BN: zero padding exact)."""
+        out = None
+        for branch in self.branches.values():
+            y = branch.on_activations(x, self.stride, self.padding, self.groups, self.kernel_size)
+            y = y * branch.scale.reshape(1, -1, 1, 1)
+            out = y if out is None else out + y
+        return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
 
-        The merge costs out*mid*in*k^2/g^2 MACs whatever the batch; on the activations the branch costs
-        N*H*W*mid*in/g + N*Ho*Wo*out*mid*k^2/g.  Deep, wide convs at small batch x resolution (ResNet
-        layer4 at 32x32 input: 1x1 pixels) are the case where the merge would dominate the step.
+    def _cheaper_on_activations(self, x: Tensor) -> bool:
+        """True if running the branches on ``x`` costs less than assembling the kernel (estimated MACs).
+
+        Assembling costs the kxk conv on ``x``, the 1x1->kxk kernel merge (out*mid*in*k^2/g^2 MACs
+        whatever the batch) and a few elementwise passes over a kernel-sized tensor per branch; running
+        branches costs every branch's conv on ``x`` and a few passes over its output.  Wide convs on tiny
+        activations (ResNet layer4 at 32x32 input: 1x1 pixels, small batch) are where the branches win;
+        everywhere else the block is one conv.
         """
-        if self.always_assemble or "1x1_kxk" not in self.branches:
-            return False
-        g, k = self.groups, self.kernel_size
-        mid = self.branches["1x1_kxk"].conv1.out_channels
+        g, k, s, p = self.groups, self.kernel_size, self.stride, self.padding
         n, _, h, w = x.shape
-        ho = (h + 2 * self.padding - k) // self.stride + 1
-        wo = (w + 2 * self.padding - k) // self.stride + 1
-        merge = self.out_channels * mid * self.in_channels * k * k // (g * g)
-        on_activations = n * h * w * mid * self.in_channels // g + n * ho * wo * self.out_channels * mid * k * k // g
-        return on_activations < merge
+        pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+        cin, cout = self.in_channels // g, self.out_channels
+        kernel_numel, out_numel = cout * cin * k * k, pixels_out * cout
+        nb = len(self.branches)
+        kxk_conv = pixels_out * cout * cin * k * k
+        assembled = kxk_conv + ELEMENTWISE_MACS * KERNEL_PASSES_PER_BRANCH * nb * kernel_numel
+        on_activations = kxk_conv + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * nb * out_numel
+        for name, branch in self.branches.items():
+            if name == "1x1_kxk":
+                mid = branch.conv1.out_channels
+                assembled += cout * mid * cin * k * k // g
+                on_activations += n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k
+            elif name == "1x1_avg":
+                on_activations += n * h * w * cout * cin + out_numel * k * k
+            elif name in ("1x1", "1xk", "kx1"):
+                on_activations += pixels_out * cout * cin * (1 if name == "1x1" else k)
+        return on_activations < assembled
 
     # ------------------------------------------------------------- the algebra
     @property
@@ -248,10 +301,8 @@ class OnlineBlock(nn.Module):
 
     def branch_kernel(self, name: str) -> tuple[Tensor, Tensor]:
         """Branch ``name``'s contribution to :meth:`equivalent_kernel` (its bias part is zero)."""
-        ref = _conv_kernel(self.kxk_branch.conv)
-        zeros = torch.zeros(self.out_channels, ref.shape[1], self.kernel_size, self.kernel_size,
-                            dtype=ref.dtype, device=ref.device)
-        return self.branches[name].add_kernel_(zeros), torch.zeros_like(zeros[:, 0, 0, 0])
+        kernel = T.pad_kernel_to(self.branches[name].contribution(), self.kernel_size).contiguous()
+        return kernel, torch.zeros_like(kernel[:, 0, 0, 0])
 
     def branch_importance(self) -> dict[str, Tensor]:
         """mean|scale| of each branch relative to the kxk branch's (kxk == 1)."""

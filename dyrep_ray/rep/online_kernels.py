@@ -45,18 +45,3 @@ def identity_matrix(channels: int, groups: int, like: Tensor) -> Tensor:
     idx = torch.arange(channels, device=like.device)
     eye[idx, idx % per_group] = 1.0
     return eye
-
-
-def add_centred_(acc: Tensor, kernel: Tensor) -> Tensor:
-    """``acc += kernel`` with ``kernel`` (odd kh, kw <= acc's) centred in ``acc``'s window; in place.
-
-    Differentiable: autograd records an in-place add into a view of ``acc`` (no zero-padded copy of
-    ``kernel`` is made, which matters for wide convs whose kernels are large next to the activations).
-    """
-    kh, kw = kernel.shape[-2:]
-    size_h, size_w = acc.shape[-2:]
-    dh, dw = size_h - kh, size_w - kw
-    if dh < 0 or dw < 0 or dh % 2 or dw % 2:
-        raise ValueError(f"cannot centre a {kh}x{kw} kernel in {size_h}x{size_w}")
-    acc[..., dh // 2:dh // 2 + kh, dw // 2:dw // 2 + kw] += kernel
-    return acc
