@@ -12,11 +12,14 @@ and a learnable per-output-channel ``scale``.  Branch ``b``'s kxk kernel contrib
 
 and ``forward(x) = conv2d(x, Σ_b contribution_b, bias)``: one conv on the activations whatever the branch
 count, so time and activation memory stay close to the plain conv's; only the kernel assembly (batch-size
-independent) is extra.  Without BatchNorms the block computes the same function in train and eval mode;
-deploy is the assembled kernel (:meth:`OnlineBlock.to_conv`).
+independent) is extra.  Where that assembly would cost more than the convs themselves (a wide kernel on
+tiny activations: the 1x1->kxk merge alone is out*mid*in*k^2 MACs), ``forward`` runs every branch on the
+activations instead -- the same function, chosen per call by a MAC estimate
+(:attr:`OnlineBlock.forward_path` forces either).  Without BatchNorms the block computes the same function
+in train and eval mode; deploy is the assembled kernel (:meth:`OnlineBlock.to_conv`).
 
-The branch convs are never called as modules (their weights are read directly), so hooks on them do not
-fire; hooks on the block itself do.
+On the assembled path the branch convs are never called as modules (their weights are read directly), so
+hooks on them do not fire; hooks on the block itself do.
 """
 
 from __future__ import annotations
