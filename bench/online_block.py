@@ -5,7 +5,8 @@
   7x7 stem excluded).  Per training step (fwd + bwd + SGD step) time, alternated with the plain model in one
   run (median of per-round ratios); peak live tensor memory of one fwd + bwd with the gradient buffers
   already allocated (activations + temporaries: ``torch.cuda.max_memory_allocated`` on a GPU, a dispatch-mode
-  tracker of live storages on the CPU) and bytes autograd saves for backward (``saved_tensors_hooks``).
+  tracker of live storages on the CPU) and bytes autograd saves for backward, parameters excluded
+  (``saved_tensors_hooks``).
 * One block vs one plain conv (fwd + bwd; the bn block's fused forward, online block, plain conv).
 
     python -m bench.online_block [--quick]      # or: python -m bench --only online_block
@@ -26,7 +27,7 @@ from dyrep_ray.rep.dbb import DiverseBranchBlock
 from dyrep_ray.rep.dyrep import eligible_convs, get_submodule, grow_conv, set_submodule
 from dyrep_ray.rep.online import OnlineBlock, grow_online_block
 
-from .common import interleaved_ratios, machine_info, peak_memory, pick_device, saved_tensor_bytes
+from .common import interleaved_ratios, machine_info, peak_memory, pick_device
 
 MODELS = ("resnet18", "vgg16_cifar")
 NUM_CLASSES = 10
@@ -74,6 +75,23 @@ def _train_step(model: nn.Module, images, targets):
     return step
 
 
+def saved_activation_bytes(model: nn.Module, fn) -> int:
+    """Bytes of distinct storages autograd saves for backward while ``fn`` runs, parameters excluded (those
+    exist anyway): the activation memory proper (``saved_tensors_hooks``)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def _fwd_bwd_peak(model: nn.Module, loss_fn, device) -> int:
     """Peak bytes of one fwd + bwd above the already-allocated gradient buffers (zeroed in place)."""
     model.zero_grad(set_to_none=True)
@@ -101,7 +119,7 @@ def measure_models(device, batch: int, reps: int, models=MODELS, count: int = GR
         for v, m in variants.items():
             m.train()
             peak[v] = _fwd_bwd_peak(m, lambda m=m: F.cross_entropy(m(images), targets), device)
-            saved[v] = saved_tensor_bytes(lambda m=m: m(images))
+            saved[v] = saved_activation_bytes(m, lambda m=m: m(images))
         blocks = {v: sum(isinstance(x, (OnlineBlock, DiverseBranchBlock)) for x in m.modules())
                   for v, m in variants.items()}
         out[name] = {

@@ -48,3 +48,12 @@ def test_online_block_benchmark_tiny():
     assert {"met", "met_time", "met_mem", "goal_time", "goal_mem"} <= r.keys()
     table = markdown_table(online_block.table_rows(r))
     assert table.count("\n") == 1 + 2 + 1 and "online" in table
+
+
+def test_saved_activation_bytes_excludes_parameters():
+    layer = torch.nn.Linear(8, 4, bias=False)
+    x = torch.randn(3, 8, requires_grad=True)
+    # linear saves its input and its weight for backward: only the input is activation memory
+    assert online_block.saved_activation_bytes(layer, lambda: layer(x)) == x.numel() * x.element_size()
+    frozen = torch.nn.Linear(8, 4, bias=False)
+    assert online_block.saved_activation_bytes(frozen, lambda: layer(x)) == (x.numel() + layer.weight.numel()) * 4
