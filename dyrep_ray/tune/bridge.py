@@ -37,14 +37,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..engine.storage import RunStorage, resolve_filesystem
-from ..engine.layout import BRIDGE_FILE, GRAPH_FILE, MANIFEST_FILE, META_FILE, STATE_FILE
+from ray.train.v2.api.callback import UserCallback
+
+from ..engine.layout import (
+    BRIDGE_FILE,
+    GRAPH_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    SEGMENT_PREFIX,
+    START_CHECKPOINT_DIR,
+    STATE_FILE,
+)
 from ..engine.layout import PBT_ORIGIN_FILE as ORIGIN_FILE
+from ..engine.storage import RunStorage, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
-START_CHECKPOINT_DIR = "start_checkpoint"
-SEGMENT_PREFIX = "seg"
 # The files of a DyRep checkpoint (dyrep_ray.engine.checkpoint; not imported here, it pulls in torch).
 CHECKPOINT_FILES = (STATE_FILE, META_FILE, GRAPH_FILE, MANIFEST_FILE)
 
@@ -98,13 +106,7 @@ def copy_checkpoint(src: str, dst: Path, filesystem=None) -> None:
 # Train controller side
 # ---------------------------------------------------------------------------------------------------------------
 
-try:  # the callback base class; absent only with a Ray too old for Train V2
-    from ray.train.v2.api.callback import UserCallback as _UserCallback
-except ImportError:  # pragma: no cover
-    _UserCallback = object
-
-
-class BridgeCallback(_UserCallback):
+class BridgeCallback(UserCallback):
     """Forward rank 0's metrics (and, with ``export``, a copy of the new checkpoint) to the trial.
 
     Runs in the Ray Train controller actor, on the node of the trial actor (Train V2 pins it there).  The queue

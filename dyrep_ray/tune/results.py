@@ -14,17 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..distributed.trainer import plain_params_from, read_metrics
-from ..engine.loop import summarize
-from ..engine.layout import SWEEP_SUMMARY
+from ..errors import UserError
+from ..engine.layout import BEST_CONFIG, SWEEP_SUMMARY, TRIALS_PARQUET
 from ..engine.layout import TRIALS_CSV as TABLE_CSV
+from ..engine.loop import summarize
+from ..engine.runfiles import plain_params_from, read_metrics
 from .bridge import existing_segments, latest_origin, segment_storage
 from .spec import TIME_ATTR, SweepSpec
 
 logger = logging.getLogger(__name__)
 
-TABLE_PARQUET = "trials.parquet"
-BEST_CONFIG = "best_config.yaml"
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERROR = "completed", "stopped", "error"
 STATUS_UNFINISHED = "unfinished"  # the sweep was interrupted before this trial ended: --resume continues it
 
@@ -78,19 +77,22 @@ def _reported(result) -> list[dict]:
 
 
 def _tune_states(results) -> dict[str, str]:
-    """Tune's status per trial id (TERMINATED, ERROR, RUNNING, PAUSED, PENDING); {} if Ray hides it."""
-    try:
-        return {t.trial_id: t.status for t in results._experiment_analysis.trials}
-    except Exception:  # a private attribute of ResultGrid: fall back to what the results show
+    """Tune's status per trial id (TERMINATED, ERROR, RUNNING, PAUSED, PENDING); {} if Ray hides it.
+
+    ``ResultGrid`` has no public per-trial status; its private ``_experiment_analysis`` has.  Only its absence
+    (a Ray that renamed it) falls back to what the results show.
+    """
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None)
+    if trials is None:
+        logger.warning("this Ray's ResultGrid exposes no trial states; unfinished trials show as stopped")
         return {}
+    return {t.trial_id: t.status for t in trials}
 
 
 def sweep_interrupted(results) -> bool:
     """True when some trials neither finished nor failed (Ctrl-C, a crash of the driver)."""
-    try:
-        return results.num_terminated + results.num_errors < len(results)
-    except Exception:
-        return False
+    return results.num_terminated + results.num_errors < len(results)
 
 
 def _curve(record: TrialRecord, history: list[dict], metric: str) -> list[dict]:
@@ -112,7 +114,7 @@ def collect_records(results, spec: SweepSpec, sweep_uri: str) -> list[TrialRecor
         try:
             cfg = spec.trial_config(config)
             searched = {k: getattr(cfg, k) for k in spec.search_space}
-        except Exception:  # an invalid sampled config: show what was sampled
+        except UserError:  # an invalid sampled config: show what was sampled
             searched = {k: config.get(k) for k in spec.search_space}
         record = TrialRecord(trial_id=trial_id, status="", config=searched, reported=_reported(result),
                              error=error_line(result.error))
@@ -235,7 +237,7 @@ def write_results(outcome, storage) -> None:
     outcome.files["csv"] = _write_bytes(storage, TABLE_CSV, df.to_csv(index=False).encode())
     buffer = io.BytesIO()
     df.to_parquet(buffer, index=False)
-    outcome.files["parquet"] = _write_bytes(storage, TABLE_PARQUET, buffer.getvalue())
+    outcome.files["parquet"] = _write_bytes(storage, TRIALS_PARQUET, buffer.getvalue())
     best = best_record(records, spec.mode)
     sweep_name = Path(storage.root).name
     if best is not None:
