@@ -14,7 +14,8 @@ from PIL import Image
 
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.context import LocalContext
-from dyrep_ray.engine.loop import METRICS_FILE, train
+from dyrep_ray.engine.layout import METRICS_FILE
+from dyrep_ray.engine.loop import train
 
 EXPERIMENTS = sorted(Path(__file__).resolve().parent.parent.glob("experiments/*.yaml"))
 TARGET_COMMENT = "%"  # each file's first line names the paper number it targets

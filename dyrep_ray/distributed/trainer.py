@@ -77,7 +77,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         return "local"
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local instance"
-        raise ClusterError(f"cannot connect to Ray at {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ClusterError(f"cannot connect to Ray at {where} ({reason}); "
                            "check --address / RAY_ADDRESS, that the head is running, and RAY_AUTH_MODE=token "
                            "with a valid token") from exc
 

@@ -6,8 +6,8 @@ Used by ``--local`` and by Ray Train workers for every dataset but Ray Data-stre
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sized
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -33,15 +33,23 @@ def build_map_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
         return build_datasets(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed,
                               synthetic_train_size=cfg.synthetic_train_size,
                               synthetic_val_size=cfg.synthetic_val_size, aug=aug)
+    from ..data import DatasetError
     from ..data.parquet import ParquetImageDataset, read_parquet_metadata, sample_transform
 
-    source = read_parquet_metadata(cfg.parquet_train)
-    val_path = cfg.parquet_val or cfg.parquet_train
-    train = ParquetImageDataset(cfg.parquet_train, sample_transform(
+    train_path = cfg.parquet_train
+    if train_path is None:  # the config requires it for dataset: parquet; this is a direct caller's mistake
+        raise DatasetError("dataset: parquet needs parquet_train (a shard directory written by dyrep-ray prepare)")
+    source = read_parquet_metadata(train_path)
+    val_path = cfg.parquet_val or train_path
+    train = ParquetImageDataset(train_path, sample_transform(
         source["dataset"], train=True, image_size=cfg.image_size, aug=aug))
     val = ParquetImageDataset(val_path, sample_transform(
         source["dataset"], train=False, image_size=cfg.image_size, aug=aug))
     return train, val, int(source["num_classes"])
+
+
+def _len(dataset: Dataset) -> int:
+    return len(cast(Sized, dataset))  # every dataset dyrep-ray builds is map-style and sized
 
 
 class TorchDataSource:
@@ -51,12 +59,12 @@ class TorchDataSource:
                  world_size: int, pin_memory: bool = False) -> None:
         self.cfg, self.train_ds, self.val_ds, self.num_classes = cfg, train_ds, val_ds, num_classes
         self.rank, self.world_size = rank, world_size
-        self.train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True,
-                                                seed=cfg.seed)
+        self.train_sampler: DistributedSampler[int] = DistributedSampler(
+            train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
         self.train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=self.train_sampler,
                                        num_workers=cfg.num_data_workers, pin_memory=pin_memory, drop_last=False,
                                        persistent_workers=cfg.num_data_workers > 0)
-        val_indices = list(range(rank, len(val_ds), world_size))  # no padding: exact metrics
+        val_indices = list(range(rank, _len(val_ds), world_size))  # no padding: exact metrics
         self.val_loader = DataLoader(Subset(val_ds, val_indices), batch_size=cfg.val_batch_size or cfg.batch_size,
                                      shuffle=False, num_workers=cfg.num_data_workers, pin_memory=pin_memory)
 
@@ -72,7 +80,7 @@ class TorchDataSource:
 
     @property
     def sizes(self) -> tuple[int, int]:
-        return len(self.train_ds), len(self.val_ds)  # type: ignore[arg-type]
+        return _len(self.train_ds), _len(self.val_ds)
 
     def train_batches(self, epoch: int) -> DataLoader:
         self.train_sampler.set_epoch(epoch)
@@ -82,8 +90,9 @@ class TorchDataSource:
         return self.val_loader
 
     def recal_batches(self, salt: int) -> Iterator[torch.Tensor]:
-        sampler = DistributedSampler(self.train_ds, num_replicas=self.world_size, rank=self.rank, shuffle=True,
-                                     seed=self.cfg.seed + RECAL_SEED_OFFSET * (salt + 1))
+        sampler: DistributedSampler[int] = DistributedSampler(
+            self.train_ds, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+            seed=self.cfg.seed + RECAL_SEED_OFFSET * (salt + 1))
         loader = DataLoader(self.train_ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=0)
         for images, _ in loader:
             yield images

@@ -73,7 +73,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = param_groups_for(model, cfg.weight_decay, filter_bias_and_bn=not cfg.opt_no_filter)
     if cfg.opt == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    betas = tuple(cfg.opt_betas) if cfg.opt_betas else (0.9, 0.999)
+    betas = (cfg.opt_betas[0], cfg.opt_betas[1]) if cfg.opt_betas else (0.9, 0.999)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.opt_eps)
 
 
@@ -116,7 +116,7 @@ class Trainer:
         if resume is not None:
             restore_graph(self.model, resume.graph)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
-        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self._place_model()
         self.dyrep = None
         if cfg.dyrep:
             self.dyrep = DyRep(self.model, metric=cfg.dyrep_metric, grow_topk=cfg.dyrep_grow_topk,
@@ -129,6 +129,10 @@ class Trainer:
         if resume is not None:
             self._load(resume)
         self.wrapped = ctx.wrap_model(self.model)
+
+    def _place_model(self) -> None:
+        fmt = torch.channels_last if self.channels_last else torch.preserve_format
+        self.model.to(self.device, memory_format=fmt)  # type: ignore[call-overload]  # torch's stubs lack this
 
     # ---------------------------------------------------------------- data
     def _recal_batches(self, salt: int) -> Iterator[torch.Tensor]:
@@ -284,7 +288,7 @@ class Trainer:
                     self.scaler.update()
                 self.callbacks.on_step_end(self, epoch, step, loss.detach())
                 continue
-            if record:
+            if record and self.dyrep is not None:
                 self.dyrep.record_metrics()
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -305,14 +309,16 @@ class Trainer:
 
     def _adjust(self, epoch: int) -> list[dict]:
         """All ranks: reduce metrics once, rank 0's plan broadcast, apply, re-wrap DDP, optimizer surgery."""
-        plan = self.dyrep.plan()  # every rank joins the metric all-reduce inside
+        dyrep = self.dyrep
+        assert dyrep is not None, "adjust epochs exist only with dyrep on"
+        plan = dyrep.plan()  # every rank joins the metric all-reduce inside
         plan = self.ctx.broadcast_object(plan)
-        self.wrapped = None  # drop the old DDP (and its autograd hooks) before the structure changes
-        recal_salt = self.dyrep.adjust_count
-        events = self.dyrep.apply(plan, self.optimizer, self._recal_fn(recal_salt))
+        self.wrapped = self.model  # drop the old DDP (and its autograd hooks) before the structure changes
+        recal_salt = dyrep.adjust_count
+        events = dyrep.apply(plan, self.optimizer, self._recal_fn(recal_salt))
         if self.ema is not None:
             apply_plan(self.ema.module, plan, self._recal_fn(recal_salt))
-        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self._place_model()
         self.wrapped = self.ctx.wrap_model(self.model)  # DDP broadcasts rank 0's weights and buffers
         for note in plan.get("notes", []):
             logger.warning("DyRep: %s", note)

@@ -24,6 +24,7 @@ from urllib.parse import quote
 from matplotlib.ticker import MaxNLocator
 
 from ..engine.layout import (
+    CHECKPOINT_PREFIX,
     CONFIG_FILE,
     DEPLOYED_SIDECAR,
     METRICS_FILE,

@@ -12,13 +12,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from ..errors import UserError
 from ..engine.layout import BEST_CONFIG, SWEEP_SUMMARY, TRIALS_PARQUET
 from ..engine.layout import TRIALS_CSV as TABLE_CSV
 from ..engine.loop import summarize
 from ..engine.runfiles import plain_params_from, read_metrics
+from ..errors import UserError
 from .bridge import existing_segments, latest_origin, segment_storage
 from .spec import TIME_ATTR, SweepSpec
 
@@ -40,11 +40,11 @@ class TrialRecord:
     segments: int = 1
     exploits: int = 0
     donor: str = ""
-    donor_epoch: Optional[int] = None
+    donor_epoch: int | None = None
     run_dir: str = ""
-    best_value: Optional[float] = None
-    best_epoch: Optional[int] = None
-    final_value: Optional[float] = None
+    best_value: float | None = None
+    best_epoch: int | None = None
+    final_value: float | None = None
 
 
 def error_line(error: BaseException | None) -> str:
@@ -58,7 +58,7 @@ def error_line(error: BaseException | None) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _finite(value: Any) -> Optional[float]:
+def _finite(value: Any) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -159,7 +159,7 @@ def collect_records(results, spec: SweepSpec, sweep_uri: str) -> list[TrialRecor
     return records
 
 
-def best_record(records: list[TrialRecord], mode: str) -> Optional[TrialRecord]:
+def best_record(records: list[TrialRecord], mode: str) -> TrialRecord | None:
     scored = [r for r in records if r.best_value is not None]
     if not scored:
         return None

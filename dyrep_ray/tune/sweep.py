@@ -18,8 +18,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
 
 from ..distributed.trainer import ClusterError, check_resources, connect, preflight, resolve_use_gpu
 from ..engine.config import ConfigError, TrainConfig
@@ -65,7 +63,7 @@ class SweepOutcome:
     spec: SweepSpec
     records: list = field(default_factory=list)
     table: object = None  # pandas.DataFrame
-    best: Optional[dict] = None
+    best: dict | None = None
     files: dict = field(default_factory=dict)
     interrupted: bool = False  # some trials did not end: continue with --resume
 
@@ -160,7 +158,7 @@ def _probe_config(spec: SweepSpec) -> TrainConfig:
                                   "storage_path": None})
 
 
-def prepare_sweep(spec: Optional[SweepSpec], output: str, name: str, resume: bool) -> tuple[SweepSpec, RunStorage]:
+def prepare_sweep(spec: SweepSpec | None, output: str, name: str, resume: bool) -> tuple[SweepSpec, RunStorage]:
     """Check the sweep directory (``resume``: read back the sweep as it was started); writes nothing."""
     root = RunStorage(output, name)
     saved = root.read_text(SWEEP_FILE)
@@ -181,8 +179,8 @@ def prepare_sweep(spec: Optional[SweepSpec], output: str, name: str, resume: boo
     return spec, root
 
 
-def run_sweep(spec: Optional[SweepSpec], output: str, name: str, *, resume: bool = False,
-              address: Optional[str] = None, verbose: int = 1, callbacks: Sequence = ()) -> SweepOutcome:
+def run_sweep(spec: SweepSpec | None, output: str, name: str, *, resume: bool = False,
+              address: str | None = None, verbose: int = 1, callbacks: Sequence = ()) -> SweepOutcome:
     """Run (or ``resume``) the sweep under ``<output>/<name>``; returns the table and written files.
 
     ``callbacks``: :class:`~dyrep_ray.engine.callbacks.TrainerCallback` instances every trial's workers run.

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ray import tune
 
@@ -38,8 +38,8 @@ from .bridge import (
     BRIDGE_FILE,
     BridgeCallback,
     Segment,
-    link_or_copy,
     latest_origin,
+    link_or_copy,
     plan_segment,
     start_checkpoint_of,
 )
@@ -75,7 +75,7 @@ def _root_cause(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
-def _uri(path: Optional[str], storage: RunStorage) -> Optional[str]:
+def _uri(path: str | None, storage: RunStorage) -> str | None:
     if path is None or storage.local:
         return path
     return f"{storage.fs.type_name}://{path}"
@@ -114,14 +114,14 @@ class DyRepTrial(tune.Trainable):
         self.spec, self.sweep_uri, self.callbacks = spec, sweep_uri, tuple(callbacks)
         self.cfg = spec.trial_config(config)
         self.searched = {k: getattr(self.cfg, k) for k in spec.search_space}
-        self.segment: Optional[Segment] = None
+        self.segment: Segment | None = None
         self._queue = None
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._outcome: dict[str, BaseException] = {}
         self._controller = None
         self._extras: dict[str, Any] = {}
-        self._last_metrics: Optional[dict] = None
-        self._latest_export: Optional[str] = None
+        self._last_metrics: dict | None = None
+        self._latest_export: str | None = None
         self._finished = False
 
     # -- checkpoints (Tune side of the bridge) -------------------------------------------------------------------
