@@ -28,12 +28,12 @@ from dyrep_ray.data.parquet import (
     IMAGE_COLUMN,
     LABEL_COLUMN,
     ParquetImageDataset,
-    build_batch_decoder,
     decode_image,
     export_parquet,
     read_parquet_metadata,
 )
 from dyrep_ray.data.synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD
+from dyrep_ray.distributed.ray_data import build_batch_decoder
 
 CIFAR_ROW = 3 * 32 * 32
 SMALL_TRAIN = 256
@@ -484,7 +484,7 @@ def test_prepare_command_exports_both_splits(tmp_path, capsys):
 def test_ray_data_reads_exported_shards(tmp_path):
     import ray
 
-    from dyrep_ray.data.parquet import iter_decoded_batches, read_parquet_dataset
+    from dyrep_ray.distributed.ray_data import iter_decoded_batches, read_parquet_dataset
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

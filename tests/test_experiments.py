@@ -15,7 +15,8 @@ from PIL import Image
 
 from dyrep_ray.engine.config import TrainConfig, load_config
 from dyrep_ray.engine.context import LocalContext
-from dyrep_ray.engine.loop import METRICS_FILE, train
+from dyrep_ray.engine.layout import METRICS_FILE
+from dyrep_ray.engine.loop import train
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 PAPER_DIR = EXPERIMENTS_DIR / "paper"

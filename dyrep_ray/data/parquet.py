@@ -1,20 +1,11 @@
-"""Parquet shards for Ray Data: export a dataset to Parquet, read it back, decode batches to tensors.
+"""Parquet shards: export a dataset to Parquet and read it back with pyarrow (no Ray).
 
 Shard schema: ``image`` (binary: encoded PNG, or the original JPEG/PNG file bytes for ImageFolder) and
 ``label`` (int64). The schema metadata key ``dyrep_ray`` holds JSON: dataset name, split, num_classes, classes.
 
-Writer side needs only pyarrow and PIL. Reader side: :func:`read_parquet_dataset` returns a
-``ray.data.Dataset``; :class:`BatchDecoder` turns a numpy batch dict into ``(images NCHW float32, labels int64)``;
-:func:`iter_decoded_batches` runs it as the ``collate_fn`` of ``iter_torch_batches``, e.g. in a Ray Train worker::
-
-    shard = ray.train.get_dataset_shard("train")
-    decoder = build_batch_decoder("cifar10", train=True)
-    for images, labels in iter_decoded_batches(shard, decoder, batch_size=128):
-        ...
-
-(or ``shard.iter_torch_batches(batch_size=128, collate_fn=decoder.as_ray_collate_fn())``).
-
-Ray is imported lazily inside the functions that need it.
+Writer and reader need only pyarrow and PIL: :class:`ParquetImageDataset` is a map-style torch Dataset over
+the shards (``--local``). Streaming them to Ray Train workers through Ray Data is
+:mod:`dyrep_ray.distributed.ray_data`.
 """
 
 from __future__ import annotations
@@ -23,8 +14,9 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,9 +43,6 @@ from .transforms import (
     imagenet_val_transform,
     resolve_aug,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    import ray.data
 
 logger = logging.getLogger(__name__)
 
@@ -303,17 +292,6 @@ def parquet_row_count(path: str | os.PathLike) -> int:
     return sum(pq.ParquetFile(file).metadata.num_rows for file in _parquet_files(path))
 
 
-def read_parquet_dataset(path: str | os.PathLike | Sequence[str], **read_kwargs: Any) -> "ray.data.Dataset":
-    """A ``ray.data.Dataset`` over the shards at ``path`` (a shard, a directory of shards, or a list)."""
-    import ray.data
-
-    if isinstance(path, (str, os.PathLike)):
-        paths: Any = [str(file) for file in _parquet_files(path)]
-    else:
-        paths = [str(file) for file in path]
-    return ray.data.read_parquet(paths, **read_kwargs)
-
-
 def check_image_pixels(image: Image.Image, where: str) -> None:
     """Refuse, before decoding, an image declaring more than :data:`MAX_IMAGE_PIXELS` pixels."""
     width, height = image.size
@@ -337,36 +315,6 @@ def decode_image(encoded: bytes, where: str = "image") -> Image.Image:
             from None
 
 
-class BatchDecoder:
-    """Numpy batch dict ``{"image": bytes[N], "label": int[N]}`` -> ``(float32 NCHW, int64 N)`` tensors.
-
-    Applies ``transform`` (PIL image -> CHW tensor, including any augmentation) per image. Picklable, so it
-    can be shipped to Ray workers and passed as ``collate_fn`` to ``iter_torch_batches``.
-    """
-
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.transform = transform
-
-    def __call__(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            encoded, labels = batch[IMAGE_COLUMN], batch[LABEL_COLUMN]
-        except KeyError as exc:
-            raise DatasetError(
-                f"batch lacks column {exc}; expected columns {IMAGE_COLUMN!r} and {LABEL_COLUMN!r}"
-            ) from None
-        images = torch.stack([self.transform(decode_image(bytes(item))) for item in encoded])
-        return images, torch.tensor(np.asarray(labels), dtype=torch.int64)
-
-    def as_ray_collate_fn(self) -> Any:
-        """This decoder as a ``ray.data.collate_fn.NumpyBatchCollateFn`` (imports Ray)."""
-        from .ray_collate import NumpyBatchDecoder
-
-        return NumpyBatchDecoder(self)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform!r})"
-
-
 def sample_transform(
     dataset: str, *, train: bool, image_size: int = DEFAULT_IMAGE_SIZE, aug: Mapping[str, Any] | None = None
 ) -> Callable[[Image.Image], torch.Tensor]:
@@ -379,32 +327,6 @@ def sample_transform(
         return (cifar_train_transform if train else cifar_val_transform)(image_size, config)
     assert dataset == IMAGENET
     return (imagenet_train_transform if train else imagenet_val_transform)(image_size, config)
-
-
-def build_batch_decoder(
-    dataset: str, *, train: bool, image_size: int = DEFAULT_IMAGE_SIZE, aug: Mapping[str, Any] | None = None
-) -> BatchDecoder:
-    """A :class:`BatchDecoder` with the same normalization/augmentation as the in-memory dataset."""
-    return BatchDecoder(sample_transform(dataset, train=train, image_size=image_size, aug=aug))
-
-
-def iter_decoded_batches(
-    data: Any,
-    decoder: BatchDecoder,
-    *,
-    batch_size: int,
-    drop_last: bool = False,
-    local_shuffle_buffer_size: int | None = None,
-    local_shuffle_seed: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Iterate ``(images, labels)`` over a ``ray.data.Dataset`` or a ``DataIterator`` (``get_dataset_shard``)."""
-    yield from data.iter_torch_batches(
-        batch_size=batch_size,
-        collate_fn=decoder.as_ray_collate_fn(),
-        drop_last=drop_last,
-        local_shuffle_buffer_size=local_shuffle_buffer_size,
-        local_shuffle_seed=local_shuffle_seed,
-    )
 
 
 class ParquetImageDataset(Dataset):

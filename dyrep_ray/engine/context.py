@@ -1,4 +1,4 @@
-"""The small interface through which the training loop talks to its runtime.
+"""Runtimes of the training loop (the :class:`~dyrep_ray.engine.protocols.TrainContext` protocol).
 
 ``LocalContext`` runs in the current process without Ray (``--local``).  The Ray
 Train implementation lives in :mod:`dyrep_ray.distributed.context`; the loop
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,12 +17,13 @@ from torch import nn
 
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
 from .layout import CHECKPOINT_PREFIX, checkpoint_dir_name  # noqa: F401  (re-exported)
+from .protocols import CheckpointWriter, TrainContext
 from .rundir import list_checkpoints, metric_score, read_meta
 from .storage import RunStorage
 
 logger = logging.getLogger(__name__)
 
-CheckpointWriter = Callable[[Path], None]
+__all__ = ["CheckpointWriter", "LocalContext", "TrainContext", "as_storage", "load_newest_valid"]
 SCORE_KEY = "val_top1"
 
 
@@ -98,10 +98,6 @@ class LocalContext:
 
     def gather_object(self, obj) -> list:
         return [obj]
-
-    def dataset_shard(self, name: str):
-        """Ray Data shard of a dataset given to the trainer; never one in a single process."""
-        return None
 
     def resume_checkpoint(self) -> LoadedCheckpoint | None:
         return load_newest_valid(self.storage)
