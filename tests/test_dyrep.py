@@ -218,36 +218,61 @@ def test_nested_growth_is_function_preserving(dtype):
         assert rel_err(F.conv2d(z, k, b, 1, 1), model[3](z)) <= TOL[dtype]
 
 
-def test_depth_limit_and_kxk_slot_rule():
+def test_depth_limit_and_growth_candidates():
+    """The original's rule: any square k>1 conv whose path passes through fewer than max_depth blocks."""
     model = make_net()
     grow_conv(model, "0", seed=1)
     names2 = [n for n, _ in eligible_convs(model, max_depth=2)]
     names1 = [n for n, _ in eligible_convs(model, max_depth=1)]
-    assert "0.branches.kxk.conv" in names2
-    assert "0.branches.kxk.conv" not in names1
+    assert names2 == ["0.branches.1x1_kxk.conv2", "0.branches.kxk.conv", "3", "6", "9"]
     assert set(names1) == {"3", "6", "9"}
     grow_conv(model, "0.branches.kxk.conv", seed=2)
     deep = "0.branches.kxk.conv.branches.kxk.conv"
+    deep_1x1_kxk = "0.branches.kxk.conv.branches.1x1_kxk.conv2"
     assert isinstance(model.get_submodule(deep), nn.Conv2d)
-    assert deep not in [n for n, _ in eligible_convs(model, max_depth=2)]  # depth 2: not eligible
-    assert deep in [n for n, _ in eligible_convs(model, max_depth=3)]  # the limit is the parameter
-    assert DyRep(model, max_depth=2).eligible_names == ["3", "6", "9"]
-    # Square k>1 convs inside non-kxk branches exist (1x1_kxk.conv2) but are never eligible.
-    branch_convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and ".branches." in n
-                    and m.kernel_size[0] == m.kernel_size[1] > 1 and not n.endswith("branches.kxk.conv")]
-    assert any(n.endswith("1x1_kxk.conv2") for n in branch_convs)
-    for depth in (1, 2, 3, 10):
-        assert not set(branch_convs) & {n for n, _ in eligible_convs(model, max_depth=depth)}
-    assert eligible_convs(model, exclude=["3", "6"]) == [("9", model[9])]
+    names2 = [n for n, _ in eligible_convs(model, max_depth=2)]
+    assert deep not in names2 and deep_1x1_kxk not in names2  # depth 2: not eligible
+    assert {deep, deep_1x1_kxk} <= {n for n, _ in eligible_convs(model, max_depth=3)}  # the limit is the parameter
+    assert DyRep(model, max_depth=2).eligible_names == ["0.branches.1x1_kxk.conv2", "3", "6", "9"]
+    # 1xk / kx1 / 1x1 convs are never square k>1, so never candidates
+    assert not any(n.endswith(("1xk.conv", "kx1.conv", "1x1.conv", "conv1"))
+                   for n, _ in eligible_convs(model, max_depth=10))
+    assert eligible_convs(model, exclude=["0", "3", "6"]) == [("9", model[9])]
 
 
-def test_grow_refuses_conv_inside_non_kxk_branch():
-    model = make_net()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grow_in_1x1_kxk_slot_is_exact_reduced_and_deploys(dtype):
+    from dyrep_ray.rep import deploy
+
+    model = make_net(dtype)
+    x, _ = batch(8, dtype)
+    before = eval_out(model, x)
     d = DyRep(model)
-    d.grow("0")
-    with pytest.raises(ValueError):
-        d.grow("0.branches.1x1_kxk.conv2")
-    model[0].equivalent_kernel()  # the block must still fold
+    d.grow("3", recal_fn=randomizing_recal(1))
+    slot = "3.branches.1x1_kxk.conv2"
+    assert slot in d.eligible_names
+    inner = d.grow(slot, recal_fn=randomizing_recal(2))
+    assert isinstance(inner, DiverseBranchBlock) and inner.padding == 0
+    assert inner.branch_names == ["1x1_kxk", "1x1_avg", "kxk"]  # padding 0 != k//2: the reduced set
+    randomize_bns(model, 31)
+    before = eval_out(model, x)
+    with torch.no_grad():  # the outer block still folds exactly with a block in its 1x1_kxk slot
+        k, b = model[3].equivalent_kernel()
+        z = torch.randn(2, 8, 7, 7, dtype=dtype)
+        assert rel_err(F.conv2d(z, k, b, 1, 1), model[3].eval()(z)) <= TOL[dtype]
+    assert rel_err(eval_out(deploy(model), x), before) <= TOL[dtype]
+    graph = json.loads(json.dumps(structure_graph(model)))
+    assert slot in [e["path"] for e in graph["blocks"]]
+    rebuilt = restore_graph(make_net(dtype, seed=9), graph)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert rel_err(eval_out(rebuilt, x), before) <= TOL[dtype]
+    # and it can be cut (both mechanics) with the function kept
+    for mode in ("reset", "absorb"):
+        m = copy.deepcopy(model)
+        DyRep(m, cut_mode=mode).cut(slot, ["1x1_avg"])
+        assert rel_err(eval_out(m, x), before) <= TOL[dtype], mode
+        DyRep(m, cut_mode=mode).cut("3", ["1x1_kxk"])  # removes the branch holding the nested block
+        assert rel_err(eval_out(m, x), before) <= TOL[dtype], mode
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -360,29 +385,79 @@ def test_collapse_to_conv_with_bias_eligible_again_and_output_unchanged(path):
     assert rel_err(eval_out(model, x), before) <= 1e-10
 
 
-def test_plan_collapses_block_with_single_weak_branch():
+def test_lone_weak_branch_is_kept_by_default_and_cut_with_the_option():
+    """The original never collapses a block: one valid weight has no std, so nothing is cut."""
     model = grown_net(paths=("3",))
-    d = DyRep(model, grow_topk=0)
-    d.cut("3", ["1x1_kxk", "1x1_avg", "1xk", "kx1", "identity"])
+    DyRep(model).cut("3", ["1x1_kxk", "1x1_avg", "1xk", "kx1", "identity"])
     assert model[3].branch_names == ["1x1", "kxk"]
     set_importance(model[3], {"1x1": 0.05})
+    assert DyRep(model, grow_topk=0).plan()["cut"] == []
     x, _ = batch(6)
     before = eval_out(model, x)
+    d = DyRep(model, grow_topk=0, cut_lone_branch=True)
     plan = d.plan()
-    assert plan["cut"] == [{"path": "3", "branches": ["1x1"], "collapses": True,
-                            "importance": pytest.approx({"1x1": 0.05, "kxk": 1.0})}]
+    assert [(c["path"], c["branches"], c["collapses"]) for c in plan["cut"]] == [("3", ["1x1"], True)]
+    assert plan["cut"][0]["importance"] == pytest.approx({"1x1": 0.05, "kxk": 1.0})
     d.apply(plan)
     assert type(model[3]) is nn.Conv2d and model[3].bias is not None
     assert rel_err(eval_out(model, x), before) <= 1e-10
     assert "3" in d.eligible_names
 
 
+def test_two_weights_largest_survives_and_weights_of_exactly_one_are_ignored():
+    model = grown_net(paths=("3",))
+    DyRep(model).cut("3", ["1x1_avg", "1xk", "kx1", "identity"])
+    set_importance(model[3], {"1x1": 0.01, "1x1_kxk": 0.09})  # std 0.057 > gate, 0.01 < mean and < lambda
+    assert [c["branches"] for c in DyRep(model, grow_topk=0).plan()["cut"]] == [["1x1"]]
+    set_importance(model[3], {"1x1": 0.01, "1x1_kxk": 1.0})  # 1.0 is not a valid weight: one left, no cut
+    assert DyRep(model, grow_topk=0).plan()["cut"] == []
+
+
+@pytest.mark.parametrize("mode", ["reset", "absorb"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_planned_cut_preserves_function_in_both_modes(mode, dtype):
+    model = make_net(dtype)
+    grow_conv(model, "3", seed=0, recal_fn=randomizing_recal(10))
+    grow_conv(model, "3.branches.kxk.conv", seed=1, recal_fn=randomizing_recal(11))
+    set_importance(model[3], {"1x1": 0.05, "1x1_kxk": 0.5, "1x1_avg": 0.08, "1xk": 0.6, "kx1": 0.15,
+                              "identity": 0.02})
+    randomize_bns(model[3].kxk_branch.conv, 12)
+    x, _ = batch(9, dtype)
+    before = eval_out(model, x)
+    d = DyRep(model, grow_topk=0, cut_mode=mode)
+    plan = d.plan()
+    assert plan["cut_mode"] == mode and [c["path"] for c in plan["cut"]] == ["3"]
+    d.apply(json.loads(json.dumps(plan)))
+    assert set(model[3].branch_names) == {"1x1_kxk", "1xk", "kx1", "kxk"}
+    assert rel_err(eval_out(model, x), before) <= TOL[dtype]
+    kxk_bn = model[3].kxk_branch.bn
+    assert torch.equal(kxk_bn.weight, torch.ones_like(kxk_bn.weight)) is (mode == "reset")
+
+
+def test_grow_first_then_cut_and_a_just_grown_block_is_not_cut():
+    model = grown_net(paths=("3",))
+    d = DyRep(model, grow_topk=3, exclude=["3"])
+    train_steps(model, d, 1, seed=90)
+    set_importance(model[3], {"1x1": 0.05, "1x1_kxk": 0.5, "1x1_avg": 0.08, "1xk": 0.6, "kx1": 0.15,
+                              "identity": 0.02})
+    plan = d.plan()
+    grown = {g["path"] for g in plan["grow"]}
+    assert grown == {"0", "6", "9"}  # blocks grown at this adjust ...
+    assert [c["path"] for c in plan["cut"]] == ["3"]  # ... are not cut at once; the old block is
+    assert list(plan).index("grow") < list(plan).index("cut")
+    events = d.apply(plan)
+    ops = [e["op"] for e in events]
+    assert ops == ["grow"] * len(plan["grow"]) + ["cut"]
+    # what the original evaluates after growing: every just-grown block has equal weights -> no cut
+    assert [c["path"] for c in DyRep(model, grow_topk=0).plan()["cut"]] == []
+
+
 def test_plan_with_outer_collapse_and_nested_cut_applies():
     model = grown_net(paths=("3",))
     grow_conv(model, "3.branches.kxk.conv", seed=5, recal_fn=randomizing_recal(6))
-    d = DyRep(model, grow_topk=0)
+    d = DyRep(model, grow_topk=0, cut_lone_branch=True)
     d.cut("3", ["1x1_kxk", "1x1_avg", "1xk", "kx1", "identity"])
-    set_importance(model[3], {"1x1": 0.05})  # outer: one weak branch -> collapses
+    set_importance(model[3], {"1x1": 0.05})  # outer: one weak branch -> collapses (cut_lone_branch)
     inner = model[3].kxk_branch.conv
     set_importance(inner, {"1x1": 0.05, "1x1_kxk": 0.5, "1x1_avg": 0.08, "1xk": 0.6, "kx1": 0.15, "identity": 0.02})
     x, _ = batch(7)
@@ -442,7 +517,7 @@ def train_steps(model, ctrl, n_steps, seed, grad_scale=None, lr=0.05, hand=None)
 def test_metric_matches_hand_computation_averaged_over_steps(metric, n_steps):
     model = grown_net(paths=("6",))  # includes a nested-slot conv among the eligible ones
     ctrl = DyRep(model, metric=metric)
-    assert ctrl.eligible_names == ["0", "3", "6.branches.kxk.conv", "9"]
+    assert ctrl.eligible_names == ["0", "3", "6.branches.1x1_kxk.conv2", "6.branches.kxk.conv", "9"]
     hand: dict[str, dict[str, float]] = {}
     train_steps(model, ctrl, n_steps, seed=100, hand=hand)
     expected = {n: v / n_steps for n, v in hand[metric].items()}

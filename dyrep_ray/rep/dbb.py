@@ -30,6 +30,10 @@ BRANCH_NAMES = ("1x1", "1x1_kxk", "1x1_avg", "kxk", "1xk", "kx1", "identity")
 # Branches that need the kxk window centred on the output pixel (padding == k // 2).
 CENTRED_BRANCHES = ("1x1", "1xk", "kx1", "identity")
 KXK = "kxk"
+# How a cut keeps the block's function: "reset" (the original DyRep) or "absorb" (dyrep-ray's first version).
+CUT_MODES = ("reset", "absorb")
+# Last-BN gamma of a new branch (the original DyRep's value).
+DEFAULT_INIT_GAMMA = 0.01
 # Attribute set on convs/blocks that replace a user's conv: whether the user's
 # original conv had a bias (deploy must restore that layout).
 ORIG_BIAS_ATTR = "dyrep_orig_bias"
@@ -48,8 +52,15 @@ def allowed_branches(
 
 
 def mid_channels_1x1_kxk(in_channels: int, out_channels: int, groups: int) -> int:
-    """Width of the 1x1->kxk bottleneck (as in Ding et al.'s DBB)."""
-    return in_channels if groups < out_channels else 2 * in_channels
+    """Width of the 1x1->kxk bottleneck: ``in_channels``, depthwise included (the original DyRep's
+    DBB; Ding et al.'s DBB doubles it for depthwise convs)."""
+    return in_channels
+
+
+def avg_branch_without_conv(in_channels: int, out_channels: int, groups: int) -> bool:
+    """Depthwise geometry (groups >= out_channels, in == out): the original's 1x1_avg branch is a
+    zero-padded avg-pool -> BN, with no 1x1 conv in front."""
+    return groups >= out_channels and in_channels == out_channels
 
 
 class BNAndPad(nn.Module):
@@ -110,7 +121,8 @@ class OneByOneKxk(nn.Module):
     def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
         b1n, b2n = self.bn1.bn, self.bn
         k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, b1n.running_mean, b1n.running_var, b1n.weight, b1n.bias, b1n.eps)
-        k2, b2 = T.fuse_conv_bn(self.conv2.weight, None, b2n.running_mean, b2n.running_var, b2n.weight, b2n.bias, b2n.eps)
+        kernel2, bias2 = conv_kernel_and_bias(self.conv2)  # conv2 may itself have grown into a block
+        k2, b2 = T.fuse_conv_bn(kernel2, bias2, b2n.running_mean, b2n.running_var, b2n.weight, b2n.bias, b2n.eps)
         return T.merge_1x1_kxk(k1, b1, k2, b2, self.groups)
 
 
@@ -135,6 +147,28 @@ class OneByOneAvg(nn.Module):
         avg = T.avg_pool_kernel(out_ch, kernel_size, self.groups, like=k1)
         k2, b2 = T.fuse_conv_bn(avg, None, b2n.running_mean, b2n.running_var, b2n.weight, b2n.bias, b2n.eps)
         return T.merge_1x1_kxk(k1, b1, k2, b2, self.groups)
+
+
+class AvgBN(nn.Module):
+    """Zero-padded avg-pool kxk (count_include_pad) -> BN: the depthwise 1x1_avg branch (no conv)."""
+
+    def __init__(self, channels: int, k: int, stride: int, pad: int, groups: int, device=None, dtype=None):
+        super().__init__()
+        self.groups = groups
+        self.avg = nn.AvgPool2d(k, stride=stride, padding=pad, count_include_pad=True)
+        self.bn = nn.BatchNorm2d(channels, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pad = self.avg.padding
+        if 2 * pad <= self.avg.kernel_size:
+            return self.bn(self.avg(x))
+        # avg_pool2d refuses padding > k / 2: pad explicitly (same zero-padded sum, divisor k*k)
+        return self.bn(F.avg_pool2d(F.pad(x, [pad] * 4), self.avg.kernel_size, self.avg.stride, 0))
+
+    def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
+        bn = self.bn
+        avg = T.avg_pool_kernel(bn.num_features, kernel_size, self.groups, like=bn.running_mean)
+        return T.fuse_conv_bn(avg, None, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
 class IdentityBN(nn.Module):
@@ -213,7 +247,10 @@ class DiverseBranchBlock(nn.Module):
                 mid = mid_channels_1x1_kxk(in_channels, out_channels, g)
                 branch = OneByOneKxk(in_channels, mid, out_channels, k, s, p, g, **kw)
             elif name == "1x1_avg":
-                branch = OneByOneAvg(in_channels, out_channels, k, s, p, g, **kw)
+                if avg_branch_without_conv(in_channels, out_channels, g):
+                    branch = AvgBN(out_channels, k, s, p, g, **kw)
+                else:
+                    branch = OneByOneAvg(in_channels, out_channels, k, s, p, g, **kw)
             elif name == "1xk":
                 branch = ConvBN(nn.Conv2d(in_channels, out_channels, (1, k), s, (0, p), groups=g, bias=False, **kw),
                                 nn.BatchNorm2d(out_channels, **kw))
@@ -358,14 +395,35 @@ class DiverseBranchBlock(nn.Module):
         bn.bias.add_(bias.to(bn.bias.dtype))
 
     @torch.no_grad()
-    def cut(self, names: Iterable[str]) -> None:
-        """Remove branches, folding each one's eval-mode function into the kxk branch."""
-        for name in list(names):
-            if name == KXK:
-                raise ValueError("the 'kxk' branch cannot be cut")
-            kernel, bias = self.branch_kernel(name)
-            self.absorb(kernel, bias)
+    def cut(self, names: Iterable[str], mode: str = "reset", seed: int = 0,
+            init_gamma: float = DEFAULT_INIT_GAMMA) -> None:
+        """Remove branches, keeping the block's eval-mode function exactly.
+
+        ``mode="reset"`` (the original DyRep): surviving non-kxk branches keep their state; the
+        kxk branch is reset (BN gamma=1, beta=0, fresh running stats) and its conv set to the
+        fused block minus the remaining branches (with a bias).  A nested block in the kxk slot
+        has its non-kxk branches re-initialised (seeded by ``seed``, last BN gamma ``init_gamma``)
+        and its own kxk compensated.  ``mode="absorb"``: each cut branch's kernel is folded into
+        the kxk branch (divided by the kxk BN scale); the kxk statistics are kept.
+        """
+        names = list(names)
+        if mode not in CUT_MODES:
+            raise ValueError(f"unknown cut mode {mode!r}; choose one of {list(CUT_MODES)}")
+        if KXK in names:
+            raise ValueError("the 'kxk' branch cannot be cut")
+        missing = [n for n in names if n not in self.branches]
+        if missing:
+            raise ValueError(f"cannot cut {missing}: the block holds {self.branch_names}")
+        if mode == "absorb":
+            for name in names:
+                kernel, bias = self.branch_kernel(name)
+                self.absorb(kernel, bias)
+                del self.branches[name]
+            return
+        target_kernel, target_bias = self.equivalent_kernel()
+        for name in names:
             del self.branches[name]
+        self.compensate_kxk(target_kernel, target_bias, torch.Generator().manual_seed(int(seed)), init_gamma)
 
     @torch.no_grad()
     def to_conv(self) -> nn.Conv2d:
@@ -383,11 +441,14 @@ class DiverseBranchBlock(nn.Module):
         return self.to_conv()
 
     @torch.no_grad()
-    def compensate_kxk(self, target_kernel: Tensor, target_bias: Tensor) -> None:
+    def compensate_kxk(self, target_kernel: Tensor, target_bias: Tensor,
+                       generator: torch.Generator | None = None, init_gamma: float = DEFAULT_INIT_GAMMA) -> None:
         """Set the kxk branch so that the block's eval-mode function equals the target conv.
 
         The kxk BN is reset (gamma=1, beta=0, fresh stats) and the kernel is scaled by
-        sqrt(1 + eps) so that its eval-mode fold is exact (no 1/sqrt(1+eps) residue).
+        sqrt(1 + eps) so that its eval-mode fold is exact (no 1/sqrt(1+eps) residue).  A nested
+        block in the kxk slot is re-initialised (its non-kxk branches drawn from ``generator``)
+        and compensated recursively to the kernel the kxk conv must have.
         """
         others_k = torch.zeros_like(target_kernel)
         others_b = torch.zeros_like(target_bias)
@@ -400,13 +461,19 @@ class DiverseBranchBlock(nn.Module):
         bn = branch.bn
         bn.reset_running_stats()
         bn.weight.fill_(1.0)
-        if isinstance(branch.conv, DiverseBranchBlock):
-            raise ValueError("compensate_kxk expects a plain kxk conv (grow happens before nesting)")
         std = math.sqrt(1.0 + bn.eps)  # eval-mode std of the freshly reset BN
-        branch.conv.weight.copy_(((target_kernel - others_k) * std).to(branch.conv.weight.dtype))
+        conv_kernel = (target_kernel - others_k) * std
         residual_bias = target_bias - others_b
-        if branch.conv.bias is not None:
-            residual_bias = residual_bias - branch.conv.bias / std
+        if isinstance(branch.conv, DiverseBranchBlock):
+            if generator is None:
+                raise ValueError("re-initialising a nested block in the kxk slot needs a generator")
+            nested = branch.conv
+            init_new_branches(nested, init_gamma, generator)
+            nested.compensate_kxk(conv_kernel, torch.zeros_like(target_bias), generator, init_gamma)
+        else:
+            branch.conv.weight.copy_(conv_kernel.to(branch.conv.weight.dtype))
+            if branch.conv.bias is not None:
+                residual_bias = residual_bias - branch.conv.bias / std
         bn.bias.copy_(residual_bias.to(bn.bias.dtype))
 
     def extra_repr(self) -> str:

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .dbb import (
+    CUT_MODES,
+    DEFAULT_INIT_GAMMA,
     KXK,
     ORIG_BIAS_ATTR,
     DiverseBranchBlock,
@@ -38,9 +40,7 @@ logger = logging.getLogger(__name__)
 METRICS = ("synflow", "snip", "grad_norm", "random")
 GRAPH_VERSION = 1
 PLAN_VERSION = 1
-# Module path suffix of the conv inside a block's kxk branch (the only nested slot that may grow).
-KXK_CONV_SUFFIX = f"branches.{KXK}.conv"
-# Below this |gamma| the kxk BN cannot absorb a cut branch without blowing up.
+# Below this |gamma| the kxk BN cannot absorb a cut branch without blowing up (cut_mode="absorb").
 MIN_ABSORB_GAMMA = 1e-8
 
 RecalFn = Callable[[nn.Module, list[nn.BatchNorm2d]], object]
@@ -77,27 +77,17 @@ def block_depth(model: nn.Module, path: str) -> int:
 
 
 def eligible_convs(model: nn.Module, max_depth: int = 2, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Conv2d]]:
-    """Plain convs DyRep may grow: square k>1 convs outside blocks, or in a block's kxk slot
-    while the nesting depth stays below ``max_depth``."""
+    """Plain convs DyRep may grow: square k>1 convs whose module path passes through fewer than
+    ``max_depth`` blocks (the original's rule).  Inside a block that is the kxk branch's conv and
+    the 1x1->kxk branch's kxk conv (``branches.1x1_kxk.conv2``, padding 0, so it grows the
+    reduced branch set)."""
     found = []
     for name, module in model.named_modules():
         if conv_geometry(module) is None or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
-        depth = block_depth(model, name)
-        if depth == 0 or (name.endswith(KXK_CONV_SUFFIX) and depth < max_depth
-                          and _only_kxk_slots(model, name)):
+        if block_depth(model, name) < max_depth:
             found.append((name, module))
     return found
-
-
-def _only_kxk_slots(model: nn.Module, path: str) -> bool:
-    """True if every block on the way to ``path`` is entered through its kxk conv slot."""
-    parts = path.split(".")
-    for i in range(len(parts)):
-        if isinstance(get_submodule(model, ".".join(parts[:i])), DiverseBranchBlock):
-            if parts[i:i + 3] != KXK_CONV_SUFFIX.split("."):
-                return False
-    return True
 
 
 # ---------------------------------------------------------------------------
@@ -163,14 +153,12 @@ def restore_graph(model: nn.Module, graph: dict) -> nn.Module:
 # ---------------------------------------------------------------------------
 # Applying a plan (pure function of model + plan: used on replicas and EMA copies)
 # ---------------------------------------------------------------------------
-def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = 0.01,
+def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = DEFAULT_INIT_GAMMA,
               recal_fn: RecalFn | None = None) -> DiverseBranchBlock:
     """Replace the conv at ``path`` by a function-preserving block (eval mode)."""
     conv = get_submodule(model, path)
     if conv_geometry(conv) is None:
         raise ValueError(f"module '{path}' is not a growable conv ({type(conv).__name__})")
-    if not _only_kxk_slots(model, path):
-        raise ValueError(f"module '{path}' sits in a non-kxk branch of a block; only kxk convs may grow")
     with torch.no_grad():
         target_kernel = conv.weight.detach().clone()
         target_bias = (conv.bias.detach().clone() if conv.bias is not None
@@ -186,12 +174,14 @@ def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = 0.01,
     return block
 
 
-def cut_block(model: nn.Module, path: str, branches: Iterable[str]) -> nn.Module:
-    """Cut ``branches`` of the block at ``path``; a block left with only kxk becomes a Conv2d."""
+def cut_block(model: nn.Module, path: str, branches: Iterable[str], mode: str = "reset", seed: int = 0,
+              init_gamma: float = DEFAULT_INIT_GAMMA) -> nn.Module:
+    """Cut ``branches`` of the block at ``path`` (see :meth:`DiverseBranchBlock.cut` for ``mode``);
+    a block left with only kxk becomes a Conv2d."""
     block = get_submodule(model, path)
     if not isinstance(block, DiverseBranchBlock):
         raise ValueError(f"module '{path}' is not a DiverseBranchBlock")
-    block.cut(branches)
+    block.cut(branches, mode=mode, seed=seed, init_gamma=init_gamma)
     if block.branch_names == [KXK]:
         conv = block.to_conv()
         conv.train(block.training)
@@ -201,19 +191,21 @@ def cut_block(model: nn.Module, path: str, branches: Iterable[str]) -> nn.Module
 
 
 def apply_plan(model: nn.Module, plan: dict, recal_fn: RecalFn | None = None) -> list[dict]:
-    """Apply cuts then grows of ``plan`` to ``model``; returns the events applied."""
+    """Apply the grows, then the cuts of ``plan`` to ``model`` (the original's order); returns the events."""
     check_plan(plan)
-    init_gamma = float(plan.get("init_gamma", 0.01))
+    init_gamma = float(plan.get("init_gamma", DEFAULT_INIT_GAMMA))
+    cut_mode = plan.get("cut_mode", "reset")
     events = []
-    # Innermost first: a nested block's cut must land before its outer block may collapse into a conv.
-    for cut in sorted(plan["cut"], key=lambda c: -c["path"].count(".")):
-        result = cut_block(model, cut["path"], cut["branches"])
-        events.append({"op": "cut", "path": cut["path"], "branches": list(cut["branches"]),
-                       "collapsed": not isinstance(result, DiverseBranchBlock),
-                       "remaining": result.branch_names if isinstance(result, DiverseBranchBlock) else []})
     for grow in plan["grow"]:
         block = grow_conv(model, grow["path"], grow["seed"], init_gamma, recal_fn)
         events.append({"op": "grow", "path": grow["path"], "branches": block.branch_names})
+    # Innermost first: a nested block's cut must land before its outer block may collapse into a conv.
+    for cut in sorted(plan["cut"], key=lambda c: -c["path"].count(".")):
+        seed = int(cut.get("seed", zlib.crc32(f"cut:{cut['path']}".encode())))
+        result = cut_block(model, cut["path"], cut["branches"], cut_mode, seed, init_gamma)
+        events.append({"op": "cut", "path": cut["path"], "branches": list(cut["branches"]),
+                       "collapsed": not isinstance(result, DiverseBranchBlock),
+                       "remaining": result.branch_names if isinstance(result, DiverseBranchBlock) else []})
     return events
 
 
@@ -230,6 +222,34 @@ def empty_plan() -> dict:
 
 
 # ---------------------------------------------------------------------------
+# The cut rule
+# ---------------------------------------------------------------------------
+def cut_decision(weights: dict[str, float], threshold: float, std_gate: float,
+                 cut_lone_branch: bool = False) -> list[str]:
+    """Branches to cut, given each present non-kxk branch's weight (mean|gamma| / kxk's).
+
+    The original DyRep's rule: ``valid`` = the weights that are not exactly 1.0; if the
+    *unbiased* std of ``valid`` exceeds ``std_gate``, cut every branch whose weight is below
+    both mean(valid) and ``threshold``.  With fewer than two valid weights the std is
+    undefined and nothing is cut, and with two or more the largest always survives: a block
+    never collapses back to a plain conv.  ``cut_lone_branch=True`` (dyrep-ray's first
+    version) also cuts a block's only remaining branch when its weight is below
+    ``threshold``, collapsing the block into a conv that may grow again later.
+    """
+    if cut_lone_branch and len(weights) == 1:
+        (name, value), = weights.items()
+        return [name] if value < threshold else []
+    valid = [v for v in weights.values() if v != 1.0]
+    if len(valid) < 2:
+        return []
+    vals = torch.tensor(valid, dtype=torch.float64)
+    if not float(vals.std(unbiased=True)) > std_gate:
+        return []
+    mean = float(vals.mean())
+    return [n for n, v in weights.items() if v < mean and v < threshold]
+
+
+# ---------------------------------------------------------------------------
 # The controller
 # ---------------------------------------------------------------------------
 class DyRep:
@@ -238,6 +258,15 @@ class DyRep:
     Args mirror the official DyRep defaults: ``metric`` ("synflow"), ``grow_topk`` (1),
     ``cut_threshold`` λ (0.1), ``cut_std_gate`` (0.02), ``init_gamma`` (0.01),
     ``max_depth`` (2 nesting levels).  ``model`` is the *unwrapped* module (not DDP).
+
+    Options where dyrep-ray's first version differed from the original (defaults = original):
+
+    * ``cut_lone_branch`` (False): also cut a block's only remaining non-kxk branch when its
+      weight is below λ, collapsing the block into a conv (which may regrow later).  The
+      original never collapses a block (one weight has no std).
+    * ``cut_mode`` ("reset"): how a cut keeps the function -- "reset" re-derives the kxk branch
+      from the fused block with a freshly reset kxk BN (the original); "absorb" folds the cut
+      branch into the kxk conv and keeps the kxk BN's statistics.
     """
 
     def __init__(
@@ -248,15 +277,21 @@ class DyRep:
         grow_topk: int = 1,
         cut_threshold: float = 0.1,
         cut_std_gate: float = 0.02,
-        init_gamma: float = 0.01,
+        init_gamma: float = DEFAULT_INIT_GAMMA,
         max_depth: int = 2,
         seed: int = 0,
         exclude: Sequence[str] = (),
+        cut_lone_branch: bool = False,
+        cut_mode: str = "reset",
     ):
         if metric not in METRICS:
             raise ValueError(f"unknown DyRep metric {metric!r}; choose one of {list(METRICS)}")
         if grow_topk < 0 or max_depth < 1 or init_gamma <= 0:
             raise ValueError("grow_topk must be >= 0, max_depth >= 1 and init_gamma > 0")
+        if cut_mode not in CUT_MODES:
+            raise ValueError(f"unknown cut_mode {cut_mode!r}; choose one of {list(CUT_MODES)}")
+        self.cut_lone_branch = bool(cut_lone_branch)
+        self.cut_mode = cut_mode
         self.model = model
         self.metric = metric
         self.grow_topk = grow_topk
@@ -334,23 +369,32 @@ class DyRep:
 
     # ------------------------------------------------------------------ plan
     def plan(self) -> dict:
-        """Decide this adjust point's cuts and grows. Returns a JSON-serializable dict."""
+        """Decide this adjust point's grows and cuts. Returns a JSON-serializable dict.
+
+        As in the original DyRep: grow first (top-k by interval-averaged metric), then cuts
+        evaluated over all blocks.  A block grown at this adjust has equal branch weights
+        (all ``init_gamma``), so the std gate never cuts it at once; evaluating the existing
+        blocks is therefore the same decision as evaluating them after the grows.
+        """
         plan = empty_plan()
         plan["adjust_index"] = self.adjust_count
         plan["init_gamma"] = self.init_gamma
-        plan["cut"] = self._plan_cuts(plan["notes"])
-        collapsing = {c["path"] for c in plan["cut"] if c["collapses"]}
+        plan["cut_mode"] = self.cut_mode
+        cuts = self._plan_cuts(plan["notes"])
+        collapsing = {c["path"] for c in cuts if c["collapses"]}
         scores = self.metric_scores()
         if scores and not all(math.isfinite(v) for v in scores.values()):
             bad = [n for n, v in scores.items() if not math.isfinite(v)]
             plan["notes"].append(f"no growth: non-finite metric for {bad[:5]}")
             logger.warning("DyRep: non-finite metric for %s; skipping growth at this adjust point", bad[:5])
             scores = {}
+        # Growing inside a block that collapses at this adjust (cut_lone_branch only) would be undone at once.
         candidates = [(v, n) for n, v in scores.items()
                       if not any(n.startswith(c + ".") for c in collapsing)]
         candidates.sort(key=lambda t: (-t[0], t[1]))
         plan["scores"] = {n: v for v, n in candidates}
         plan["grow"] = [{"path": n, "seed": self._decision_seed(n)} for _, n in candidates[: self.grow_topk]]
+        plan["cut"] = cuts
         return plan
 
     def _plan_cuts(self, notes: list[str]) -> list[dict]:
@@ -361,26 +405,17 @@ class DyRep:
                 notes.append(f"no cut at {path}: non-finite BN scales")
                 continue
             others = {n: v for n, v in importance.items() if n != KXK}
-            if len(others) < 2:
-                if others and list(others.values())[0] < self.cut_threshold:
-                    weak = list(others)
-                else:
-                    continue
-            else:
-                vals = torch.tensor(list(others.values()), dtype=torch.float64)
-                if float(vals.std()) <= self.cut_std_gate:
-                    continue
-                mean = float(vals.mean())
-                weak = [n for n, v in others.items() if v < mean and v < self.cut_threshold]
+            weak = cut_decision(others, self.cut_threshold, self.cut_std_gate, self.cut_lone_branch)
             if not weak:
                 continue
-            kxk_gamma = block.kxk_branch.bn.weight.detach().abs()
-            if float(kxk_gamma.min()) < MIN_ABSORB_GAMMA:
-                notes.append(f"no cut at {path}: kxk BN gamma ~ 0 cannot absorb branches")
-                continue
+            if self.cut_mode == "absorb":
+                kxk_gamma = block.kxk_branch.bn.weight.detach().abs()
+                if float(kxk_gamma.min()) < MIN_ABSORB_GAMMA:
+                    notes.append(f"no cut at {path}: kxk BN gamma ~ 0 cannot absorb branches")
+                    continue
             remaining = [n for n in block.branch_names if n not in weak]
             cuts.append({"path": path, "branches": weak, "collapses": remaining == [KXK],
-                         "importance": importance})
+                         "importance": importance, "seed": self._decision_seed(f"cut:{path}")})
         return cuts
 
     # ----------------------------------------------------------------- apply
@@ -414,7 +449,10 @@ class DyRep:
 
     def cut(self, module_name: str, branches: Sequence[str], optimizer: Optimizer | None = None) -> nn.Module:
         plan = empty_plan()
-        plan["cut"] = [{"path": module_name, "branches": list(branches)}]
+        plan["init_gamma"] = self.init_gamma
+        plan["cut_mode"] = self.cut_mode
+        plan["cut"] = [{"path": module_name, "branches": list(branches),
+                        "seed": self._decision_seed(f"cut:{module_name}")}]
         self.apply(plan, optimizer)
         return get_submodule(self.model, module_name)
 
