@@ -21,6 +21,7 @@ from dyrep_ray.rep import (
     BRANCH_NAMES,
     DiverseBranchBlock,
     DyRep,
+    Plan,
     apply_plan,
     eligible_convs,
     recalibrate_bn,
@@ -262,7 +263,7 @@ def test_grow_in_1x1_kxk_slot_is_exact_reduced_and_deploys(dtype):
         assert rel_err(F.conv2d(z, k, b, 1, 1), model[3].eval()(z)) <= TOL[dtype]
     assert rel_err(eval_out(deploy(model), x), before) <= TOL[dtype]
     graph = json.loads(json.dumps(structure_graph(model)))
-    assert slot in [e["path"] for e in graph["blocks"]]
+    assert slot in [entry["path"] for entry in graph["blocks"]]
     rebuilt = restore_graph(make_net(dtype, seed=9), graph)
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     assert rel_err(eval_out(rebuilt, x), before) <= TOL[dtype]
@@ -334,8 +335,8 @@ def test_cut_rule_known_answer_and_function_preserved():
     before = eval_out(model, x)
     d = DyRep(model, grow_topk=0)
     plan = d.plan()
-    assert [c["path"] for c in plan["cut"]] == ["3"]
-    assert set(plan["cut"][0]["branches"]) == expected and plan["cut"][0]["collapses"] is False
+    assert [c.path for c in plan.cut] == ["3"]
+    assert set(plan.cut[0].branches) == expected and plan.cut[0].collapses is False
     d.apply(plan)
     assert set(model[3].branch_names) == set(BRANCH_NAMES) - expected
     assert rel_err(eval_out(model, x), before) <= 1e-10
@@ -352,7 +353,7 @@ def test_cut_rule_no_cut_cases(imp):
     set_importance(model[3], imp)
     assert hand_cut_rule(imp) == set()
     plan = DyRep(model, grow_topk=0).plan()
-    assert plan["cut"] == []
+    assert plan.cut == ()
 
 
 def test_cut_rule_custom_threshold_and_gate():
@@ -362,8 +363,8 @@ def test_cut_rule_custom_threshold_and_gate():
     expected = hand_cut_rule(imp, lam=0.2)
     assert expected == {"1x1", "1x1_avg", "identity", "kx1"}
     plan = DyRep(model, grow_topk=0, cut_threshold=0.2).plan()
-    assert set(plan["cut"][0]["branches"]) == expected
-    assert DyRep(model, grow_topk=0, cut_std_gate=1.0).plan()["cut"] == []  # std ~0.26 < 1.0
+    assert set(plan.cut[0].branches) == expected
+    assert DyRep(model, grow_topk=0, cut_std_gate=1.0).plan().cut == ()  # std ~0.26 < 1.0
 
 
 @pytest.mark.parametrize("path", ["0", "3"])
@@ -391,13 +392,13 @@ def test_lone_weak_branch_is_kept_by_default_and_cut_with_the_option():
     DyRep(model).cut("3", ["1x1_kxk", "1x1_avg", "1xk", "kx1", "identity"])
     assert model[3].branch_names == ["1x1", "kxk"]
     set_importance(model[3], {"1x1": 0.05})
-    assert DyRep(model, grow_topk=0).plan()["cut"] == []
+    assert DyRep(model, grow_topk=0).plan().cut == ()
     x, _ = batch(6)
     before = eval_out(model, x)
     d = DyRep(model, grow_topk=0, cut_lone_branch=True)
     plan = d.plan()
-    assert [(c["path"], c["branches"], c["collapses"]) for c in plan["cut"]] == [("3", ["1x1"], True)]
-    assert plan["cut"][0]["importance"] == pytest.approx({"1x1": 0.05, "kxk": 1.0})
+    assert [(c.path, c.branches, c.collapses) for c in plan.cut] == [("3", ("1x1",), True)]
+    assert plan.cut[0].importance == pytest.approx({"1x1": 0.05, "kxk": 1.0})
     d.apply(plan)
     assert type(model[3]) is nn.Conv2d and model[3].bias is not None
     assert rel_err(eval_out(model, x), before) <= 1e-10
@@ -408,9 +409,9 @@ def test_two_weights_largest_survives_and_weights_of_exactly_one_are_ignored():
     model = grown_net(paths=("3",))
     DyRep(model).cut("3", ["1x1_avg", "1xk", "kx1", "identity"])
     set_importance(model[3], {"1x1": 0.01, "1x1_kxk": 0.09})  # std 0.057 > gate, 0.01 < mean and < lambda
-    assert [c["branches"] for c in DyRep(model, grow_topk=0).plan()["cut"]] == [["1x1"]]
+    assert [c.branches for c in DyRep(model, grow_topk=0).plan().cut] == [("1x1",)]
     set_importance(model[3], {"1x1": 0.01, "1x1_kxk": 1.0})  # 1.0 is not a valid weight: one left, no cut
-    assert DyRep(model, grow_topk=0).plan()["cut"] == []
+    assert DyRep(model, grow_topk=0).plan().cut == ()
 
 
 @pytest.mark.parametrize("mode", ["reset", "absorb"])
@@ -426,8 +427,8 @@ def test_planned_cut_preserves_function_in_both_modes(mode, dtype):
     before = eval_out(model, x)
     d = DyRep(model, grow_topk=0, cut_mode=mode)
     plan = d.plan()
-    assert plan["cut_mode"] == mode and [c["path"] for c in plan["cut"]] == ["3"]
-    d.apply(json.loads(json.dumps(plan)))
+    assert plan.cut_mode == mode and [c.path for c in plan.cut] == ["3"]
+    d.apply(json.loads(json.dumps(plan.to_json())))
     assert set(model[3].branch_names) == {"1x1_kxk", "1xk", "kx1", "kxk"}
     assert rel_err(eval_out(model, x), before) <= TOL[dtype]
     kxk_bn = model[3].kxk_branch.bn
@@ -441,15 +442,14 @@ def test_grow_first_then_cut_and_a_just_grown_block_is_not_cut():
     set_importance(model[3], {"1x1": 0.05, "1x1_kxk": 0.5, "1x1_avg": 0.08, "1xk": 0.6, "kx1": 0.15,
                               "identity": 0.02})
     plan = d.plan()
-    grown = {g["path"] for g in plan["grow"]}
+    grown = {g.path for g in plan.grow}
     assert grown == {"0", "6", "9"}  # blocks grown at this adjust ...
-    assert [c["path"] for c in plan["cut"]] == ["3"]  # ... are not cut at once; the old block is
-    assert list(plan).index("grow") < list(plan).index("cut")
+    assert [c.path for c in plan.cut] == ["3"]  # ... are not cut at once; the old block is
     events = d.apply(plan)
-    ops = [e["op"] for e in events]
-    assert ops == ["grow"] * len(plan["grow"]) + ["cut"]
+    ops = [e.op for e in events]
+    assert ops == ["grow"] * len(plan.grow) + ["cut"]
     # what the original evaluates after growing: every just-grown block has equal weights -> no cut
-    assert [c["path"] for c in DyRep(model, grow_topk=0).plan()["cut"]] == []
+    assert [c.path for c in DyRep(model, grow_topk=0).plan().cut] == []
 
 
 def test_plan_with_outer_collapse_and_nested_cut_applies():
@@ -463,7 +463,7 @@ def test_plan_with_outer_collapse_and_nested_cut_applies():
     x, _ = batch(7)
     before = eval_out(model, x)
     plan = d.plan()
-    assert "3" in {c["path"] for c in plan["cut"]}  # (today the nested block's cut is planned too)
+    assert "3" in {c.path for c in plan.cut}  # (today the nested block's cut is planned too)
     d.apply(plan)
     assert type(model[3]) is nn.Conv2d
     assert rel_err(eval_out(model, x), before) <= 1e-10
@@ -607,11 +607,11 @@ def test_non_finite_metric_means_no_growth_and_a_note(bad):
         model[3].weight.grad[0, 0, 0, 0] = bad
     ctrl.record_metrics()
     plan = ctrl.plan()
-    assert plan["grow"] == []
-    assert any("non-finite" in note for note in plan["notes"])
-    json.dumps(plan)  # still serializable
+    assert plan.grow == ()
+    assert any("non-finite" in note for note in plan.notes)
+    json.dumps(plan.to_json())  # still serializable
     events = ctrl.apply(plan)
-    assert all(e["op"] != "grow" for e in events)
+    assert all(e.op != "grow" for e in events)
     assert not any(isinstance(m, DiverseBranchBlock) for m in model.modules())
 
 
@@ -622,8 +622,8 @@ def test_topk_picks_largest_scores():
     train_steps(model, ctrl, 2, seed=21, hand=hand)
     plan = ctrl.plan()
     expected = sorted(hand["snip"], key=lambda n: -hand["snip"][n])[:2]
-    assert [g["path"] for g in plan["grow"]] == expected
-    assert len({g["seed"] for g in plan["grow"]}) == 2
+    assert [g.path for g in plan.grow] == expected
+    assert len({g.seed for g in plan.grow}) == 2
 
 
 # ---------------------------------------------------------------------------
@@ -649,9 +649,9 @@ def test_plan_determinism_json_and_bit_identical_replicas():
         train_steps(model, ctrl, 3, seed=40)
     pa, pb = da.plan(), db.plan()
     assert pa == pb
-    assert len(pa["grow"]) == 2
-    wire = json.loads(json.dumps(pa))
-    assert wire == pa
+    assert len(pa.grow) == 2
+    wire = json.loads(json.dumps(pa.to_json()))
+    assert wire == pa.to_json() and Plan.from_json(wire) == pa
     da.apply(pa, recal_fn=deterministic_recal())
     db.apply(wire, recal_fn=deterministic_recal())  # the JSON copy, as another rank would receive it
     assert_state_dicts_bit_identical(a, b)
@@ -660,15 +660,15 @@ def test_plan_determinism_json_and_bit_identical_replicas():
     # Round 2: train, force cuts identically, plan (cuts + nested grows) and apply again.
     for model, ctrl in ((a, da), (b, db)):
         train_steps(model, ctrl, 2, seed=60)
-        grown = pa["grow"][0]["path"]
+        grown = pa.grow[0].path
         set_importance(model.get_submodule(grown), {
             n: v for n, v in {"1x1": 0.05, "1x1_kxk": 0.5, "1x1_avg": 0.08, "1xk": 0.6, "kx1": 0.15,
                               "identity": 0.02}.items() if n in model.get_submodule(grown).branch_names})
     pa2, pb2 = da.plan(), db.plan()
-    assert pa2 == pb2 and pa2["cut"] and pa2["grow"]
-    assert json.loads(json.dumps(pa2)) == pa2
+    assert pa2 == pb2 and pa2.cut and pa2.grow
+    assert Plan.from_json(json.loads(json.dumps(pa2.to_json()))) == pa2
     da.apply(pa2, recal_fn=deterministic_recal())
-    db.apply(json.loads(json.dumps(pb2)), recal_fn=deterministic_recal())
+    db.apply(json.loads(json.dumps(pb2.to_json())), recal_fn=deterministic_recal())
     assert_state_dicts_bit_identical(a, b)
     x, _ = batch(70)
     assert torch.equal(eval_out(a, x), eval_out(b, x))
@@ -811,3 +811,40 @@ def test_recalibrate_bn_default_all_bns_and_empty_iterator():
     # parameters untouched
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+# ---------------------------------------------------------------------------
+# Typed plans and events (JSON stays what older dyrep-ray versions wrote)
+# ---------------------------------------------------------------------------
+def test_plan_and_events_are_frozen_and_read_old_json():
+    import dataclasses
+
+    from dyrep_ray.rep import CutEvent, GrowEvent, event_from_json
+
+    old_plan = {"version": 1, "grow": [{"path": "0", "seed": 7}], "notes": ["n"], "adjust_index": 2,
+                "init_gamma": 0.01, "scores": {"0": 1.5},
+                "cut": [{"path": "3", "branches": ["1x1"], "collapses": False, "importance": {"1x1": 0.05}}]}
+    plan = Plan.from_json(old_plan)
+    assert plan.grow[0].path == "0" and plan.grow[0].seed == 7 and plan.cut[0].branches == ("1x1",)
+    assert plan.cut_mode == "reset" and plan.notes == ("n",) and plan.adjust_index == 2
+    assert plan.cut[0].seed is None and isinstance(plan.cut[0].effective_seed, int)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.cut_mode = "absorb"
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again == plan
+    with pytest.raises(ValueError):
+        Plan.from_json({**old_plan, "cut_mode": "fold"})
+    with pytest.raises(ValueError):
+        Plan.from_json({**old_plan, "grow": [{"seed": 1}]})
+    # events: the dicts metrics.jsonl always held
+    model = grown_net(paths=("3",))
+    events = apply_plan(model, {"version": 1, "grow": [{"path": "0", "seed": 1}], "notes": [],
+                                "cut": [{"path": "3", "branches": ["1x1"]}]})
+    assert [type(e) for e in events] == [GrowEvent, CutEvent]
+    as_json = [e.to_json() for e in events]
+    assert as_json[0] == {"op": "grow", "path": "0", "branches": list(model[0].branch_names)}
+    assert as_json[1] == {"op": "cut", "path": "3", "branches": ["1x1"], "collapsed": False,
+                          "remaining": list(model[3].branch_names)}
+    assert [event_from_json(json.loads(json.dumps(j))) for j in as_json] == events
+    with pytest.raises(ValueError):
+        event_from_json({"op": "prune", "path": "3"})

@@ -391,12 +391,12 @@ class Trainer:
         plan = self.ctx.broadcast_object(plan)
         self.wrapped = None  # drop the old DDP (and its autograd hooks) before the structure changes
         recal_salt = self.dyrep.adjust_count
-        events = self.dyrep.apply(plan, self.optimizer, self._recal_fn(recal_salt))
+        events = [e.to_json() for e in self.dyrep.apply(plan, self.optimizer, self._recal_fn(recal_salt))]
         if self.ema is not None:
             apply_plan(self.ema.module, plan, self._recal_fn(recal_salt))
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.wrapped = self.ctx.wrap_model(self.model)  # DDP broadcasts rank 0's weights and buffers
-        for note in plan.get("notes", []):
+        for note in plan.notes:
             logger.warning("DyRep: %s", note)
         if events and self.ctx.is_main:
             logger.info("after adjust: %d params, %.1f MFLOPs (plain model: %d params, %.1f MFLOPs)",

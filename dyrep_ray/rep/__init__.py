@@ -10,9 +10,15 @@ from .dbb import BRANCH_NAMES, DiverseBranchBlock, allowed_branches
 from .deploy import DeployError, deploy, max_output_difference
 from .dyrep import DyRep, apply_plan, eligible_convs, restore_graph, structure_graph
 from .optim import param_groups_for, update_optimizer
+from .plan import CutEvent, CutOp, GrowEvent, GrowOp, Plan, event_from_json
 
 __all__ = [
     "BRANCH_NAMES",
+    "CutEvent",
+    "CutOp",
+    "GrowEvent",
+    "GrowOp",
+    "Plan",
     "DeployError",
     "DiverseBranchBlock",
     "DyRep",
@@ -20,6 +26,7 @@ __all__ = [
     "apply_plan",
     "deploy",
     "eligible_convs",
+    "event_from_json",
     "max_output_difference",
     "param_groups_for",
     "recalibrate_bn",

@@ -232,6 +232,7 @@ class DiverseBranchBlock(nn.Module):
         setattr(self, ORIG_BIAS_ATTR, orig_bias)
         k, s, p, g = kernel_size, stride, padding, groups
         kw = dict(device=device, dtype=dtype)
+        self.fused_conv: nn.Conv2d | None = None  # set by reparameterize()
         self.branches = nn.ModuleDict()
         for name in BRANCH_NAMES:  # canonical order keeps state_dict order stable
             if name not in names:
@@ -263,6 +264,8 @@ class DiverseBranchBlock(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused_conv is not None:
+            return self.fused_conv(x)
         if self._fusable():
             return self._forward_fused(x)
         return self._forward_branches(x)
@@ -364,6 +367,8 @@ class DiverseBranchBlock(nn.Module):
 
     def equivalent_kernel(self) -> tuple[Tensor, Tensor]:
         """Kernel and bias of the single conv this block equals in eval mode."""
+        if self.fused_conv is not None:
+            return self.fused_conv.weight, self.fused_conv.bias
         kernels, biases = [], []
         for branch in self.branches.values():
             k, b = branch.equivalent_kernel(self.kernel_size)
@@ -436,9 +441,32 @@ class DiverseBranchBlock(nn.Module):
         setattr(conv, ORIG_BIAS_ATTR, getattr(self, ORIG_BIAS_ATTR))
         return conv
 
-    def reparameterize(self) -> nn.Conv2d:
-        """timm-style alias of :meth:`to_conv`."""
+    def fuse(self) -> nn.Conv2d:
+        """timm's re-parameterization contract: the module that replaces this block.
+
+        ``timm.utils.reparameterize_model`` calls ``child.fuse()`` and puts the result in the
+        parent, so every block (nested ones inside it included) folds into one conv.
+        """
         return self.to_conv()
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold this block in place (timm's other contract: ``module.reparameterize()`` returns
+        nothing): the branches are dropped and the block forwards through one fused conv.
+
+        A fused block is inference-only: it can be deployed or folded into an outer block, not
+        grown, cut or described in a structure graph.  Use :meth:`to_conv` for a separate conv.
+        """
+        if self.fused_conv is not None:
+            return
+        conv = self.to_conv()
+        conv.train(self.training)
+        self.branches = nn.ModuleDict()
+        self.fused_conv = conv
+
+    @property
+    def is_fused(self) -> bool:
+        return self.fused_conv is not None
 
     @torch.no_grad()
     def compensate_kxk(self, target_kernel: Tensor, target_bias: Tensor,
@@ -482,6 +510,8 @@ class DiverseBranchBlock(nn.Module):
 
     def describe(self) -> dict:
         """JSON-serializable geometry + branch set (for the structure graph)."""
+        if self.fused_conv is not None:
+            raise ValueError("a block folded by reparameterize() has no branch structure to describe")
         return {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,

@@ -4,7 +4,7 @@ Split so that a distributed trainer can decide once and apply everywhere:
 
 * :meth:`DyRep.record_metrics` every step (device tensors only, no sync);
 * :meth:`DyRep.plan` at an adjust point (one all-reduce when a process group
-  exists) returns a small JSON-serializable dict;
+  exists) returns a small :class:`~dyrep_ray.rep.plan.Plan` (``to_json()`` for the wire);
 * :func:`apply_plan` applies a plan to any copy of the model; the same plan on
   two identical models gives bit-identical models (seeded init).
 """
@@ -34,12 +34,12 @@ from .dbb import (
     new_branch_batchnorms,
 )
 from .optim import update_optimizer
+from .plan import CutEvent, CutOp, Event, GrowEvent, GrowOp, Plan
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("synflow", "snip", "grad_norm", "random")
 GRAPH_VERSION = 1
-PLAN_VERSION = 1
 # Below this |gamma| the kxk BN cannot absorb a cut branch without blowing up (cut_mode="absorb").
 MIN_ABSORB_GAMMA = 1e-8
 
@@ -190,35 +190,21 @@ def cut_block(model: nn.Module, path: str, branches: Iterable[str], mode: str = 
     return block
 
 
-def apply_plan(model: nn.Module, plan: dict, recal_fn: RecalFn | None = None) -> list[dict]:
-    """Apply the grows, then the cuts of ``plan`` to ``model`` (the original's order); returns the events."""
-    check_plan(plan)
-    init_gamma = float(plan.get("init_gamma", DEFAULT_INIT_GAMMA))
-    cut_mode = plan.get("cut_mode", "reset")
-    events = []
-    for grow in plan["grow"]:
-        block = grow_conv(model, grow["path"], grow["seed"], init_gamma, recal_fn)
-        events.append({"op": "grow", "path": grow["path"], "branches": block.branch_names})
+def apply_plan(model: nn.Module, plan: Plan | dict, recal_fn: RecalFn | None = None) -> list[Event]:
+    """Apply the grows, then the cuts of ``plan`` (a :class:`Plan` or its JSON dict) to ``model``
+    (the original's order); returns the events."""
+    plan = Plan.coerce(plan)
+    events: list[Event] = []
+    for grow in plan.grow:
+        block = grow_conv(model, grow.path, grow.seed, plan.init_gamma, recal_fn)
+        events.append(GrowEvent(path=grow.path, branches=tuple(block.branch_names)))
     # Innermost first: a nested block's cut must land before its outer block may collapse into a conv.
-    for cut in sorted(plan["cut"], key=lambda c: -c["path"].count(".")):
-        seed = int(cut.get("seed", zlib.crc32(f"cut:{cut['path']}".encode())))
-        result = cut_block(model, cut["path"], cut["branches"], cut_mode, seed, init_gamma)
-        events.append({"op": "cut", "path": cut["path"], "branches": list(cut["branches"]),
-                       "collapsed": not isinstance(result, DiverseBranchBlock),
-                       "remaining": result.branch_names if isinstance(result, DiverseBranchBlock) else []})
+    for cut in sorted(plan.cut, key=lambda c: -c.path.count(".")):
+        result = cut_block(model, cut.path, cut.branches, plan.cut_mode, cut.effective_seed, plan.init_gamma)
+        still_block = isinstance(result, DiverseBranchBlock)
+        events.append(CutEvent(path=cut.path, branches=tuple(cut.branches), collapsed=not still_block,
+                               remaining=tuple(result.branch_names) if still_block else ()))
     return events
-
-
-def check_plan(plan: dict) -> None:
-    if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION:
-        raise ValueError(f"not a dyrep plan (expected a dict with version {PLAN_VERSION})")
-    for key in ("grow", "cut"):
-        if not isinstance(plan.get(key), list):
-            raise ValueError(f"dyrep plan is missing its '{key}' list")
-
-
-def empty_plan() -> dict:
-    return {"version": PLAN_VERSION, "grow": [], "cut": [], "notes": []}
 
 
 # ---------------------------------------------------------------------------
@@ -368,36 +354,32 @@ class DyRep:
         return zlib.crc32(f"{self.seed}:{self.adjust_count}:{salt}".encode())
 
     # ------------------------------------------------------------------ plan
-    def plan(self) -> dict:
-        """Decide this adjust point's grows and cuts. Returns a JSON-serializable dict.
+    def plan(self) -> Plan:
+        """Decide this adjust point's grows and cuts.
 
         As in the original DyRep: grow first (top-k by interval-averaged metric), then cuts
         evaluated over all blocks.  A block grown at this adjust has equal branch weights
         (all ``init_gamma``), so the std gate never cuts it at once; evaluating the existing
         blocks is therefore the same decision as evaluating them after the grows.
         """
-        plan = empty_plan()
-        plan["adjust_index"] = self.adjust_count
-        plan["init_gamma"] = self.init_gamma
-        plan["cut_mode"] = self.cut_mode
-        cuts = self._plan_cuts(plan["notes"])
-        collapsing = {c["path"] for c in cuts if c["collapses"]}
+        notes: list[str] = []
+        cuts = self._plan_cuts(notes)
+        collapsing = {c.path for c in cuts if c.collapses}
         scores = self.metric_scores()
         if scores and not all(math.isfinite(v) for v in scores.values()):
             bad = [n for n, v in scores.items() if not math.isfinite(v)]
-            plan["notes"].append(f"no growth: non-finite metric for {bad[:5]}")
+            notes.append(f"no growth: non-finite metric for {bad[:5]}")
             logger.warning("DyRep: non-finite metric for %s; skipping growth at this adjust point", bad[:5])
             scores = {}
         # Growing inside a block that collapses at this adjust (cut_lone_branch only) would be undone at once.
         candidates = [(v, n) for n, v in scores.items()
                       if not any(n.startswith(c + ".") for c in collapsing)]
         candidates.sort(key=lambda t: (-t[0], t[1]))
-        plan["scores"] = {n: v for v, n in candidates}
-        plan["grow"] = [{"path": n, "seed": self._decision_seed(n)} for _, n in candidates[: self.grow_topk]]
-        plan["cut"] = cuts
-        return plan
+        grows = tuple(GrowOp(path=n, seed=self._decision_seed(n)) for _, n in candidates[: self.grow_topk])
+        return Plan(grow=grows, cut=tuple(cuts), notes=tuple(notes), init_gamma=self.init_gamma,
+                    cut_mode=self.cut_mode, adjust_index=self.adjust_count, scores={n: v for v, n in candidates})
 
-    def _plan_cuts(self, notes: list[str]) -> list[dict]:
+    def _plan_cuts(self, notes: list[str]) -> list[CutOp]:
         cuts = []
         for path, block in iter_blocks(self.model):
             importance = {n: float(v) for n, v in block.branch_importance().items()}
@@ -414,15 +396,16 @@ class DyRep:
                     notes.append(f"no cut at {path}: kxk BN gamma ~ 0 cannot absorb branches")
                     continue
             remaining = [n for n in block.branch_names if n not in weak]
-            cuts.append({"path": path, "branches": weak, "collapses": remaining == [KXK],
-                         "importance": importance, "seed": self._decision_seed(f"cut:{path}")})
+            cuts.append(CutOp(path=path, branches=tuple(weak), collapses=remaining == [KXK], importance=importance,
+                              seed=self._decision_seed(f"cut:{path}")))
         return cuts
 
     # ----------------------------------------------------------------- apply
-    def apply(self, plan: dict, optimizer: Optimizer | None = None, recal_fn: RecalFn | None = None) -> list[dict]:
+    def apply(self, plan: Plan | dict, optimizer: Optimizer | None = None,
+              recal_fn: RecalFn | None = None) -> list[Event]:
         """Apply ``plan`` to this controller's model, then optimizer surgery and re-scan."""
-        check_plan(plan)
-        not_eligible = [g["path"] for g in plan["grow"] if g["path"] not in self.eligible_names]
+        plan = Plan.coerce(plan)
+        not_eligible = [g.path for g in plan.grow if g.path not in self.eligible_names]
         if not_eligible:
             raise ValueError(f"cannot grow {not_eligible}: not eligible (eligible: {self.eligible_names[:8]}...)")
         events = apply_plan(self.model, plan, recal_fn)
@@ -431,29 +414,25 @@ class DyRep:
         self.adjust_count += 1
         self.refresh()
         for e in events:
-            logger.info("DyRep %s %s -> %s", e["op"], e["path"], e.get("branches"))
+            logger.info("DyRep %s %s -> %s", e.op, e.path, list(e.branches))
         return events
 
-    def step(self, optimizer: Optimizer | None = None, recal_fn: RecalFn | None = None) -> list[dict]:
+    def step(self, optimizer: Optimizer | None = None, recal_fn: RecalFn | None = None) -> list[Event]:
         """plan() + apply() in one process (no broadcast)."""
         return self.apply(self.plan(), optimizer, recal_fn)
 
     def grow(self, module_name: str, seed: int | None = None, recal_fn: RecalFn | None = None,
              optimizer: Optimizer | None = None) -> DiverseBranchBlock:
         """Grow one named conv now (outside the plan/adjust schedule)."""
-        plan = empty_plan()
-        plan["init_gamma"] = self.init_gamma
-        plan["grow"] = [{"path": module_name, "seed": self._decision_seed(module_name) if seed is None else seed}]
+        seed = self._decision_seed(module_name) if seed is None else seed
+        plan = Plan(grow=(GrowOp(path=module_name, seed=seed),), init_gamma=self.init_gamma, cut_mode=self.cut_mode)
         self.apply(plan, optimizer, recal_fn)
         return get_submodule(self.model, module_name)
 
     def cut(self, module_name: str, branches: Sequence[str], optimizer: Optimizer | None = None) -> nn.Module:
-        plan = empty_plan()
-        plan["init_gamma"] = self.init_gamma
-        plan["cut_mode"] = self.cut_mode
-        plan["cut"] = [{"path": module_name, "branches": list(branches),
-                        "seed": self._decision_seed(f"cut:{module_name}")}]
-        self.apply(plan, optimizer)
+        """Cut named branches of one block now (with this controller's ``cut_mode``)."""
+        op = CutOp(path=module_name, branches=tuple(branches), seed=self._decision_seed(f"cut:{module_name}"))
+        self.apply(Plan(cut=(op,), init_gamma=self.init_gamma, cut_mode=self.cut_mode), optimizer)
         return get_submodule(self.model, module_name)
 
     # ----------------------------------------------------------------- graph
