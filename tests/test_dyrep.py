@@ -848,3 +848,55 @@ def test_plan_and_events_are_frozen_and_read_old_json():
     assert [event_from_json(json.loads(json.dumps(j))) for j in as_json] == events
     with pytest.raises(ValueError):
         event_from_json({"op": "prune", "path": "3"})
+
+
+# ---------------------------------------------------------------------------
+# Static DBB baseline (the original's --dbb)
+# ---------------------------------------------------------------------------
+def test_convert_to_dbb_standard_init_graph_restore_deploy_and_training():
+    from dyrep_ray.rep import convert_to_dbb, deploy
+
+    model = make_net()
+    converted = convert_to_dbb(model, seed=4)
+    assert converted == ELIGIBLE
+    assert all(isinstance(model.get_submodule(p), DiverseBranchBlock) for p in converted)
+    assert DyRep(model, max_depth=1).eligible_names == []  # nothing left to grow at depth 1
+    for p in converted:  # standard DBB init: every BN gamma 1, beta 0, fresh stats
+        for bn in (m for m in model.get_submodule(p).modules() if isinstance(m, nn.BatchNorm2d)):
+            assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+            assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    # seeded: the same seed builds bit-identical models, another seed does not
+    twin, other = make_net(), make_net()
+    convert_to_dbb(twin, seed=4)
+    convert_to_dbb(other, seed=5)
+    assert_state_dicts_bit_identical(model, twin)
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    # trains: every parameter gets a gradient
+    model.train()
+    x, y = batch(11)
+    F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # graph round trip + strict load + deploy exact
+    randomize_bns(model, 12)
+    before = eval_out(model, x)
+    graph = json.loads(json.dumps(structure_graph(model)))
+    rebuilt = restore_graph(make_net(seed=3), graph)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert rel_err(eval_out(rebuilt, x), before) <= 1e-10
+    assert rel_err(eval_out(deploy(model), x), before) <= 1e-10
+
+
+def test_convert_to_dbb_function_preserving_option_and_depth():
+    from dyrep_ray.rep import convert_to_dbb
+
+    model = make_net()
+    x, _ = batch(12)
+    before = eval_out(model, x)
+    convert_to_dbb(model, seed=1, init_gamma=0.01)  # DyRep's grow init: the function is kept
+    assert rel_err(eval_out(model, x), before) <= 1e-10
+    deep = make_net()
+    paths = convert_to_dbb(deep, seed=1, max_depth=2)
+    assert "0.branches.kxk.conv" in paths and "0.branches.1x1_kxk.conv2" in paths
+    assert isinstance(deep.get_submodule("0.branches.kxk.conv"), DiverseBranchBlock)
+    with pytest.raises(ValueError):
+        convert_to_dbb(make_net(), max_depth=0)

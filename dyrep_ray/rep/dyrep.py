@@ -208,6 +208,60 @@ def apply_plan(model: nn.Module, plan: Plan | dict, recal_fn: RecalFn | None = N
 
 
 # ---------------------------------------------------------------------------
+# Static DBB (the original's --dbb baseline): every eligible conv a block from the start
+# ---------------------------------------------------------------------------
+@torch.no_grad()
+def init_dbb_branches(block: DiverseBranchBlock, generator: torch.Generator) -> None:
+    """Standard DBB init (Ding et al.'s block as constructed): every new conv drawn like a fresh
+    ``nn.Conv2d`` (Kaiming-uniform, a=sqrt(5)), every BN gamma=1, beta=0, fresh statistics.
+
+    The kxk conv keeps its weight.  Values are drawn on the CPU in float64 from ``generator``
+    and cast, so every rank builds the same block.
+    """
+    for name, branch in block.branches.items():
+        for module in branch.modules():
+            if isinstance(module, nn.Conv2d) and name != KXK:
+                cpu = torch.empty(module.weight.shape, dtype=torch.float64)
+                nn.init.kaiming_uniform_(cpu, a=math.sqrt(5), generator=generator)
+                module.weight.copy_(cpu.to(module.weight.dtype))
+            elif isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+
+def convert_to_dbb(model: nn.Module, seed: int = 0, init_gamma: float | None = None, max_depth: int = 1,
+                   exclude: Sequence[str] = ()) -> list[str]:
+    """Turn every eligible conv of ``model`` into a block, in place (the static DBB baseline).
+
+    ``init_gamma=None`` (default): the standard DBB init of :func:`init_dbb_branches`, as the
+    original's ``--dbb`` builds its blocks; the block's function at init is *not* the conv's
+    (every branch starts at full weight), which is what the paper's DBB rows train.  A float
+    instead uses DyRep's function-preserving grow (last BN gamma = ``init_gamma``, kxk
+    compensated).  ``max_depth`` > 1 also converts the convs inside the new blocks, one nesting
+    level per pass.  Returns the converted paths, outermost first.  The result's structure graph
+    (:func:`structure_graph`) restores and deploys like a DyRep model's.
+    """
+    if max_depth < 1:
+        raise ValueError("max_depth must be >= 1")
+    converted: list[str] = []
+    for depth in range(max_depth):
+        targets = [n for n, _ in eligible_convs(model, max_depth, exclude) if block_depth(model, n) == depth]
+        for path in targets:
+            block_seed = zlib.crc32(f"{seed}:dbb:{path}".encode())
+            if init_gamma is not None:
+                grow_conv(model, path, block_seed, init_gamma)
+            else:
+                conv = get_submodule(model, path)
+                block = block_from_conv(conv)
+                block.train(conv.training)
+                init_dbb_branches(block, torch.Generator().manual_seed(block_seed))
+                set_submodule(model, path, block)
+            converted.append(path)
+    return converted
+
+
+# ---------------------------------------------------------------------------
 # The cut rule
 # ---------------------------------------------------------------------------
 def cut_decision(weights: dict[str, float], threshold: float, std_gate: float,
