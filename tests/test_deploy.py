@@ -404,3 +404,22 @@ def test_block_reparameterize_in_place(dtype):
         assert rel_err(deployed(x), before) <= TOL[dtype]
     with pytest.raises(ValueError):
         blocks[0].describe()
+
+
+class BrokenForward(nn.Module):
+    """A model whose forward has a genuine bug (not a tracing limit): deploy must not hide it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        raise KeyError("bug in the user's forward")
+
+
+def test_deploy_does_not_swallow_unexpected_trace_errors():
+    model = BrokenForward()
+    DyRep(model).grow("conv")
+    with pytest.raises(KeyError, match="bug in the user's forward"):
+        deploy(model)

@@ -900,3 +900,42 @@ def test_convert_to_dbb_function_preserving_option_and_depth():
     assert isinstance(deep.get_submodule("0.branches.kxk.conv"), DiverseBranchBlock)
     with pytest.raises(ValueError):
         convert_to_dbb(make_net(), max_depth=0)
+
+
+def test_controller_load_state_dict_refuses_unknown_accumulators(caplog):
+    model = make_net()
+    ctrl = DyRep(model)
+    train_steps(model, ctrl, 1, seed=3)
+    state = ctrl.state_dict()
+    other = DyRep(copy.deepcopy(model))
+    bad = {**state, "sums": {**state["sums"], "12": torch.tensor(1.0)}}  # a 1x1 conv: never a candidate
+    with pytest.raises(ValueError, match="not growth candidates"):
+        other.load_state_dict(bad)
+    assert other.adjust_count == 0 and all(float(v) == 0.0 for v in other.state_dict()["sums"].values())
+    partial = {**state, "sums": {k: v for k, v in state["sums"].items() if k != "0"}}
+    with caplog.at_level("WARNING", logger="dyrep_ray.rep.dyrep"):
+        other.load_state_dict(partial)
+    assert "restart from zero" in caplog.text
+    assert other.metric_scores()["3"] == ctrl.metric_scores()["3"] and other.metric_scores()["0"] == 0.0
+    # the structure may change before loading (resume: graph restored after the controller was built)
+    grown = make_net()
+    late = DyRep(grown)
+    grow_conv(grown, "0", seed=1)
+    late_state = DyRep(grown).state_dict()
+    late.load_state_dict(late_state)
+    assert "0.branches.kxk.conv" in late.eligible_names
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_record_metrics_accumulates_low_precision_grads_in_float32(low):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False))
+    ctrl = DyRep(model, metric="synflow")
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3, generator=gen) * 1e-3
+    grad = torch.randn(4, 3, 3, 3, generator=gen) * 1e-3
+    with torch.no_grad():
+        model[0].weight.data = weight.to(low)
+    model[0].weight.grad = grad.to(low)
+    ctrl.record_metrics()
+    expected = float((grad.to(low).double() * weight.to(low).double()).sum())
+    assert ctrl.metric_scores()["0"] == pytest.approx(expected, rel=1e-5)

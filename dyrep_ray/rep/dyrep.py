@@ -368,6 +368,9 @@ class DyRep:
 
         Pure device work: no ``.item()``, no collective.  ``grad_scale`` is the AMP
         loss scale when gradients are still scaled (pass ``None`` after ``unscale_``).
+        The products are formed in float32 (bf16/fp16 gradients or weights would round the
+        eps-scale synflow/snip sums), and a step with non-finite gradients (an AMP overflow
+        step the scaler skips) poisons the sum on purpose: :meth:`plan` then refuses to grow.
         """
         self._steps += 1
         if self.metric == "random":
@@ -377,10 +380,12 @@ class DyRep:
             grad = conv.weight.grad
             if grad is None:
                 continue
+            wide = torch.promote_types(grad.dtype, torch.float32)
+            grad, weight = grad.to(wide), conv.weight.to(wide)
             if self.metric == "synflow":
-                value = (grad * conv.weight).sum()
+                value = (grad * weight).sum()
             elif self.metric == "snip":
-                value = (grad * conv.weight).abs().sum()
+                value = (grad * weight).abs().sum()
             else:  # grad_norm
                 value = torch.linalg.vector_norm(grad)
             if inv is not None:
@@ -502,12 +507,26 @@ class DyRep:
                 "sums": {n: t.detach().clone() for n, t in self._sums.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore accumulators saved by :meth:`state_dict` on a model of the same structure.
+
+        An accumulator for a conv that is not a growth candidate here means the checkpoint's
+        structure does not match this model: refused with ``ValueError`` (nothing changed).
+        Candidates the state lacks (e.g. a checkpoint from a version with a narrower candidate
+        rule) start from zero, with a warning.
+        """
+        eligible = {n for n, _ in eligible_convs(self.model, self.max_depth, self.exclude)}  # the model as it is now
+        unknown = sorted(set(state["sums"]) - eligible)
+        if unknown:
+            raise ValueError(f"DyRep state has metric accumulators for {unknown[:5]}, which are not growth "
+                             "candidates of this model: the checkpoint's structure graph does not match the model")
+        missing = sorted(eligible - set(state["sums"]))
+        if missing:
+            logger.warning("DyRep state has no metric accumulator for %s; they restart from zero", missing[:5])
         self.adjust_count = int(state["adjust_count"])
         self.refresh()
         self._steps = int(state["steps"])
         for name, value in state["sums"].items():
-            if name in self._sums:
-                self._sums[name].copy_(value)
+            self._sums[name].copy_(value)
 
 
 def clone_structure(model: nn.Module) -> nn.Module:
