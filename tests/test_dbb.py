@@ -6,6 +6,7 @@ randomized running statistics, affine parameters and eps before comparing.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -245,7 +246,7 @@ def test_reset_cut_keeps_survivors_and_resets_kxk_bn():
     survivors = ["1x1_kxk", "1xk", "identity"]
     kept = {n: {k: v.clone() for k, v in block.branches[n].state_dict().items()} for n in survivors}
     with torch.no_grad():
-        target_k, target_b = block.equivalent_kernel()
+        target_k, _ = block.equivalent_kernel()
         block.cut(["1x1", "1x1_avg", "kx1"])
     for n in survivors:
         now = block.branches[n].state_dict()
@@ -387,3 +388,66 @@ def test_depthwise_1x1_avg_branch_has_no_conv_and_stays_exact(k, stride, padding
         assert rel_err(avg.eval()(x), ref) <= TOL[dtype]
     grouped = DiverseBranchBlock(6, 12, k, stride, padding, groups=6)  # groups < out: keeps its 1x1 conv
     assert any(isinstance(m, nn.Conv2d) for m in grouped.branches["1x1_avg"].modules())
+
+
+# ---------------------------------------------------------------------------
+# The fused train-mode fast path (rep/dbb_fused.py) and the branch table
+# ---------------------------------------------------------------------------
+def test_branch_table_covers_every_branch_name():
+    from dyrep_ray.rep.dbb import BRANCH_BUILDERS
+
+    assert set(BRANCH_BUILDERS) == ALL
+    block = DiverseBranchBlock(4, 4, 3, 1, 1)
+    assert block.branches["1xk"].conv.kernel_size == (1, 3) and block.branches["1xk"].conv.padding == (0, 1)
+    assert block.branches["kx1"].conv.kernel_size == (3, 1) and block.branches["kx1"].conv.padding == (1, 0)
+
+
+def _train_pair(seed: int):
+    block = DiverseBranchBlock(4, 4, 3, 1, 1, dtype=torch.float64)
+    randomize(block, seed=seed)
+    block.train()
+    reference = copy.deepcopy(block)
+    return block, reference
+
+
+def test_fused_path_equals_branch_path_in_train_mode():
+    from dyrep_ray.rep import dbb_fused
+
+    block, reference = _train_pair(31)
+    assert dbb_fused.fusable(block)
+    x = torch.randn(3, 4, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y_fast, y_ref = block(x), reference._forward_branches(x)
+    assert rel_err(y_fast.detach(), y_ref.detach()) <= 1e-12
+    y_fast.square().sum().backward()
+    y_ref.square().sum().backward()
+    grads = dict(reference.named_parameters())
+    for name, p in block.named_parameters():
+        assert rel_err(p.grad, grads[name].grad) <= 1e-10, name
+    ref_state = reference.state_dict()
+    for name, t in block.state_dict().items():  # BN running stats updated identically
+        assert torch.allclose(t, ref_state[name], rtol=1e-12, atol=1e-14), name
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_global_module_hook_sees_every_branch_and_result_unchanged(kind):
+    """A global hook (torch.nn.modules.module.register_module_*_hook) must observe the branch convs:
+    the block then leaves the fast path, and its output is still the per-branch sum."""
+    from torch.nn.modules import module as torch_module
+
+    from dyrep_ray.rep import dbb_fused
+
+    block, reference = _train_pair(32)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    seen: list[nn.Module] = []
+    register = (torch_module.register_module_forward_hook if kind == "forward"
+                else torch_module.register_module_forward_pre_hook)
+    handle = register(lambda m, *args: seen.append(m))
+    try:
+        assert not dbb_fused.fusable(block)
+        y = block(x)
+    finally:
+        handle.remove()
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    assert all(any(s is c for s in seen) for c in convs)  # every branch conv ran as a module
+    assert rel_err(y.detach(), reference._forward_branches(x).detach()) <= 1e-12
+    assert dbb_fused.fusable(block)  # hook removed: back on the fast path

@@ -8,7 +8,14 @@ Public API::
 from .bn import recalibrate_bn
 from .dbb import BRANCH_NAMES, DiverseBranchBlock, allowed_branches
 from .deploy import DeployError, deploy, max_output_difference
-from .dyrep import DyRep, apply_plan, convert_to_dbb, eligible_convs, restore_graph, structure_graph
+from .dyrep import (
+    DyRep,
+    apply_plan,
+    convert_to_dbb,
+    eligible_convs,
+    restore_graph,
+    structure_graph,
+)
 from .optim import param_groups_for, update_optimizer
 from .plan import CutEvent, CutOp, GrowEvent, GrowOp, Plan, event_from_json
 
@@ -16,12 +23,12 @@ __all__ = [
     "BRANCH_NAMES",
     "CutEvent",
     "CutOp",
-    "GrowEvent",
-    "GrowOp",
-    "Plan",
     "DeployError",
     "DiverseBranchBlock",
     "DyRep",
+    "GrowEvent",
+    "GrowOp",
+    "Plan",
     "allowed_branches",
     "apply_plan",
     "convert_to_dbb",

@@ -12,8 +12,7 @@ import copy
 import logging
 
 import torch
-import torch.fx as fx
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..errors import UserError
 from .dbb import ORIG_BIAS_ATTR, DiverseBranchBlock
