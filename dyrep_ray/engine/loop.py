@@ -315,12 +315,12 @@ class Trainer:
         plan = self.ctx.broadcast_object(plan)
         self.wrapped = self.model  # drop the old DDP (and its autograd hooks) before the structure changes
         recal_salt = dyrep.adjust_count
-        events = dyrep.apply(plan, self.optimizer, self._recal_fn(recal_salt))
+        events = [e.to_json() for e in dyrep.apply(plan, self.optimizer, self._recal_fn(recal_salt))]
         if self.ema is not None:
             apply_plan(self.ema.module, plan, self._recal_fn(recal_salt))
         self._place_model()
         self.wrapped = self.ctx.wrap_model(self.model)  # DDP broadcasts rank 0's weights and buffers
-        for note in plan.get("notes", []):
+        for note in plan.notes:
             logger.warning("DyRep: %s", note)
         if events and self.ctx.is_main:
             logger.info("after adjust: %d params, %.1f MFLOPs (plain model: %d params, %.1f MFLOPs)",
