@@ -24,7 +24,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; ``argv`` (default ``sys.argv[1:]``) picks the one command module to import fully."""
     parser = argparse.ArgumentParser(prog="dyrep-ray", description="DyRep dynamic re-parameterization on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -43,27 +44,45 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local instance)")
     _add_common(t)
     t.set_defaults(func=cmd_train)
-    for module_name in COMMAND_MODULES:
-        _register_commands(module_name, sub)
+    _register_commands(sub, _requested_command(argv))
     return parser
 
 
-# Other subcommands live next to the code they drive; each module exposes
-# ``register(subparsers)`` adding its parser with ``set_defaults(func=handler)``
-# where ``handler(args) -> int``.
-COMMAND_MODULES = (
-    "dyrep_ray.data.commands",      # prepare
-    "dyrep_ray.export.commands",    # convert, eval
-    "dyrep_ray.report.commands",    # report
-    "dyrep_ray.tune.commands",      # tune
-)
+# Other subcommands live next to the code they drive; each module exposes ``register(subparsers, add_common)``
+# adding its parsers with ``set_defaults(func=handler)`` where ``handler(args) -> int``.  Only the module of the
+# command being run is imported (some import torch); the others appear in ``--help`` from this table, which a
+# test keeps equal to what the modules register.
+COMMAND_MODULES: dict[str, tuple[str, str]] = {
+    "prepare": ("dyrep_ray.data.commands",
+                "export a dataset (synthetic, CIFAR, ImageFolder) to Parquet shards for Ray Data"),
+    "convert": ("dyrep_ray.export.commands",
+                "fold a DyRep checkpoint into the plain model (safetensors), proving nothing changed"),
+    "eval": ("dyrep_ray.export.commands",
+             "top-1/top-5/loss of deployed weights or a checkpoint on the validation set"),
+    "report": ("dyrep_ray.report.commands",
+               "PNG figures + summary.md of what DyRep did to a run (or every trial of a sweep)"),
+    "compare": ("dyrep_ray.report.commands",
+                "the paper-style table of several runs (plain / DBB / DyRep): Markdown, CSV, top-1 curves"),
+    "tune": ("dyrep_ray.tune.commands", "sweep DyRep hyper-parameters with Ray Tune (ASHA, structure-carrying PBT)"),
+}
 
 
-def _register_commands(module_name: str, sub) -> None:
+def _requested_command(argv: list[str] | None) -> str | None:
+    """The subcommand named on the command line (the top-level parser has no options taking a value)."""
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), None)
+
+
+def _register_commands(sub, requested: str | None) -> None:
     import importlib
 
-    # Every command module ships with the package: a failing import is a bug to see, not a command to hide.
-    importlib.import_module(module_name).register(sub, _add_common)
+    module_name = COMMAND_MODULES.get(requested, (None, ""))[0] if requested else None
+    if module_name is not None:
+        # Every command module ships with the package: a failing import is a bug to see, not a command to hide.
+        importlib.import_module(module_name).register(sub, _add_common)
+    for name, (owner, help_text) in COMMAND_MODULES.items():
+        if owner != module_name:  # listed in --help; never parsed (its module is imported when it is run)
+            sub.add_parser(name, help=help_text, add_help=False)
 
 
 def _resolve_train_config(args):
@@ -131,10 +150,9 @@ def _train_locked(args, cfg, name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine.loop import NonFiniteLossError as NonFiniteError
     from .errors import UserError
 
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
@@ -144,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dyrep-ray: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
-    except NonFiniteError as exc:
+    except Exception as exc:
+        # Only a run that imported the training loop can raise its NonFiniteLossError (checked without importing
+        # it: --help, report and compare never load torch).
+        loop = sys.modules.get("dyrep_ray.engine.loop")
+        if loop is None or not isinstance(exc, loop.NonFiniteLossError):
+            raise
         print(f"dyrep-ray: stopped: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
