@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from .engine.layout import TRAIN_LOG
+from .engine.layout import CONFIG_FILE, TRAIN_LOG
 from .engine.progress import CONSOLE_LOGGER, EPOCH_LINE
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -78,6 +78,7 @@ def setup_console(verbose: bool = False, quiet: bool = False) -> None:
     root.setLevel(logging.INFO)
     for handler in [h for h in root.handlers if isinstance(h, _CurrentStream)]:  # an earlier main() in-process
         root.removeHandler(handler)
+    configured = bool(root.handlers)  # an embedding program (or pytest) routes logging itself: as basicConfig
     lines = _CurrentStream("stdout")
     lines.setFormatter(logging.Formatter("dyrep-ray: %(message)s"))
     lines.addFilter(_ConsoleOnly(quiet))
@@ -88,22 +89,55 @@ def setup_console(verbose: bool = False, quiet: bool = False) -> None:
         notices.setLevel(logging.WARNING)
         notices.addFilter(_DropHarmless())
     root.addHandler(lines)
-    root.addHandler(notices)
+    if not configured:
+        root.addHandler(notices)
+
+
+class RunLog(logging.Handler):
+    """``<run_dir>/train.log``: every INFO+ record of this process, appended (on resume too).
+
+    Records are held in memory until the run directory holds its ``config.json`` (the run really started), so
+    a command refused with a one-line error leaves nothing behind; from then on they are written as they come.
+    """
+
+    def __init__(self, run_dir: Path):
+        super().__init__(logging.INFO)
+        self.run_dir = run_dir
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self._pending: list[logging.LogRecord] = []
+        self._file: logging.FileHandler | None = None
+
+    def _open(self) -> bool:
+        if self._file is None and (self.run_dir / CONFIG_FILE).exists():
+            self._file = logging.FileHandler(self.run_dir / TRAIN_LOG, encoding="utf-8")
+            self._file.setFormatter(self.formatter)
+            for record in self._pending:
+                self._file.emit(record)
+            self._pending.clear()
+        return self._file is not None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._open():
+            self._file.emit(record)
+        else:
+            self._pending.append(record)
+
+    def close(self) -> None:
+        self._open()  # the run wrote its files after the last record: keep what was held
+        if self._file is not None:
+            self._file.close()
+        self._pending.clear()
+        super().close()
 
 
 def add_run_log(run_dir: str | Path) -> logging.Handler | None:
-    """Append every INFO+ record of this process to ``<run_dir>/train.log`` (local run directories only)."""
-    path = Path(str(run_dir))
-    if "://" in str(run_dir) or not path.is_dir():
+    """Attach a :class:`RunLog` for ``run_dir`` (local run directories only; None for object storage)."""
+    if "://" in str(run_dir):
         return None
-    handler = logging.FileHandler(path / TRAIN_LOG, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.setLevel(logging.INFO)
+    handler = RunLog(Path(str(run_dir)))
     logging.getLogger().addHandler(handler)
     logging.getLogger("ray").addHandler(handler)  # Ray's driver logger does not propagate to the root
     return handler
-
-
 def remove_run_log(handler: logging.Handler | None) -> None:
     if handler is not None:
         logging.getLogger().removeHandler(handler)
