@@ -370,7 +370,7 @@ def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path):
     for key in ("train_loss", "val_top1", "params"):
         assert scalars[key] == {r["epoch"]: pytest.approx(r[key], rel=1e-6) for r in rows}, key
     grown = [r["epoch"] for r in rows if r["events"]]
-    assert grown and set(grown) <= set(texts["structure_events"])
+    assert grown and set(grown) <= set(texts["structure_events/text_summary"])
     info = json.loads((run_dir / TRACKING_FILE).read_text())["mlflow"]
     client = MlflowClient(tracking_uri=store)
     runs = client.search_runs([info["experiment_id"]])
