@@ -29,6 +29,20 @@ HARMLESS_PATTERNS = (
 )
 
 
+# Whole forwarded batches (a traceback) known to be harmless: (actor-name pattern, pattern of one of its lines).
+# Train V2's placement-group cleaner asks the state API for "the" cluster; on a machine running several Ray
+# instances (a driver-started local instance beside another one) that lookup raises, the cleaner logs the
+# traceback and stops; the driver-started instance and its placement groups end with the driver anyway.
+HARMLESS_BATCHES = (
+    (re.compile(r"PlacementGroupCleaner"), re.compile(r"Found multiple active Ray instances")),
+)
+
+
+def is_harmless_batch(actor_name: str, lines: list[str]) -> bool:
+    return any(actor.search(actor_name or "") and any(line.search(text) for text in lines)
+               for actor, line in HARMLESS_BATCHES)
+
+
 def is_harmless(text: str) -> bool:
     return any(p.search(text) for p in HARMLESS_PATTERNS)
 

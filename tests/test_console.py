@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dyrep_ray.console import HARMLESS_PATTERNS, is_harmless
+from dyrep_ray.console import HARMLESS_PATTERNS, is_harmless, is_harmless_batch
 from dyrep_ray.engine.layout import TRAIN_LOG
 from dyrep_ray.engine.progress import epoch_line
 
@@ -98,3 +98,13 @@ def test_epoch_line_and_harmless_patterns():
     assert is_harmless(preemption) and len(HARMLESS_PATTERNS) >= 2
     assert not is_harmless("DyRep: cut skipped: non-finite metric")
     logging.getLogger(__name__).debug("patterns checked")
+
+
+def test_harmless_batches_are_whole_tracebacks_of_one_actor_only():
+    traceback_lines = ["Traceback (most recent call last):", '  File "placement_group_cleaner.py", line 80',
+                       "ConnectionError: Found multiple active Ray instances: {'a', 'b'}."]
+    assert is_harmless_batch("PlacementGroupCleaner", traceback_lines)
+    # the same error from any other actor (e.g. a training worker) is shown
+    assert not is_harmless_batch("RayTrainWorker", traceback_lines)
+    # and the cleaner's other output is shown
+    assert not is_harmless_batch("PlacementGroupCleaner", ["Detected that the Ray Train controller actor is dead."])

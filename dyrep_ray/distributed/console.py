@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 
-from ..console import is_harmless
+from ..console import is_harmless, is_harmless_batch
 from ..engine.callbacks import TrainerCallback
 from ..engine.progress import EPOCH_LINE, console, epoch_line
 from ..engine.layout import METRICS_FILE
@@ -86,6 +86,8 @@ def filter_forwarded_output() -> None:
         return
 
     def filtered(data: dict) -> None:
+        if is_harmless_batch(str(data.get("actor_name") or data.get("task_name") or ""), data.get("lines", [])):
+            return
         lines = [line for line in data.get("lines", []) if not is_harmless(line)]
         if lines:
             printer({**data, "lines": lines})
