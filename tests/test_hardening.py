@@ -530,6 +530,82 @@ def test_image_folder_does_not_follow_symlinks_out_or_loops(tmp_path):
     assert [Path(p).name for p, _ in folder.samples] == ["a.png"]
 
 
+def test_huge_model_named_in_meta_is_counted_on_meta_device_and_refused(tmp_path):
+    from dyrep_ray.models.limits import MAX_MODEL_PARAMS, ModelTooLargeError, check_model_size, meta_param_count
+
+    assert meta_param_count("resnet18", 5_000_000) > MAX_MODEL_PARAMS  # 512 x 5e6 classifier, nothing allocated
+    with pytest.raises(ModelTooLargeError, match="resnet18 with 5000000 classes"):
+        check_model_size("resnet18", 5_000_000, "test")
+    check_model_size("resnet18", 1000, "test")  # an ordinary model passes
+    run = tmp_path / "run"
+    write_checkpoint_dir(run / "checkpoint_epoch0001", state={"model": {}}, graph=EMPTY_GRAPH,
+                         meta={"epoch": 1, "global_step": 1, "num_classes": 1000,
+                               "config": {"model": "timm/vit_gigantic_patch14_clip_224", "num_classes": 1000,
+                                          "dataset": "imagenet", "data_dir": str(tmp_path)}})
+    for command in (["convert", str(run), "--no-eval"], ["eval", str(run)]):
+        start = time.monotonic()
+        proc = _cli(*command)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        err = [line for line in proc.stderr.splitlines() if line.startswith("dyrep-ray:")]
+        assert len(err) == 1 and "1,844,442,344 parameters" in err[0] and "vit_gigantic" in err[0], proc.stderr
+        assert time.monotonic() - start < 90  # a real build of 1.8e9 parameters (7.4 GB) is not what happened
+
+
+@pytest.mark.parametrize("override, message", [
+    ("image_size=20000", "image_size' must be in \\[1, 4096\\]"),
+    ("synthetic_train_size=100000000", "synthetic_train_size' must be in"),
+    ("num_classes=10000000", "num_classes' must be in"),
+    ("synthetic_train_size=5000000", "would take 71.5 GiB of memory"),
+])
+def test_config_caps_on_what_a_few_bytes_allocate(override, message):
+    from dyrep_ray.engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def _metrics_run(path: Path, records: list[dict], config: dict | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "config.json").write_text(json.dumps(config or {"model": "timm/vit_gigantic_patch14_clip_224"}))
+    return path
+
+
+def _epoch(epoch: int, blocks: int, params: int) -> dict:
+    return {"epoch": epoch, "val_top1": 10.0 * epoch, "val_loss": 1.0, "train_loss": 1.0, "params": params,
+            "n_blocks": blocks, "events": []}
+
+
+def test_report_reads_json_only_and_survives_bad_trials_and_odd_names(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dyrep_ray.report.figures import load_run, render_report
+
+    sweep = tmp_path / "sweep"
+    good = _metrics_run(sweep / "t_good", [_epoch(1, 0, 1234), _epoch(2, 1, 1500)])
+    # No checkpoint: the plain count comes from the block-free epoch, not from building the (huge) model.
+    run = load_run(good)
+    assert run.plain_params == 1234 and "epoch 1" in run.plain_params_source
+    assert load_run(_metrics_run(tmp_path / "grown", [_epoch(1, 2, 1500)])).plain_params is None  # unknown
+    _metrics_run(sweep / "odd $\\frac{x}{$ \x07name", [_epoch(1, 1, 10), _epoch(2, 1, 12)],
+                 {"model": "$\\sqrt{$", "dyrep": True})
+    (sweep / "t_binary").mkdir()
+    (sweep / "t_binary" / "metrics.jsonl").write_bytes(b"\x80\xff\x00binary" * 50)
+    _metrics_run(sweep / "t_types", [{"epoch": 1, "val_top1": "high", "params": "many", "n_blocks": [],
+                                      "events": "none"}])
+    result = render_report(sweep)
+    assert result["mode"] == "sweep" and "t_binary" in result["failed"]
+    assert {"t_good", "odd $\\frac{x}{$ \x07name"} <= set(result["trials"])
+    summary = (sweep / "report" / "summary.md").read_text()
+    assert "| t_binary | not reported: ReportError" in summary and "[t_good]" in summary
+    odd = result["trials"]["odd $\\frac{x}{$ \x07name"]
+    assert all(path.stat().st_size > 1000 for path in odd["files"] if path.suffix == ".png")
+    proc = _cli("report", str(tmp_path / "grown"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "unknown (no checkpoint" in (tmp_path / "grown" / "report" / "summary.md").read_text()
+
+
 # ------------------------------------------------------------------ 9/10. one line instead of tracebacks
 def test_manifest_valid_but_broken_content_is_skipped_like_corrupt(tmp_path):
     run = tmp_path / "run"

@@ -140,7 +140,9 @@ def preflight(cfg: TrainConfig) -> None:
     from ..data import DatasetError, build_datasets
     from ..data.builder import SYNTHETIC
     from ..models import build_model
+    from ..models.limits import check_model_size
 
+    check_model_size(cfg.model, cfg.num_classes or 10, "the config")  # on the meta device: nothing allocated
     build_model(cfg.model, cfg.num_classes or 10)
     if cfg.dataset == PARQUET:  # validation never silently defaults to the training shards
         from ..data.parquet import resolve_parquet_splits
