@@ -106,7 +106,7 @@ def parse_metrics(text: str, *, strict: bool = True, source: str = METRICS_FILE)
         try:
             record = json.loads(line)
             epoch = int(record["epoch"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:  # Infinity, deep nesting
             if strict:
                 raise ValueError(f"{source} line {number} is not an epoch record ({exc})") from exc
             skipped += 1
