@@ -24,8 +24,8 @@ from dyrep_ray.engine.checkpoint import (
     write_checkpoint_dir,
 )
 from dyrep_ray.engine.context import LocalContext, load_newest_valid
+from dyrep_ray.engine.layout import LEASE_FILE, LOCK_FILE
 from dyrep_ray.engine.rundir import (
-    LOCK_FILE,
     RunDirError,
     RunLock,
     RunLockedError,
@@ -103,6 +103,18 @@ def test_prune_never_deletes_foreign_dirs_and_keeps_newest(tmp_path):
     assert names == ["checkpoint_epoch0001", "checkpoint_epoch10000", "checkpoint_saved_best"]
 
 
+def test_plain_params_from_newest_recorded_checkpoint_not_by_name(tmp_path):
+    from dyrep_ray.engine.runfiles import plain_params_from
+
+    run = tmp_path / "run"
+    for name, epoch, params in [("checkpoint_epoch9999", 9999, 1), ("checkpoint_epoch10000", 10000, 2),
+                                ("checkpoint_saved_best", 10001, 3)]:
+        write_checkpoint_dir(run / name, state={"model": {}}, graph=EMPTY_GRAPH,
+                             meta={"epoch": epoch, "global_step": epoch, "plain_params": params})
+    assert plain_params_from(RunStorage(str(tmp_path), "run")) == 2  # by name it was 1, or the user's copy's 3
+    assert plain_params_from(RunStorage(str(tmp_path), "none")) is None
+
+
 # ------------------------------------------------------------------ 2. run-directory lock (two processes)
 HOLD_LOCK = """
 import sys, time
@@ -134,6 +146,48 @@ def test_second_writer_is_refused_with_one_line_naming_the_holder(tmp_path):
     lock.release()
 
 
+def test_lease_marker_on_object_storage(monkeypatch):
+    """On S3 (the suite's moto server) a second writer is refused while the lease is fresh; a marker not renewed
+    for LEASE_STALE_S (a dead writer's) is taken over; release removes only our own marker."""
+    from dyrep_ray.engine import rundir
+    from tests.s3server import S3_TEST_ENV, list_keys, moto_version_problem, s3_server
+
+    problem = moto_version_problem()
+    if problem:
+        pytest.skip(problem)
+    for key, value in S3_TEST_ENV.items():
+        monkeypatch.setenv(key, value)
+    def objects(endpoint):  # pyarrow also writes "dir/" marker keys: only real objects matter here
+        return [key for key in list_keys(endpoint, "lease") if not key.endswith("/")]
+
+    with s3_server("lease") as endpoint:
+        uri = f"s3://lease/runs?endpoint_override={endpoint}&scheme=http"
+        first = RunLock(RunStorage(uri, "exp")).acquire()
+        try:
+            assert objects(endpoint) == [f"runs/exp/{LEASE_FILE}"]
+            marker = json.loads(RunStorage(uri, "exp").read_text(LEASE_FILE))
+            assert marker["pid"] == os.getpid() and time.time() - marker["renewed"] < 60
+            with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+                RunLock(RunStorage(uri, "exp")).acquire()
+        finally:
+            first.release()
+        assert objects(endpoint) == []  # released: the marker is gone
+        # A writer that died long ago: its marker is stale and taken over, and the new owner's token replaces it.
+        dead = {"host": "gone", "pid": 1, "started": "2000-01-01T00:00:00", "token": "dead",
+                "renewed": time.time() - rundir.LEASE_STALE_S - 1}
+        RunStorage(uri, "exp").write_text(LEASE_FILE, json.dumps(dead))
+        second = RunLock(RunStorage(uri, "exp")).acquire()
+        try:
+            assert json.loads(RunStorage(uri, "exp").read_text(LEASE_FILE))["token"] != "dead"
+        finally:
+            second.release()
+        # A fresh foreign marker (another live writer) is never removed by our release.
+        RunStorage(uri, "exp").write_text(LEASE_FILE, json.dumps({**dead, "renewed": time.time()}))
+        with pytest.raises(RunLockedError, match="host gone pid 1"):
+            RunLock(RunStorage(uri, "exp")).acquire()
+        assert objects(endpoint) == [f"runs/exp/{LEASE_FILE}"]
+
+
 # ------------------------------------------------------------------ 3. Parquet splits
 def test_prepare_both_writes_one_split_per_dir_and_val_never_defaults_to_train(tmp_path):
     from dyrep_ray.data import DatasetError
@@ -162,6 +216,25 @@ def test_prepare_both_writes_one_split_per_dir_and_val_never_defaults_to_train(t
         ParquetImageDataset(lonely)
     with pytest.raises(DatasetError, match="one split only"):
         export_parquet("synthetic", None, lonely, split="train", overwrite=True)
+
+
+def test_val_never_defaults_to_train_in_the_shared_preflight_and_tune_trials(tmp_path):
+    """train (distributed) and every sweep trial go through preflight; a trial's config gets the resolved splits."""
+    from dyrep_ray.data import DatasetError
+    from dyrep_ray.data.parquet import export_parquet
+    from dyrep_ray.distributed.trainer import preflight
+    from dyrep_ray.engine.config import load_config
+
+    lonely = tmp_path / "lonely"
+    export_parquet("synthetic", None, lonely, split="train", synthetic_train_size=4, synthetic_val_size=2)
+    cfg = load_config(None, ["dataset=parquet", f"parquet_train={lonely}"])
+    assert cfg.parquet_val is None
+    with pytest.raises(DatasetError, match="parquet_val is not set"):
+        preflight(cfg)
+    both = tmp_path / "both"
+    export_parquet("synthetic", None, both / "train", split="train", synthetic_train_size=4, synthetic_val_size=2)
+    export_parquet("synthetic", None, both / "val", split="val", synthetic_train_size=4, synthetic_val_size=2)
+    preflight(load_config(None, ["dataset=parquet", f"parquet_train={both}"]))  # prepare's layout: derived
 
 
 def test_parquet_labels_and_null_images_named_by_file_and_row(tmp_path):
@@ -252,6 +325,137 @@ def test_cifar_labels_must_be_in_range_ints(tmp_path, labels):
         load_cifar_split("cifar10", _cifar_dir(tmp_path, labels), train=True)
 
 
+# ------------------------------------------------------------------ 7. signed Tune files (--resume unpickles them)
+class _TouchMarker:
+    """A pickle payload: unpickling it creates ``path`` (what a hostile tuner.pkl would do, harmlessly)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture()
+def secret(tmp_path, monkeypatch):
+    path = tmp_path / "home" / "secret"
+    monkeypatch.setenv("DYREP_RAY_SECRET_FILE", str(path))
+    return path
+
+
+def _fake_tune_dir(sweep: Path) -> None:
+    """The files Ray Tune leaves in <sweep>/tune (names as Ray 2.60 writes them)."""
+    tune_dir = sweep / "tune"
+    (tune_dir / "t_00000").mkdir(parents=True)
+    (tune_dir / "tuner.pkl").write_bytes(pickle.dumps({"_tune_config": None}))
+    (tune_dir / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    (tune_dir / "basic-variant-state-2026-01-01_00-00-00.json").write_bytes(pickle.dumps({"iterations": 1}))
+    (tune_dir / "t_00000" / "params.pkl").write_bytes(pickle.dumps({"lr": 0.1}))
+    (tune_dir / "t_00000" / "result.json").write_text('{"epoch": 1}\n')
+
+
+def test_sweep_signature_detects_replaced_added_and_foreign_files(tmp_path, secret):
+    from dyrep_ray.engine.layout import SWEEP_SIGNATURE
+    from dyrep_ray.tune.signing import SweepSignatureError, sign_sweep, verify_sweep
+
+    sweep, root = tmp_path / "sw", RunStorage(str(tmp_path), "sw")
+    _fake_tune_dir(sweep)
+    with pytest.raises(SweepSignatureError, match=f"no signature .{SWEEP_SIGNATURE} missing"):
+        verify_sweep(root)
+    assert not secret.exists()
+    assert sign_sweep(root) == 5
+    assert secret.stat().st_mode & 0o777 == 0o600 and secret.parent.stat().st_mode & 0o077 == 0  # created private
+    assert secret.read_text() not in (sweep / SWEEP_SIGNATURE).read_text()  # the key never enters the sweep
+    verify_sweep(root)  # untouched: passes
+    (sweep / "tune" / "t_00000" / "result.json").unlink()
+    verify_sweep(root)  # a signed file that is gone is harmless (nothing reads it)
+
+    marker = tmp_path / "pwned"
+    original = (sweep / "tune" / "tuner.pkl").read_bytes()
+    (sweep / "tune" / "tuner.pkl").write_bytes(pickle.dumps(_TouchMarker(marker)))
+    with pytest.raises(SweepSignatureError, match=r"tune/tuner\.pkl changed after it was signed: it was not "
+                                                  r"written by this user's dyrep-ray") as err:
+        verify_sweep(root)
+    assert "\n" not in str(err.value) and not marker.exists()
+    (sweep / "tune" / "tuner.pkl").write_bytes(original)
+    (sweep / "tune" / "t_00000" / "error.pkl").write_bytes(pickle.dumps(_TouchMarker(marker)))
+    with pytest.raises(SweepSignatureError, match=r"t_00000/error\.pkl is not in the signature"):
+        verify_sweep(root)
+    (sweep / "tune" / "t_00000" / "error.pkl").unlink()
+
+    # A signature list rewritten by someone else (digests of their files) does not carry this user's MAC.
+    signed = json.loads((sweep / SWEEP_SIGNATURE).read_text())
+    signed["files"]["tuner.pkl"] = "0" * 64
+    (sweep / SWEEP_SIGNATURE).write_text(json.dumps(signed))
+    with pytest.raises(SweepSignatureError, match="does not verify with this user's key"):
+        verify_sweep(root)
+    (sweep / SWEEP_SIGNATURE).write_text("\x00\xff binary")
+    with pytest.raises(SweepSignatureError, match="malformed"):
+        verify_sweep(root)
+    # Signed by another user (another key): refused too.
+    sign_sweep(root)
+    verify_sweep(root)
+    secret.write_text("ab" * 32)
+    with pytest.raises(SweepSignatureError, match="does not verify with this user's key"):
+        verify_sweep(root)
+    secret.chmod(0o644)  # a key others can read protects nothing
+    with pytest.raises(SweepSignatureError, match="chmod 600"):
+        verify_sweep(root)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_TouchMarker(marker)))  # the payload is live: unpickled, it does create the file
+    assert marker.exists()
+
+
+def test_cli_resume_of_tampered_sweep_exits_2_before_unpickling(tmp_path, secret):
+    from dyrep_ray.engine.layout import SWEEP_FILE
+    from dyrep_ray.tune.signing import sign_sweep
+    from dyrep_ray.tune.spec import load_sweep
+
+    sweep = tmp_path / "sw"
+    _fake_tune_dir(sweep)
+    (sweep / SWEEP_FILE).write_text(load_sweep(REPO / "experiments" / "tune" / "demo.yaml").to_json())
+    sign_sweep(RunStorage(str(tmp_path), "sw"))
+    marker = tmp_path / "pwned"
+    (sweep / "tune" / "tuner.pkl").write_bytes(pickle.dumps(_TouchMarker(marker)))
+    proc = subprocess.run([sys.executable, "-m", "dyrep_ray.cli", "tune", "--resume", "--output", str(tmp_path),
+                           "--name", "sw"], capture_output=True, text=True, timeout=120,
+                          env={**_env(), "DYREP_RAY_SECRET_FILE": str(secret)}, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("dyrep-ray:")]
+    assert len(err) == 1 and "tuner.pkl" in err[0] and "not written by this user's dyrep-ray" in err[0]
+    assert not marker.exists() and "Traceback" not in proc.stderr
+
+
+@pytest.mark.ray
+def test_real_sweep_resume_refuses_replaced_tuner_pkl_and_resumes_untouched(ray_session, tmp_path, secret):
+    import yaml
+
+    from dyrep_ray.engine.layout import SWEEP_SIGNATURE
+    from dyrep_ray.tune.signing import SweepSignatureError
+    from dyrep_ray.tune.spec import load_sweep
+    from dyrep_ray.tune.sweep import run_sweep
+
+    raw = {"config": {"synthetic_train_size": 64, "synthetic_val_size": 32, "batch_size": 32, "epochs": 1,
+                      "dyrep_recal_bn_iters": 2, "log_interval": 1000, "max_failures": 0},
+           "search_space": {"lr": {"grid": [0.05]}}, "resources": {"workers": 1, "use_gpu": False}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    first = run_sweep(load_sweep(tmp_path / "s.yaml"), str(tmp_path), "sw", verbose=0)
+    assert [r.status for r in first.records] == ["completed"]
+    signed = json.loads((tmp_path / "sw" / SWEEP_SIGNATURE).read_text())["files"]
+    assert "tuner.pkl" in signed and any(f.startswith("experiment_state-") for f in signed)
+    assert (tmp_path / "sw" / LOCK_FILE).exists()  # the sweep directory had its writer lock
+
+    resumed = run_sweep(None, str(tmp_path), "sw", resume=True, verbose=0)  # untouched: Tuner.restore proceeds
+    assert [r.status for r in resumed.records] == ["completed"]
+    assert resumed.records[0].trial_id == first.records[0].trial_id
+
+    tuner_pkl, marker = tmp_path / "sw" / "tune" / "tuner.pkl", tmp_path / "pwned"
+    tuner_pkl.write_bytes(pickle.dumps(_TouchMarker(marker)))
+    with pytest.raises(SweepSignatureError, match="tuner.pkl changed after it was signed"):
+        run_sweep(None, str(tmp_path), "sw", resume=True, verbose=0)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------ 8. memory exhaustion
 class _HugeArray:
     def __reduce__(self):
@@ -324,6 +528,82 @@ def test_image_folder_does_not_follow_symlinks_out_or_loops(tmp_path):
     (cls / "loop").symlink_to(cls, target_is_directory=True)
     folder = load_image_folder(tmp_path / "data", "train")
     assert [Path(p).name for p, _ in folder.samples] == ["a.png"]
+
+
+def test_huge_model_named_in_meta_is_counted_on_meta_device_and_refused(tmp_path):
+    from dyrep_ray.models.limits import MAX_MODEL_PARAMS, ModelTooLargeError, check_model_size, meta_param_count
+
+    assert meta_param_count("resnet18", 5_000_000) > MAX_MODEL_PARAMS  # 512 x 5e6 classifier, nothing allocated
+    with pytest.raises(ModelTooLargeError, match="resnet18 with 5000000 classes"):
+        check_model_size("resnet18", 5_000_000, "test")
+    check_model_size("resnet18", 1000, "test")  # an ordinary model passes
+    run = tmp_path / "run"
+    write_checkpoint_dir(run / "checkpoint_epoch0001", state={"model": {}}, graph=EMPTY_GRAPH,
+                         meta={"epoch": 1, "global_step": 1, "num_classes": 1000,
+                               "config": {"model": "timm/vit_gigantic_patch14_clip_224", "num_classes": 1000,
+                                          "dataset": "imagenet", "data_dir": str(tmp_path)}})
+    for command in (["convert", str(run), "--no-eval"], ["eval", str(run)]):
+        start = time.monotonic()
+        proc = _cli(*command)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        err = [line for line in proc.stderr.splitlines() if line.startswith("dyrep-ray:")]
+        assert len(err) == 1 and "1,844,442,344 parameters" in err[0] and "vit_gigantic" in err[0], proc.stderr
+        assert time.monotonic() - start < 90  # a real build of 1.8e9 parameters (7.4 GB) is not what happened
+
+
+@pytest.mark.parametrize("override, message", [
+    ("image_size=20000", "image_size' must be in \\[1, 4096\\]"),
+    ("synthetic_train_size=100000000", "synthetic_train_size' must be in"),
+    ("num_classes=10000000", "num_classes' must be in"),
+    ("synthetic_train_size=5000000", "would take 71.5 GiB of memory"),
+])
+def test_config_caps_on_what_a_few_bytes_allocate(override, message):
+    from dyrep_ray.engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def _metrics_run(path: Path, records: list[dict], config: dict | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "config.json").write_text(json.dumps(config or {"model": "timm/vit_gigantic_patch14_clip_224"}))
+    return path
+
+
+def _epoch(epoch: int, blocks: int, params: int) -> dict:
+    return {"epoch": epoch, "val_top1": 10.0 * epoch, "val_loss": 1.0, "train_loss": 1.0, "params": params,
+            "n_blocks": blocks, "events": []}
+
+
+def test_report_reads_json_only_and_survives_bad_trials_and_odd_names(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dyrep_ray.report.figures import load_run, render_report
+
+    sweep = tmp_path / "sweep"
+    good = _metrics_run(sweep / "t_good", [_epoch(1, 0, 1234), _epoch(2, 1, 1500)])
+    # No checkpoint: the plain count comes from the block-free epoch, not from building the (huge) model.
+    run = load_run(good)
+    assert run.plain_params == 1234 and "epoch 1" in run.plain_params_source
+    assert load_run(_metrics_run(tmp_path / "grown", [_epoch(1, 2, 1500)])).plain_params is None  # unknown
+    _metrics_run(sweep / "odd $\\frac{x}{$ \x07name", [_epoch(1, 1, 10), _epoch(2, 1, 12)],
+                 {"model": "$\\sqrt{$", "dyrep": True})
+    (sweep / "t_binary").mkdir()
+    (sweep / "t_binary" / "metrics.jsonl").write_bytes(b"\x80\xff\x00binary" * 50)
+    _metrics_run(sweep / "t_types", [{"epoch": 1, "val_top1": "high", "params": "many", "n_blocks": [],
+                                      "events": "none"}])
+    result = render_report(sweep)
+    assert result["mode"] == "sweep" and "t_binary" in result["failed"]
+    assert {"t_good", "odd $\\frac{x}{$ \x07name"} <= set(result["trials"])
+    summary = (sweep / "report" / "summary.md").read_text()
+    assert "| t_binary | not reported: ReportError" in summary and "[t_good]" in summary
+    odd = result["trials"]["odd $\\frac{x}{$ \x07name"]
+    assert all(path.stat().st_size > 1000 for path in odd["files"] if path.suffix == ".png")
+    proc = _cli("report", str(tmp_path / "grown"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "unknown (no checkpoint" in (tmp_path / "grown" / "report" / "summary.md").read_text()
 
 
 # ------------------------------------------------------------------ 9/10. one line instead of tracebacks

@@ -35,6 +35,7 @@ from ..data.parquet import (
     decode_image,
     parquet_row_count,
     read_parquet_metadata,
+    resolve_parquet_splits,
     sample_transform,
 )
 from ..engine.config import TrainConfig
@@ -57,8 +58,8 @@ def read_parquet_dataset(path: str | os.PathLike | Sequence[str], **read_kwargs:
 
 def parquet_datasets(cfg: TrainConfig) -> dict[str, ray.data.Dataset]:
     """The ``datasets`` a ``TorchTrainer`` streams to its workers for ``dataset: parquet``."""
-    return {TRAIN: read_parquet_dataset(cfg.parquet_train), VAL: read_parquet_dataset(cfg.parquet_val or
-                                                                                     cfg.parquet_train)}
+    splits = resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val)  # val never defaults to the train shards
+    return {TRAIN: read_parquet_dataset(splits["parquet_train"]), VAL: read_parquet_dataset(splits["parquet_val"])}
 
 
 class BatchDecoder:
@@ -140,8 +141,9 @@ class RayDataSource:
         aug = aug_options(cfg)
         self.decoders = {split: build_batch_decoder(meta["dataset"], train=split == TRAIN,
                                                     image_size=cfg.image_size, aug=aug) for split in (TRAIN, VAL)}
-        self.train_rows = parquet_row_count(cfg.parquet_train)
-        self.val_rows = parquet_row_count(cfg.parquet_val or cfg.parquet_train)
+        splits = resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val)  # the shards parquet_datasets streams
+        self.train_rows = parquet_row_count(splits["parquet_train"])
+        self.val_rows = parquet_row_count(splits["parquet_val"])
         self._recent_images: deque[torch.Tensor] = deque(maxlen=cfg.dyrep_recal_bn_iters)
 
     @classmethod

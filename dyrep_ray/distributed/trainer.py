@@ -149,9 +149,16 @@ def preflight(cfg: TrainConfig) -> None:
     from ..data import DatasetError, build_datasets
     from ..data.builder import SYNTHETIC
     from ..models import build_model
+    from ..models.limits import check_model_size
 
+    check_model_size(cfg.model, cfg.num_classes or 10, "the config")  # on the meta device: nothing allocated
     build_model(cfg.model, cfg.num_classes or 10)
-    if cfg.dataset in (SYNTHETIC, PARQUET):  # built in memory / paths checked by the config
+    if cfg.dataset == PARQUET:  # validation never silently defaults to the training shards
+        from ..data.parquet import resolve_parquet_splits
+
+        resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val)
+        return
+    if cfg.dataset == SYNTHETIC:  # built in memory
         return
     if cfg.data_dir is None or not Path(cfg.data_dir).exists():
         raise DatasetError(f"data_dir {cfg.data_dir!r} does not exist; put the {cfg.dataset} files there "

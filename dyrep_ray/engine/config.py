@@ -395,6 +395,12 @@ _DATASETS_WITH_DIR = ("cifar10", "cifar100", "imagenet")
 AMP_UNSAFE_METRICS = (DyRepMetric.SYNFLOW, DyRepMetric.SNIP)
 
 _ELASTIC_LEN = 2
+# Caps on what a few bytes of config could make the trainer allocate (issue 17, item 8).
+MAX_NUM_CLASSES = 100_000  # ImageNet-21k has 21,841; as export.convert caps a checkpoint's num_classes
+MAX_IMAGE_SIZE = 4096  # one 4096^2 RGB float32 image is 200 MB; 20000^2 would be 4.8 GB per image
+MAX_SYNTHETIC_SIZE = 10_000_000  # images per synthetic split; what they occupy is capped by the next one
+MAX_SYNTHETIC_BYTES = 8 * 2**30  # the synthetic splits live in memory: uint8 pixels + normalized float32 copy
+_SYNTHETIC_BYTES_PER_VALUE = 1 + 4
 
 
 def _check_workers(name: str, value: Any) -> Any:
@@ -435,10 +441,11 @@ class TrainConfig:
     dataset: Dataset = option(Dataset.SYNTHETIC, resume=_REFUSE)
     # root of CIFAR python-format dirs / ImageNet train+val folders; may move between resumes (same data)
     data_dir: Optional[str] = option(None, non_empty=True, example="data/cifar")
-    num_classes: Optional[int] = option(None, ge=1, example=10, resume=_REFUSE)  # None = from the dataset
-    image_size: int = option(32, ge=1, resume=_REFUSE)
-    synthetic_train_size: int = option(2048, ge=1)
-    synthetic_val_size: int = option(512, ge=1)
+    num_classes: Optional[int] = option(None, ge=1, le=MAX_NUM_CLASSES, example=10,
+                                        resume=_REFUSE)  # None = from the dataset
+    image_size: int = option(32, ge=1, le=MAX_IMAGE_SIZE, resume=_REFUSE)
+    synthetic_train_size: int = option(2048, ge=1, le=MAX_SYNTHETIC_SIZE)
+    synthetic_val_size: int = option(512, ge=1, le=MAX_SYNTHETIC_SIZE)
     parquet_train: Optional[str] = option(None, non_empty=True, example="/data/train.parquet")
     parquet_val: Optional[str] = option(None, non_empty=True, example="/data/val.parquet")
     # --- schedule & batch ---
@@ -646,6 +653,17 @@ def _config_message(name: str, hint: Any, rule: Rule, problem: FieldProblem) -> 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _synthetic_fits_memory(cfg: TrainConfig) -> None:
+    if cfg.dataset != Dataset.SYNTHETIC:
+        return
+    images = cfg.synthetic_train_size + cfg.synthetic_val_size
+    need = images * 3 * cfg.image_size**2 * _SYNTHETIC_BYTES_PER_VALUE
+    if need > MAX_SYNTHETIC_BYTES:
+        raise ConfigError(f"synthetic data of {images:,} images of {cfg.image_size}x{cfg.image_size} would take "
+                          f"{need / 2**30:.1f} GiB of memory (at most {MAX_SYNTHETIC_BYTES / 2**30:.0f}); lower "
+                          "synthetic_train_size / synthetic_val_size / image_size")
+
+
 def _data_dir_given(cfg: TrainConfig) -> None:
     if cfg.dataset in _DATASETS_WITH_DIR and cfg.data_dir is None:
         place = {
@@ -709,6 +727,7 @@ CROSS_FIELD_RULES: tuple[Callable[[TrainConfig], None], ...] = (
     _nesterov_needs_momentum,
     _dbb_is_not_dyrep,
     _metric_safe_under_amp,
+    _synthetic_fits_memory,
 )
 
 

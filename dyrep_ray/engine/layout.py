@@ -14,7 +14,7 @@ either.  A run directory (``<output>/<name>/``) holds::
     tracking.json          the MLflow run this run logs to (config key ``mlflow_tracking_uri``)
 
 A sweep directory holds ``sweep.json``, one run directory per trial, ``trials.csv`` / ``trials.parquet``,
-``best_config.yaml`` and ``summary.json``.
+``best_config.yaml``, ``summary.json`` and ``tune.signature.json`` (see tune/signing.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ META_FILE = "meta.json"
 GRAPH_FILE = "structure.json"
 MANIFEST_FILE = "MANIFEST.json"
 
+# The writer lock of a run or sweep directory (see engine/rundir.py): a flock'ed file on local file systems,
+# a lease marker on object stores.
+LOCK_FILE = ".dyrep-ray.lock"
+LEASE_FILE = ".dyrep-ray.lease.json"
+
 # Sweep directory files.
 SWEEP_FILE = "sweep.json"
 TRIALS_CSV = "trials.csv"
@@ -46,6 +51,7 @@ TUNE_DIR = "tune"
 SEGMENT_PREFIX = "seg"  # <trial>/seg<N>/: the run after a trial's N-th PBT exploit
 START_CHECKPOINT_DIR = "start_checkpoint"
 SWEEP_SUMMARY = "summary.json"
+SWEEP_SIGNATURE = "tune.signature.json"  # HMAC of every file under tune/ (Ray unpickles them on --resume)
 BRIDGE_FILE = "bridge.json"
 PBT_ORIGIN_FILE = "pbt_origin.json"
 

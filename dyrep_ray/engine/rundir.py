@@ -33,13 +33,19 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .layout import CHECKPOINT_PREFIX, CONFIG_FILE, META_FILE, METRICS_FILE, STRUCTURE_FILE
+from .layout import (
+    CHECKPOINT_PREFIX,
+    CONFIG_FILE,
+    LEASE_FILE,
+    LOCK_FILE,
+    META_FILE,
+    METRICS_FILE,
+    STRUCTURE_FILE,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 128
-LOCK_FILE = ".dyrep-ray.lock"
-LEASE_FILE = ".dyrep-ray.lease.json"
 LEASE_STALE_S = 600.0
 LEASE_RENEW_S = 60.0
 # ``checkpoint_epoch0003`` and the mid-epoch ``checkpoint_epoch0003_step000120``; nothing else is ours.

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .layout import CHECKPOINT_PREFIX, META_FILE, METRICS_FILE
+from .layout import META_FILE, METRICS_FILE
 from .storage import RunStorage
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def parse_metrics(text: str, *, strict: bool = True, source: str = METRICS_FILE)
         try:
             record = json.loads(line)
             epoch = int(record["epoch"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:  # Infinity, deep nesting
             if strict:
                 raise ValueError(f"{source} line {number} is not an epoch record ({exc})") from exc
             skipped += 1
@@ -127,12 +127,16 @@ def plain_params_from(storage: RunStorage) -> int | None:
 
     None when no checkpoint does (no checkpoint yet, or all unreadable): the caller decides what that means.
     """
-    for name in sorted(storage.list_dirs(CHECKPOINT_PREFIX), reverse=True):
-        try:
-            meta = json.loads(storage.read_text(f"{name}/{META_FILE}") or "{}")
-        except ValueError as exc:
-            logger.warning("%s: unreadable %s (%s)", name, META_FILE, exc)
+    from .rundir import list_checkpoints, read_meta
+
+    # Newest first by the (epoch, step) meta records, only the project's own checkpoint directories: a user's
+    # ``checkpoint_saved_best`` or ``checkpoint_epoch10000`` vs ``...9999`` must not change the answer.
+    for entry in list_checkpoints(storage):
+        meta = read_meta(storage, entry.name) if entry.meta_ok else None
+        if meta is None:
+            logger.warning("%s: unreadable %s", entry.name, META_FILE)
             continue
-        if isinstance(meta, dict) and isinstance(meta.get("plain_params"), int):
-            return int(meta["plain_params"])
+        value = meta.get("plain_params")
+        if type(value) is int and value >= 0:
+            return value
     return None

@@ -73,9 +73,11 @@ def register(subparsers, add_common) -> None:
 
 
 def cmd_convert(args) -> int:
-    from .convert import ConversionCheckError, convert_checkpoint
+    from .convert import ConversionCheckError, convert_checkpoint, resolve_checkpoint
+    from .evaluate import check_checkpoint_model_size
 
     _check_batch_size(args.batch_size)
+    check_checkpoint_model_size(resolve_checkpoint(args.source))  # a huge model named in meta: refused, not built
     try:
         result = convert_checkpoint(
             args.source, args.out, data_dir=args.data_dir, evaluate=not args.no_eval, torchscript=args.torchscript,

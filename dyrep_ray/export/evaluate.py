@@ -23,6 +23,24 @@ from ..engine.loop import PARQUET, aug_options
 logger = logging.getLogger(__name__)
 
 
+def check_checkpoint_model_size(ckpt_dir) -> None:
+    """Refuse (one line) a checkpoint whose meta names a model too large to build, before its state is loaded or
+    anything is built: the model is counted on the meta device (:mod:`dyrep_ray.models.limits`)."""
+    from ..engine.layout import META_FILE
+    from ..engine.loop import model_kwargs
+    from ..engine.rundir import read_meta
+    from ..engine.storage import RunStorage
+    from ..models.limits import check_model_size
+    from .convert import config_from_dict, num_classes_of
+
+    where = f"{ckpt_dir}/{META_FILE}"
+    meta = read_meta(RunStorage(str(ckpt_dir.parent.parent), ckpt_dir.parent.name), ckpt_dir.name)
+    if meta is None:  # the checkpoint loader says what is wrong with it
+        return
+    cfg = config_from_dict(meta.get("config"), where)
+    check_model_size(cfg.model, num_classes_of(meta, cfg), where, **model_kwargs(cfg))
+
+
 def validation_dataset(cfg: TrainConfig, data_dir: str | None = None):
     """(validation dataset of ``cfg``, its class count), built as the training loop builds it.
 
@@ -233,7 +251,9 @@ def evaluate_weights(
             raise CheckpointError(f"{path}: not a state dict ({type(state).__name__})")
         source = f"state dict {path}"
     else:
-        ckpt = load_checkpoint_safely(resolve_checkpoint(path))
+        ckpt_dir = resolve_checkpoint(path)
+        check_checkpoint_model_size(ckpt_dir)
+        ckpt = load_checkpoint_safely(ckpt_dir)
         model, ckpt_cfg, num_classes = rebuild_trained_model(ckpt, use_ema)
         cfg = load_config(config, list(overrides), base=ckpt_cfg.to_dict())
         arch = ckpt_cfg.model
@@ -247,6 +267,9 @@ def evaluate_weights(
         raise ConfigError(f"the model has {num_classes} outputs but dataset {cfg.dataset!r} has {data_classes} "
                           "classes")
     if model is None:
+        from ..models.limits import check_model_size
+
+        check_model_size(arch, int(num_classes), source)  # counted on the meta device: nothing allocated
         model = build_model(arch, int(num_classes))
         strict_load(model, state, f"{path} does not load into {arch} ({num_classes} classes)")
     model.to(dev)

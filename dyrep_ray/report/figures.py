@@ -42,10 +42,18 @@ MAX_BRANCHES = 7  # len(dyrep_ray.rep.BRANCH_NAMES)
 SWEEP_SEARCH_DEPTH = 4
 CELL_TEXT_MAX = 40  # write branch counts in cells while rows and epochs stay below this
 DPI = 110
+PLOT_TEXT_MAX = 80  # characters of a run name / model / conv path drawn into a figure
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class ReportError(UserError, ValueError):
     """Nothing to report on (no metrics.jsonl) or an unreadable run."""
+
+
+#: What one trial's hostile or broken files can raise while it is read and drawn (values of the wrong type in
+#: JSON reach arithmetic and formatting); such a trial is marked in a sweep report, the others are reported.
+TRIAL_REPORT_ERRORS = (UserError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+                       OverflowError, RecursionError)
 
 
 # ---------------------------------------------------------------------------
@@ -74,25 +82,30 @@ def _read_json(path: Path):
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:
     """Epoch records of ``metrics.jsonl`` in epoch order; unreadable lines are skipped and counted."""
-    return parse_metrics(path.read_text(), strict=False, source=str(path))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:  # binary junk, permissions: one line, not a traceback
+        raise ReportError(f"{path}: cannot be read as text ({exc})".splitlines()[0][:300]) from None
+    records, skipped = parse_metrics(text, strict=False, source=str(path))
+    return [r for r in records if isinstance(r, dict)], skipped
 
 
 def _plain_params_from_checkpoints(run_dir: Path) -> int | None:
     return plain_params_from(RunStorage(str(run_dir.parent), run_dir.name))
 
 
-def _plain_params_from_model(config: dict | None) -> int | None:
-    """Parameter count of the never-grown architecture (builds it; no file is read)."""
-    if not isinstance(config, dict) or not config.get("model"):
-        return None
-    try:
-        from ..models import build_model, count_params
+def _plain_params_from_metrics(metrics: list[dict]) -> tuple[int, int] | None:
+    """(params, epoch) of the first epoch record that holds no DBB block: the training model then *is* the plain
+    model.  Nothing is built (a config can name any model; report reads JSON only)."""
+    for record in metrics:
+        params, blocks = record.get("params"), record.get("n_blocks")
+        if type(params) is int and params > 0 and blocks == 0 and type(blocks) is int:
+            return params, record.get("epoch")
+    return None
 
-        classes = config.get("num_classes") or {"cifar100": 100, "imagenet": 1000}.get(config.get("dataset"), 10)
-        return count_params(build_model(config["model"], int(classes)))
-    except Exception as exc:  # unknown/removed model: the line is simply left out
-        logger.warning("cannot build %s to count its parameters (%s)", config.get("model"), exc)
-        return None
+
+def _count(value) -> int | None:
+    return value if type(value) is int and value > 0 else None
 
 
 def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
@@ -114,11 +127,13 @@ def load_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
     run.plain_params = _plain_params_from_checkpoints(run_dir)
     run.plain_params_source = "checkpoint meta" if run.plain_params is not None else None
     if run.plain_params is None and run.deployed and isinstance(run.deployed.get("params"), dict):
-        run.plain_params = run.deployed["params"].get("plain")
-        run.plain_params_source = DEPLOYED_SIDECAR
-    if run.plain_params is None:
-        run.plain_params = _plain_params_from_model(run.config)
-        run.plain_params_source = "untouched architecture" if run.plain_params is not None else None
+        run.plain_params = _count(run.deployed["params"].get("plain"))
+        run.plain_params_source = DEPLOYED_SIDECAR if run.plain_params is not None else None
+    if run.plain_params is None:  # no checkpoint (yet): only an epoch without blocks tells; else it is unknown
+        found = _plain_params_from_metrics(run.metrics)
+        if found is not None:
+            run.plain_params, epoch = found
+            run.plain_params_source = f"{METRICS_FILE}, epoch {epoch} (no DBB block yet)"
     return run
 
 
@@ -280,6 +295,15 @@ def timeline_figure_size(tl: Timeline) -> tuple[float, float]:
     return (min(4.0 + 0.45 * max(len(tl.epochs), 1), 22.0), min(1.8 + 0.42 * max(len(tl.rows), 1), 30.0))
 
 
+def plot_text(value) -> str:
+    """``value`` as literal figure text: ``$`` escaped (matplotlib would parse ``$...$`` as mathtext and fail on
+    bad TeX), control characters shown as ``?``, at most :data:`PLOT_TEXT_MAX` characters."""
+    text = _CONTROL_CHARS.sub("?", str(value))
+    if len(text) > PLOT_TEXT_MAX:
+        text = text[:PLOT_TEXT_MAX - 3] + "..."
+    return text.replace("$", r"\$")
+
+
 def draw_timeline(ax, tl: Timeline, title: str = "") -> dict:
     """Rows = convs ever grown, columns = epochs; colour/text = number of branches (grey = plain conv);
     ``^`` = grown at the end of that epoch, ``x`` = branches cut. Returns counts of what was drawn."""
@@ -314,7 +338,7 @@ def draw_timeline(ax, tl: Timeline, title: str = "") -> dict:
     cut_artist = ax.scatter(cx, cy, marker="X", s=46, c="#d62728", edgecolors="black", linewidths=0.5, zorder=3,
                             label=f"branches cut ({len(cx)})")
     ax.set_yticks(range(len(paths)))
-    ax.set_yticklabels(paths, fontsize=7)
+    ax.set_yticklabels([plot_text(p) for p in paths], fontsize=7)
     ax.set_ylim(len(paths) - 0.5, -0.5)
     ax.set_xlim(x_edges[0], x_edges[-1])
     ax.set_xlabel("epoch (state after the epoch's adjust point)")
@@ -325,8 +349,8 @@ def draw_timeline(ax, tl: Timeline, title: str = "") -> dict:
             clip_on=False)
     for r, p in enumerate(paths):  # final branch set, right of the grid
         last = tl.rows[p][-1]
-        ax.text(x_edges[-1] + 0.15, r, " ".join(last) if last else "(plain conv)", va="center", fontsize=6.5,
-                color="#333333", clip_on=False)
+        ax.text(x_edges[-1] + 0.15, r, plot_text(" ".join(map(str, last))) if last else "(plain conv)",
+                va="center", fontsize=6.5, color="#333333", clip_on=False)
     ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.12 - 0.25 / max(len(paths), 1)), ncol=2, fontsize=7,
               frameon=False)
     return {"rows": len(paths), "epochs": len(tl.epochs), "grow_markers": len(grow_artist.get_offsets()),
@@ -418,7 +442,7 @@ def draw_comparison(ax, runs: list[RunData], metric: str = "val_top1") -> dict:
             continue
         best = max(v for _, v in pts)
         ax.plot([e for e, _ in pts], [v for _, v in pts], marker="o", markersize=2.5, linewidth=1.2,
-                label=f"{run.name} (best {best:.2f})")
+                label=f"{plot_text(run.name)} (best {best:.2f})")
         drawn += 1
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -452,11 +476,12 @@ def render_run_report(run: RunData, out_dir: str | os.PathLike) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     tl = timeline(run.metrics)
     adjust = adjust_epochs(run.metrics, run.config)
-    model = (run.config or {}).get("model", "?")
+    model = plot_text((run.config or {}).get("model", "?"))
+    title_name = plot_text(run.name)
 
     fig = new_figure(*timeline_figure_size(tl))
     ax = fig.add_subplot(1, 1, 1)
-    drawn_timeline = draw_timeline(ax, tl, f"{run.name} ({model}): structure timeline, {len(tl.grows)} grows, "
+    drawn_timeline = draw_timeline(ax, tl, f"{title_name} ({model}): structure timeline, {len(tl.grows)} grows, "
                                            f"{len(tl.cuts)} cuts")
     if drawn_timeline["image"] is not None:
         bar = fig.colorbar(drawn_timeline["image"], ax=ax, location="top", shrink=0.45, pad=0.02, aspect=30,
@@ -466,12 +491,12 @@ def render_run_report(run: RunData, out_dir: str | os.PathLike) -> dict:
     save_figure(fig, out_dir / TIMELINE_PNG)
 
     fig = new_figure(11.0, 4.0)
-    drawn_curves = draw_curves(fig.subplots(1, 2), run.metrics, adjust, f"{run.name} ({model})")
+    drawn_curves = draw_curves(fig.subplots(1, 2), run.metrics, adjust, f"{title_name} ({model})")
     save_figure(fig, out_dir / CURVES_PNG)
 
     fig = new_figure(7.0, 4.0)
     drawn_params = draw_params(fig.add_subplot(1, 1, 1), run.metrics, run.plain_params, adjust,
-                               f"{run.name}: parameters during training vs deployed")
+                               f"{title_name}: parameters during training vs deployed")
     save_figure(fig, out_dir / PARAMS_PNG)
 
     summary = run_summary(run)
@@ -495,7 +520,8 @@ def summary_markdown(run: RunData, s: dict, tl: Timeline) -> str:
         f"| best val top-1 | {_fmt(s['best_top1'], '.2f', '%')} (epoch {s['best_epoch']}) |",
         f"| final val top-1 | {_fmt(s['final_top1'], '.2f', '%')} |",
         f"| grows / cuts | {s['grows']} / {s['cuts']} |",
-        f"| params, plain = deployed model | {_fmt(plain, ',')}"
+        f"| params, plain = deployed model | "
+        f"{_fmt(plain, ',') if plain else 'unknown (no checkpoint or deployed.json records it)'}"
         f"{f' (from {run.plain_params_source})' if run.plain_params_source else ''} |",
         f"| params during training, max / final | {_fmt(s['max_train_params'], ',')} / "
         f"{_fmt(s['final_train_params'], ',')}{overhead} |",
@@ -567,10 +593,20 @@ def _config_differences(runs: list[RunData]) -> list[str]:
 def render_sweep_report(root: str | os.PathLike, run_dirs: list[Path], out_dir: str | os.PathLike) -> dict:
     """Per-trial reports in sub-folders, a val_top1 comparison plot and a summary table."""
     root, out_dir = Path(root), Path(out_dir)
-    runs = [load_run(d, name=_trial_folder(root, d)) for d in run_dirs]
-    trials = {}
-    for run in runs:
-        trials[run.name] = render_run_report(run, out_dir / run.name)
+    runs, trials, failed = [], {}, {}
+    for run_dir in run_dirs:  # one unreadable trial is marked in the table; the others are still reported
+        name = _trial_folder(root, run_dir)
+        try:
+            run = load_run(run_dir, name=name)
+            trials[name] = render_run_report(run, out_dir / name)
+        except TRIAL_REPORT_ERRORS as exc:
+            failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            logger.warning("sweep report: trial %s left out (%s)", name, failed[name])
+            continue
+        runs.append(run)
+    if not runs:
+        raise ReportError(f"{root}: no trial could be reported ({'; '.join(f'{k}: {v}' for k, v in failed.items())})"
+                          .splitlines()[0][:400])
     fig = new_figure(11.0, 5.0)
     drawn = draw_comparison(fig.add_subplot(1, 1, 1), runs)
     save_figure(fig, out_dir / COMPARISON_PNG)
@@ -588,9 +624,11 @@ def render_sweep_report(root: str | os.PathLike, run_dirs: list[Path], out_dir: 
         lines.append(f"| [{run.name}]({link}) | {_fmt(s['best_top1'], '.2f', '%')} | "
                      f"{_fmt(s['final_top1'], '.2f', '%')} | {s['epochs']} | {s['grows']} | {s['cuts']} | "
                      f"{_fmt(s['max_train_params'], ',')} |" + "".join(f" {v} |" for v in values))
+    for name, reason in failed.items():
+        lines.append(f"| {name} | not reported: {reason.replace('|', '/')} |")
     lines.append("")
     (out_dir / SUMMARY_MD).write_text("\n".join(lines))
-    return {"out_dir": out_dir, "trials": trials, "comparison": drawn, "varied": varied,
+    return {"out_dir": out_dir, "trials": trials, "failed": failed, "comparison": drawn, "varied": varied,
             "files": [out_dir / COMPARISON_PNG, out_dir / SUMMARY_MD]}
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..distributed.trainer import ClusterError, check_resources, connect, preflight, resolve_use_gpu
 from ..engine.config import ConfigError, TrainConfig
-from ..engine.layout import SWEEP_FILE, TUNE_DIR
+from ..engine.layout import LEASE_FILE, LOCK_FILE, SWEEP_FILE, TUNE_DIR
 from ..engine.storage import RunStorage, resolve_filesystem
 from .spec import TIME_ATTR, Distribution, SweepSpec
 
@@ -202,7 +202,8 @@ def _files(root: RunStorage) -> list[str]:
     import pyarrow.fs as pafs
 
     entries = root.fs.get_file_info(pafs.FileSelector(root.root, allow_not_found=True))
-    return [e.base_name for e in entries if e.type == pafs.FileType.File]
+    # Our own writer lock (taken before this check) does not make the directory somebody else's.
+    return [e.base_name for e in entries if e.type == pafs.FileType.File and e.base_name not in (LOCK_FILE, LEASE_FILE)]
 
 
 def run_sweep(spec: SweepSpec | None, output: str, name: str, *, resume: bool = False,
@@ -211,14 +212,33 @@ def run_sweep(spec: SweepSpec | None, output: str, name: str, *, resume: bool = 
 
     ``callbacks``: :class:`~dyrep_ray.engine.callbacks.TrainerCallback` instances every trial's workers run.
     """
-    from ray import tune
-
-    from .results import collect_records, sweep_interrupted, write_results
-    from .trainable import make_trainable
+    from ..engine.rundir import RunLock, validate_run_name
 
     if spec is not None:
         preflight_sweep(spec)
+    validate_run_name(name, "sweep")
+    # One writer per sweep directory, as for a run directory (flock locally, a lease marker on object stores).
+    lock = RunLock(RunStorage(output, name), "sweep").acquire()
+    try:
+        return _run_sweep_locked(spec, output, name, resume=resume, address=address, verbose=verbose,
+                                 callbacks=callbacks)
+    finally:
+        lock.release()
+
+
+def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume: bool, address: str | None,
+                      verbose: int, callbacks: Sequence) -> SweepOutcome:
+    from ray import tune
+
+    from .results import collect_records, sweep_interrupted, write_results
+    from .signing import SignSweepCallback, load_secret, signing_while_fitting, verify_sweep
+    from .trainable import make_trainable
+
     spec, root = prepare_sweep(spec, output, name, resume)
+    if resume:  # before anything of tune/ is unpickled (Tuner.can_restore only checks that tuner.pkl exists)
+        verify_sweep(root)
+    else:
+        load_secret(create=True)  # a sweep that could never be signed (unwritable key dir) fails now, not at the end
     spec_json = spec.to_json()  # as given (use_gpu may be "auto"): what --resume compares against
     started = connect(address, num_cpus=local_ray_cpus())  # num_cpus only matters for a new local Ray
     logger.info("Ray: %s", started)
@@ -255,14 +275,17 @@ def run_sweep(spec: SweepSpec | None, output: str, name: str, *, resume: bool = 
                 max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname,
                 trial_name_creator=trial_name, reuse_actors=False),
             run_config=tune.RunConfig(
+                callbacks=[SignSweepCallback()],
                 name=TUNE_DIR, storage_path=fs_path, storage_filesystem=None if root.local else fs,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=TUNE_CHECKPOINTS_TO_KEEP if spec.scheduler_type == "pbt" else None),
                 verbose=verbose),
         )
-    with warnings.catch_warnings():  # PBT advice that does not apply: a trial's actor holds a TorchTrainer run
-        warnings.filterwarnings("ignore", message=".*reuse_actors.*")
+    # Signed while Ray writes (SignSweepCallback, from the first step on) and after fit, also when it raises or
+    # is interrupted: --resume unpickles nothing that this user's dyrep-ray did not sign.
+    with signing_while_fitting(root), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*reuse_actors.*")  # PBT advice: an actor holds a TorchTrainer
         results = tuner.fit()
     records = collect_records(results, spec, sweep_uri)
     outcome = SweepOutcome(sweep_dir=root.root, spec=spec, records=records, interrupted=sweep_interrupted(results))

@@ -113,6 +113,12 @@ class DyRepTrial(tune.Trainable):
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         self.spec, self.sweep_uri, self.callbacks = spec, sweep_uri, tuple(callbacks)
         self.cfg = spec.trial_config(config)
+        from ..engine.data_source import PARQUET
+
+        if self.cfg.dataset == PARQUET:  # as dyrep-ray train: explicit val shards, never the training ones
+            from ..data.parquet import resolve_parquet_splits
+
+            self.cfg = self.cfg.replace(**resolve_parquet_splits(self.cfg.parquet_train, self.cfg.parquet_val))
         self.searched = {k: getattr(self.cfg, k) for k in spec.search_space}
         self.segment: Segment | None = None
         self._queue = None
