@@ -191,12 +191,14 @@ class ReadyBatchCollate(NumpyBatchCollateFn):
 
     def __call__(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         encoded, labels = _columns(batch)
-        images = torch.from_numpy(np.ascontiguousarray(encoded))
+        pixels = np.ascontiguousarray(encoded)
+        # Arrays from the object store are read-only; torch wants a writable buffer (float ones are handed on).
+        images = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
         if images.dtype == torch.uint8:
             mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
             std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
             images = images.to(torch.float32).div(PIXEL_MAX).sub(mean).div(std)
-        return images, torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        return images, torch.tensor(np.asarray(labels), dtype=torch.int64)
 
 
 def iter_ready_batches(
