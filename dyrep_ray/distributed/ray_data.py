@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ import ray.data
 import torch
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.exceptions import RayError
 
 from ..data.builder import DEFAULT_IMAGE_SIZE
 from ..data.errors import DatasetError
@@ -61,6 +63,8 @@ TRAIN, VAL = "train", "val"
 SHUFFLE_BUFFER_BATCHES = 4
 #: Ray Data adds the shard file of each row under this column (``read_parquet(include_paths=True)``).
 PATH_COLUMN = "path"
+#: How a DatasetError raised in a decode actor reads inside Ray's re-raised traceback text.
+_DATASET_ERROR_LINE = re.compile(rf"\b{DatasetError.__name__}: (.+)")
 #: Decode actors: an autoscaling pool of 1..DECODE_MAX_ACTORS, each DECODE_CPUS_PER_ACTOR logical CPUs.
 DECODE_MAX_ACTORS = 8
 DECODE_CPUS_PER_ACTOR = 1.0
@@ -210,10 +214,39 @@ def iter_ready_batches(
     local_shuffle_buffer_size: int | None = None,
     local_shuffle_seed: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Iterate ``(images, labels)`` over a :func:`decoded_dataset` (a ``Dataset`` or a ``DataIterator``)."""
-    yield from data.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=drop_last,
-                                       local_shuffle_buffer_size=local_shuffle_buffer_size,
-                                       local_shuffle_seed=local_shuffle_seed)
+    """Iterate ``(images, labels)`` over a :func:`decoded_dataset` (a ``Dataset`` or a ``DataIterator``).
+
+    A :class:`DatasetError` raised in a decode actor (a bad row, named) comes out as that one-line error, not
+    as Ray's wrapped task error.
+    """
+    batches = data.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=drop_last,
+                                      local_shuffle_buffer_size=local_shuffle_buffer_size,
+                                      local_shuffle_seed=local_shuffle_seed)
+    try:
+        yield from batches
+    except DatasetError:
+        raise
+    except Exception as exc:  # Ray wraps UDF errors (RayTaskError(UserCodeException)); unwrap ours
+        original = _dataset_error_in(exc)
+        if original is None:
+            raise
+        raise DatasetError(str(original)) from None
+
+
+def _dataset_error_in(exc: BaseException) -> DatasetError | None:
+    """The :class:`DatasetError` a Ray Data UDF raised, from the chain Ray wraps it in (None if there is none)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, DatasetError) and not isinstance(current, RayError):  # not Ray's dual class
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    match = _DATASET_ERROR_LINE.search(str(exc))
+    return DatasetError(match.group(1)) if match else None
 
 
 def _columns(batch: Mapping[str, Any]) -> tuple[Any, Any]:
