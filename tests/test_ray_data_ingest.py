@@ -153,3 +153,20 @@ def test_pipeline_names_corrupt_row(ray_session, tmp_path):
         list(iter_ready_batches(ds, ReadyBatchCollate.for_transform("cifar10", train=False), batch_size=4))
     assert f"{path.name} row 2: not a decodable image" in str(info.value)
     assert isinstance(info.value, DatasetError) and "\n" not in str(info.value)  # one line, unwrapped
+
+
+@pytest.mark.ray
+def test_bench_ray_data_decode_ratio_smoke(ray_session, tmp_path):
+    """bench/data_path.py's alternating consumer-decode vs map_batches-decode measurement, on 40 images."""
+    from bench import data_path
+    from dyrep_ray.distributed.ray_data import build_batch_decoder
+
+    root = data_path.write_tiny_cifar10(tmp_path / "cifar", per_batch=8, test=4)
+    export_parquet("cifar10", root, tmp_path / "pq", split="train", rows_per_shard=16)
+    decoder = build_batch_decoder("cifar10", train=True, aug=data_path.RECIPE_AUG)
+    out = data_path._ray_data_rate(tmp_path / "pq", decoder, rounds=1, max_actors=1)
+    for name in ("consumer_decode", "map_batches_decode"):
+        assert out[name]["images"] == 40 and len(out[name]["per_round"]) == 1 and out[name]["images_per_s"] > 0
+    ratio = out["map_batches_decode"]["images_per_s"] / out["consumer_decode"]["images_per_s"]
+    assert out["ratio_map_batches_vs_consumer"] == pytest.approx(ratio)
+    assert out["decode_actors"] == 1
