@@ -4,9 +4,11 @@
   a test batch, same pickle layout as the real files; smooth synthetic images so PNG sizes are
   realistic) read by ``dyrep_ray.data.build_datasets`` with the training transform, through the
   trainer's ``DataLoader`` settings (batch 128, shuffled);
-* Parquet: the same images exported with ``data.parquet.export_parquet``; read back (a) through the
-  Ray Data path (``read_parquet_dataset`` + ``iter_decoded_batches``) and (b) the pyarrow-only
-  ``ParquetImageDataset`` through a DataLoader;
+* Parquet: the same images exported with ``data.parquet.export_parquet``; read back (a) through Ray Data
+  with the consumer decoding every PNG (``iter_decoded_batches``), (a') through Ray Data with decode +
+  augmentation in ``map_batches(DecodeAugment)`` CPU actors (``decoded_dataset`` + ``iter_ready_batches``),
+  (a) and (a') alternating round by round in one run, their ratio in ``ray_data_decode``; and (b) the
+  pyarrow-only ``ParquetImageDataset`` through a DataLoader;
 * consumption: images/s of vgg16_cifar training steps at the recipe's batch size 128.
 Ratio loader/consumption > 1 means the trainer never waits for data.
 """
@@ -14,6 +16,7 @@ Ratio loader/consumption > 1 means the trainer never waits for data.
 from __future__ import annotations
 
 import pickle
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -112,7 +115,10 @@ def run(device: torch.device, quick: bool = False, use_ray: bool = True, workers
         pq_ds = ParquetImageDataset(pq_dir, transform=decoder.transform)
         loaders["parquet_pyarrow_workers0"] = _loader_rate(DataLoader(pq_ds, batch_size=RECIPE_BATCH, shuffle=True))
         if use_ray:
-            loaders["parquet_ray_data"] = _ray_data_rate(pq_dir, decoder)
+            ray_rates = _ray_data_rate(pq_dir, decoder)
+            loaders["parquet_ray_data"] = ray_rates["consumer_decode"]
+            loaders["parquet_ray_data_map_batches"] = ray_rates["map_batches_decode"]
+            out["ray_data_decode"] = {k: v for k, v in ray_rates.items() if not isinstance(v, dict)}
     out["consumption"] = consumption_rate(device, consume_batch, reps=2 if quick else 3)
     rate = out["consumption"]["images_per_s"]
     out["ratios"] = {name: r["images_per_s"] / rate for name, r in loaders.items()}
@@ -120,12 +126,35 @@ def run(device: torch.device, quick: bool = False, use_ray: bool = True, workers
     return out
 
 
-def _ray_data_rate(pq_dir: Path, decoder) -> dict:
+#: Alternating rounds of the two Ray Data variants (each round: one full pass of each, order rotating).
+RAY_ROUNDS = 3
+
+
+def _pass_rate(batches) -> tuple[float, int]:
+    n, t = 0, time.perf_counter()
+    for images, _ in batches:
+        n += images.shape[0]
+    return n / (time.perf_counter() - t), n
+
+
+def _ray_data_rate(pq_dir: Path, decoder, rounds: int = RAY_ROUNDS, max_actors: int | None = None) -> dict:
+    """Images/s of the same shards through Ray Data, alternating round by round between
+    ``consumer_decode`` (``iter_decoded_batches``: the consuming process decodes every PNG) and
+    ``map_batches_decode`` (``decoded_dataset``: decode + augmentation in a ``DecodeAugment`` actor pool, the
+    consumer only normalizes uint8 or takes float32).  A warm-up pass of each absorbs planning and actor start-up;
+    ``ratio_map_batches_vs_consumer`` is the median of the per-round ratios."""
     import os
 
     import ray
 
-    from dyrep_ray.distributed.ray_data import iter_decoded_batches, read_parquet_dataset
+    from dyrep_ray.distributed.ray_data import (
+        DECODE_MAX_ACTORS,
+        ReadyBatchCollate,
+        decoded_dataset,
+        iter_decoded_batches,
+        iter_ready_batches,
+        read_parquet_dataset,
+    )
 
     started = not ray.is_initialized()
     t0 = time.perf_counter()
@@ -133,15 +162,28 @@ def _ray_data_rate(pq_dir: Path, decoder) -> dict:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     init_s = time.perf_counter() - t0
+    actors = max_actors or min(DECODE_MAX_ACTORS, max(1, int(ray.cluster_resources().get("CPU", 1)) - 1))
     try:
-        ds = read_parquet_dataset(pq_dir)
-        rates = []
-        for _ in range(2):  # the first pass includes Ray Data's planning / task start-up
-            n, t = 0, time.perf_counter()
-            for images, _ in iter_decoded_batches(ds, decoder, batch_size=RECIPE_BATCH):
-                n += images.shape[0]
-            rates.append(n / (time.perf_counter() - t))
-        return {"images_per_s": rates[-1], "per_epoch": rates, "images": n, "ray_init_s": init_s}
+        raw = read_parquet_dataset(pq_dir)
+        ready = decoded_dataset(raw, "cifar10", train=True, aug=RECIPE_AUG, max_actors=actors)
+        collate = ReadyBatchCollate.for_transform("cifar10", train=True, aug=RECIPE_AUG)
+        variants = {
+            "consumer_decode": lambda: iter_decoded_batches(raw, decoder, batch_size=RECIPE_BATCH),
+            "map_batches_decode": lambda: iter_ready_batches(ready, collate, batch_size=RECIPE_BATCH),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
+        for name in names:  # warm-up
+            _pass_rate(variants[name]())
+        for r in range(rounds):
+            for name in names[r % 2:] + names[:r % 2]:
+                rate, n = _pass_rate(variants[name]())
+                rates[name].append(rate)
+        per_round = sorted(m / c for m, c in zip(rates["map_batches_decode"], rates["consumer_decode"]))
+        out = {name: {"images_per_s": statistics.median(v), "per_round": v, "images": n} for name, v in rates.items()}
+        out["ratio_map_batches_vs_consumer"] = per_round[len(per_round) // 2]
+        out.update(ray_init_s=init_s, decode_actors=actors, cluster_cpus=ray.cluster_resources().get("CPU"))
+        return out
     finally:
         if started:
             ray.shutdown()

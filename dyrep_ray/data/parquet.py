@@ -14,7 +14,10 @@ import io
 import json
 import logging
 import os
+import random
+import zlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +330,76 @@ def sample_transform(
         return (cifar_train_transform if train else cifar_val_transform)(image_size, config)
     assert dataset == IMAGENET
     return (imagenet_train_transform if train else imagenet_val_transform)(image_size, config)
+
+
+#: Per-image steps whose output is the float CHW tensor (torchvision's and timm's "to tensor" steps).
+_TO_TENSOR_STEPS = ("ToTensor", "MaybeToTensor")
+#: uint8 pixel range: ``ToTensor`` divides by this.
+PIXEL_MAX = 255
+
+
+@dataclass(frozen=True)
+class SplitTransform:
+    """A :func:`sample_transform` cut at its ``ToTensor``/``Normalize`` pair, for batch pipelines.
+
+    ``pixels`` (PIL -> PIL: resize, crop, flip, colour ops) runs per image; :func:`pixels_to_uint8` then gives a
+    uint8 CHW tensor; :meth:`normalize` turns a uint8 batch into exactly what ``ToTensor`` + ``Normalize`` give
+    per image (same float32 operations, so bitwise equal); ``after_normalize`` (Cutout, random erasing: they
+    work on normalized values) runs per image last.  The steps are the very objects of the full transform.
+    """
+
+    pixels: Callable[[Image.Image], Image.Image]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    after_normalize: tuple[Callable[[torch.Tensor], torch.Tensor], ...]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N)CHW -> float32 normalized, as ``Normalize(ToTensor(image))``."""
+        mean = torch.as_tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        return images.to(torch.float32).div(PIXEL_MAX).sub(mean).div(std)
+
+    def finish(self, image_uint8: torch.Tensor) -> torch.Tensor:
+        """One uint8 CHW image -> the full transform's output (normalize, then the post-normalize steps)."""
+        image = self.normalize(image_uint8)
+        for step in self.after_normalize:
+            image = step(image)
+        return image
+
+
+def split_transform(transform: Callable[[Image.Image], torch.Tensor]) -> SplitTransform:
+    """Cut a :func:`sample_transform` (a ``Compose`` with one to-tensor step followed by ``Normalize``)."""
+    steps = list(getattr(transform, "transforms", ()))
+    names = [type(step).__name__ for step in steps]
+    cut = next((i for i, name in enumerate(names) if name in _TO_TENSOR_STEPS), None)
+    if cut is None or cut + 1 >= len(steps) or not isinstance(steps[cut + 1], T.Normalize):
+        raise DatasetError(f"transform {names} has no to-tensor step followed by Normalize; cannot batch it")
+    norm = steps[cut + 1]
+    mean = tuple(float(v) for v in torch.as_tensor(norm.mean).flatten())
+    std = tuple(float(v) for v in torch.as_tensor(norm.std).flatten())
+    return SplitTransform(T.Compose(steps[:cut]), mean, std, tuple(steps[cut + 2:]))
+
+
+def pixels_to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 CHW tensor (the integer part of ``ToTensor``)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def sample_seed(base_seed: int, epoch: int, encoded: bytes, label: int) -> int:
+    """Seed of one row's augmentation in one epoch: the same for a rerun, different across epochs.
+
+    Keyed by the row's content (CRC-32 of the encoded bytes, and its label), so it does not depend on how the
+    streaming pipeline batches, orders or shards the rows.
+    """
+    entropy = [int(base_seed) & 0xFFFFFFFF, int(epoch), zlib.crc32(encoded), int(label) & 0xFFFFFFFF]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def seed_sample_rngs(seed: int) -> None:
+    """Seed the global RNGs torchvision (torch), timm (``random``) and RandAugment (numpy) draw from."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 class ParquetImageDataset(Dataset):
