@@ -70,7 +70,7 @@ def train_like(model: nn.Module, seed: int) -> None:
     for _, block in iter_blocks(model):
         for p in block.parameters(recurse=False):
             p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.05)
-        for name, branch in block.branches.items():
+        for branch in block.branches.values():
             for p in branch.parameters(recurse=False):
                 p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.05)
             for child in branch.children():

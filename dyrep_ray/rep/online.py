@@ -271,16 +271,15 @@ class OnlineBlock(nn.Module):
         if self.takes_kernel_path(x):
             return pixels_out * cout * cin * k * k
         total = 0
-        for name, branch in self.branches.items():
-            if name == KXK:
-                total += 0 if isinstance(branch.conv, OnlineBlock) else pixels_out * cout * cin * k * k
-            elif name == "1x1_kxk":
-                mid = branch.conv1.out_channels
+        for branch in self.branches.values():
+            if isinstance(branch, ScaledOneByOneKxk):
+                mid = int(branch.conv1.out_channels)
                 total += n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k
-            elif name == "1x1_avg":
+            elif isinstance(branch, ScaledOneByOneAvg):
                 total += n * h * w * cout * cin
-            elif name in ("1x1", "1xk", "kx1"):
-                total += pixels_out * cout * cin * (1 if name == "1x1" else k)
+            elif isinstance(branch, ScaledConv) and isinstance(branch.conv, nn.Conv2d):  # kxk, 1x1, 1xk, kx1
+                kh, kw = branch.conv.kernel_size
+                total += pixels_out * cout * cin * kh * kw
         return total
 
     def _cheaper_on_activations(self, x: Tensor) -> bool:
@@ -427,7 +426,7 @@ class OnlineBlock(nn.Module):
             if name != KXK:
                 others += self.branch_kernel(name)[0]
         self.kxk_scale().fill_(1.0)
-        if isinstance(conv, OnlineBlock):
+        if isinstance(conv, OnlineBlock) and generator is not None:
             conv.init_new_branches(init_gamma, generator)
             conv.compensate_kxk(target_kernel - others, torch.zeros_like(target_bias), generator, init_gamma)
         else:
