@@ -1,7 +1,8 @@
 """Experiment tracking: TensorBoard and MLflow callbacks on a real --local run, read back with the real readers.
 
-Until the training loop calls callbacks itself, :class:`TrackedTrainer` (the real Trainer) calls the hooks at
-the points the loop will: fit start/end, after each adjust, after each epoch's metrics row.
+The main fixture is a real run whose Trainer calls the callbacks itself (``Trainer(callbacks=...)``); the failure
+and resume cases replay that run's recorded rows through the same hooks.  ``test_ray_run_tracks_from_rank_0_only``
+runs them the way ``dyrep-ray train`` does on Ray (built in each worker, rank 0 only).
 """
 
 from __future__ import annotations
@@ -46,34 +47,6 @@ TRACKED_KEYS = ("train_loss", "val_top1", "val_top5", "val_loss", "lr", "params"
 UNREACHABLE_URI = "http://127.0.0.1:9"  # discard port: closed
 FAIL_FAST_S = 10.0
 SERVER_START_S = 240  # a cold `mlflow server` start takes 1-2 minutes on a busy 2-core machine
-
-
-class TrackedTrainer(Trainer):
-    """The real Trainer, calling ``callbacks`` at the loop's hook points."""
-
-    def __init__(self, cfg, ctx, callbacks):
-        self.callbacks = list(callbacks)
-        super().__init__(cfg, ctx)
-
-    def fit(self) -> dict:
-        for cb in self.callbacks:
-            cb.on_fit_start(self)
-        summary = super().fit()
-        for cb in self.callbacks:
-            cb.on_fit_end(self, summary)
-        return summary
-
-    def _adjust(self, epoch: int) -> list[dict]:
-        events = super()._adjust(epoch)
-        for cb in self.callbacks:
-            cb.on_adjust(self, epoch, events)
-        return events
-
-    def _run_epoch(self, epoch: int) -> None:
-        super()._run_epoch(epoch)
-        for cb in self.callbacks:
-            cb.on_epoch_end(self, self.state.history[-1])
-            cb.on_checkpoint(self, self.state.epoch)
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -123,7 +96,7 @@ def tracked_run(tmp_path_factory, stores):
     run_dir = tmp_path_factory.mktemp("tracked") / "tiny-run"
     cfg = load_config(None, LOCAL_TINY)
     callbacks = [TensorBoardCallback(), MLflowCallback(stores["sqlite"]), MLflowCallback(stores["file"])]
-    trainer = TrackedTrainer(cfg, LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints), callbacks)
+    trainer = Trainer(cfg, LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints), callbacks=callbacks)
     summary = trainer.fit()
     assert all(cb.enabled for cb in callbacks)
     return types.SimpleNamespace(run_dir=run_dir, cfg=cfg, trainer=trainer, summary=summary, rows=read_rows(run_dir),
@@ -377,3 +350,33 @@ def test_tracking_to_a_real_mlflow_server(tracked_run, mlflow_server, tmp_path):
     weights.write_bytes(b"weights")
     assert log_deployed_artifacts(run_dir, weights) is True
     assert artifact_paths(client, callback.run_id, "deployed") == {"deployed/w.safetensors"}
+
+
+@pytest.mark.ray
+def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path):
+    """``run_distributed`` with 2 workers: one event file, one MLflow run, both equal to metrics.jsonl."""
+    from dyrep_ray.distributed.trainer import run_distributed
+    from tests.conftest import TINY_RUN
+
+    store = f"sqlite:///{tmp_path / 'ray-mlflow.db'}"
+    cfg = load_config(None, [*TINY_RUN, "epochs=2", f"mlflow_tracking_uri={store}"])
+    summary = run_distributed(cfg, tmp_path, "tracked-ray")
+    run_dir = tmp_path / "tracked-ray"
+    rows = read_rows(run_dir)
+    assert summary["epochs"] == 2 and len(rows) == 2
+    event_files = list((run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    assert len(event_files) == 1, event_files  # rank 1 wrote none
+    scalars, texts = read_tensorboard(run_dir / TENSORBOARD_DIR)
+    for key in ("train_loss", "val_top1", "params"):
+        assert scalars[key] == {r["epoch"]: pytest.approx(r[key], rel=1e-6) for r in rows}, key
+    grown = [r["epoch"] for r in rows if r["events"]]
+    assert grown and set(grown) <= set(texts["structure_events/text_summary"])
+    info = json.loads((run_dir / TRACKING_FILE).read_text())["mlflow"]
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([info["experiment_id"]])
+    assert [r.info.run_id for r in runs] == [info["run_id"]]  # one run: rank 0's
+    assert runs[0].info.status == "FINISHED"
+    for key in ("val_top1", "train_loss"):
+        assert metric_history(client, info["run_id"], key) == {r["epoch"]: pytest.approx(r[key], rel=1e-6)
+                                                              for r in rows}, key
+    assert STRUCTURE_FILE in artifact_paths(client, info["run_id"])

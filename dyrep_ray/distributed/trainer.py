@@ -24,6 +24,7 @@ from ..engine.loop import Trainer, check_resume_config, summarize
 from ..engine.runfiles import plain_params_from, read_metrics
 from ..engine.storage import RunStorage, resolve_filesystem
 from ..errors import UserError
+from .console import WorkerConsole, ray_train_log_level
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +48,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from .context import RayTrainContext
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    callbacks = list(loop_config.get("callbacks", ()))
+    for callback in callbacks:
+        if isinstance(callback, WorkerConsole):  # before anything logs: what this worker shows on the terminal
+            callback.configure()
     cfg = TrainConfig.from_dict(loop_config["config"])
     ctx = RayTrainContext(loop_config["storage_uri"], loop_config["name"],
                           start_checkpoint=loop_config.get("start_checkpoint"))
     if ctx.rank != 0:  # one progress log is enough
         logging.getLogger("dyrep_ray").setLevel(logging.WARNING)
+    if ctx.rank == 0:  # tracking runs on rank 0 only (the callbacks also switch themselves off elsewhere)
+        from ..tracking import build_tracking_callbacks
+
+        callbacks += build_tracking_callbacks(cfg)
     data = None
     if loop_config.get("ray_data"):  # the launcher gave the trainer Ray Data datasets: read this worker's shards
         from .ray_data import RayDataSource
 
         data = RayDataSource.from_ray_train
-    Trainer(cfg, ctx, data=data, callbacks=loop_config.get("callbacks", ())).fit()
+    Trainer(cfg, ctx, data=data, callbacks=callbacks).fit()
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:
@@ -153,9 +162,10 @@ def preflight(cfg: TrainConfig) -> None:
 
 def run_config_for(cfg: TrainConfig, name: str, storage: RunStorage, fs, fs_path: str, callbacks=None):
     """Ray ``RunConfig``: storage, restarts and best-N-by-val_top1 checkpoint retention (plus the latest)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     return RunConfig(
+        logging_config=LoggingConfig(log_level=ray_train_log_level()),  # the CLI sets WARNING unless --verbose
         name=name,
         storage_path=fs_path,
         storage_filesystem=None if storage.local else fs,

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover -- torch only in annotations: tracking and the CLI import this torch-free
+    import torch
 
-if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer
 
 

@@ -9,6 +9,9 @@ either.  A run directory (``<output>/<name>/``) holds::
     checkpoint_epochNNNN/  meta.json, structure.json, state.pt, MANIFEST.json (written last)
     deployed.safetensors   written by ``dyrep-ray convert``, with deployed.json beside it
     report/                written by ``dyrep-ray report``
+    train.log              the driver's log of every ``dyrep-ray train`` of this run (appended on resume)
+    tensorboard/           TensorBoard event files (config key ``tensorboard``)
+    tracking.json          the MLflow run this run logs to (config key ``mlflow_tracking_uri``)
 
 A sweep directory holds ``sweep.json``, one run directory per trial, ``trials.csv`` / ``trials.parquet``,
 ``best_config.yaml`` and ``summary.json``.
@@ -23,6 +26,9 @@ STRUCTURE_FILE = "structure.json"
 DEPLOYED_WEIGHTS = "deployed.safetensors"
 DEPLOYED_SIDECAR = "deployed.json"
 REPORT_DIR = "report"
+TRAIN_LOG = "train.log"  # the driver's (or --local process's) log of the run, console filtering aside
+TRACKING_FILE = "tracking.json"  # {"mlflow": {"tracking_uri", "experiment_id", "run_id"}}: resume + convert
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files
 
 # Checkpoint directories and the files inside one.
 CHECKPOINT_PREFIX = "checkpoint_"

@@ -92,7 +92,16 @@ def cmd_convert(args) -> int:
         raise _io_error(exc) from exc
     for line in result.summary_lines():
         print(f"dyrep-ray: convert: {line}")
+    _log_deployed_to_tracking(args.source, result)
     return 0
+
+
+def _log_deployed_to_tracking(source, result) -> None:
+    """Attach the written weights to the run's MLflow run, if it has one (a failure is one warning line)."""
+    from ..tracking.mlflow import log_deployed_artifacts
+    from .convert import resolve_checkpoint
+
+    log_deployed_artifacts(resolve_checkpoint(source).parent, result.weights, result.sidecar)
 
 
 def cmd_eval(args) -> int:

@@ -183,7 +183,8 @@ class DyRepCallback(pl.Callback):
         def recal(model: nn.Module, bns: list) -> None:
             recalibrate_bn(model, self.recal_batches(trainer, pl_module), bns, self.recal_bn_batches)
 
-        events = self.dyrep.apply(plan, optimizer, recal)  # surgery keeps module order: positional state is right
+        # typed events -> JSON dicts; surgery keeps module order, so positional optimizer state stays right
+        events = [e.to_json() for e in self.dyrep.apply(plan, optimizer, recal)]
         pl_module.to(strategy.root_device)
         if rewrap:
             strategy.configure_ddp()

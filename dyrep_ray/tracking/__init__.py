@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine.storage import RunStorage
-from .base import TENSORBOARD_DIR, TRACKING_FILE, TrackingCallback
+from ..engine.layout import TENSORBOARD_DIR, TRACKING_FILE
+from .base import TrackingCallback
 
 __all__ = [
     "TENSORBOARD_DIR",

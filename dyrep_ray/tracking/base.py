@@ -6,13 +6,13 @@ import logging
 import re
 from pathlib import Path
 
+from ..engine.callbacks import TrainerCallback
+from ..engine.layout import TENSORBOARD_DIR, TRACKING_FILE
 from ..engine.storage import RunStorage
 
 logger = logging.getLogger("dyrep_ray.tracking")
 
-# Run-directory names written by the tracking backends.
-TRACKING_FILE = "tracking.json"  # {"mlflow": {"tracking_uri", "experiment_id", "run_id"}}: resume + convert
-TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files
+__all__ = ["TENSORBOARD_DIR", "TRACKING_FILE", "TrackingCallback"]  # the names live in engine.layout
 
 # A warning stays one readable line even when a backend's exception carries a page of text.
 WARNING_DETAIL_CHARS = 300
@@ -75,8 +75,8 @@ def completed_epochs(trainer) -> int:
     return int(getattr(state, "epoch", 0) or 0)
 
 
-class TrackingCallback:
-    """Base of the tracking callbacks; the hook names and signatures are the training loop's callback interface.
+class TrackingCallback(TrainerCallback):
+    """Base of the tracking callbacks: a :class:`TrainerCallback` the training loop calls on every rank.
 
     Subclasses implement the ``_fit_start`` ... ``_fit_end`` methods they need. The public ``on_*`` hooks run
     them only on the main rank and only while the backend is enabled; any exception from a backend becomes
@@ -99,17 +99,13 @@ class TrackingCallback:
             self.storage = run_storage(self._run_dir) if self._run_dir is not None else trainer.ctx.storage
         self._guarded("start", self._fit_start, trainer)
 
-    def on_step_end(self, trainer, epoch: int, step: int, loss) -> None:
-        pass  # per-step logging would cost a host sync per step; epochs are tracked
+    # on_step_end stays the base's no-op: per-step logging would cost a host sync per step; epochs are tracked.
 
     def on_epoch_end(self, trainer, metrics: dict) -> None:
         self._guarded("log epoch metrics", self._epoch_end, trainer, metrics)
 
     def on_adjust(self, trainer, epoch: int, events: list) -> None:
         self._guarded("log structure events", self._adjust, trainer, epoch, events)
-
-    def on_checkpoint(self, trainer, epoch: int) -> None:
-        pass
 
     def on_fit_end(self, trainer, summary: dict) -> None:
         self._guarded("finish", self._fit_end, trainer, summary)

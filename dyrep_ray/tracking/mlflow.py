@@ -25,10 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..engine.layout import METRICS_FILE
+from ..engine.layout import METRICS_FILE, TRACKING_FILE
 from ..engine.storage import RunStorage
 from .base import (
-    TRACKING_FILE,
     TrackingCallback,
     epoch_scalars,
     event_counts,

@@ -14,8 +14,8 @@ import logging
 import shutil
 import tempfile
 
+from ..engine.layout import TENSORBOARD_DIR
 from .base import (
-    TENSORBOARD_DIR,
     TrackingCallback,
     completed_epochs,
     epoch_scalars,

@@ -1,0 +1,145 @@
+"""What ``dyrep-ray train`` shows on the terminal, and the run's ``train.log``.
+
+By default: the header, one line per epoch, the summary (the ``dyrep_ray.console`` logger, to stdout) and every
+warning or error (stderr); known harmless warnings are dropped.  ``--verbose``: every INFO record as well (and
+Ray's own lines, see :mod:`dyrep_ray.distributed.console`).  ``--quiet``: no epoch lines and no progress bar.
+Whatever the console hides still goes to ``<run_dir>/train.log`` (local run directories) and Ray's log files.
+
+Torch-free and Ray-free at import (the CLI's fast paths import it).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+from .engine.layout import CONFIG_FILE, TRAIN_LOG
+from .engine.progress import CONSOLE_LOGGER, EPOCH_LINE
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: Warnings known to be harmless here, hidden from the console (kept in the logs): Ray's token-auth notice on
+#: every local start, and the controller's PreemptionWatcher actor notice (its arguments live in the object
+#: store; it is restarted only by Ray Train itself, which passes them again).
+HARMLESS_PATTERNS = (
+    re.compile(r"Token authentication is enabled for this Ray cluster"),
+    re.compile(r"PreemptionWatcher.*max_restarts"),
+)
+
+
+def is_harmless(text: str) -> bool:
+    return any(p.search(text) for p in HARMLESS_PATTERNS)
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_harmless(record.getMessage())
+
+
+class _ConsoleOnly(logging.Filter):
+    """Passes the console logger's records (quiet: only its warnings and the summary/header)."""
+
+    def __init__(self, quiet: bool):
+        super().__init__()
+        self.quiet = quiet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != CONSOLE_LOGGER:
+            return False
+        return not (self.quiet and getattr(record, EPOCH_LINE, False))
+
+
+class _NotConsole(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != CONSOLE_LOGGER
+
+
+class _CurrentStream(logging.StreamHandler):
+    """Writes to whatever ``sys.<name>`` is at emit time (test capture, a redirected stream)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self._name = name
+
+    @property
+    def stream(self):
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+def setup_console(verbose: bool = False, quiet: bool = False) -> None:
+    """Route logging for a ``train`` run: console lines to stdout, warnings (or, verbose, everything) to stderr."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in [h for h in root.handlers if isinstance(h, _CurrentStream)]:  # an earlier main() in-process
+        root.removeHandler(handler)
+    configured = bool(root.handlers)  # an embedding program (or pytest) routes logging itself: as basicConfig
+    lines = _CurrentStream("stdout")
+    lines.setFormatter(logging.Formatter("dyrep-ray: %(message)s"))
+    lines.addFilter(_ConsoleOnly(quiet))
+    notices = _CurrentStream("stderr")
+    notices.setFormatter(logging.Formatter(LOG_FORMAT))
+    notices.addFilter(_NotConsole())
+    if not verbose:
+        notices.setLevel(logging.WARNING)
+        notices.addFilter(_DropHarmless())
+    root.addHandler(lines)
+    if not configured:
+        root.addHandler(notices)
+
+
+class RunLog(logging.Handler):
+    """``<run_dir>/train.log``: every INFO+ record of this process, appended (on resume too).
+
+    Records are held in memory until the run directory holds its ``config.json`` (the run really started), so
+    a command refused with a one-line error leaves nothing behind; from then on they are written as they come.
+    """
+
+    def __init__(self, run_dir: Path):
+        super().__init__(logging.INFO)
+        self.run_dir = run_dir
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self._pending: list[logging.LogRecord] = []
+        self._file: logging.FileHandler | None = None
+
+    def _open(self) -> bool:
+        if self._file is None and (self.run_dir / CONFIG_FILE).exists():
+            self._file = logging.FileHandler(self.run_dir / TRAIN_LOG, encoding="utf-8")
+            self._file.setFormatter(self.formatter)
+            for record in self._pending:
+                self._file.emit(record)
+            self._pending.clear()
+        return self._file is not None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._open():
+            self._file.emit(record)
+        else:
+            self._pending.append(record)
+
+    def close(self) -> None:
+        self._open()  # the run wrote its files after the last record: keep what was held
+        if self._file is not None:
+            self._file.close()
+        self._pending.clear()
+        super().close()
+
+
+def add_run_log(run_dir: str | Path) -> logging.Handler | None:
+    """Attach a :class:`RunLog` for ``run_dir`` (local run directories only; None for object storage)."""
+    if "://" in str(run_dir):
+        return None
+    handler = RunLog(Path(str(run_dir)))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("ray").addHandler(handler)  # Ray's driver logger does not propagate to the root
+    return handler
+def remove_run_log(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger("ray").removeHandler(handler)
+        handler.close()

@@ -1,0 +1,129 @@
+"""The console of a Ray run: the driver prints one line per epoch; Ray's routine lines stay in Ray's logs.
+
+Ray forwards every worker's and the Train controller's stdout/stderr to the driver.  By default (not
+``--verbose``):
+
+* workers (:class:`WorkerConsole`): their console handlers pass warnings only; INFO records still reach Ray
+  Train's application log files (``<ray session>/logs/train/``) -- Ray's ``Reporting training result ...`` and
+  ``Checkpoint successfully created ...`` lines among them;
+* the Train controller: ``RunConfig(logging_config=LoggingConfig(log_level=...))`` from
+  :data:`RAY_TRAIN_LOG_LEVEL_ENV` (Ray's system log files keep every level);
+* the driver drops forwarded lines known to be harmless (:data:`dyrep_ray.console.HARMLESS_PATTERNS`); Ray's
+  own per-process ``.out``/``.err`` files keep them;
+* the epoch lines come from the run's ``metrics.jsonl`` (:class:`EpochFollower`), read by the driver, so they
+  carry no worker prefix and appear once however many workers there are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from ..console import is_harmless
+from ..engine.callbacks import TrainerCallback
+from ..engine.progress import EPOCH_LINE, console, epoch_line
+from ..engine.layout import METRICS_FILE
+from ..engine.runfiles import parse_metrics
+from ..engine.storage import RunStorage
+
+logger = logging.getLogger(__name__)
+
+#: Level of Ray Train's ``ray.train`` console output (controller and workers), read when the RunConfig is built.
+RAY_TRAIN_LOG_LEVEL_ENV = "DYREP_RAY_TRAIN_LOG_LEVEL"
+DEFAULT_RAY_TRAIN_LOG_LEVEL = "INFO"
+QUIET_RAY_TRAIN_LOG_LEVEL = "WARNING"
+#: Seconds between two reads of metrics.jsonl by the driver.
+FOLLOW_INTERVAL_S = 1.0
+#: Name under which ``ray.init(log_to_driver=True)`` registers the printer of forwarded worker output.
+RAY_PRINTER = "ray_print_logs"
+
+
+def ray_train_log_level() -> str:
+    return os.environ.get(RAY_TRAIN_LOG_LEVEL_ENV, DEFAULT_RAY_TRAIN_LOG_LEVEL)
+
+
+def _is_console_handler(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+
+
+class WorkerConsole(TrainerCallback):
+    """Sent to every worker: unless ``verbose``, its terminal output is warnings only (logs keep the rest)."""
+
+    def __init__(self, verbose: bool = False):
+        self.verbose = verbose
+
+    def configure(self) -> None:
+        """Called by the worker entry point before the trainer is built."""
+        if self.verbose:
+            return
+        for name in ("", "ray.train"):  # the root logger and Ray Train's (which does not propagate)
+            for handler in logging.getLogger(name).handlers:
+                if _is_console_handler(handler):
+                    handler.setLevel(logging.WARNING)
+
+
+def quiet_ray_driver() -> None:
+    """Driver, before ``ray.init``: Ray's own INFO lines and harmless warnings off the terminal."""
+    import ray  # noqa: F401 -- importing ray installs the handlers of its "ray" logger
+
+    for handler in logging.getLogger("ray").handlers:
+        if _is_console_handler(handler):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(lambda record: not is_harmless(record.getMessage()))
+
+
+def filter_forwarded_output() -> None:
+    """Driver, after ``ray.init``: drop forwarded worker/controller lines known to be harmless."""
+    try:  # Ray has no public hook for forwarded worker output: wrap its printer (absent: nothing filtered)
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        printer = dict(dispatcher.handlers).get(RAY_PRINTER)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        printer = None
+    if printer is None:
+        logger.debug("Ray's worker-output printer not found; forwarded lines are not filtered")
+        return
+
+    def filtered(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not is_harmless(line)]
+        if lines:
+            printer({**data, "lines": lines})
+
+    dispatcher.remove_handler(RAY_PRINTER)
+    dispatcher.add_handler(RAY_PRINTER, filtered)
+
+
+class EpochFollower:
+    """Prints the console line of every new epoch of a run directory while a Ray run trains (driver thread)."""
+
+    def __init__(self, storage: RunStorage, epochs: int, interval_s: float = FOLLOW_INTERVAL_S):
+        self.storage, self.epochs, self.interval_s = storage, epochs, interval_s
+        self.printed_through = max((int(r.get("epoch", 0)) for r in self._rows()), default=0)  # resume: done
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dyrep-epoch-lines", daemon=True)
+
+    def _rows(self) -> list[dict]:
+        try:
+            return parse_metrics(self.storage.read_text(METRICS_FILE) or "")[0]
+        except Exception:  # noqa: BLE001 -- a half-written file is read again next time
+            return []
+
+    def poll(self) -> None:
+        for row in sorted(self._rows(), key=lambda r: int(r.get("epoch", 0))):
+            if int(row.get("epoch", 0)) > self.printed_through:
+                console.info(epoch_line(row, self.epochs), extra={EPOCH_LINE: True})
+                self.printed_through = int(row["epoch"])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def __enter__(self) -> EpochFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()  # the last epochs, written just before fit returned
