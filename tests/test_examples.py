@@ -67,7 +67,7 @@ def check_resumed_run(first: dict, resumed: dict) -> None:
     assert len(set(resumed["final_param_digests"])) == 1
 
 
-def test_canonical_param_order_matches_a_fresh_optimizer_after_growth():
+def test_param_order_matches_a_fresh_optimizer_after_growth():
     model = build_model("small_cnn", 10)
     dyrep = DyRep(model, seed=0)
     optimizer = torch.optim.SGD(param_groups_for(model, 5e-4), lr=0.1, momentum=0.9)
@@ -76,7 +76,11 @@ def test_canonical_param_order_matches_a_fresh_optimizer_after_growth():
     before = {id(p): optimizer.state[p]["momentum_buffer"] for g in optimizer.param_groups for p in g["params"]}
     dyrep.grow(dyrep.eligible_names[0], optimizer=optimizer)
     fresh = [[id(p) for p in g["params"]] for g in param_groups_for(model, 5e-4)]
-    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] != fresh  # surgery appended new params
+    # DyRep's surgery already keeps module order (it used to append new params: canonical_param_order's job)
+    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == fresh
+    for group in optimizer.param_groups:  # what surgery of one's own could leave: reversed groups
+        group["params"].reverse()
+    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] != fresh
     canonical_param_order(optimizer, model)
     assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == fresh
     for group in optimizer.param_groups:

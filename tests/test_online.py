@@ -61,7 +61,11 @@ def reference(block: OnlineBlock, x: torch.Tensor) -> torch.Tensor:
         elif name == "1x1":
             y = F.conv2d(x, br.conv.weight, None, s, 0, 1, g)
         elif name == "1x1_kxk":
-            y = F.conv2d(F.conv2d(x, br.conv1.weight, None, 1, 0, 1, g), br.conv2.weight, None, s, p, 1, g)
+            mid = F.conv2d(x, br.conv1.weight, None, 1, 0, 1, g)
+            if isinstance(br.conv2, OnlineBlock):  # a nested block (padding 0) on the zero-padded 1x1 output
+                y = reference(br.conv2, F.pad(mid, [p] * 4))
+            else:
+                y = F.conv2d(mid, br.conv2.weight, None, s, p, 1, g)
         elif name == "1x1_avg":
             y = F.avg_pool2d(F.pad(F.conv2d(x, br.conv1.weight, None, 1, 0, 1, g), [p] * 4), k, s, 0)
         elif name == "1xk":
@@ -445,3 +449,66 @@ def test_optimizer_surgery_keeps_the_kxk_state_and_adds_scales_without_decay():
     assert torch.equal(optimizer.state[weight]["momentum_buffer"], momentum) and bias in optimizer.state
     no_decay = next(g for g in optimizer.param_groups if g["weight_decay"] == 0.0)
     assert all(any(s is p for p in no_decay["params"]) for s in (b.scale for b in model[0].branches.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cut modes, the nested 1x1->kxk conv, per-forward MACs
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [False, True])
+def test_reset_cut_sets_the_kxk_scale_to_one_and_keeps_the_function(dtype, nested):
+    outer = _nested(dtype, bias=True)
+    if nested:
+        outer.kxk_branch.conv = grow_online_block(outer.kxk_branch.conv, seed=21)
+    randomize(outer, seed=22)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(23), dtype=dtype)
+    with torch.no_grad():
+        before = outer(x)
+    survivors = {n: outer.branches[n].scale.detach().clone() for n in ("1x1_kxk", "1xk")}
+    outer.cut(["1x1", "identity", "kx1", "1x1_avg"], mode="reset", seed=5, init_gamma=0.02)
+    with torch.no_grad():
+        after = outer(x)
+    assert rel_err(after, before) <= TOL[dtype]
+    assert torch.equal(outer.kxk_scale().detach(), torch.ones(4, dtype=dtype))
+    for name, scale in survivors.items():  # surviving branches untouched
+        assert torch.equal(outer.branches[name].scale.detach(), scale)
+    if nested:  # the nested block was re-drawn at init_gamma and compensated
+        inner = outer.kxk_branch.conv
+        assert all(torch.equal(b.scale.detach(), torch.full((4,), 0.02, dtype=dtype))
+                   for n, b in inner.branches.items() if n != KXK)
+    check_equivalence(outer, x, dtype)
+    with pytest.raises(ValueError, match="cut mode"):
+        outer.cut(["1xk"], mode="fold")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_nested_block_in_the_1x1_kxk_slot_is_exact_on_both_forward_paths(dtype):
+    outer = _nested(dtype, bias=False)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(31), dtype=dtype)
+    with torch.no_grad():
+        before = outer(x)
+    branch = outer.branches["1x1_kxk"]
+    inner = grow_online_block(branch.conv2, seed=32)
+    assert inner.padding == 0 and inner.branch_names == ["1x1_kxk", "1x1_avg", KXK]
+    branch.conv2 = inner
+    randomize(inner, seed=33)
+    with torch.no_grad():
+        on_kernel = outer(x)
+        outer.forward_path = "branches"
+        on_branches = outer(x)
+        expected = reference(outer, x)  # every branch of both blocks run on its own
+    assert rel_err(on_branches, expected) <= TOL[dtype] and rel_err(on_kernel, expected) <= TOL[dtype]
+    assert not torch.allclose(on_kernel, before)  # the nested block's randomized branches do contribute
+
+
+def test_activation_macs_counts_the_path_forward_takes():
+    block = OnlineBlock(8, 8, 3, 1, 1)
+    x = torch.randn(2, 8, 6, 6)
+    kxk = 2 * 6 * 6 * 8 * 8 * 9
+    block.forward_path = "kernel"
+    assert block.takes_kernel_path(x) and block.activation_macs(x) == kxk
+    block.forward_path = "branches"
+    # kxk + 1x1 + (1x1 then kxk, mid = in) + 1x1 of the avg branch + 1xk + kx1; identity and pooling: none
+    pixels = 2 * 6 * 6
+    hand = kxk + pixels * 64 + (pixels * 64 + pixels * 64 * 9) + pixels * 64 + 2 * pixels * 64 * 3
+    assert not block.takes_kernel_path(x) and block.activation_macs(x) == hand

@@ -179,7 +179,10 @@ def validate_checkpoint_content(directory, meta, graph, state) -> None:
     epoch/step not ints, structure entries not well-formed, block geometry that no tensor in the state has
     (a tiny structure.json asking for 20000 channels), non-float weights.  Raises :class:`CheckpointError`.
     """
+    from ..rep.blocks import GRAPH_ENTRY_TYPES
     from ..rep.dbb import BRANCH_NAMES
+
+    block_entry_types = tuple(GRAPH_ENTRY_TYPES.values())  # "dbb", "online"
 
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{directory}: {what}")
@@ -215,8 +218,10 @@ def validate_checkpoint_content(directory, meta, graph, state) -> None:
             if not isinstance(entry.get("bias"), bool) or not isinstance(entry.get("orig_bias"), bool):
                 raise bad(f"{GRAPH_FILE} conv entry {path!r} needs boolean 'bias' and 'orig_bias'")
             continue
-        if entry.get("type") != "dbb":
+        if entry.get("type") not in block_entry_types:
             raise bad(f"{GRAPH_FILE} entry {path!r} has unknown type {entry.get('type')!r}")
+        if entry["type"] == "online" and not isinstance(entry.get("bias"), bool):
+            raise bad(f"{GRAPH_FILE} online block {path!r} needs a boolean 'bias'")
         in_c, out_c, k, groups = (entry.get(key) for key in ("in_channels", "out_channels", "kernel_size", "groups"))
         stride, padding = entry.get("stride"), entry.get("padding")
         if not (_is_pos_int(in_c) and _is_pos_int(out_c) and _is_pos_int(k, MAX_KERNEL_SIZE) and _is_pos_int(groups)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..models import build_model, count_flops, count_params
 from ..rep import DyRep, apply_plan, convert_to_dbb, recalibrate_bn, restore_graph, structure_graph
-from ..rep.dbb import DiverseBranchBlock
+from ..rep.blocks import is_block
 from ..rep.optim import param_groups_for
 from .callbacks import CallbackList, TrainerCallback
 from .checkpoint import (
@@ -83,7 +83,7 @@ def model_kwargs(cfg: TrainConfig) -> dict:
 
 
 def count_blocks(model: nn.Module) -> int:
-    return sum(isinstance(m, DiverseBranchBlock) for m in model.modules())
+    return sum(is_block(m) for m in model.modules())
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -125,7 +125,8 @@ class Trainer:
             self.dyrep = DyRep(self.model, metric=cfg.dyrep_metric, grow_topk=cfg.dyrep_grow_topk,
                                cut_threshold=cfg.dyrep_cut_threshold, cut_std_gate=cfg.dyrep_cut_std_gate,
                                init_gamma=cfg.dyrep_init_gamma, max_depth=cfg.dyrep_max_depth, seed=cfg.seed,
-                               cut_lone_branch=cfg.dyrep_cut_lone_branch, cut_mode=cfg.dyrep_cut_mode)
+                               cut_lone_branch=cfg.dyrep_cut_lone_branch, cut_mode=cfg.dyrep_cut_mode,
+                               block_type=cfg.dyrep_block)
         self.optimizer = build_optimizer(cfg, self.model)
         self.schedule = LRSchedule.from_config(cfg)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None

@@ -54,7 +54,7 @@ from ..engine.config import ConfigError, TrainConfig
 from ..engine.layout import DEPLOYED_WEIGHTS as DEFAULT_WEIGHTS_NAME
 from ..models import build_model, count_flops, count_params
 from ..rep import deploy
-from ..rep.dbb import DiverseBranchBlock
+from ..rep.blocks import is_block
 from .evaluate import compare_models, validation_loader
 
 logger = logging.getLogger(__name__)
@@ -374,10 +374,10 @@ def convert_checkpoint(
                           "the .json is written beside it")
     side = sidecar_path(out)
     logger.info("converting %s (%s, %d classes, epoch %s, %d blocks)", ckpt_dir, cfg.model, num_classes,
-                ckpt.meta.get("epoch"), sum(isinstance(m, DiverseBranchBlock) for m in trained.modules()))
+                ckpt.meta.get("epoch"), sum(is_block(m) for m in trained.modules()))
 
     # Structure: fold, load strictly into the untouched architecture, compare sizes with a never-grown model.
-    blocks_folded = sum(isinstance(m, DiverseBranchBlock) for m in trained.modules())
+    blocks_folded = sum(is_block(m) for m in trained.modules())
     deployed, plain = fold_to_plain(trained, cfg.model, num_classes)
     # ``plain`` is a freshly built (never-grown) model; loading weights does not change its size.
     params, flops = _complexity({"trained": trained, "deployed": deployed, "plain": plain}, cfg.image_size)

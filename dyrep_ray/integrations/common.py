@@ -10,22 +10,17 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..rep import structure_graph
+from ..rep.optim import sort_params_in_module_order
 
 
 def canonical_param_order(optimizer: Optimizer, model: nn.Module) -> None:
-    """Sort every param group's parameters into ``model.named_parameters()`` order (in place).
+    """Sort every param group's parameters into ``model.parameters()`` order (in place).
 
-    Optimizer surgery appends new parameters at the end of their group, so after a grow the
-    group order no longer matches an optimizer built fresh on the same structure.  Index-based
-    optimizer checkpoints (``optimizer.state_dict()``, Lightning's ``optimizer_states``) then
-    restore momentum onto the wrong tensors.  Optimizer state is keyed by the Parameter object,
-    so reordering a group's list is free and keeps every buffer with its parameter.
+    Kept for callers written before :func:`~dyrep_ray.rep.optim.update_optimizer` (which every
+    ``DyRep.apply(plan, optimizer)`` runs) did this itself: after DyRep's surgery it changes nothing.
+    Still useful after surgery of one's own.
     """
-    position = {id(p): i for i, p in enumerate(model.parameters())}
-    for group in optimizer.param_groups:
-        if any(id(p) not in position for p in group["params"]):
-            raise ValueError("the optimizer holds parameters the model does not own; run optimizer surgery first")
-        group["params"] = sorted(group["params"], key=lambda p: position[id(p)])
+    sort_params_in_module_order(optimizer, model)
 
 
 def _tensor_bytes(tensor: Tensor) -> bytes:

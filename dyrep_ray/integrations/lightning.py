@@ -48,7 +48,6 @@ from torch.utils.data import DataLoader
 
 from ..errors import UserError
 from ..rep import DyRep, recalibrate_bn, restore_graph, structure_graph
-from .common import canonical_param_order
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +183,8 @@ class DyRepCallback(pl.Callback):
         def recal(model: nn.Module, bns: list) -> None:
             recalibrate_bn(model, self.recal_batches(trainer, pl_module), bns, self.recal_bn_batches)
 
+        # typed events -> JSON dicts; surgery keeps module order, so positional optimizer state stays right
         events = [e.to_json() for e in self.dyrep.apply(plan, optimizer, recal)]
-        canonical_param_order(optimizer, pl_module)
         pl_module.to(strategy.root_device)
         if rewrap:
             strategy.configure_ddp()

@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..rep.online import OnlineBlock
+
 DEFAULT_FLOPS_INPUT_SIZE = (3, 32, 32)
 
 
@@ -43,6 +45,8 @@ def _reference_tensor(model: nn.Module) -> torch.Tensor | None:
 def count_flops(model: nn.Module, input_size: Sequence[int] = DEFAULT_FLOPS_INPUT_SIZE) -> int:
     """Multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` for one sample of shape ``input_size``.
 
+    An online block does not call its branch convs as modules: it counts what its forward ran on the
+    activations (:meth:`OnlineBlock.activation_macs`: one kxk conv on the assembled-kernel path).
     Runs one dummy forward (batch 1) in eval mode under ``torch.no_grad`` on the model's device and dtype,
     then restores every module's training flag. Bias additions are not counted (the usual MAC convention).
     """
@@ -51,9 +55,11 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = DEFAULT_FLOPS_INPU
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
     total = 0
 
-    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, OnlineBlock):
+            total += module.activation_macs(inputs[0])
+        elif isinstance(module, nn.Conv2d):
             total += _conv_macs(module, output)
         elif isinstance(module, nn.Linear):
             total += _linear_macs(module, output)
@@ -62,7 +68,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = DEFAULT_FLOPS_INPU
     handles = [
         module.register_forward_hook(hook)
         for module in model.modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear))
+        if isinstance(module, (nn.Conv2d, nn.Linear, OnlineBlock))
     ]
     try:
         model.eval()

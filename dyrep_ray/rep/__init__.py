@@ -5,6 +5,7 @@ Public API::
     from dyrep_ray.rep import DyRep, DiverseBranchBlock, deploy
 """
 
+from .blocks import BLOCK_TYPE_NAMES, BLOCK_TYPES, is_block
 from .bn import recalibrate_bn
 from .dbb import BRANCH_NAMES, DiverseBranchBlock, allowed_branches
 from .deploy import DeployError, deploy, max_output_difference
@@ -16,10 +17,13 @@ from .dyrep import (
     restore_graph,
     structure_graph,
 )
+from .online import OnlineBlock
 from .optim import param_groups_for, update_optimizer
 from .plan import CutEvent, CutOp, GrowEvent, GrowOp, Plan, event_from_json
 
 __all__ = [
+    "BLOCK_TYPES",
+    "BLOCK_TYPE_NAMES",
     "BRANCH_NAMES",
     "CutEvent",
     "CutOp",
@@ -28,12 +32,14 @@ __all__ = [
     "DyRep",
     "GrowEvent",
     "GrowOp",
+    "OnlineBlock",
     "Plan",
     "allowed_branches",
     "apply_plan",
     "convert_to_dbb",
     "deploy",
     "eligible_convs",
+    "is_block",
     "event_from_json",
     "max_output_difference",
     "param_groups_for",

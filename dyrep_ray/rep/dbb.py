@@ -293,7 +293,9 @@ class DiverseBranchBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fused_conv is not None:
             return self.fused_conv(x)
-        if self._fusable():
+        # Under torch.compile the per-branch forward: the fast path's check reads torch's hook registries
+        # (a graph break), and the compiler fuses the elementwise work itself.
+        if not torch.compiler.is_compiling() and self._fusable():
             return self._forward_fused(x)
         return self._forward_branches(x)
 
@@ -336,9 +338,14 @@ class DiverseBranchBlock(nn.Module):
     def branch_kernel(self, name: str) -> tuple[Tensor, Tensor]:
         return self.branches[name].equivalent_kernel(self.kernel_size)
 
+    def kxk_scale(self) -> Tensor:
+        """Per-channel gamma of the kxk branch's BN (the reference of :meth:`branch_importance`; a cut with
+        ``mode="absorb"`` divides by the BN's scale, so it needs this away from zero)."""
+        return self.kxk_branch.bn.weight
+
     def branch_importance(self) -> dict[str, Tensor]:
         """mean|gamma| of each branch's last BN relative to the kxk branch's (kxk == 1)."""
-        ref = self.kxk_branch.bn.weight.detach().abs().mean()
+        ref = self.kxk_scale().detach().abs().mean()
         return {n: b.bn.weight.detach().abs().mean() / ref for n, b in self.branches.items()}
 
     @torch.no_grad()

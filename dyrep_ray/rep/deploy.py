@@ -1,6 +1,9 @@
 """Fold every block of a model back into plain convs (inference structure).
 
-A user's conv that had no bias gains one when it grows (its branches' BNs have
+Both block types fold: a bn block into its eval-mode equivalent conv (always with a bias), an online
+block into its assembled kernel (with a bias exactly when the conv it replaced had one).
+
+A user's conv that had no bias gains one when it grows into a bn block (its branches' BNs have
 shifts).  To keep the deployed state_dict loadable with ``strict=True`` into the
 architecture the user started from, that bias is folded into the BatchNorm that
 directly follows the conv (``running_mean -= bias``, exact in eval mode).
@@ -15,7 +18,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import UserError
-from .dbb import ORIG_BIAS_ATTR, DiverseBranchBlock
+from .blocks import is_block
+from .dbb import ORIG_BIAS_ATTR
 from .dyrep import get_submodule, set_submodule
 
 logger = logging.getLogger(__name__)
@@ -78,7 +82,7 @@ def _fold_bias_into_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 def deploy(model: nn.Module, inplace: bool = False, keep_bias: bool = False) -> nn.Module:
-    """Return ``model`` with every DiverseBranchBlock replaced by one ``nn.Conv2d``.
+    """Return ``model`` with every block (bn or online) replaced by one ``nn.Conv2d``.
 
     With ``keep_bias=False`` (default) convs regain the user's original bias layout,
     so ``deploy(m).state_dict()`` loads with ``strict=True`` into the untouched
@@ -86,13 +90,13 @@ def deploy(model: nn.Module, inplace: bool = False, keep_bias: bool = False) -> 
     """
     target = model if inplace else copy.deepcopy(model)
     was_training = target.training
-    if isinstance(target, DiverseBranchBlock):  # a bare block: the result is its conv
+    if is_block(target):  # a bare block: the result is its conv
         conv = target.to_conv()
-        if not keep_bias and getattr(conv, ORIG_BIAS_ATTR) is False:
+        if not keep_bias and getattr(conv, ORIG_BIAS_ATTR) is False and conv.bias is not None:
             raise DeployError("a bare block whose conv had no bias cannot drop its bias; use keep_bias=True")
         delattr(conv, ORIG_BIAS_ATTR)
         return conv.train(was_training)
-    top_level = [(n, m) for n, m in target.named_modules() if isinstance(m, DiverseBranchBlock)
+    top_level = [(n, m) for n, m in target.named_modules() if is_block(m)
                  and not any(n.startswith(o + ".") for o in _outer_paths(target, n))]
     for path, block in top_level:
         conv = block.to_conv()
@@ -118,7 +122,7 @@ def deploy(model: nn.Module, inplace: bool = False, keep_bias: bool = False) -> 
 def _outer_paths(model: nn.Module, path: str) -> list[str]:
     parts = path.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))
-            if isinstance(get_submodule(model, ".".join(parts[:i])), DiverseBranchBlock)]
+            if is_block(get_submodule(model, ".".join(parts[:i])))]
 
 
 @torch.no_grad()

@@ -22,6 +22,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .blocks import (
+    BLOCK_TYPES,
+    BN_BLOCK,
+    GRAPH_ENTRY_TYPES,
+    ONLINE_BLOCK,
+    block_type_name,
+    check_block_type,
+    is_block,
+)
 from .dbb import (
     CUT_MODES,
     DEFAULT_INIT_GAMMA,
@@ -33,6 +42,7 @@ from .dbb import (
     init_new_branches,
     new_branch_batchnorms,
 )
+from .online import OnlineBlock, grow_online_block, online_block_from_conv
 from .optim import update_optimizer
 from .plan import CutEvent, CutOp, Event, GrowEvent, GrowOp, Plan
 
@@ -40,10 +50,12 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("synflow", "snip", "grad_norm", "random")
 GRAPH_VERSION = 1
-# Below this |gamma| the kxk BN cannot absorb a cut branch without blowing up (cut_mode="absorb").
+# Below this |kxk_scale()| (bn block: kxk BN gamma; online block: kxk scale) the kxk branch cannot absorb a
+# cut branch without blowing up (cut_mode="absorb").
 MIN_ABSORB_GAMMA = 1e-8
 
 RecalFn = Callable[[nn.Module, list[nn.BatchNorm2d]], object]
+Block = DiverseBranchBlock | OnlineBlock
 
 
 # ---------------------------------------------------------------------------
@@ -62,32 +74,49 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
         setattr(parent, attr, module)
 
 
-def iter_blocks(model: nn.Module) -> list[tuple[str, DiverseBranchBlock]]:
-    """Every block (nested ones included), outermost first."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, DiverseBranchBlock)]
+def iter_blocks(model: nn.Module) -> list[tuple[str, Block]]:
+    """Every block of either type (nested ones included), outermost first."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BLOCK_TYPES)]
+
+
+def enclosing_blocks(model: nn.Module, path: str) -> list[Block]:
+    """The blocks enclosing the module at ``path`` (the module itself excluded), outermost first."""
+    parts = path.split(".") if path else []
+    found = []
+    for i in range(len(parts)):
+        module = get_submodule(model, ".".join(parts[:i]))
+        if is_block(module):
+            found.append(module)
+    return found
 
 
 def block_depth(model: nn.Module, path: str) -> int:
     """Number of blocks enclosing the module at ``path`` (the module itself excluded)."""
-    depth, parts = 0, path.split(".") if path else []
-    for i in range(len(parts)):
-        if isinstance(get_submodule(model, ".".join(parts[:i])), DiverseBranchBlock):
-            depth += 1
-    return depth
+    return len(enclosing_blocks(model, path))
 
 
-def eligible_convs(model: nn.Module, max_depth: int = 2, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Conv2d]]:
+def eligible_convs(model: nn.Module, max_depth: int = 2, exclude: Sequence[str] = (),
+                   block_type: str | None = None) -> list[tuple[str, nn.Conv2d]]:
     """Plain convs DyRep may grow: square k>1 convs whose module path passes through fewer than
-    ``max_depth`` blocks (the original's rule).  Inside a block that is the kxk branch's conv and
-    the 1x1->kxk branch's kxk conv (``branches.1x1_kxk.conv2``, padding 0, so it grows the
-    reduced branch set)."""
+    ``max_depth`` blocks (the original's rule).  Inside a block (either type) that is the kxk
+    branch's conv and the 1x1->kxk branch's kxk conv (``branches.1x1_kxk.conv2``, padding 0, so
+    it grows the reduced branch set).  With ``block_type`` given, a conv inside a block of the
+    other type is not eligible: blocks nest only in blocks of their own type (an online block's
+    kernel assembly needs a nested block that is linear in train mode, a bn block is not)."""
+    wanted = None if block_type is None else type_class(block_type)
     found = []
     for name, module in model.named_modules():
         if conv_geometry(module) is None or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
-        if block_depth(model, name) < max_depth:
+        outer = enclosing_blocks(model, name)
+        if len(outer) < max_depth and (wanted is None or all(type(b) is wanted for b in outer)):
             found.append((name, module))
     return found
+
+
+def type_class(block_type: str) -> type[nn.Module]:
+    """The block class of a block type name ("bn" / "online")."""
+    return DiverseBranchBlock if check_block_type(block_type) == BN_BLOCK else OnlineBlock
 
 
 # ---------------------------------------------------------------------------
@@ -97,13 +126,14 @@ def structure_graph(model: nn.Module) -> dict:
     """JSON-serializable description of every structural change made to ``model``.
 
     Entries are ordered outermost first: ``{"path", "type": "dbb", geometry..., "branches"}``
-    for blocks and ``{"path", "type": "conv", "bias": true, "orig_bias": false}`` for
-    plain convs that gained a bias when a block collapsed back into a conv.
+    for bn blocks, ``{"path", "type": "online", geometry..., "branches", "bias"}`` for online
+    blocks (:meth:`OnlineBlock.describe`) and ``{"path", "type": "conv", "bias": true,
+    "orig_bias": false}`` for plain convs that gained a bias when a block collapsed back into a conv.
     """
     entries = []
     for name, module in model.named_modules():
-        if isinstance(module, DiverseBranchBlock):
-            entries.append({"path": name, "type": "dbb", **module.describe()})
+        if is_block(module):
+            entries.append({"path": name, "type": GRAPH_ENTRY_TYPES[block_type_name(module)], **module.describe()})
         elif isinstance(module, nn.Conv2d) and hasattr(module, ORIG_BIAS_ATTR):
             entries.append({"path": name, "type": "conv", "bias": module.bias is not None,
                             "orig_bias": bool(getattr(module, ORIG_BIAS_ATTR))})
@@ -139,6 +169,8 @@ def restore_graph(model: nn.Module, graph: dict) -> nn.Module:
                                                                         current.groups):
                 raise ValueError(f"structure graph geometry for '{path}' does not match the model's conv")
             set_submodule(model, path, block)
+        elif entry["type"] == GRAPH_ENTRY_TYPES[ONLINE_BLOCK]:
+            set_submodule(model, path, OnlineBlock.from_description(entry, current))
         elif entry["type"] == "conv":
             conv = nn.Conv2d(current.in_channels, current.out_channels, current.kernel_size, current.stride,
                              current.padding, groups=current.groups, bias=bool(entry["bias"]),
@@ -154,11 +186,17 @@ def restore_graph(model: nn.Module, graph: dict) -> nn.Module:
 # Applying a plan (pure function of model + plan: used on replicas and EMA copies)
 # ---------------------------------------------------------------------------
 def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = DEFAULT_INIT_GAMMA,
-              recal_fn: RecalFn | None = None) -> DiverseBranchBlock:
-    """Replace the conv at ``path`` by a function-preserving block (eval mode)."""
+              recal_fn: RecalFn | None = None, block_type: str = BN_BLOCK) -> Block:
+    """Replace the conv at ``path`` by a function-preserving block of ``block_type`` ("bn": exact in eval
+    mode, after recalibrating the new BNs with ``recal_fn``; "online": exact in both modes, no BNs to
+    recalibrate, so ``recal_fn`` is not called)."""
     conv = get_submodule(model, path)
     if conv_geometry(conv) is None:
         raise ValueError(f"module '{path}' is not a growable conv ({type(conv).__name__})")
+    if check_block_type(block_type) == ONLINE_BLOCK:
+        online = grow_online_block(conv, seed, init_gamma)
+        set_submodule(model, path, online)
+        return online
     with torch.no_grad():
         target_kernel = conv.weight.detach().clone()
         target_bias = (conv.bias.detach().clone() if conv.bias is not None
@@ -176,11 +214,11 @@ def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = DEFAUL
 
 def cut_block(model: nn.Module, path: str, branches: Iterable[str], mode: str = "reset", seed: int = 0,
               init_gamma: float = DEFAULT_INIT_GAMMA) -> nn.Module:
-    """Cut ``branches`` of the block at ``path`` (see :meth:`DiverseBranchBlock.cut` for ``mode``);
-    a block left with only kxk becomes a Conv2d."""
+    """Cut ``branches`` of the block at ``path`` (see :meth:`DiverseBranchBlock.cut` and
+    :meth:`OnlineBlock.cut` for ``mode``); a block left with only kxk becomes a Conv2d."""
     block = get_submodule(model, path)
-    if not isinstance(block, DiverseBranchBlock):
-        raise ValueError(f"module '{path}' is not a DiverseBranchBlock")
+    if not is_block(block):
+        raise ValueError(f"module '{path}' is not a DyRep block ({type(block).__name__})")
     block.cut(branches, mode=mode, seed=seed, init_gamma=init_gamma)
     if block.branch_names == [KXK]:
         conv = block.to_conv()
@@ -196,12 +234,12 @@ def apply_plan(model: nn.Module, plan: Plan | dict, recal_fn: RecalFn | None = N
     plan = Plan.coerce(plan)
     events: list[Event] = []
     for grow in plan.grow:
-        block = grow_conv(model, grow.path, grow.seed, plan.init_gamma, recal_fn)
+        block = grow_conv(model, grow.path, grow.seed, plan.init_gamma, recal_fn, plan.block_type)
         events.append(GrowEvent(path=grow.path, branches=tuple(block.branch_names)))
     # Innermost first: a nested block's cut must land before its outer block may collapse into a conv.
     for cut in sorted(plan.cut, key=lambda c: -c.path.count(".")):
         result = cut_block(model, cut.path, cut.branches, plan.cut_mode, cut.effective_seed, plan.init_gamma)
-        still_block = isinstance(result, DiverseBranchBlock)
+        still_block = is_block(result)
         events.append(CutEvent(path=cut.path, branches=tuple(cut.branches), collapsed=not still_block,
                                remaining=tuple(result.branch_names) if still_block else ()))
     return events
@@ -211,9 +249,10 @@ def apply_plan(model: nn.Module, plan: Plan | dict, recal_fn: RecalFn | None = N
 # Static DBB (the original's --dbb baseline): every eligible conv a block from the start
 # ---------------------------------------------------------------------------
 @torch.no_grad()
-def init_dbb_branches(block: DiverseBranchBlock, generator: torch.Generator) -> None:
+def init_dbb_branches(block: Block, generator: torch.Generator) -> None:
     """Standard DBB init (Ding et al.'s block as constructed): every new conv drawn like a fresh
-    ``nn.Conv2d`` (Kaiming-uniform, a=sqrt(5)), every BN gamma=1, beta=0, fresh statistics.
+    ``nn.Conv2d`` (Kaiming-uniform, a=sqrt(5)), every BN gamma=1, beta=0, fresh statistics
+    (an online block: every branch scale 1).
 
     The kxk conv keeps its weight.  Values are drawn on the CPU in float64 from ``generator``
     and cast, so every rank builds the same block.
@@ -228,10 +267,12 @@ def init_dbb_branches(block: DiverseBranchBlock, generator: torch.Generator) -> 
                 module.reset_running_stats()
                 module.weight.fill_(1.0)
                 module.bias.zero_()
+        if isinstance(block, OnlineBlock):
+            branch.scale.fill_(1.0)
 
 
 def convert_to_dbb(model: nn.Module, seed: int = 0, init_gamma: float | None = None, max_depth: int = 1,
-                   exclude: Sequence[str] = ()) -> list[str]:
+                   exclude: Sequence[str] = (), block_type: str = BN_BLOCK) -> list[str]:
     """Turn every eligible conv of ``model`` into a block, in place (the static DBB baseline).
 
     ``init_gamma=None`` (default): the standard DBB init of :func:`init_dbb_branches`, as the
@@ -239,21 +280,24 @@ def convert_to_dbb(model: nn.Module, seed: int = 0, init_gamma: float | None = N
     (every branch starts at full weight), which is what the paper's DBB rows train.  A float
     instead uses DyRep's function-preserving grow (last BN gamma = ``init_gamma``, kxk
     compensated).  ``max_depth`` > 1 also converts the convs inside the new blocks, one nesting
-    level per pass.  Returns the converted paths, outermost first.  The result's structure graph
+    level per pass.  ``block_type`` "online" builds online blocks instead (every branch scale 1 under
+    the standard init).  Returns the converted paths, outermost first.  The result's structure graph
     (:func:`structure_graph`) restores and deploys like a DyRep model's.
     """
     if max_depth < 1:
         raise ValueError("max_depth must be >= 1")
     converted: list[str] = []
     for depth in range(max_depth):
-        targets = [n for n, _ in eligible_convs(model, max_depth, exclude) if block_depth(model, n) == depth]
+        targets = [n for n, _ in eligible_convs(model, max_depth, exclude, block_type)
+                   if block_depth(model, n) == depth]
         for path in targets:
             block_seed = zlib.crc32(f"{seed}:dbb:{path}".encode())
             if init_gamma is not None:
-                grow_conv(model, path, block_seed, init_gamma)
+                grow_conv(model, path, block_seed, init_gamma, block_type=block_type)
             else:
                 conv = get_submodule(model, path)
-                block = block_from_conv(conv)
+                from_conv = block_from_conv if check_block_type(block_type) == BN_BLOCK else online_block_from_conv
+                block = from_conv(conv)
                 block.train(conv.training)
                 init_dbb_branches(block, torch.Generator().manual_seed(block_seed))
                 set_submodule(model, path, block)
@@ -306,7 +350,13 @@ class DyRep:
       original never collapses a block (one weight has no std).
     * ``cut_mode`` ("reset"): how a cut keeps the function -- "reset" re-derives the kxk branch
       from the fused block with a freshly reset kxk BN (the original); "absorb" folds the cut
-      branch into the kxk conv and keeps the kxk BN's statistics.
+      branch into the kxk conv and keeps the kxk BN's statistics.  (Online blocks: "reset" sets
+      the kxk scale to 1 and compensates the kxk kernel; "absorb" divides by the kept kxk scale.)
+
+    ``block_type`` ("bn"): what a grow builds -- "bn" the paper's Diverse Branch Block, "online" the
+    OREPA-style :class:`~dyrep_ray.rep.online.OnlineBlock` (per-channel branch scales instead of BNs,
+    one conv per step; its cut weight is each branch's mean |scale| over the kxk branch's, under the
+    same λ / std-gate rule).  Recorded in every plan, so replicas and EMA copies build the same blocks.
     """
 
     def __init__(
@@ -323,6 +373,7 @@ class DyRep:
         exclude: Sequence[str] = (),
         cut_lone_branch: bool = False,
         cut_mode: str = "reset",
+        block_type: str = BN_BLOCK,
     ):
         if metric not in METRICS:
             raise ValueError(f"unknown DyRep metric {metric!r}; choose one of {list(METRICS)}")
@@ -330,8 +381,9 @@ class DyRep:
             raise ValueError("grow_topk must be >= 0, max_depth >= 1 and init_gamma > 0")
         if cut_mode not in CUT_MODES:
             raise ValueError(f"unknown cut_mode {cut_mode!r}; choose one of {list(CUT_MODES)}")
+        self.block_type = check_block_type(block_type)
         self.cut_lone_branch = bool(cut_lone_branch)
-        self.cut_mode = cut_mode
+        self.cut_mode = CUT_MODES[CUT_MODES.index(cut_mode)]  # a plain str, whatever enum the caller used
         self.model = model
         self.metric = metric
         self.grow_topk = grow_topk
@@ -350,7 +402,7 @@ class DyRep:
     # --------------------------------------------------------------- metrics
     def refresh(self) -> None:
         """Re-scan eligible convs and reset accumulators (after any structure change)."""
-        self._eligible = eligible_convs(self.model, self.max_depth, self.exclude)
+        self._eligible = eligible_convs(self.model, self.max_depth, self.exclude, self.block_type)
         self.reset_metrics()
 
     def reset_metrics(self) -> None:
@@ -436,23 +488,24 @@ class DyRep:
         candidates.sort(key=lambda t: (-t[0], t[1]))
         grows = tuple(GrowOp(path=n, seed=self._decision_seed(n)) for _, n in candidates[: self.grow_topk])
         return Plan(grow=grows, cut=tuple(cuts), notes=tuple(notes), init_gamma=self.init_gamma,
-                    cut_mode=self.cut_mode, adjust_index=self.adjust_count, scores={n: v for v, n in candidates})
+                    cut_mode=self.cut_mode, adjust_index=self.adjust_count, scores={n: v for v, n in candidates},
+                    block_type=self.block_type)
 
     def _plan_cuts(self, notes: list[str]) -> list[CutOp]:
         cuts = []
         for path, block in iter_blocks(self.model):
             importance = {n: float(v) for n, v in block.branch_importance().items()}
             if not all(math.isfinite(v) for v in importance.values()):
-                notes.append(f"no cut at {path}: non-finite BN scales")
+                notes.append(f"no cut at {path}: non-finite branch scales")
                 continue
             others = {n: v for n, v in importance.items() if n != KXK}
             weak = cut_decision(others, self.cut_threshold, self.cut_std_gate, self.cut_lone_branch)
             if not weak:
                 continue
             if self.cut_mode == "absorb":
-                kxk_gamma = block.kxk_branch.bn.weight.detach().abs()
+                kxk_gamma = block.kxk_scale().detach().abs()
                 if float(kxk_gamma.min()) < MIN_ABSORB_GAMMA:
-                    notes.append(f"no cut at {path}: kxk BN gamma ~ 0 cannot absorb branches")
+                    notes.append(f"no cut at {path}: kxk scale ~ 0 cannot absorb branches")
                     continue
             remaining = [n for n in block.branch_names if n not in weak]
             cuts.append(CutOp(path=path, branches=tuple(weak), collapses=remaining == [KXK], importance=importance,
@@ -464,6 +517,9 @@ class DyRep:
               recal_fn: RecalFn | None = None) -> list[Event]:
         """Apply ``plan`` to this controller's model, then optimizer surgery and re-scan."""
         plan = Plan.coerce(plan)
+        if plan.grow and plan.block_type != self.block_type:
+            raise ValueError(f"plan grows {plan.block_type!r} blocks but this controller grows {self.block_type!r} "
+                             "ones (dyrep_block must be the same everywhere)")
         not_eligible = [g.path for g in plan.grow if g.path not in self.eligible_names]
         if not_eligible:
             raise ValueError(f"cannot grow {not_eligible}: not eligible (eligible: {self.eligible_names[:8]}...)")
@@ -481,17 +537,19 @@ class DyRep:
         return self.apply(self.plan(), optimizer, recal_fn)
 
     def grow(self, module_name: str, seed: int | None = None, recal_fn: RecalFn | None = None,
-             optimizer: Optimizer | None = None) -> DiverseBranchBlock:
+             optimizer: Optimizer | None = None) -> Block:
         """Grow one named conv now (outside the plan/adjust schedule)."""
         seed = self._decision_seed(module_name) if seed is None else seed
-        plan = Plan(grow=(GrowOp(path=module_name, seed=seed),), init_gamma=self.init_gamma, cut_mode=self.cut_mode)
+        plan = Plan(grow=(GrowOp(path=module_name, seed=seed),), init_gamma=self.init_gamma, cut_mode=self.cut_mode,
+                    block_type=self.block_type)
         self.apply(plan, optimizer, recal_fn)
         return get_submodule(self.model, module_name)
 
     def cut(self, module_name: str, branches: Sequence[str], optimizer: Optimizer | None = None) -> nn.Module:
         """Cut named branches of one block now (with this controller's ``cut_mode``)."""
         op = CutOp(path=module_name, branches=tuple(branches), seed=self._decision_seed(f"cut:{module_name}"))
-        self.apply(Plan(cut=(op,), init_gamma=self.init_gamma, cut_mode=self.cut_mode), optimizer)
+        self.apply(Plan(cut=(op,), init_gamma=self.init_gamma, cut_mode=self.cut_mode, block_type=self.block_type),
+                   optimizer)
         return get_submodule(self.model, module_name)
 
     # ----------------------------------------------------------------- graph
@@ -514,7 +572,7 @@ class DyRep:
         Candidates the state lacks (e.g. a checkpoint from a version with a narrower candidate
         rule) start from zero, with a warning.
         """
-        eligible = {n for n, _ in eligible_convs(self.model, self.max_depth, self.exclude)}  # the model as it is now
+        eligible = {n for n, _ in eligible_convs(self.model, self.max_depth, self.exclude, self.block_type)}  # the model as it is now
         unknown = sorted(set(state["sums"]) - eligible)
         if unknown:
             raise ValueError(f"DyRep state has metric accumulators for {unknown[:5]}, which are not growth "

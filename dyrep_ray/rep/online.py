@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import online_kernels as OK
 from . import transforms as T
-from .dbb import BRANCH_NAMES, KXK, ORIG_BIAS_ATTR, allowed_branches, conv_geometry, mid_channels_1x1_kxk
+from .dbb import BRANCH_NAMES, CUT_MODES, KXK, ORIG_BIAS_ATTR, allowed_branches, conv_geometry, mid_channels_1x1_kxk
 
 BLOCK_TYPE = "online"
 DEFAULT_INIT_GAMMA = 0.01
@@ -78,7 +78,8 @@ class ScaledConv(nn.Module):
 
 
 class ScaledOneByOneKxk(nn.Module):
-    """``scale * (conv2 ∘ conv1)``: 1x1 (in -> mid) then kxk (mid -> out), both bias-free."""
+    """``scale * (conv2 ∘ conv1)``: 1x1 (in -> mid) then kxk (mid -> out), both bias-free; ``conv2`` may be a
+    nested block (DyRep grows it like the kxk branch's conv: padding 0, so the reduced branch set)."""
 
     def __init__(self, conv1: nn.Conv2d, conv2: nn.Conv2d, groups: int, out_channels: int, like: Tensor):
         super().__init__()
@@ -88,13 +89,13 @@ class ScaledOneByOneKxk(nn.Module):
 
     def contribution(self) -> Tensor:
         # Scale the kxk factor first: one kernel-sized temporary in all.
-        return OK.merge_1x1_kxk_kernel(self.conv1.weight, OK.scale_kernel(self.conv2.weight, self.scale),
+        return OK.merge_1x1_kxk_kernel(self.conv1.weight, OK.scale_kernel(_conv_kernel(self.conv2), self.scale),
                                        self.groups)
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
-        # Bias-free 1x1: zero padding its output is exact.
-        return F.conv2d(F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), self.conv2.weight, None, stride,
-                        padding, 1, groups)
+        # Bias-free 1x1: zero padding its output is exact (a nested conv2 is bias-free too: its conv had none).
+        return F.conv2d(F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), _conv_kernel(self.conv2), None,
+                        stride, padding, 1, groups)
 
 
 class ScaledOneByOneAvg(nn.Module):
@@ -237,8 +238,7 @@ class OnlineBlock(nn.Module):
         return acc
 
     def forward(self, x: Tensor) -> Tensor:
-        path = self.forward_path
-        if path == BRANCHES_PATH or (path == AUTO_PATH and self._cheaper_on_activations(x)):
+        if not self.takes_kernel_path(x):
             return self._forward_on_activations(x)
         return F.conv2d(x, self.assembled_kernel(), self.bias, self.stride, self.padding, 1, self.groups)
 
@@ -250,6 +250,37 @@ class OnlineBlock(nn.Module):
             y = y * branch.scale.reshape(1, -1, 1, 1)
             out = y if out is None else out + y
         return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
+
+    def takes_kernel_path(self, x: Tensor) -> bool:
+        """True if :meth:`forward` on ``x`` runs one conv with the assembled kernel."""
+        path = self.forward_path
+        return not (path == BRANCHES_PATH or (path == AUTO_PATH and self._cheaper_on_activations(x)))
+
+    def activation_macs(self, x: Tensor) -> int:
+        """Multiply-accumulates of the convs :meth:`forward` runs on ``x`` (the usual per-forward count).
+
+        On the kernel path one kxk conv (the kernel assembly is weight-only, batch-independent work, and
+        absent after deploy: not counted); on the branches path every branch's convs, except a nested block
+        in the kxk slot, which is called as a module and counts itself.  Average pooling and the identity
+        are not MACs (as for the bn block).
+        """
+        g, k, s, p = self.groups, self.kernel_size, self.stride, self.padding
+        n, _, h, w = x.shape
+        pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+        cin, cout = self.in_channels // g, self.out_channels
+        if self.takes_kernel_path(x):
+            return pixels_out * cout * cin * k * k
+        total = 0
+        for branch in self.branches.values():
+            if isinstance(branch, ScaledOneByOneKxk):
+                mid = int(branch.conv1.out_channels)
+                total += n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k
+            elif isinstance(branch, ScaledOneByOneAvg):
+                total += n * h * w * cout * cin
+            elif isinstance(branch, ScaledConv) and isinstance(branch.conv, nn.Conv2d):  # kxk, 1x1, 1xk, kx1
+                kh, kw = branch.conv.kernel_size
+                total += pixels_out * cout * cin * kh * kw
+        return total
 
     def _cheaper_on_activations(self, x: Tensor) -> bool:
         """True if running the branches on ``x`` costs less than assembling the kernel (estimated MACs).
@@ -330,13 +361,31 @@ class OnlineBlock(nn.Module):
             raise ValueError("this block has no bias; it cannot absorb a nonzero bias")
 
     @torch.no_grad()
-    def cut(self, names: Iterable[str]) -> None:
-        """Remove branches, folding each one's kernel into the kxk branch (the function is unchanged)."""
-        for name in list(names):
+    def cut(self, names: Iterable[str], mode: str = "absorb", seed: int = 0,
+            init_gamma: float = DEFAULT_INIT_GAMMA) -> None:
+        """Remove branches; the block's function is unchanged.
+
+        ``mode="absorb"`` (this method's default): each cut branch's kernel is folded into the kxk branch
+        (divided by the kxk scale, which is kept).  ``mode="reset"`` (the DyRep controller's default, the
+        bn block's "reset" without BNs): the kxk scale is reset to 1 and its kernel set to the assembled
+        kernel minus the surviving branches; a nested block in the kxk slot has its non-kxk branches
+        re-initialised (seeded by ``seed``, scales ``init_gamma``) and its own kxk compensated.
+        """
+        names = list(names)
+        if mode not in CUT_MODES:
+            raise ValueError(f"unknown cut mode {mode!r}; choose one of {list(CUT_MODES)}")
+        for name in names:
             if name == KXK:
                 raise ValueError("the 'kxk' branch cannot be cut")
             if name not in self.branches:
                 raise ValueError(f"branch {name!r} is not in this block (branches: {self.branch_names})")
+        if mode == "reset":
+            target_kernel, target_bias = (t.detach().clone() for t in self.equivalent_kernel())
+            for name in names:
+                del self.branches[name]
+            self.compensate_kxk(target_kernel, target_bias, torch.Generator().manual_seed(int(seed)), init_gamma)
+            return
+        for name in names:
             kernel, bias = self.branch_kernel(name)
             self.absorb(kernel, bias)
             del self.branches[name]
@@ -361,17 +410,27 @@ class OnlineBlock(nn.Module):
         return self.to_conv()
 
     @torch.no_grad()
-    def compensate_kxk(self, target_kernel: Tensor, target_bias: Tensor) -> None:
-        """Set the kxk branch (scale 1, kernel = target − Σ other branches) so the block equals the target conv."""
+    def compensate_kxk(self, target_kernel: Tensor, target_bias: Tensor, generator: torch.Generator | None = None,
+                       init_gamma: float = DEFAULT_INIT_GAMMA) -> None:
+        """Set the kxk branch (scale 1, kernel = target − Σ other branches) so the block equals the target conv.
+
+        A nested block in the kxk slot is re-initialised (its non-kxk branches drawn from ``generator``,
+        scales ``init_gamma``) and compensated recursively to the kernel the kxk conv must have.
+        """
         conv = self.kxk_branch.conv
-        if isinstance(conv, OnlineBlock):
-            raise ValueError("compensate_kxk expects a plain kxk conv (grow happens before nesting)")
+        if isinstance(conv, OnlineBlock) and generator is None:
+            raise ValueError("re-initialising a nested block in the kxk slot needs a generator "
+                             "(grow happens before nesting)")
         others = torch.zeros_like(target_kernel)
         for name in self.branch_names:
             if name != KXK:
                 others += self.branch_kernel(name)[0]
         self.kxk_scale().fill_(1.0)
-        conv.weight.copy_((target_kernel - others).to(conv.weight.dtype))
+        if isinstance(conv, OnlineBlock) and generator is not None:
+            conv.init_new_branches(init_gamma, generator)
+            conv.compensate_kxk(target_kernel - others, torch.zeros_like(target_bias), generator, init_gamma)
+        else:
+            conv.weight.copy_((target_kernel - others).to(conv.weight.dtype))
         if self.bias is not None:
             self.bias.copy_(target_bias.to(self.bias.dtype))
         elif bool((target_bias != 0).any()):

@@ -2,7 +2,10 @@
 
 Parameters that survive keep their state (momentum, Adam moments) because the
 state is keyed by the Parameter object; removed ones drop theirs; new ones join
-the param group they belong to with fresh (lazily created) state.  Group
+the param group they belong to with fresh (lazily created) state.  Each group's
+parameters are then put in module order, as an optimizer built fresh on the new
+structure lists them, so position-keyed optimizer checkpoints (``optimizer.state_dict()``,
+Lightning's) restore every buffer onto its own parameter.  Group
 hyper-parameters (lr, weight decay, ...) are untouched, so an LR scheduler that
 holds the optimizer keeps its position.
 """
@@ -43,8 +46,21 @@ def _group_for_new_param(optimizer: Optimizer, name: str, param: nn.Parameter) -
     return groups[0]
 
 
+def sort_params_in_module_order(optimizer: Optimizer, model: nn.Module) -> None:
+    """Sort every param group's parameters into ``model.parameters()`` order (in place).
+
+    State is keyed by the Parameter object, so reordering a group's list keeps every buffer with
+    its parameter.  ValueError if a group holds a parameter ``model`` does not own.
+    """
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    for group in optimizer.param_groups:
+        if any(id(p) not in position for p in group["params"]):
+            raise ValueError("the optimizer holds parameters the model does not own; run optimizer surgery first")
+        group["params"] = sorted(group["params"], key=lambda p: position[id(p)])
+
+
 def update_optimizer(optimizer: Optimizer, model: nn.Module) -> dict[str, int]:
-    """Make ``optimizer`` hold exactly the trainable parameters of ``model``.
+    """Make ``optimizer`` hold exactly the trainable parameters of ``model``, each group in module order.
 
     Returns counts ``{"kept", "removed", "added"}``.
     """
@@ -67,6 +83,7 @@ def update_optimizer(optimizer: Optimizer, model: nn.Module) -> dict[str, int]:
             continue
         _group_for_new_param(optimizer, name, p)["params"].append(p)
         added += 1
+    sort_params_in_module_order(optimizer, model)
     counts = {"kept": len(held), "removed": removed, "added": added}
     logger.debug("optimizer surgery: %s", counts)
     return counts

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .blocks import BLOCK_TYPE_NAMES, BN_BLOCK
 from .dbb import CUT_MODES, DEFAULT_INIT_GAMMA
 
 PLAN_VERSION = 1
@@ -84,7 +85,11 @@ class CutOp:
 
 @dataclass(frozen=True)
 class Plan:
-    """One adjust point's decisions: grows first, then cuts (the original DyRep's order)."""
+    """One adjust point's decisions: grows first, then cuts (the original DyRep's order).
+
+    ``block_type`` ("bn" or "online") is the type of the blocks its grows build, so every replica (and the
+    EMA copy) builds the same ones; plans written before online blocks existed read as "bn".
+    """
 
     grow: tuple[GrowOp, ...] = ()
     cut: tuple[CutOp, ...] = ()
@@ -94,15 +99,20 @@ class Plan:
     adjust_index: int | None = None
     scores: Mapping[str, float] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    block_type: str = BN_BLOCK
 
     def __post_init__(self) -> None:
         _require(self.cut_mode in CUT_MODES, f"unknown cut_mode {self.cut_mode!r}; choose one of {list(CUT_MODES)}")
+        _require(self.block_type in BLOCK_TYPE_NAMES,
+                 f"unknown block_type {self.block_type!r}; choose one of {list(BLOCK_TYPE_NAMES)}")
+        # A plain str (a config StrEnum would pickle as the engine's class, which rep/ must not need).
+        object.__setattr__(self, "block_type", BLOCK_TYPE_NAMES[BLOCK_TYPE_NAMES.index(self.block_type)])
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "grow": [g.to_json() for g in self.grow],
                                "cut": [c.to_json() for c in self.cut], "notes": list(self.notes),
                                "init_gamma": self.init_gamma, "cut_mode": self.cut_mode,
-                               "scores": dict(self.scores)}
+                               "block_type": self.block_type, "scores": dict(self.scores)}
         if self.adjust_index is not None:
             out["adjust_index"] = self.adjust_index
         return out
@@ -119,6 +129,7 @@ class Plan:
                    notes=tuple(str(n) for n in data.get("notes", [])),
                    init_gamma=float(data.get("init_gamma", DEFAULT_INIT_GAMMA)),
                    cut_mode=str(data.get("cut_mode", "reset")),
+                   block_type=str(data.get("block_type", BN_BLOCK)),
                    adjust_index=None if adjust_index is None else int(adjust_index),
                    scores={str(k): float(v) for k, v in data.get("scores", {}).items()})
 
