@@ -79,7 +79,7 @@ def run(device: torch.device, quick: bool = False, batch: int | None = None, rep
         ctx = DDPLocalContext(device, f"{tmp}/run")
         trainer = Trainer(cfg, ctx)
         trainer.model.train()
-        images, targets = next(iter(trainer.train_loader))
+        images, targets = next(iter(trainer.data.train_batches(0)))
         images, targets = trainer._to_device(images), targets.to(device)
         step = _step(trainer, images, targets)
         timing = interleaved_ratios({"step": step}, reps=reps, warmup=2, device=device)

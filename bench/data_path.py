@@ -25,12 +25,15 @@ from torch.utils.data import DataLoader
 
 from dyrep_ray.data import build_datasets
 from dyrep_ray.data.synthetic import build_synthetic
+from dyrep_ray.data.transforms import DARTS_CUTOUT_LENGTH
 from dyrep_ray.models import build_model
 
 from .common import interleaved_ratios, synchronize
 
 PER_BATCH = 1000
 RECIPE_BATCH = 128
+#: The CIFAR recipe's augmentation (experiments/cifar10_vgg16.yaml): Cutout 16 on top of crop/flip.
+RECIPE_AUG = {"cutout_length": DARTS_CUTOUT_LENGTH}
 
 
 def write_tiny_cifar10(root: Path, per_batch: int = PER_BATCH, test: int = PER_BATCH) -> Path:
@@ -91,20 +94,21 @@ def run(device: torch.device, quick: bool = False, use_ray: bool = True, workers
     out: dict = {"batch": RECIPE_BATCH, "images": 5 * per_batch}
     with tempfile.TemporaryDirectory(prefix="dyrep-bench-data-") as tmp:
         root = write_tiny_cifar10(Path(tmp) / "cifar", per_batch=per_batch, test=per_batch)
-        train_ds, _, _ = build_datasets("cifar10", root)
+        train_ds, _, _ = build_datasets("cifar10", root, aug=RECIPE_AUG)
         loaders = {}
         for w in workers:
             loader = DataLoader(train_ds, batch_size=RECIPE_BATCH, shuffle=True, num_workers=w,
                                 persistent_workers=w > 0, pin_memory=device.type == "cuda")
             loaders[f"cifar_workers{w}"] = _loader_rate(loader, epochs=2 if w else 1)
         out["loaders"] = loaders
-        from dyrep_ray.data.parquet import ParquetImageDataset, build_batch_decoder, export_parquet
+        from dyrep_ray.data.parquet import ParquetImageDataset, export_parquet
+        from dyrep_ray.distributed.ray_data import build_batch_decoder
 
         t0 = time.perf_counter()
         pq_dir = Path(tmp) / "parquet"
         export_parquet("cifar10", root, pq_dir, split="train", rows_per_shard=per_batch)
         out["parquet_export_s"] = time.perf_counter() - t0
-        decoder = build_batch_decoder("cifar10", train=True)
+        decoder = build_batch_decoder("cifar10", train=True, aug=RECIPE_AUG)
         pq_ds = ParquetImageDataset(pq_dir, transform=decoder.transform)
         loaders["parquet_pyarrow_workers0"] = _loader_rate(DataLoader(pq_ds, batch_size=RECIPE_BATCH, shuffle=True))
         if use_ray:
@@ -121,7 +125,7 @@ def _ray_data_rate(pq_dir: Path, decoder) -> dict:
 
     import ray
 
-    from dyrep_ray.data.parquet import iter_decoded_batches, read_parquet_dataset
+    from dyrep_ray.distributed.ray_data import iter_decoded_batches, read_parquet_dataset
 
     started = not ray.is_initialized()
     t0 = time.perf_counter()

@@ -82,14 +82,14 @@ def run(device: torch.device, quick: bool = False, batch: int | None = None, rep
             # temporaries of one forward+backward, not the gradient buffers every variant needs.
             m(x).backward(grad)
 
-            def step(m=m):
+            def step(m=m, x=x, grad=grad):
                 m.zero_grad(set_to_none=False)
                 x.grad.zero_()
                 m(x).backward(grad)
 
             mem[k] = peak_memory(step, device)
             m.zero_grad(set_to_none=True)
-            saved[k] = saved_tensor_bytes(lambda m=m: m(x))
+            saved[k] = saved_tensor_bytes(lambda m=m, x=x: m(x))
         act = batch * channels * side * side * x.element_size()
         entry["peak_bytes"] = mem
         entry["saved_bytes"] = saved

@@ -3,8 +3,7 @@
 Measured side by side in one process, variants alternated round by round:
 
 * training images/s of plain timm ResNet-50 vs the same model with the same 3x3 convs grown into DyRep blocks
-  (every block type the package has: ``bn`` = the paper's DiverseBranchBlock, ``online`` = online
-  re-parameterization when available), with bf16 autocast + channels_last, eager and ``torch.compile``;
+  (``bn`` = the paper's DiverseBranchBlock, ``online`` = online re-parameterization, OREPA-style), with bf16 autocast + channels_last, eager and ``torch.compile``;
 * what an adjust costs a compiled model: the model is compiled once, one more conv grows, and the model is
   compiled again (the only recompile a DyRep run needs: structure changes happen at adjust points only);
 * DDP overhead: the same step under a 1-GPU DistributedDataParallel (NCCL) vs bare.
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyrep_ray.models import build_model
-from dyrep_ray.rep.dyrep import eligible_convs, grow_conv
+from dyrep_ray.rep.dyrep import eligible_convs, get_submodule, grow_conv, set_submodule
+from dyrep_ray.rep.online import grow_online_block
 
 from .common import interleaved_ratios, machine_info, single_process_group, synchronize
 
@@ -65,21 +65,15 @@ def grow_with_bn_blocks(model: nn.Module, paths: tuple[str, ...], seed: int = 0)
     return model
 
 
-def block_growers() -> dict[str, Callable[[nn.Module, tuple[str, ...]], nn.Module]]:
-    """Block type -> function growing ``paths`` of a model in place with that block type."""
-    growers = {"bn": grow_with_bn_blocks}
-    try:
-        from dyrep_ray.rep import online
-    except ImportError:  # the online block is optional in this checkout; the JSON says it was not measured
-        return growers
-    grow_online = getattr(online, "grow_conv_online", None)
-    if grow_online is not None:
-        def grow_with_online_blocks(model: nn.Module, paths: tuple[str, ...], seed: int = 0) -> nn.Module:
-            for i, path in enumerate(paths):
-                grow_online(model, path, seed=seed + i, init_gamma=INIT_GAMMA)
-            return model
-        growers["online"] = grow_with_online_blocks
-    return growers
+def grow_with_online_blocks(model: nn.Module, paths: tuple[str, ...], seed: int = 0) -> nn.Module:
+    for i, path in enumerate(paths):
+        set_submodule(model, path, grow_online_block(get_submodule(model, path), seed=seed + i, init_gamma=INIT_GAMMA))
+    return model
+
+
+# Block type -> function growing ``paths`` of a model in place with that block type.
+BLOCK_GROWERS: dict[str, Callable[[nn.Module, tuple[str, ...]], nn.Module]] = {
+    "bn": grow_with_bn_blocks, "online": grow_with_online_blocks}
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
@@ -121,15 +115,14 @@ def run(device: torch.device, dry_run: bool = False) -> dict:
     if missing:
         raise RuntimeError(f"{size.model} has no eligible conv(s) {missing}: the suite's conv paths need updating")
 
-    growers = block_growers()
+    growers = BLOCK_GROWERS
     variants: dict[str, nn.Module] = {"plain": copy.deepcopy(base)}
     for block_type, grow in growers.items():
         variants[f"grown_{block_type}"] = grow(copy.deepcopy(base), size.grown_paths)
 
     result: dict = {"machine": machine_info(device), "model": size.model, "batch": size.batch,
                     "image_size": size.image_size, "dry_run": dry_run, "amp": "bf16", "channels_last": True,
-                    "grown_paths": list(size.grown_paths), "adjust_path": size.adjust_path, "block_types": list(growers),
-                    "block_types_not_measured": [t for t in ("bn", "online") if t not in growers]}
+                    "grown_paths": list(size.grown_paths), "adjust_path": size.adjust_path, "block_types": list(growers)}
 
     # 1. eager images/s, every variant alternated
     steps = {}
@@ -199,6 +192,4 @@ def markdown(result: dict) -> str:
                      f" next step {a['next_step_s'] * 1e3:.0f} ms")
     d = result["ddp"]
     lines.append(f"\n1-device DDP ({d['backend']}) step time / bare: {d['ddp_over_bare']:.3f}x")
-    if result["block_types_not_measured"]:
-        lines.append(f"\nnot measured (block type not available): {', '.join(result['block_types_not_measured'])}")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::
 
 
 class _OpWatcher(TorchDispatchMode):
-    def __init__(self, counter: "SyncCounter"):
+    def __init__(self, counter: SyncCounter):
         super().__init__()
         self.counter = counter
 
@@ -79,7 +79,7 @@ class SyncCounter:
         setattr(owner, name, wrapper)
         self._stack.callback(setattr, owner, name, original)
 
-    def __enter__(self) -> "SyncCounter":
+    def __enter__(self) -> SyncCounter:
         self._stack = ExitStack()
         for name in TENSOR_SYNC_METHODS:
             self._wrap(torch.Tensor, name, self.api_syncs)

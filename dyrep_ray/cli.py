@@ -20,18 +20,6 @@ DEFAULT_OUTPUT = "runs"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data import DatasetError
-    from .distributed.trainer import ClusterError
-    from .engine.checkpoint import CheckpointError
-    from .engine.config import ConfigError
-    from .models import UnknownModelError
-    from .rep.deploy import DeployError
-    from .report import ReportError
-
-    return (ConfigError, DatasetError, UnknownModelError, ClusterError, CheckpointError, DeployError, ReportError)
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
@@ -74,13 +62,8 @@ COMMAND_MODULES = (
 def _register_commands(module_name: str, sub) -> None:
     import importlib
 
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if not (exc.name and module_name.startswith(exc.name)):  # a missing dependency inside it
-            raise
-        return
-    module.register(sub, _add_common)
+    # Every command module ships with the package: a failing import is a bug to see, not a command to hide.
+    importlib.import_module(module_name).register(sub, _add_common)
 
 
 def _resolve_train_config(args):
@@ -94,37 +77,37 @@ def _resolve_train_config(args):
     return load_config(args.config, overrides)
 
 
-def _preflight(cfg) -> None:
-    """Fail fast in the driver, before Ray starts workers, on names and paths it can check here.
-
-    (``--local`` needs none of this: the trainer builds model and data before it writes anything.)
-    """
-    from .models import build_model
-
-    build_model(cfg.model, cfg.num_classes or 10)
-    if cfg.dataset in ("synthetic", "parquet"):  # built in memory / paths checked by the config
-        return
-    from .data import DatasetError, build_datasets
-
-    if not Path(cfg.data_dir).exists():
-        raise DatasetError(f"data_dir {cfg.data_dir!r} does not exist; put the {cfg.dataset} files there "
-                           "or pass --set data_dir=... (nothing is downloaded)")
-    if cfg.dataset.startswith("cifar"):  # cheap enough to open fully: catches a malformed directory
-        build_datasets(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
-
-
 def cmd_train(args) -> int:
+    from .engine.storage import RunStorage
+
+    cfg = _resolve_train_config(args)
+    if not args.local:
+        from .distributed.trainer import preflight
+
+        preflight(cfg)
+    if cfg.data_dir and Path(cfg.data_dir).exists():  # Ray workers run in other directories
+        cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()))
+    name = args.name or f"{cfg.model.replace('/', '_')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from .engine.rundir import open_run_dir, validate_run_name
+
+    validate_run_name(name)
+    if cfg.dataset == "parquet":
+        from .data.parquet import resolve_parquet_splits
+
+        cfg = cfg.replace(**resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val))
+    lock = open_run_dir(RunStorage(cfg.storage_path or args.output, name), name)  # the driver holds it for the run
+    try:
+        return _train_locked(args, cfg, name)
+    finally:
+        lock.release()
+
+
+def _train_locked(args, cfg, name: str) -> int:
     import torch
 
     from .engine.loop import summary_line
     from .engine.storage import RunStorage
 
-    cfg = _resolve_train_config(args)
-    if not args.local:
-        _preflight(cfg)
-    if cfg.data_dir and Path(cfg.data_dir).exists():  # Ray workers run in other directories
-        cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()))
-    name = args.name or f"{cfg.model.replace('/', '_')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.local:
         from .engine.context import LocalContext
         from .engine.loop import train
@@ -149,13 +132,14 @@ def cmd_train(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .engine.loop import NonFiniteLossError as NonFiniteError
+    from .errors import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         return args.func(args)
-    except _user_errors() as exc:
+    except UserError as exc:
         if getattr(args, "debug", False):
             raise
         print(f"dyrep-ray: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)

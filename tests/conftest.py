@@ -1,4 +1,4 @@
-"""Shared fixtures: one Ray instance for every integration test (DESIGN §5)."""
+"""Shared fixtures: one Ray instance for every integration test."""
 
 from __future__ import annotations
 

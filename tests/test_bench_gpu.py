@@ -37,7 +37,7 @@ def test_dry_run_measures_every_variant(dry_run_result):
     r = dry_run_result
     assert r["dry_run"] is True and r["model"] == gpu.DRY_RUN.model
     variants = {"plain"} | {f"grown_{t}" for t in r["block_types"]}
-    assert "bn" in r["block_types"]
+    assert r["block_types"] == ["bn", "online"]
     for section in ("eager", "compiled"):
         assert set(r[section]) == variants
         for name, entry in r[section].items():

@@ -26,11 +26,10 @@ from dyrep_ray.engine.loop import train
 from dyrep_ray.export import ATOL, RTOL, convert_checkpoint, validation_loader
 from dyrep_ray.models import build_model, count_flops, count_params
 from dyrep_ray.rep import DiverseBranchBlock, DyRep, restore_graph, structure_graph
+from tests.helpers import LOCAL_TINY, randomize_bn
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*:FutureWarning")
 
-LOCAL_TINY = ["synthetic_train_size=256", "synthetic_val_size=128", "batch_size=32", "dyrep_recal_bn_iters=2",
-              "epochs=3", "dyrep_grow_topk=2"]
 
 
 @pytest.fixture(scope="module")
@@ -184,18 +183,6 @@ def test_convert_fails_loudly_when_folding_is_wrong(tiny_run, tmp_path, monkeypa
 # ---------------------------------------------------------------------------
 # Every supported model family, checkpoints built by hand
 # ---------------------------------------------------------------------------
-@torch.no_grad()
-def _randomize_bns(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 0.5 + 0.75)
-            m.weight.copy_(torch.rand(c, generator=gen) * 0.5 + 0.75)
-            m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
-
-
 def _family_checkpoint(directory: Path, name: str, grow: list[str], cut: dict[str, list[str]],
                        **config) -> tuple[Path, dict]:
     """A checkpoint laid out like the training loop's, for ``name`` with ``grow`` convs grown."""
@@ -206,7 +193,7 @@ def _family_checkpoint(directory: Path, name: str, grow: list[str], cut: dict[st
         dyrep.grow(path)
     for path, branches in cut.items():
         dyrep.cut(path, branches)
-    _randomize_bns(model, seed=len(name))
+    randomize_bn(model, seed=len(name))
     cfg = TrainConfig(**{"model": name, "image_size": 32, "synthetic_train_size": 16, "synthetic_val_size": 16,
                          "batch_size": 8, "epochs": 1, **config})
     history = [{"epoch": 1, "val_top1": 10.0, "params": count_params(model), "events": []}]

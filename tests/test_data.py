@@ -28,12 +28,12 @@ from dyrep_ray.data.parquet import (
     IMAGE_COLUMN,
     LABEL_COLUMN,
     ParquetImageDataset,
-    build_batch_decoder,
     decode_image,
     export_parquet,
     read_parquet_metadata,
 )
 from dyrep_ray.data.synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD
+from dyrep_ray.distributed.ray_data import build_batch_decoder
 
 CIFAR_ROW = 3 * 32 * 32
 SMALL_TRAIN = 256
@@ -468,8 +468,11 @@ def test_prepare_command_exports_both_splits(tmp_path, capsys):
     code = main(["prepare", "synthetic", "--out", str(out), "--synthetic-train-size", "40",
                  "--synthetic-val-size", "20", "--rows-per-shard", "25"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["train-00000.parquet", "train-00001.parquet", "val-00000.parquet"]
-    assert len(ParquetImageDataset(out / "val-00000.parquet")) == 20
+    # One split per directory (issue 17 item 3): <out>/train and <out>/val, never mixed.
+    assert sorted(p.name for p in out.iterdir()) == ["train", "val"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["train-00000.parquet", "train-00001.parquet"]
+    assert sorted(p.name for p in (out / "val").iterdir()) == ["val-00000.parquet"]
+    assert len(ParquetImageDataset(out / "val" / "val-00000.parquet")) == 20
     assert "2 shard(s)" in capsys.readouterr().out
     missing = tmp_path / "missing_out"
     assert main(["prepare", "cifar10", "--data-dir", str(tmp_path / "nope"), "--out", str(missing)]) == 2
@@ -481,7 +484,7 @@ def test_prepare_command_exports_both_splits(tmp_path, capsys):
 def test_ray_data_reads_exported_shards(tmp_path):
     import ray
 
-    from dyrep_ray.data.parquet import iter_decoded_batches, read_parquet_dataset
+    from dyrep_ray.distributed.ray_data import iter_decoded_batches, read_parquet_dataset
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -132,7 +132,7 @@ def dyrep_lifecycle(name: str, dtype, rounds=2, topk=2):
             d.record_metrics()
             opt.step()
         events = d.apply(d.plan(), opt, recal_fn=recal)
-        assert sum(e["op"] == "grow" for e in events) == topk
+        assert sum(e.op == "grow" for e in events) == topk
     assert any(isinstance(m, DiverseBranchBlock) for m in model.modules())
     top_level = [n for n in d.eligible_names if ".branches." not in n]
     while len([p for p, _ in iter_blocks(model) if ".branches." not in p]) < 3:  # metric may prefer nesting
@@ -348,3 +348,78 @@ def test_deploy_bare_block_returns_conv():
     assert type(out) is nn.Conv2d
     assert rel_err(out(x), expected) <= 1e-10
     assert math.isfinite(rel_err(out(x), expected))
+
+
+# ---------------------------------------------------------------------------
+# timm's re-parameterization contract
+# ---------------------------------------------------------------------------
+def timm_grown_model(dtype):
+    """A grown VGG-style net with a nested block in a kxk slot and one in a 1x1_kxk slot."""
+    torch.manual_seed(3)
+    model = vgg_net().to(dtype)
+    d = DyRep(model)
+    for path in list(d.eligible_names)[:3]:
+        d.grow(path)
+    first = iter_blocks(model)[0][0]
+    d.grow(f"{first}.branches.kxk.conv")
+    d.grow(f"{first}.branches.1x1_kxk.conv2")
+    randomize_bns(model, 17)
+    assert len(iter_blocks(model)) == 5
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_timm_reparameterize_model_folds_every_block(dtype):
+    from timm.utils import reparameterize_model
+
+    model = timm_grown_model(dtype).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x)
+        fused = reparameterize_model(model)  # timm's own function (a deep copy by default)
+        after = fused(x)
+    assert not any(isinstance(m, DiverseBranchBlock) for m in fused.modules())
+    assert len(iter_blocks(model)) == 5  # the original is untouched
+    torch.testing.assert_close(after, before, atol=1e-12 if dtype == torch.float64 else 1e-5,
+                               rtol=TOL[dtype])
+    assert rel_err(after, before) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_block_reparameterize_in_place(dtype):
+    """The other timm contract (``m.reparameterize()`` returns nothing): the block folds itself."""
+    model = timm_grown_model(dtype).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(x)
+        blocks = [m for _, m in iter_blocks(model)]
+        for block in reversed(blocks):  # innermost first, as a module walk that folds children would
+            assert block.reparameterize() is None
+        after = model(x)
+    assert all(b.is_fused and not b.branch_names for b in blocks[:1])
+    assert rel_err(after, before) <= TOL[dtype]
+    deployed = deploy(model, keep_bias=True)
+    assert not any(isinstance(m, DiverseBranchBlock) for m in deployed.modules())
+    with torch.no_grad():
+        assert rel_err(deployed(x), before) <= TOL[dtype]
+    with pytest.raises(ValueError):
+        blocks[0].describe()
+
+
+class BrokenForward(nn.Module):
+    """A model whose forward has a genuine bug (not a tracing limit): deploy must not hide it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        raise KeyError("bug in the user's forward")
+
+
+def test_deploy_does_not_swallow_unexpected_trace_errors():
+    model = BrokenForward()
+    DyRep(model).grow("conv")
+    with pytest.raises(KeyError, match="bug in the user's forward"):
+        deploy(model)

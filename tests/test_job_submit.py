@@ -1,4 +1,4 @@
-"""A real ``ray job submit`` of ``dyrep-ray train`` to a token-authenticated local head (DESIGN §5).
+"""A real ``ray job submit`` of ``dyrep-ray train`` to a token-authenticated local head.
 
 The head is a separate process tree (``ray start --head`` with its own ``--temp-dir`` and ports) that
 this test talks to only through the ``ray`` CLI, so it neither sees nor disturbs a Ray instance that

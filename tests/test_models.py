@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
@@ -206,3 +207,57 @@ def test_count_flops_restores_modes_and_follows_dtype():
 def test_count_flops_small_cnn_is_cheap():
     macs = count_flops(build_model("small_cnn", 10))
     assert 1_000_000 < macs < 50_000_000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The original's TF-style init (issue 12, item 7) for vgg16_cifar and mobilenet_v1
+# ---------------------------------------------------------------------------------------------------------------
+STANDARD_ERRORS = 5  # a correct init fails a 5-sigma check with probability < 1e-6 per tensor
+UNIFORM_EDGE_SAMPLES = 10  # max|w| of n uniform samples falls below bound*(1 - 10/n) with probability ~e^-10
+
+
+def _check_tf_style_init(model: nn.Module) -> dict:
+    checked = {"conv": 0, "depthwise": 0, "bn": 0, "linear": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            w = module.weight.detach().double().flatten()
+            n = w.numel()
+            expected = math.sqrt(2.0 / (module.kernel_size[0] * module.kernel_size[1] * module.out_channels))
+            # sample std of n normal draws has relative standard error 1/sqrt(2n); the mean has sigma/sqrt(n)
+            assert abs(w.std().item() / expected - 1.0) < STANDARD_ERRORS / math.sqrt(2 * n), name
+            assert abs(w.mean().item()) < STANDARD_ERRORS * expected / math.sqrt(n), name
+            assert module.bias is None or not module.bias.any(), name
+            checked["depthwise" if module.groups > 1 else "conv"] += 1
+        elif isinstance(module, nn.BatchNorm2d):
+            assert torch.equal(module.weight, torch.ones_like(module.weight)), name
+            assert not module.bias.any(), name
+            checked["bn"] += 1
+        elif isinstance(module, nn.Linear):
+            w = module.weight.detach().double()
+            bound = 1.0 / math.sqrt(module.out_features)
+            assert w.abs().max().item() <= bound, name
+            assert w.abs().max().item() >= bound * (1.0 - UNIFORM_EDGE_SAMPLES / w.numel()), name
+            # uniform on [-b, b]: std b/sqrt(3), its sample std has relative standard error ~ sqrt(0.8/(4n))
+            assert abs(w.std().item() / (bound / math.sqrt(3.0)) - 1.0) < STANDARD_ERRORS * math.sqrt(0.2 / w.numel())
+            assert not module.bias.any(), name
+            checked["linear"] += 1
+    return checked
+
+
+def test_vgg16_cifar_uses_the_original_tf_style_init():
+    torch.manual_seed(0)
+    checked = _check_tf_style_init(build_model("vgg16_cifar", 10))
+    assert checked == {"conv": 13, "depthwise": 0, "bn": 13, "linear": 2}
+
+
+def test_mobilenet_v1_uses_the_original_tf_style_init_depthwise_included():
+    torch.manual_seed(0)
+    checked = _check_tf_style_init(build_model("mobilenet_v1", 1000))
+    assert checked == {"conv": 14, "depthwise": 13, "bn": 27, "linear": 1}
+
+
+def test_resnets_keep_torchvision_init():
+    torch.manual_seed(0)
+    fc = build_model("resnet18", 10).fc
+    assert fc.bias.abs().max() > 0  # torchvision: PyTorch's default Linear init, bias not zeroed
+    assert fc.weight.abs().max() <= 1.0 / math.sqrt(fc.in_features)

@@ -200,7 +200,7 @@ def test_optimizer_surgery_grow_cut_collapse(kind):
     d.record_metrics()
     before = snapshot(model, opt)
     events = d.step(opt)
-    grown = [e["path"] for e in events if e["op"] == "grow"]
+    grown = [e.path for e in events if e.op == "grow"]
     assert len(grown) == 1
     check_surgery(before, model, opt, kind, hypers, expect_removed=set(),
                   expect_added_prefixes=(f"{grown[0]}.",))

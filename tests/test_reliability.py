@@ -21,11 +21,12 @@ from dyrep_ray.engine.checkpoint import (
     verify_checkpoint_dir,
     write_checkpoint_dir,
 )
-from dyrep_ray.engine.config import load_config
-from dyrep_ray.engine.context import LocalContext, load_newest_valid
-from dyrep_ray.engine.faults import FAULT_ENV
-from dyrep_ray.engine.loop import METRICS_FILE, NonFiniteLossError, train
+from dyrep_ray.engine.context import load_newest_valid
+from dyrep_ray.engine.faults import NanLoss, RaiseAt
+from dyrep_ray.engine.layout import METRICS_FILE
+from dyrep_ray.engine.loop import NonFiniteLossError
 from dyrep_ray.engine.storage import RunStorage
+from tests.helpers import RESUME_ATOL, run_local
 
 TINY = ["synthetic_train_size=256", "synthetic_val_size=128", "batch_size=32", "dyrep_recal_bn_iters=2",
         "epochs=3", "keep_checkpoints=3"]
@@ -55,9 +56,8 @@ def _rewrite_manifest(directory):
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
-def _run(run_dir, extra=()):
-    cfg = load_config(None, [*TINY, *extra])
-    return train(cfg, LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints))
+def _run(run_dir, extra=(), callbacks=()):
+    return run_local(run_dir, [*TINY, *extra], callbacks)[1]
 
 
 def _small_checkpoint(tmp_path, name="checkpoint_epoch0001", epoch=1):
@@ -129,9 +129,8 @@ def reference(tmp_path_factory):
 
 def test_truncated_latest_checkpoint_resumes_from_previous_exactly(reference, tmp_path, monkeypatch, caplog):
     run_dir = tmp_path / "run"
-    monkeypatch.setenv(FAULT_ENV, f"raise:epoch=3:rank=0:marker={tmp_path / 'fired'}")
     with pytest.raises(RuntimeError):
-        _run(run_dir)
+        _run(run_dir, callbacks=[RaiseAt(epoch=2, marker=str(tmp_path / "fired"))])
     latest = run_dir / "checkpoint_epoch0002"
     data = (latest / STATE_FILE).read_bytes()
     (latest / STATE_FILE).write_bytes(data[:100])  # bytes cut
@@ -140,7 +139,7 @@ def test_truncated_latest_checkpoint_resumes_from_previous_exactly(reference, tm
     final = load_checkpoint_dir(run_dir / "checkpoint_epoch0003")
     assert final.graph == reference.graph
     for k, v in reference.state["model"].items():
-        assert torch.allclose(final.state["model"][k].double(), v.double(), rtol=0, atol=1e-6), k
+        assert torch.allclose(final.state["model"][k].double(), v.double(), rtol=0, atol=RESUME_ATOL), k
     assert [json.loads(x)["epoch"] for x in (run_dir / METRICS_FILE).read_text().splitlines()] == [1, 2, 3]
 
 
@@ -168,9 +167,8 @@ def test_disk_full_while_checkpointing_keeps_previous_valid(tmp_path, monkeypatc
 
 
 def test_nonfinite_loss_is_skipped_and_never_drives_a_decision(tmp_path, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "nan:epoch=1:steps=3")
     run_dir = tmp_path / "run"
-    _run(run_dir, ["epochs=2"])
+    _run(run_dir, ["epochs=2"], [NanLoss(epoch=0, steps=3)])
     lines = [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
     assert lines[0]["skipped_steps"] == 3
     assert all(torch.isfinite(v).all() for v in load_checkpoint_dir(run_dir / "checkpoint_epoch0002")
@@ -179,9 +177,8 @@ def test_nonfinite_loss_is_skipped_and_never_drives_a_decision(tmp_path, monkeyp
 
 
 def test_nonfinite_loss_stop_mode(tmp_path, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "nan:epoch=1:steps=1")
     with pytest.raises(NonFiniteLossError, match="non-finite"):
-        _run(tmp_path / "run", ["on_nonfinite=stop"])
+        _run(tmp_path / "run", ["on_nonfinite=stop"], [NanLoss(epoch=0, steps=1)])
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written

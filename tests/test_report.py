@@ -13,9 +13,8 @@ from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.context import LocalContext
 from dyrep_ray.engine.loop import train
 from dyrep_ray.report import adjust_epochs, find_runs, load_run, render_run_report, timeline, timeline_rows
+from tests.helpers import LOCAL_TINY, run_metrics
 
-LOCAL_TINY = ["synthetic_train_size=256", "synthetic_val_size=128", "batch_size=32", "dyrep_recal_bn_iters=2",
-              "epochs=3", "dyrep_grow_topk=2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -32,8 +31,6 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _check_png(path):
@@ -57,7 +54,7 @@ def test_report_cli_writes_pngs_and_summary(tiny_run, capsys, monkeypatch):
     out = tiny_run / "report"
     for name in ("structure_timeline.png", "curves.png", "params.png"):
         _check_png(out / name)
-    metrics = _metrics(tiny_run)
+    metrics = run_metrics(tiny_run)
     best = max(m["val_top1"] for m in metrics)
     summary = (out / "summary.md").read_text()
     assert f"{best:.2f}%" in summary
@@ -69,7 +66,7 @@ def test_report_cli_writes_pngs_and_summary(tiny_run, capsys, monkeypatch):
 
 
 def test_figures_reflect_the_run(tiny_run, tmp_path):
-    metrics = _metrics(tiny_run)
+    metrics = run_metrics(tiny_run)
     grow_events = [(e["path"], m["epoch"]) for m in metrics for e in m["events"] if e["op"] == "grow"]
     assert len(grow_events) == 4  # top-2 grows after epochs 1 and 2
     result = render_run_report(load_run(tiny_run), tmp_path)
@@ -119,7 +116,7 @@ def test_sweep_dir_gets_per_trial_reports_and_a_comparison(tiny_run, tmp_path, c
     assert "[trial_0](trial_0/summary.md)" in table and "[trial_1](trial_1/summary.md)" in table
     assert "| max train params | lr |" in table  # the config key the sweep varied is a column
     assert table.index("trial_0") < table.index("trial_1")  # sorted by best top-1
-    best_1 = max(m["val_top1"] for m in _metrics(tiny_run)) / 2
+    best_1 = max(m["val_top1"] for m in run_metrics(tiny_run)) / 2
     assert f"| [trial_1](trial_1/summary.md) | {best_1:.2f}% |" in table  # read from the segment
     assert "seg1" in (out / "trial_1" / "summary.md").read_text()
     assert "2 trials" in capsys.readouterr().out

@@ -19,10 +19,12 @@ import pytest
 import torch
 
 from dyrep_ray.engine.config import TrainConfig, load_config
-from dyrep_ray.engine.context import CHECKPOINT_PREFIX, LocalContext, load_newest_valid
-from dyrep_ray.engine.faults import FAULT_ENV
-from dyrep_ray.engine.loop import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE, train
+from dyrep_ray.engine.context import LocalContext, load_newest_valid
+from dyrep_ray.engine.faults import RaiseAt
+from dyrep_ray.engine.layout import CHECKPOINT_PREFIX, CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
+from dyrep_ray.engine.loop import train
 from dyrep_ray.engine.storage import RunStorage
+from tests.helpers import RESUME_ATOL, max_abs_diff
 from tests.s3server import S3_TEST_ENV, list_keys, moto_version_problem, s3_server
 
 os.environ.update(S3_TEST_ENV)
@@ -78,9 +80,6 @@ def _newest_checkpoint(storage: RunStorage):
     return ckpt
 
 
-def _max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
 
 
 def _assert_empty(directory: Path, what: str) -> None:
@@ -132,10 +131,9 @@ def test_local_run_interrupted_then_resumed_from_bucket_only(s3, disk_reference,
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.chdir(cwd)
     uri = s3_uri(s3, "local")
-    monkeypatch.setenv(FAULT_ENV, f"raise:epoch=3:rank=0:marker={tmp_path / 'fired'}")
     with one_thread(), pytest.raises(RuntimeError, match="injected fault"):
-        train(cfg, LocalContext(torch.device("cpu"), RunStorage(uri, "run"), cfg.keep_checkpoints))
-    monkeypatch.delenv(FAULT_ENV)
+        train(cfg, LocalContext(torch.device("cpu"), RunStorage(uri, "run"), cfg.keep_checkpoints),
+              callbacks=[RaiseAt(epoch=2, marker=str(tmp_path / "fired"))])
 
     keys = list_keys(s3, BUCKET, "local/run/")
     for name in ("checkpoint_epoch0001", "checkpoint_epoch0002"):
@@ -170,8 +168,8 @@ def test_local_run_interrupted_then_resumed_from_bucket_only(s3, disk_reference,
     ckpt = _newest_checkpoint(storage)
     assert ckpt.meta["epoch"] == 3
     assert ckpt.graph == reference.graph == json.loads(storage.read_text(STRUCTURE_FILE))
-    worst = _max_abs_diff(reference.state["model"], ckpt.state["model"])
-    assert worst <= 1e-6, worst
+    worst = max_abs_diff(reference.state["model"], ckpt.state["model"])
+    assert worst <= RESUME_ATOL, worst
     assert final[-1]["val_top1"] == reference_metrics[-1]["val_top1"]
 
 
@@ -197,10 +195,8 @@ def test_ray_train_interrupted_then_resumed_from_bucket(s3, disk_reference, ray_
     reference, reference_metrics = disk_reference
     uri = s3_uri(s3, "ray")
     cfg = load_config(None, LOCAL_TINY + [f"storage_path={uri}", "workers=1", "max_failures=0"])
-    monkeypatch.setenv(FAULT_ENV, f"raise:epoch=3:rank=0:marker={tmp_path / 'fired'}")
     with pytest.raises(Exception, match="injected fault"):
-        run_distributed(cfg, tmp_path / "unused", "run")
-    monkeypatch.delenv(FAULT_ENV)
+        run_distributed(cfg, tmp_path / "unused", "run", callbacks=[RaiseAt(epoch=2, marker=str(tmp_path / "fired"))])
     storage = RunStorage(uri, "run")
     interrupted = _metrics(storage)
     assert [m["epoch"] for m in interrupted] == [1, 2]
@@ -213,7 +209,7 @@ def test_ray_train_interrupted_then_resumed_from_bucket(s3, disk_reference, ray_
     assert final[:2] == interrupted  # resumed, not restarted
     ckpt = _newest_checkpoint(storage)
     assert ckpt.meta["epoch"] == 3 and ckpt.graph == reference.graph
-    worst = _max_abs_diff(reference.state["model"], ckpt.state["model"])
-    assert worst <= 1e-6, worst
+    worst = max_abs_diff(reference.state["model"], ckpt.state["model"])
+    assert worst <= RESUME_ATOL, worst
     assert final[-1]["val_top1"] == reference_metrics[-1]["val_top1"]
     assert not (tmp_path / "unused").exists()  # everything went to the bucket

@@ -7,27 +7,19 @@ import json
 import pytest
 import torch
 
-from dyrep_ray.engine.config import load_config
-from dyrep_ray.engine.context import LocalContext
-from dyrep_ray.engine.faults import FAULT_ENV
-from dyrep_ray.engine.loop import METRICS_FILE, STRUCTURE_FILE, model_digest, train
-from tests.helpers import final_model
+from dyrep_ray.engine.faults import RaiseAt
+from dyrep_ray.engine.layout import METRICS_FILE, STRUCTURE_FILE
+from dyrep_ray.engine.loop import model_digest
+from tests.helpers import LOCAL_TINY, RESUME_ATOL, final_model, max_abs_diff, run_local
 
 REQUIRED_KEYS = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "params", "n_blocks",
                  "epoch_time_s", "images_per_s", "events"}
-LOCAL_TINY = ["synthetic_train_size=256", "synthetic_val_size=128", "batch_size=32", "dyrep_recal_bn_iters=2",
-              "epochs=3", "dyrep_grow_topk=2"]
-
-
-def _run_local(run_dir, overrides):
-    cfg = load_config(None, overrides)
-    return cfg, train(cfg, LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints))
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("local") / "ref"
-    cfg, summary = _run_local(run_dir, LOCAL_TINY)
+    cfg, summary = run_local(run_dir, LOCAL_TINY)
     return run_dir, cfg, summary
 
 
@@ -63,22 +55,21 @@ def test_checkpoint_restores_structure_and_weights(reference_run):
     assert abs(top1 - reported) < 1e-6
 
 
-def test_interrupted_local_run_resumes_exactly(reference_run, tmp_path, monkeypatch):
+def test_interrupted_local_run_resumes_exactly(reference_run, tmp_path):
     ref_dir, cfg, _ = reference_run
     run_dir = tmp_path / "interrupted"
-    monkeypatch.setenv(FAULT_ENV, f"raise:epoch=3:rank=0:marker={tmp_path / 'fired'}")
     with pytest.raises(RuntimeError, match="injected fault"):
-        _run_local(run_dir, LOCAL_TINY)
+        run_local(run_dir, LOCAL_TINY, [RaiseAt(epoch=2, marker=str(tmp_path / "fired"))])
     assert (tmp_path / "fired").exists()
     assert len(json.loads("[" + ",".join((run_dir / METRICS_FILE).read_text().splitlines()) + "]")) == 2
-    _run_local(run_dir, LOCAL_TINY)  # same command again: resumes from epoch 2
+    run_local(run_dir, LOCAL_TINY)  # same command again: resumes from epoch 2
     resumed, ckpt_b = final_model(run_dir)
     reference, ckpt_a = final_model(ref_dir)
     assert ckpt_a.graph == ckpt_b.graph
     ref_state, new_state = reference.state_dict(), resumed.state_dict()
     assert ref_state.keys() == new_state.keys()
-    worst = max((ref_state[k].double() - new_state[k].double()).abs().max().item() for k in ref_state)
-    assert worst <= 1e-6, worst
+    worst = max_abs_diff(ref_state, new_state)
+    assert worst <= RESUME_ATOL, worst
     assert model_digest(reference) == model_digest(resumed)
     epochs = [json.loads(x)["epoch"] for x in (run_dir / METRICS_FILE).read_text().splitlines()]
     assert epochs == [1, 2, 3]

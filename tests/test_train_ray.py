@@ -8,15 +8,14 @@ import pytest
 
 from dyrep_ray.distributed.trainer import run_distributed
 from dyrep_ray.engine.config import load_config
-from dyrep_ray.engine.faults import FAULT_ENV
-from dyrep_ray.engine.loop import METRICS_FILE, STRUCTURE_FILE, model_digest
-from tests.helpers import final_model
+from dyrep_ray.engine.faults import KillAt
+from dyrep_ray.engine.layout import STRUCTURE_FILE
+from dyrep_ray.engine.loop import model_digest
+from tests.helpers import RESUME_ATOL, final_model, max_abs_diff, run_metrics
 
 pytestmark = pytest.mark.ray
 
 
-def _metrics(run_dir):
-    return [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def reference(ray_session, tmp_path_factory, request):
 def test_two_workers_grow_and_replicas_identical(reference):
     out, cfg, summary = reference
     run_dir = out / "ref"
-    lines = _metrics(run_dir)
+    lines = run_metrics(run_dir)
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     adjust_epochs = [m for m in lines if m["events"]]
     assert len(adjust_epochs) == 2  # after epochs 1 and 2 (none after the last)
@@ -48,21 +47,20 @@ def test_two_workers_grow_and_replicas_identical(reference):
     assert ckpt.meta["epoch"] == 3
 
 
-def test_worker_killed_mid_epoch_resumes_exactly(reference, tmp_path, monkeypatch):
+def test_worker_killed_mid_epoch_resumes_exactly(reference, tmp_path):
     """A real SIGKILL of rank 1 in epoch 3 (after two growths): Ray restarts the workers from the
     epoch-2 checkpoint and the run ends with the same weights and structure as the uninterrupted one."""
     out, cfg, _ = reference
     marker = tmp_path / "fault-fired"
-    monkeypatch.setenv(FAULT_ENV, f"kill:epoch=3:rank=1:marker={marker}")
-    run_distributed(cfg, tmp_path, "killed")
+    run_distributed(cfg, tmp_path, "killed", callbacks=[KillAt(epoch=2, rank=1, marker=str(marker))])
     assert marker.exists(), "the fault was not injected"
     reference_model, ckpt_a = final_model(out / "ref")
     resumed_model, ckpt_b = final_model(tmp_path / "killed")
     assert ckpt_a.graph == ckpt_b.graph
     ref_state, new_state = reference_model.state_dict(), resumed_model.state_dict()
-    worst = max((ref_state[k].double() - new_state[k].double()).abs().max().item() for k in ref_state)
-    assert worst <= 1e-6, worst
-    assert [m["epoch"] for m in _metrics(tmp_path / "killed")] == [1, 2, 3]
+    worst = max_abs_diff(ref_state, new_state)
+    assert worst <= RESUME_ATOL, worst
+    assert [m["epoch"] for m in run_metrics(tmp_path / "killed")] == [1, 2, 3]
     assert model_digest(reference_model) == model_digest(resumed_model)
 
 
@@ -82,11 +80,15 @@ def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(reference, t
 
     out, cfg, _ = reference
     address = ray.get_runtime_context().gcs_address
-    command = [sys.executable, "-m", "dyrep_ray.cli", "train", "--address", address, "--output", str(tmp_path),
-               "--name", "drv", *sum((["--set", kv] for kv in TINY_RUN), [])]
-    env = {**os.environ, FAULT_ENV: f"sleep:epoch=3:seconds=120:marker={tmp_path / 'unused'}"}
+    run_args = ["--address", address, "--output", str(tmp_path), "--name", "drv",
+                *sum((["--set", kv] for kv in TINY_RUN), [])]
+    command = [sys.executable, "-m", "dyrep_ray.cli", "train", *run_args]
+    env = dict(os.environ)
     log = open(tmp_path / "driver1.log", "w")
-    driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # The same run through the Python API with a callback that stalls every rank mid-epoch 3 (0-based 2).
+    stalled = [sys.executable, "-m", "tests.train_with_faults", "--sleep-epoch", "2", "--sleep-seconds", "120",
+               *run_args]
+    driver = subprocess.Popen(stalled, env=env, stdout=log, stderr=subprocess.STDOUT)
     run_dir = tmp_path / "drv"
     deadline = time.time() + 240
     while not (run_dir / "checkpoint_epoch0002" / "MANIFEST.json").exists():
@@ -96,16 +98,15 @@ def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(reference, t
     time.sleep(2)  # inside epoch 3's injected stall
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
-    assert len(_metrics(run_dir)) == 2
+    assert len(run_metrics(run_dir)) == 2
     state = run_dir / "checkpoint_epoch0002" / "state.pt"
     state.write_bytes(state.read_bytes()[:1000])  # the latest checkpoint is now corrupt
-    env.pop(FAULT_ENV)
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     reference_model, ckpt_a = final_model(out / "ref")
     resumed_model, ckpt_b = final_model(run_dir)
     assert ckpt_a.graph == ckpt_b.graph
     ref_state, new_state = reference_model.state_dict(), resumed_model.state_dict()
-    worst = max((ref_state[k].double() - new_state[k].double()).abs().max().item() for k in ref_state)
-    assert worst <= 1e-6, worst
-    assert [m["epoch"] for m in _metrics(run_dir)] == [1, 2, 3]
+    worst = max_abs_diff(ref_state, new_state)
+    assert worst <= RESUME_ATOL, worst
+    assert [m["epoch"] for m in run_metrics(run_dir)] == [1, 2, 3]

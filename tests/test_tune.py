@@ -18,8 +18,8 @@ import yaml
 
 from dyrep_ray.engine.checkpoint import load_checkpoint_dir, write_checkpoint_dir
 from dyrep_ray.engine.config import ConfigError, load_config
-from dyrep_ray.engine.faults import FAULT_ENV
-from dyrep_ray.engine.loop import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
+from dyrep_ray.engine.faults import RaiseAt
+from dyrep_ray.engine.layout import CONFIG_FILE, STRUCTURE_FILE
 from dyrep_ray.tune.bridge import (
     BRIDGE_FILE,
     ORIGIN_FILE,
@@ -29,6 +29,7 @@ from dyrep_ray.tune.bridge import (
     start_checkpoint_of,
 )
 from dyrep_ray.tune.spec import load_sweep
+from tests.helpers import run_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "experiments" / "tune"
@@ -36,8 +37,6 @@ TINY = {"synthetic_train_size": 256, "synthetic_val_size": 128, "batch_size": 32
         "dyrep_recal_bn_iters": 2, "log_interval": 1000, "max_failures": 0}
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines() if x.strip()]
 
 
 def _sweep(raw: dict, tmp_path: Path, name: str = "sweep.yaml") -> Path:
@@ -161,7 +160,8 @@ def test_unknown_model_in_search_space_fails_before_anything_runs(tmp_path, caps
 
 
 def test_sweep_directory_rules(tmp_path):
-    from dyrep_ray.tune.sweep import SWEEP_FILE, TUNE_DIR, prepare_sweep
+    from dyrep_ray.engine.layout import SWEEP_FILE, TUNE_DIR
+    from dyrep_ray.tune.sweep import prepare_sweep
 
     spec = load_sweep(SWEEPS / "demo.yaml")
     with pytest.raises(ConfigError, match="nothing to resume"):
@@ -249,7 +249,7 @@ def test_demo_sweep(ray_session, tmp_path):
         assert record.status in ("completed", "stopped") and not record.error
         assert record.reported and record.reported[0]["epoch"] == 1 and record.best_value is not None
         run_dir = sweep / record.trial_id  # the same run directory as dyrep-ray train
-        assert [m["epoch"] for m in _metrics(run_dir)] == [r["epoch"] for r in record.reported]
+        assert [m["epoch"] for m in run_metrics(run_dir)] == [r["epoch"] for r in record.reported]
         assert (run_dir / STRUCTURE_FILE).is_file() and (run_dir / CONFIG_FILE).is_file()
         cfg = json.loads((run_dir / CONFIG_FILE).read_text())
         assert cfg["lr"] == pytest.approx(record.config["lr"]) and cfg["workers"] == 1
@@ -307,7 +307,7 @@ def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path):
     assert checkpoint_fingerprint(start) == checkpoint_fingerprint(donor_ckpt)
 
     # Training continued from there: epochs k+1.. in the new segment, history 1..k inherited from the donor.
-    history = _metrics(seg1)
+    history = run_metrics(seg1)
     assert [m["epoch"] for m in history] == list(range(1, epochs + 1))
     assert history[:k] == original.meta["history"][:k]
     own = sorted(p.name for p in seg1.glob("checkpoint_epoch*"))
@@ -330,15 +330,15 @@ def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path, monkeypatch):
+def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path):
     """A worker of one trial raises mid-epoch (fault injection, no Train retries): the other trial finishes and
     the table marks the errored one; resuming the sweep re-runs the errored trial to completion."""
     from dyrep_ray.tune.sweep import run_sweep
 
-    monkeypatch.setenv(FAULT_ENV, f"raise:epoch=1:rank=0:marker={tmp_path / 'fired'}")
     raw = {"config": {**TINY, "epochs": 2}, "search_space": {"dyrep_cut_threshold": {"uniform": [0.05, 0.3]}},
            "num_samples": 2, "max_concurrent_trials": 2, "resources": {"workers": 1, "use_gpu": False}}
-    out = run_sweep(load_sweep(_sweep(raw, tmp_path)), str(tmp_path), "faulty", verbose=0)
+    out = run_sweep(load_sweep(_sweep(raw, tmp_path)), str(tmp_path), "faulty", verbose=0,
+                    callbacks=[RaiseAt(epoch=0, rank=0, marker=str(tmp_path / "fired"))])
     assert (tmp_path / "fired").exists()
     status = sorted(r.status for r in out.records)
     assert status == ["completed", "error"], [(r.trial_id, r.status, r.error) for r in out.records]

@@ -107,14 +107,45 @@ def _numpy_helpers() -> dict[tuple[str, str], Any]:
     return helpers
 
 
+class _NdarrayToken:
+    """Stands for ``numpy.ndarray`` in a pickle: accepted as ``_reconstruct``'s first argument, not callable
+    (``ndarray((10**6, 3072))`` called from a pickle would allocate before any check)."""
+
+
+def _capped_reconstruct(max_bytes: int, real: Callable) -> Callable:
+    def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        if subtype is not _NdarrayToken and subtype is not np.ndarray:
+            raise pickle.UnpicklingError("refusing to reconstruct anything but a plain numpy array")
+        try:
+            count = int(np.prod(np.asarray(shape, dtype=np.int64))) if np.ndim(shape) else int(shape)
+            itemsize = np.dtype(dtype).itemsize
+        except (TypeError, ValueError, OverflowError):
+            raise pickle.UnpicklingError("array shape/dtype in the pickle is malformed") from None
+        if count < 0 or count * itemsize > max_bytes:
+            raise pickle.UnpicklingError(f"array of {count} x {itemsize} bytes declared by a file of {max_bytes} "
+                                         "bytes (it would exhaust memory)")
+        return real(np.ndarray, shape, dtype)
+    return reconstruct
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only numpy array reconstruction helpers; every other global is refused."""
+    """Unpickler that resolves only numpy array reconstruction helpers; every other global is refused.
+
+    ``max_array_bytes`` (default: unlimited) caps every array the pickle asks numpy to allocate, so a
+    240-byte file cannot declare a (10**6, 3072) array; :func:`restricted_load` sets it to the file size.
+    """
 
     _allowed: dict[tuple[str, str], Any] | None = None
+    max_array_bytes: int | None = None
 
     def find_class(self, module: str, name: str) -> Any:
         if RestrictedUnpickler._allowed is None:
             RestrictedUnpickler._allowed = _numpy_helpers()
+        if self.max_array_bytes is not None:
+            if (module, name) == ("numpy", "ndarray"):
+                return _NdarrayToken
+            if name == "_reconstruct" and (module, name) in RestrictedUnpickler._allowed:
+                return _capped_reconstruct(self.max_array_bytes, RestrictedUnpickler._allowed[(module, name)])
         try:
             return RestrictedUnpickler._allowed[(module, name)]
         except KeyError:
@@ -129,7 +160,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 def restricted_load(path: Path) -> Any:
     """Unpickle ``path`` with :class:`RestrictedUnpickler` (``encoding="bytes"``, as CIFAR's Python-2 pickles need)."""
     with open(path, "rb") as handle:
-        return RestrictedUnpickler(handle, encoding="bytes").load()
+        unpickler = RestrictedUnpickler(handle, encoding="bytes")
+        unpickler.max_array_bytes = os.fstat(handle.fileno()).st_size  # an array's bytes come from the file
+        return unpickler.load()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,10 +222,15 @@ def _load_batch(layout: CifarLayout, path: Path) -> tuple[np.ndarray, np.ndarray
             f"{layout.name}: {path} b'data' is {data.dtype} {tuple(data.shape)}, expected uint8 "
             f"(N, {CIFAR_ROW_BYTES}); {_layout_help(layout)}"
         )
+    integral = (labels.dtype.kind in "iu" if isinstance(labels, np.ndarray)
+                else isinstance(labels, (list, tuple)) and all(type(label) is int for label in labels))
+    if not integral:
+        raise DatasetError(f"{layout.name}: {path} {layout.label_key!r} is not a list of ints (floats, bools "
+                           f"and other values are refused); {_layout_help(layout)}")
     try:
         label_array = np.asarray(labels, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError):
-        raise DatasetError(f"{layout.name}: {path} {layout.label_key!r} is not a list of ints; "
+    except (TypeError, ValueError, OverflowError):
+        raise DatasetError(f"{layout.name}: {path} {layout.label_key!r} is not a list of int64 values; "
                            f"{_layout_help(layout)}") from None
     if label_array.shape[0] != data.shape[0]:
         raise DatasetError(f"{layout.name}: {path} has {data.shape[0]} images but {label_array.shape[0]} labels; "

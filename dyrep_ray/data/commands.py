@@ -12,9 +12,9 @@ def register(subparsers, add_common) -> None:
 
     p = subparsers.add_parser(
         "prepare", help="export a dataset (synthetic, CIFAR, ImageFolder) to Parquet shards for Ray Data",
-        description="Writes <out>/<split>-00000.parquet, ... with columns image (PNG / original file bytes) and "
-                    "label (int64), un-augmented; training reads them with parquet_train/parquet_val. "
-                    "Nothing is downloaded.")
+        description="Writes <out>/<split>-00000.parquet, ... (with --split both: <out>/train/ and <out>/val/, "
+                    "one split per directory) with columns image (PNG / original file bytes) and label (int64), "
+                    "un-augmented; training reads them with parquet_train/parquet_val. Nothing is downloaded.")
     p.add_argument("dataset", choices=DATASET_NAMES)
     p.add_argument("--data-dir", help="dataset directory (not needed for synthetic)")
     p.add_argument("--out", required=True, help="output directory for the shards")
@@ -32,12 +32,23 @@ def register(subparsers, add_common) -> None:
 def cmd_prepare(args) -> int:
     from .parquet import SPLITS, export_parquet
 
-    splits = SPLITS if args.split == BOTH_SPLITS else (args.split,)
+    from pathlib import Path
+
+    from .errors import DatasetError
+
+    if args.rows_per_shard < 1:
+        raise DatasetError(f"--rows-per-shard must be >= 1, got {args.rows_per_shard}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} exists and is not a directory; choose another --out")
+    both = args.split == BOTH_SPLITS
+    splits = SPLITS if both else (args.split,)
     for split in splits:
+        target = out / split if both else out  # one split per directory: never train and val mixed
         paths = export_parquet(
             args.dataset,
             args.data_dir,
-            args.out,
+            target,
             split=split,
             rows_per_shard=args.rows_per_shard,
             image_size=args.image_size,
@@ -46,5 +57,5 @@ def cmd_prepare(args) -> int:
             synthetic_val_size=args.synthetic_val_size,
             overwrite=args.overwrite,
         )
-        print(f"dyrep-ray: prepare: {args.dataset} {split}: {len(paths)} shard(s) in {args.out}")
+        print(f"dyrep-ray: prepare: {args.dataset} {split}: {len(paths)} shard(s) in {target}")
     return 0

@@ -1,20 +1,11 @@
-"""Parquet shards for Ray Data: export a dataset to Parquet, read it back, decode batches to tensors.
+"""Parquet shards: export a dataset to Parquet and read it back with pyarrow (no Ray).
 
 Shard schema: ``image`` (binary: encoded PNG, or the original JPEG/PNG file bytes for ImageFolder) and
 ``label`` (int64). The schema metadata key ``dyrep_ray`` holds JSON: dataset name, split, num_classes, classes.
 
-Writer side needs only pyarrow and PIL. Reader side: :func:`read_parquet_dataset` returns a
-``ray.data.Dataset``; :class:`BatchDecoder` turns a numpy batch dict into ``(images NCHW float32, labels int64)``;
-:func:`iter_decoded_batches` runs it as the ``collate_fn`` of ``iter_torch_batches``, e.g. in a Ray Train worker::
-
-    shard = ray.train.get_dataset_shard("train")
-    decoder = build_batch_decoder("cifar10", train=True)
-    for images, labels in iter_decoded_batches(shard, decoder, batch_size=128):
-        ...
-
-(or ``shard.iter_torch_batches(batch_size=128, collate_fn=decoder.as_ray_collate_fn())``).
-
-Ray is imported lazily inside the functions that need it.
+Writer and reader need only pyarrow and PIL: :class:`ParquetImageDataset` is a map-style torch Dataset over
+the shards (``--local``). Streaming them to Ray Train workers through Ray Data is
+:mod:`dyrep_ray.distributed.ray_data`.
 """
 
 from __future__ import annotations
@@ -23,8 +14,9 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,9 +44,6 @@ from .transforms import (
     resolve_aug,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    import ray.data
-
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
@@ -65,6 +54,8 @@ DEFAULT_ROWS_PER_SHARD = 10_000
 SHARD_SUFFIX = ".parquet"
 _TMP_SUFFIX = ".tmp"
 _PNG = "PNG"
+# Decoded images larger than this are refused before decoding (a 17 KB PNG can declare 12000 x 12000 pixels).
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 def shard_name(split: str, index: int) -> str:
@@ -150,6 +141,12 @@ def export_parquet(
         raise DatasetError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     out = Path(out_dir).expanduser()
     existing = sorted(out.glob(f"{split}-*{SHARD_SUFFIX}")) if out.is_dir() else []
+    foreign = sorted(f for f in out.glob(f"*{SHARD_SUFFIX}") if f not in existing) if out.is_dir() else []
+    if foreign:
+        raise DatasetError(
+            f"{out} already holds other shards (e.g. {foreign[0].name}); a directory holds one split only: "
+            f"write {split} into its own directory (prepare --split both writes <out>/train and <out>/val)"
+        )
     if existing and not overwrite:
         raise DatasetError(
             f"{out} already holds {len(existing)} {split} shard(s); pass overwrite=True or choose another out_dir"
@@ -187,26 +184,105 @@ def export_parquet(
     return paths
 
 
+def _shard_metadata(file: Path) -> dict[str, Any] | None:
+    """The ``dyrep_ray`` metadata of one shard (None if it has none); a one-line error if unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        raw = (pq.read_schema(file).metadata or {}).get(METADATA_KEY)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DatasetError(f"{file}: not a readable Parquet file ({exc})".splitlines()[0]) from None
+    if raw is None:
+        return None
+    try:
+        info = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise DatasetError(f"{file}: its {METADATA_KEY.decode()} metadata is not JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise DatasetError(f"{file}: its {METADATA_KEY.decode()} metadata is not a JSON object")
+    return info
+
+
 def _parquet_files(path: str | os.PathLike) -> list[Path]:
+    """The shard files at ``path``; refuses a directory whose shards record different splits."""
     root = Path(path).expanduser()
     if root.is_file():
         return [root]
     files = sorted(root.glob(f"*{SHARD_SUFFIX}")) if root.is_dir() else []
     if not files:
-        raise DatasetError(f"no {SHARD_SUFFIX} files at {root}; write them with export_parquet(...)")
+        hint = ""
+        if root.is_dir() and any((root / s).is_dir() for s in SPLITS):
+            hint = f" (it has {'/'.join(SPLITS)} subdirectories: point at {root}/train and {root}/val)"
+        raise DatasetError(f"no {SHARD_SUFFIX} files at {root}{hint}; write them with dyrep-ray prepare")
+    splits = {}
+    for file in files:
+        info = _shard_metadata(file)
+        splits.setdefault(info.get("split") if info else None, file)
+    if len(splits) > 1:
+        shown = ", ".join(f"{split} ({file.name})" for split, file in splits.items())
+        raise DatasetError(f"{root} mixes shards of different splits: {shown}; keep train and val shards in "
+                           "separate directories (dyrep-ray prepare --split both writes <out>/train and <out>/val)")
     return files
 
 
 def read_parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``dyrep_ray`` metadata (dataset, split, num_classes, classes, ...) of a shard or shard directory."""
-    import pyarrow.parquet as pq
-
     first = _parquet_files(path)[0]
-    schema = pq.read_schema(first)
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
+    info = _shard_metadata(first)
+    if info is None:
         raise DatasetError(f"{first} has no {METADATA_KEY.decode()} metadata; it was not written by export_parquet")
-    return json.loads(raw)
+    num_classes = info.get("num_classes")
+    if type(num_classes) is not int or num_classes < 1:
+        raise DatasetError(f"{first}: metadata num_classes must be a positive integer, got {num_classes!r}"[:200])
+    if not isinstance(info.get("dataset"), str):
+        raise DatasetError(f"{first}: metadata names no dataset (a string)")
+    return info
+
+
+def recorded_split(path: str | os.PathLike) -> str | None:
+    """The split the shards at ``path`` record (None for shards without dyrep-ray metadata)."""
+    info = _shard_metadata(_parquet_files(path)[0])
+    split = info.get("split") if info else None
+    return split if isinstance(split, str) else None
+
+
+def resolve_parquet_splits(train: str | None, val: str | None) -> dict[str, str]:
+    """``{"parquet_train", "parquet_val"}`` checked against the splits the shards record.
+
+    ``parquet_val`` is never the training data: when it is unset it is derived only from the layout
+    ``prepare --split both`` writes (``<D>/train`` given -> ``<D>/val``; ``<D>`` given -> ``<D>/train`` and
+    ``<D>/val``), otherwise refused with one line.  Object-store URIs are not inspected here.
+    """
+    if not train:
+        raise DatasetError("dataset 'parquet' needs parquet_train; e.g. --set parquet_train=/data/pq/train")
+    remote = "://" in str(train) and not str(train).startswith("file://")
+    if remote:
+        if not val:
+            raise DatasetError("parquet_val is not set; pass --set parquet_val=... (validation never "
+                               "defaults to the training shards)")
+        return {"parquet_train": str(train), "parquet_val": str(val)}
+    root = Path(train).expanduser()
+    if root.is_dir() and not any(root.glob(f"*{SHARD_SUFFIX}")) and (root / SPLITS[0]).is_dir():
+        train_path, derived_val = root / SPLITS[0], root / SPLITS[1]
+    else:
+        train_path, derived_val = root, root.parent / SPLITS[1] if root.name == SPLITS[0] else None
+    if val:
+        val_path = Path(val).expanduser()
+    elif derived_val is not None and derived_val.is_dir():
+        val_path = derived_val
+    else:
+        raise DatasetError(f"parquet_val is not set and {train} has no sibling '{SPLITS[1]}' directory written "
+                           "by dyrep-ray prepare; pass --set parquet_val=... (validation never defaults to the "
+                           "training shards)")
+    if train_path.resolve() == val_path.resolve():
+        raise DatasetError(f"parquet_train and parquet_val are the same ({train_path}); validation must not run "
+                           "on the training shards")
+    for wanted, path in zip(SPLITS, (train_path, val_path)):
+        found = recorded_split(path)
+        if found is not None and found != wanted:
+            raise DatasetError(f"parquet_{wanted} {path} holds shards recorded as split {found!r}; "
+                               f"point parquet_{wanted} at the {wanted} shards")
+    return {"parquet_train": str(train_path), "parquet_val": str(val_path)}
 
 
 def parquet_row_count(path: str | os.PathLike) -> int:
@@ -216,51 +292,27 @@ def parquet_row_count(path: str | os.PathLike) -> int:
     return sum(pq.ParquetFile(file).metadata.num_rows for file in _parquet_files(path))
 
 
-def read_parquet_dataset(path: str | os.PathLike | Sequence[str], **read_kwargs: Any) -> "ray.data.Dataset":
-    """A ``ray.data.Dataset`` over the shards at ``path`` (a shard, a directory of shards, or a list)."""
-    import ray.data
-
-    if isinstance(path, (str, os.PathLike)):
-        paths: Any = [str(file) for file in _parquet_files(path)]
-    else:
-        paths = [str(file) for file in path]
-    return ray.data.read_parquet(paths, **read_kwargs)
+def check_image_pixels(image: Image.Image, where: str) -> None:
+    """Refuse, before decoding, an image declaring more than :data:`MAX_IMAGE_PIXELS` pixels."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"{where}: image of {width}x{height} pixels exceeds the {MAX_IMAGE_PIXELS}-pixel cap; "
+                           "resize it or remove it from the dataset")
 
 
-def decode_image(encoded: bytes) -> Image.Image:
-    """Encoded PNG/JPEG bytes -> RGB PIL image."""
-    with Image.open(io.BytesIO(encoded)) as image:
-        return image.convert("RGB")
-
-
-class BatchDecoder:
-    """Numpy batch dict ``{"image": bytes[N], "label": int[N]}`` -> ``(float32 NCHW, int64 N)`` tensors.
-
-    Applies ``transform`` (PIL image -> CHW tensor, including any augmentation) per image. Picklable, so it
-    can be shipped to Ray workers and passed as ``collate_fn`` to ``iter_torch_batches``.
-    """
-
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.transform = transform
-
-    def __call__(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            encoded, labels = batch[IMAGE_COLUMN], batch[LABEL_COLUMN]
-        except KeyError as exc:
-            raise DatasetError(
-                f"batch lacks column {exc}; expected columns {IMAGE_COLUMN!r} and {LABEL_COLUMN!r}"
-            ) from None
-        images = torch.stack([self.transform(decode_image(bytes(item))) for item in encoded])
-        return images, torch.tensor(np.asarray(labels), dtype=torch.int64)
-
-    def as_ray_collate_fn(self) -> Any:
-        """This decoder as a ``ray.data.collate_fn.NumpyBatchCollateFn`` (imports Ray)."""
-        from .ray_collate import NumpyBatchDecoder
-
-        return NumpyBatchDecoder(self)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform!r})"
+def decode_image(encoded: bytes, where: str = "image") -> Image.Image:
+    """Encoded PNG/JPEG bytes -> RGB PIL image; :class:`DatasetError` naming ``where`` if it is not one."""
+    if encoded is None:
+        raise DatasetError(f"{where}: the image is null; re-export the data with dyrep-ray prepare")
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            check_image_pixels(image, where)
+            return image.convert("RGB")
+    except DatasetError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated / not an image
+        raise DatasetError(f"{where}: not a decodable image ({type(exc).__name__}: {exc})".splitlines()[0]) \
+            from None
 
 
 def sample_transform(
@@ -277,52 +329,58 @@ def sample_transform(
     return (imagenet_train_transform if train else imagenet_val_transform)(image_size, config)
 
 
-def build_batch_decoder(
-    dataset: str, *, train: bool, image_size: int = DEFAULT_IMAGE_SIZE, aug: Mapping[str, Any] | None = None
-) -> BatchDecoder:
-    """A :class:`BatchDecoder` with the same normalization/augmentation as the in-memory dataset."""
-    return BatchDecoder(sample_transform(dataset, train=train, image_size=image_size, aug=aug))
-
-
-def iter_decoded_batches(
-    data: Any,
-    decoder: BatchDecoder,
-    *,
-    batch_size: int,
-    drop_last: bool = False,
-    local_shuffle_buffer_size: int | None = None,
-    local_shuffle_seed: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Iterate ``(images, labels)`` over a ``ray.data.Dataset`` or a ``DataIterator`` (``get_dataset_shard``)."""
-    yield from data.iter_torch_batches(
-        batch_size=batch_size,
-        collate_fn=decoder.as_ray_collate_fn(),
-        drop_last=drop_last,
-        local_shuffle_buffer_size=local_shuffle_buffer_size,
-        local_shuffle_seed=local_shuffle_seed,
-    )
-
-
 class ParquetImageDataset(Dataset):
-    """Map-style torch Dataset over exported shards (read with pyarrow, no Ray), items ``(tensor, int)``."""
+    """Map-style torch Dataset over exported shards (read with pyarrow, no Ray), items ``(tensor, int)``.
+
+    Refuses, at construction, null images and labels that are not integers in ``[0, num_classes)`` (from the
+    shards' metadata), naming the file and row.  (Skipping bad samples with a count is not offered yet.)
+    """
 
     def __init__(self, path: str | os.PathLike, transform: Callable[[Image.Image], Any] | None = None) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         files = _parquet_files(path)
+        info = _shard_metadata(files[0]) or {}
+        num_classes = info.get("num_classes") if type(info.get("num_classes")) is int else None
         self.images: list[bytes] = []
         self.targets: list[int] = []
+        self._where: list[tuple[Path, int]] = []  # (file, first row) per file, for error messages
         for file in files:
-            table = pq.read_table(file, columns=[IMAGE_COLUMN, LABEL_COLUMN])
-            self.images.extend(table.column(IMAGE_COLUMN).to_pylist())
-            self.targets.extend(int(label) for label in table.column(LABEL_COLUMN).to_pylist())
+            try:
+                table = pq.read_table(file, columns=[IMAGE_COLUMN, LABEL_COLUMN])
+            except (OSError, ValueError, KeyError) as exc:
+                raise DatasetError(f"{file}: cannot read columns {IMAGE_COLUMN!r}/{LABEL_COLUMN!r} "
+                                   f"({exc})".splitlines()[0]) from None
+            labels = table.column(LABEL_COLUMN)
+            if not pa.types.is_integer(labels.type):
+                raise DatasetError(f"{file}: column {LABEL_COLUMN!r} is {labels.type}, not integer class indices")
+            values = labels.to_pylist()
+            for row, label in enumerate(values):
+                if label is None or label < 0 or (num_classes is not None and label >= num_classes):
+                    raise DatasetError(f"{file} row {row}: label {label!r} is not a class index in "
+                                       f"[0, {num_classes if num_classes is not None else 'num_classes'})")
+            images = table.column(IMAGE_COLUMN).to_pylist()
+            for row, image in enumerate(images):
+                if image is None:
+                    raise DatasetError(f"{file} row {row}: the image is null; re-export the data")
+            self._where.append((file, len(self.targets)))
+            self.images.extend(images)
+            self.targets.extend(int(label) for label in values)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.targets)
 
+    def _describe(self, index: int) -> str:
+        file, first = next((f, start) for f, start in reversed(self._where) if start <= index)
+        return f"{file} row {index - first}"
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = decode_image(self.images[index])
+        try:
+            image = decode_image(self.images[index], "image")
+        except DatasetError as exc:
+            raise DatasetError(str(exc).replace("image:", f"{self._describe(index)}:", 1)) from None
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]

@@ -1,4 +1,4 @@
-"""Ray Train implementation of the training-loop context (DESIGN §4).
+"""Ray Train implementation of the training-loop context (:class:`~dyrep_ray.engine.protocols.TrainContext`).
 
 Every structure change is decided once: rank 0's plan is broadcast with
 ``broadcast_object_list``; after the change the model is re-wrapped in DDP, whose
@@ -22,7 +22,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..engine.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
-from ..engine.context import CheckpointWriter, checkpoint_dir_name, load_newest_valid
+from ..engine.context import load_newest_valid
+from ..engine.layout import checkpoint_dir_name
+from ..engine.protocols import CheckpointWriter
 from ..engine.storage import RunStorage
 
 logger = logging.getLogger(__name__)
@@ -62,12 +64,6 @@ class RayTrainContext:
         box = [obj if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def dataset_shard(self, name: str):
-        try:
-            return ray.train.get_dataset_shard(name)
-        except (KeyError, ValueError):
-            return None
 
     def gather_object(self, obj) -> list:
         if not self._distributed:

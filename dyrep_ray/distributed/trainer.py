@@ -9,22 +9,33 @@ latest checkpoint to the workers.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..errors import UserError
+from ..engine.callbacks import TrainerCallback
 from ..engine.config import TrainConfig
-from ..engine.context import CHECKPOINT_PREFIX, load_newest_valid
-from ..engine.faults import FAULT_ENV
+from ..engine.context import load_newest_valid
+from ..engine.data_source import PARQUET, aug_options
+from ..engine.loop import Trainer, summarize
+from ..engine.runfiles import plain_params_from, read_metrics
 from ..engine.storage import RunStorage, resolve_filesystem
-from ..engine.loop import METRICS_FILE, Trainer, summarize
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["ClusterError", "build_torch_trainer", "connect", "preflight", "read_metrics", "plain_params_from",
+           "run_distributed", "train_loop_per_worker"]
+
 CPUS_PER_WORKER = 1
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Ray Train scores checkpoints by this metric when it keeps the best N.
+CHECKPOINT_SCORE = "val_top1"
+#: A worker count, or (min, max) for elastic training (not used yet; ScalingConfig takes either).
+WorkerCount = int | tuple[int, int]
 
 
 class ClusterError(UserError, RuntimeError):
@@ -32,17 +43,21 @@ class ClusterError(UserError, RuntimeError):
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """What every Ray Train worker runs: the ``--local`` loop in a Ray context, on Ray Data or torch data."""
     from .context import RayTrainContext
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    if loop_config.get("fault"):  # test-only fault injection, forwarded from the driver's environment
-        os.environ[FAULT_ENV] = loop_config["fault"]
     cfg = TrainConfig.from_dict(loop_config["config"])
     ctx = RayTrainContext(loop_config["storage_uri"], loop_config["name"],
                           start_checkpoint=loop_config.get("start_checkpoint"))
     if ctx.rank != 0:  # one progress log is enough
         logging.getLogger("dyrep_ray").setLevel(logging.WARNING)
-    Trainer(cfg, ctx).fit()
+    data = None
+    if loop_config.get("ray_data"):  # the launcher gave the trainer Ray Data datasets: read this worker's shards
+        from .ray_data import RayDataSource
+
+        data = RayDataSource.from_ray_train
+    Trainer(cfg, ctx, data=data, callbacks=loop_config.get("callbacks", ())).fit()
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:
@@ -58,11 +73,18 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
         if address:
             ray.init(address=address, log_to_driver=True)
             return address
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        from .ray_local import stale_local_cluster
+
+        stale = stale_local_cluster()  # a head that died without `ray stop`: ray.init would retry it for minutes
+        if stale is not None:
+            logger.warning("%s names a Ray head at %s that does not answer (it died without 'ray stop'); "
+                           "starting a fresh local instance", *stale)
+        ray.init(address="local" if stale else None, num_cpus=num_cpus, log_to_driver=True)
         return "local"
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local instance"
-        raise ClusterError(f"cannot connect to Ray at {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ClusterError(f"cannot connect to Ray at {where} ({reason}); "
                            "check --address / RAY_ADDRESS, that the head is running, and RAY_AUTH_MODE=token "
                            "with a valid token") from exc
 
@@ -109,6 +131,26 @@ def check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
                            f"use --workers {max(int(cpus) // CPUS_PER_WORKER, 1)} or add nodes")
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """Fail fast in the driver, before Ray starts workers, on names and paths it can check here.
+
+    Shared by ``train`` and ``tune`` (per value a sweep can give).  ``--local`` needs none of this: the trainer
+    builds model and data before it writes anything.
+    """
+    from ..data import DatasetError, build_datasets
+    from ..data.builder import SYNTHETIC
+    from ..models import build_model
+
+    build_model(cfg.model, cfg.num_classes or 10)
+    if cfg.dataset in (SYNTHETIC, PARQUET):  # built in memory / paths checked by the config
+        return
+    if cfg.data_dir is None or not Path(cfg.data_dir).exists():
+        raise DatasetError(f"data_dir {cfg.data_dir!r} does not exist; put the {cfg.dataset} files there "
+                           "or pass --set data_dir=... (nothing is downloaded)")
+    if cfg.dataset.startswith("cifar"):  # cheap enough to open fully: catches a malformed directory
+        build_datasets(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, aug=aug_options(cfg))
+
+
 def run_config_for(cfg: TrainConfig, name: str, storage: RunStorage, fs, fs_path: str, callbacks=None):
     """Ray ``RunConfig``: storage, restarts and best-N-by-val_top1 checkpoint retention (plus the latest)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -118,60 +160,82 @@ def run_config_for(cfg: TrainConfig, name: str, storage: RunStorage, fs, fs_path
         storage_path=fs_path,
         storage_filesystem=None if storage.local else fs,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_top1",
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                           checkpoint_score_attribute=CHECKPOINT_SCORE,
                                            checkpoint_score_order="max"),
         callbacks=callbacks,
     )
 
 
-def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address: str | None = None) -> dict:
-    """Train with Ray Train ``TorchTrainer``; returns the summary dict."""
+@dataclass(frozen=True)
+class Launch:
+    """Where and how one ``TorchTrainer`` run goes: everything ``train`` and a tune trial differ in."""
+
+    storage_uri: str  # Ray Train storage_path; the run dir is <storage_uri>/<name>
+    name: str
+    use_gpu: bool
+    num_workers: WorkerCount
+    cpus_per_worker: float = CPUS_PER_WORKER
+    start_checkpoint: str | None = None  # a dyrep checkpoint a new run starts from (PBT exploit)
+
+    @property
+    def storage(self) -> RunStorage:
+        return RunStorage(self.storage_uri, self.name)
+
+
+def resources_per_worker(use_gpu: bool, cpus_per_worker: float) -> dict[str, float]:
+    return {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+
+
+def build_torch_trainer(cfg: TrainConfig, launch: Launch, *, callbacks: Sequence[TrainerCallback] = (),
+                        ray_callbacks: Sequence[Any] | None = None,
+                        loop: Callable[[dict], None] = train_loop_per_worker):
+    """The one ``TorchTrainer`` factory of ``train`` and ``tune``: scaling, storage, retention, Ray Data.
+
+    ``callbacks`` run in every worker's :class:`Trainer` (cloudpickled in the train loop config);
+    ``ray_callbacks`` are Ray Train controller callbacks (the Tune bridge).
+    """
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage = launch.storage
+    storage_uri = storage.root.rsplit("/", 1)[0] if storage.local else launch.storage_uri  # absolute for workers
+    fs, fs_path = resolve_filesystem(storage_uri)
+    datasets = None
+    if cfg.dataset == PARQUET:  # streamed to workers through Ray Data: no copy of the data on every node
+        from .ray_data import parquet_datasets
+
+        datasets = parquet_datasets(cfg)
+    return TorchTrainer(
+        loop,
+        datasets=datasets,
+        train_loop_config={"config": cfg.to_dict(), "storage_uri": storage_uri, "name": launch.name,
+                           "start_checkpoint": launch.start_checkpoint, "ray_data": datasets is not None,
+                           "callbacks": list(callbacks)},
+        scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=launch.use_gpu,
+                                     resources_per_worker=resources_per_worker(launch.use_gpu,
+                                                                               launch.cpus_per_worker)),
+        run_config=run_config_for(cfg, launch.name, storage, fs, fs_path,
+                                  callbacks=list(ray_callbacks) if ray_callbacks else None),
+    )
+
+
+def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address: str | None = None,
+                    callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    """Train with Ray Train ``TorchTrainer``; returns the summary dict.  ``callbacks`` run on every worker."""
     connect(address)
     use_gpu = resolve_use_gpu(cfg)
     check_resources(cfg, use_gpu)
-    storage_uri = cfg.storage_path or str(output_dir)
-    storage = RunStorage(storage_uri, name)
-    if storage.local:
-        storage_uri = storage.root.rsplit("/", 1)[0]  # absolute: workers run in other directories
-    fs, fs_path = resolve_filesystem(storage_uri)
+    launch = Launch(storage_uri=cfg.storage_path or str(output_dir), name=name, use_gpu=use_gpu,
+                    num_workers=cfg.workers)
+    storage = launch.storage
     # Refuse up front (exit 2) a run dir whose checkpoints are all unusable: never restart from scratch silently.
     load_newest_valid(storage)
-    run_dir = storage.root
-    datasets = None
-    if cfg.dataset == "parquet":  # streamed to workers through Ray Data: no copy of the data on every node
-        from ..data.parquet import read_parquet_dataset
-
-        datasets = {"train": read_parquet_dataset(cfg.parquet_train),
-                    "val": read_parquet_dataset(cfg.parquet_val or cfg.parquet_train)}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        datasets=datasets,
-        train_loop_config={"config": cfg.to_dict(), "storage_uri": storage_uri, "name": name,
-                           "fault": os.environ.get(FAULT_ENV)},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": CPUS_PER_WORKER}),
-        run_config=run_config_for(cfg, name, storage, fs, fs_path),
-    )
-    logger.info("launching %d %s worker(s); run directory %s", cfg.workers, "GPU" if use_gpu else "CPU", run_dir)
+    trainer = build_torch_trainer(cfg, launch, callbacks=callbacks)
+    logger.info("launching %d %s worker(s); run directory %s", cfg.workers, "GPU" if use_gpu else "CPU",
+                storage.root)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
     return summarize(read_metrics(storage), plain_params_from(storage))
 
-
-def read_metrics(storage: RunStorage) -> list[dict]:
-    text = storage.read_text(METRICS_FILE) or ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def plain_params_from(storage: RunStorage) -> int:
-    """Parameter count of the untouched model, from the newest checkpoint's meta."""
-    for name in sorted(storage.list_dirs(CHECKPOINT_PREFIX), reverse=True):
-        try:
-            return int(json.loads(storage.read_text(f"{name}/meta.json") or "{}").get("plain_params", 0))
-        except ValueError:
-            continue
-    return 0

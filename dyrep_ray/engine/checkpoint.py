@@ -31,13 +31,29 @@ from torch.optim import Optimizer
 from ..errors import UserError
 from .layout import GRAPH_FILE, MANIFEST_FILE, META_FILE, STATE_FILE
 
+# Marks the sibling temp dir a checkpoint is written into (removed on the next run if a kill left it).
+TEMP_MARK = ".tmp-"
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
 
+# state.pt is a zip of *stored* (uncompressed) records when torch writes it: a record that is compressed, or
+# records declaring more bytes than the file holds, can only be a decompression bomb (or not ours).
+_ZIP_STORED = 0
+# Checkpoint geometry bounds checked before anything is built from a structure graph.
+MAX_GRAPH_BLOCKS = 100_000
+MAX_KERNEL_SIZE = 31
+
+
 class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, incomplete, corrupted or not ours."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, read-only, ...); an OSError so every writer's
+    "checkpoint NOT written" handler catches it, whatever layer (torch's RuntimeError included) raised it."""
 
 
 @dataclass
@@ -74,9 +90,13 @@ def write_checkpoint_dir(directory: str | Path, *, state: dict, meta: dict, grap
     if directory.exists():
         raise CheckpointError(f"checkpoint directory {directory} already exists")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}{TEMP_MARK}", dir=directory.parent))
     try:
-        torch.save(state, tmp / STATE_FILE)
+        try:
+            torch.save(state, tmp / STATE_FILE)
+        except RuntimeError as exc:  # torch reports ENOSPC / EIO from its zip writer as RuntimeError
+            raise CheckpointWriteError(f"torch.save failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
+                from exc
         _write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta})
         _write_json(tmp / GRAPH_FILE, graph)
         files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
@@ -96,33 +116,146 @@ def verify_checkpoint_dir(directory: str | Path) -> None:
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory}: no {MANIFEST_FILE} (incomplete or not a dyrep-ray checkpoint)")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json_strict(manifest_path)
         files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{directory}: unreadable {MANIFEST_FILE} ({exc})") from exc
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}, not an object")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{directory}: unreadable {MANIFEST_FILE} ({exc})".splitlines()[0]) from exc
     for name in (STATE_FILE, META_FILE, GRAPH_FILE):
         path = directory / name
         if name not in files or not path.is_file():
             raise CheckpointError(f"{directory}: missing {name}")
-        if path.stat().st_size != files[name]["bytes"] or sha256_file(path) != files[name]["sha256"]:
+        entry = files[name]
+        if (not isinstance(entry, dict) or type(entry.get("bytes")) is not int
+                or not isinstance(entry.get("sha256"), str)):
+            raise CheckpointError(f"{directory}: {MANIFEST_FILE} entry for {name} is malformed "
+                                  "(needs integer 'bytes' and string 'sha256')")
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"{directory}: {name} is corrupted (checksum mismatch)")
+
+
+def read_json_strict(path: str | Path):
+    """JSON from ``path``; ``NaN``/``Infinity`` (not JSON) are refused with ValueError."""
+    def refuse(value: str):
+        raise ValueError(f"non-finite number {value} is not valid JSON")
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def check_zip_records(path: str | Path) -> None:
+    """Refuse a torch zip file whose records are compressed or declare more bytes than the file holds
+    (a few KB that would decompress to GBs).  Non-zip (legacy) files are left to ``torch.load``."""
+    import zipfile
+
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable tensor file ({exc})".splitlines()[0]) from exc
+    if any(r.compress_type != _ZIP_STORED for r in records):
+        raise CheckpointError(f"{path}: refused: holds compressed records (torch.save never writes them; "
+                              "it could decompress to far more memory than its size)")
+    declared = sum(r.file_size for r in records)
+    if declared > size:
+        raise CheckpointError(f"{path}: refused: its records declare {declared} bytes but the file has {size}")
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FLOAT_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _is_pos_int(value, upper: int | None = None) -> bool:
+    return type(value) is int and value >= 1 and (upper is None or value <= upper)
+
+
+def validate_checkpoint_content(directory, meta, graph, state) -> None:
+    """Types and geometry a checkpoint must have before anything is built from it.
+
+    Catches what the manifest cannot (a checkpoint written, or re-manifested, with bad content): meta
+    epoch/step not ints, structure entries not well-formed, block geometry that no tensor in the state has
+    (a tiny structure.json asking for 20000 channels), non-float weights.  Raises :class:`CheckpointError`.
+    """
+    from ..rep.dbb import BRANCH_NAMES
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{directory}: {what}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"{META_FILE} is not a JSON object")
+    for key in ("epoch", "global_step"):
+        if type(meta.get(key)) is not int or meta[key] < 0:
+            raise bad(f"{META_FILE} {key!r} must be a non-negative integer, got {meta.get(key)!r}"[:200])
+    if "history" in meta and not isinstance(meta["history"], list):
+        raise bad(f"{META_FILE} 'history' must be a list")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise bad(f"{STATE_FILE} holds no 'model' state dict")
+    model_state = state["model"]
+    for key, value in model_state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise bad(f"{STATE_FILE} model entry {key!r} is not a named tensor")
+        if value.is_complex() or (key.rsplit(".", 1)[-1] in _FLOAT_KEYS and value.dtype not in _FLOAT_DTYPES):
+            raise bad(f"{STATE_FILE} model tensor {key!r} has dtype {value.dtype} (weights must be floating point)")
+    if not isinstance(graph, dict) or not isinstance(graph.get("blocks"), list):
+        raise bad(f"{GRAPH_FILE} is not a structure graph (an object with a 'blocks' list)")
+    if len(graph["blocks"]) > MAX_GRAPH_BLOCKS:
+        raise bad(f"{GRAPH_FILE} lists {len(graph['blocks'])} blocks")
+    paths = set()
+    for entry in graph["blocks"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise bad(f"{GRAPH_FILE} has an entry without a module path: {entry!r}"[:200])
+        path = entry["path"]
+        if path in paths:
+            raise bad(f"{GRAPH_FILE} lists module {path!r} twice")
+        paths.add(path)
+        if entry.get("type") == "conv":
+            if not isinstance(entry.get("bias"), bool) or not isinstance(entry.get("orig_bias"), bool):
+                raise bad(f"{GRAPH_FILE} conv entry {path!r} needs boolean 'bias' and 'orig_bias'")
+            continue
+        if entry.get("type") != "dbb":
+            raise bad(f"{GRAPH_FILE} entry {path!r} has unknown type {entry.get('type')!r}")
+        in_c, out_c, k, groups = (entry.get(key) for key in ("in_channels", "out_channels", "kernel_size", "groups"))
+        stride, padding = entry.get("stride"), entry.get("padding")
+        if not (_is_pos_int(in_c) and _is_pos_int(out_c) and _is_pos_int(k, MAX_KERNEL_SIZE) and _is_pos_int(groups)
+                and _is_pos_int(stride, k) and type(padding) is int and 0 <= padding <= k
+                and in_c % groups == 0 and out_c % groups == 0):
+            raise bad(f"{GRAPH_FILE} block {path!r} has invalid geometry "
+                      f"(in {in_c!r}, out {out_c!r}, k {k!r}, stride {stride!r}, padding {padding!r}, "
+                      f"groups {groups!r})"[:300])
+        branches = entry.get("branches")
+        if (not isinstance(branches, list) or not branches or len(set(map(str, branches))) != len(branches)
+                or any(b not in BRANCH_NAMES for b in branches)):
+            raise bad(f"{GRAPH_FILE} block {path!r} has invalid branches {branches!r} "
+                      f"(a list of distinct names from {list(BRANCH_NAMES)})"[:300])
+        if not isinstance(entry.get("orig_bias"), bool):
+            raise bad(f"{GRAPH_FILE} block {path!r} needs a boolean 'orig_bias'")
+        kxk_shape = (out_c, in_c // groups, k, k)
+        prefix = f"{path}."
+        if not any(key.startswith(prefix) and tuple(t.shape) == kxk_shape for key, t in model_state.items()):
+            raise bad(f"{GRAPH_FILE} block {path!r} geometry {kxk_shape} matches no tensor in {STATE_FILE}")
 
 
 def load_checkpoint_dir(directory: str | Path, map_location="cpu") -> LoadedCheckpoint:
     """Verify and load a checkpoint without unpickling arbitrary objects."""
     directory = Path(directory)
     verify_checkpoint_dir(directory)
+    check_zip_records(directory / STATE_FILE)
     try:
-        meta = json.loads((directory / META_FILE).read_text())
-        graph = json.loads((directory / GRAPH_FILE).read_text())
+        meta = read_json_strict(directory / META_FILE)
+        graph = read_json_strict(directory / GRAPH_FILE)
         state = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as exc:  # weights_only refuses pickled objects with UnpicklingError
         raise CheckpointError(f"{directory}: cannot load safely ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+    validate_checkpoint_content(directory, meta, graph, state)
     return LoadedCheckpoint(directory, meta, graph, state)
 
 
 def load_state_file(path: str | Path, map_location="cpu") -> dict:
     """``torch.load(weights_only=True)`` with a one-line error for pickled payloads."""
+    check_zip_records(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -196,22 +329,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def find_valid_checkpoints(root: str | Path, prefix: str = "checkpoint_") -> list[Path]:
-    """Checkpoint dirs under ``root`` whose manifest verifies, newest (by epoch) first.
-
-    Invalid ones are skipped with a warning naming the reason.
+def find_valid_checkpoints(root: str | Path) -> list[Path]:
+    """The run's own checkpoint dirs (``checkpoint_epochNNNN[_stepS]``) whose manifest verifies, newest first
+    by the ``(epoch, global_step)`` their meta records.  Invalid ones are skipped with a warning naming the reason.
     """
+    from .rundir import list_checkpoints
+    from .storage import RunStorage
+
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
-    for d in root.iterdir():
-        if not d.is_dir() or not d.name.startswith(prefix):
-            continue
+    for entry in list_checkpoints(RunStorage(str(root.parent), root.name)):
+        directory = root / entry.name
         try:
-            verify_checkpoint_dir(d)
-            meta = json.loads((d / META_FILE).read_text())
-            found.append((int(meta["epoch"]), d))
-        except (CheckpointError, ValueError, KeyError) as exc:
+            if not entry.meta_ok:
+                raise CheckpointError(f"{directory}: unreadable {META_FILE} (no integer epoch/global_step)")
+            verify_checkpoint_dir(directory)
+            found.append(directory)
+        except (CheckpointError, OSError) as exc:
             logger.warning("ignoring invalid checkpoint: %s", exc)
-    return [d for _, d in sorted(found, key=lambda t: t[0], reverse=True)]
+    return found

@@ -1,4 +1,4 @@
-"""The small interface through which the training loop talks to its runtime.
+"""Runtimes of the training loop (the :class:`~dyrep_ray.engine.protocols.TrainContext` protocol).
 
 ``LocalContext`` runs in the current process without Ray (``--local``).  The Ray
 Train implementation lives in :mod:`dyrep_ray.distributed.context`; the loop
@@ -7,23 +7,23 @@ never imports Ray.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
-from .layout import CHECKPOINT_PREFIX, checkpoint_dir_name
+from .layout import CHECKPOINT_PREFIX, checkpoint_dir_name  # noqa: F401  (re-exported)
+from .protocols import CheckpointWriter, TrainContext
+from .rundir import list_checkpoints, metric_score, read_meta
 from .storage import RunStorage
 
 logger = logging.getLogger(__name__)
 
-CheckpointWriter = Callable[[Path], None]
+__all__ = ["CheckpointWriter", "LocalContext", "TrainContext", "as_storage", "load_newest_valid"]
 SCORE_KEY = "val_top1"
 
 
@@ -36,17 +36,23 @@ def as_storage(run_dir: str | Path | RunStorage) -> RunStorage:
 
 
 def load_newest_valid(storage: RunStorage, skip: str | None = None) -> LoadedCheckpoint | None:
-    """Newest checkpoint in the run directory that verifies; warns about each one skipped.
+    """Newest of the run's own checkpoints (by the epoch/step their meta records) that verifies and whose
+    content is well-formed; warns about each one skipped.
 
-    Returns None only when the run has no checkpoint at all: if checkpoints exist
-    but none is usable, raises :class:`CheckpointError` rather than silently
-    starting from scratch.
+    Only ``checkpoint_epochNNNN[_stepS]`` directories are considered (a user's ``checkpoint_saved_best`` is
+    neither loaded nor counted).  Returns None only when the run has no checkpoint at all: if checkpoints
+    exist but none is usable, raises :class:`CheckpointError` rather than silently starting from scratch.
     """
-    names = [n for n in sorted(storage.list_dirs(CHECKPOINT_PREFIX), reverse=True)]  # zero-padded epochs
+    entries = list_checkpoints(storage)
     problems = []
-    for name in names:
+    for entry in entries:
+        name = entry.name
         if name == skip:
             problems.append(f"{name}: unusable latest checkpoint")
+            continue
+        if not entry.meta_ok:
+            problems.append(f"{storage.path(name)}: unreadable meta.json (no integer epoch/global_step)")
+            logger.warning("checkpoint unusable, falling back to an earlier one: %s", problems[-1])
             continue
         tmp = None
         try:
@@ -60,8 +66,8 @@ def load_newest_valid(storage: RunStorage, skip: str | None = None) -> LoadedChe
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp.parent, ignore_errors=True)
-    if names:
-        raise CheckpointError(f"run directory {storage.root} has {len(names)} checkpoint(s) but none is valid "
+    if entries:
+        raise CheckpointError(f"run directory {storage.root} has {len(entries)} checkpoint(s) but none is valid "
                               f"({problems[0]}); move them away to start over, or use a new --name")
     return None
 
@@ -93,10 +99,6 @@ class LocalContext:
     def gather_object(self, obj) -> list:
         return [obj]
 
-    def dataset_shard(self, name: str):
-        """Ray Data shard of a dataset given to the trainer; never one in a single process."""
-        return None
-
     def resume_checkpoint(self) -> LoadedCheckpoint | None:
         return load_newest_valid(self.storage)
 
@@ -117,25 +119,23 @@ class LocalContext:
                     self.storage.upload_dir(tmp / name, name)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-        except OSError as exc:
+        except OSError as exc:  # CheckpointWriteError (torch.save's RuntimeError, e.g. disk full) included
             logger.error("checkpoint for epoch %d NOT written (%s); the previous checkpoint stays valid", epoch, exc)
             return
-        self._prune()
+        self._prune(keep_name=name)
 
-    def _prune(self) -> None:
-        """Keep the best ``keep_checkpoints`` by val_top1 plus the latest."""
-        names = sorted(self.storage.list_dirs(CHECKPOINT_PREFIX), reverse=True)
-        if len(names) <= self.keep_checkpoints:
+    def _prune(self, keep_name: str | None = None) -> None:
+        """Keep the best ``keep_checkpoints`` by val_top1 plus the newest (by recorded epoch/step).
+
+        Only the run's own ``checkpoint_epochNNNN`` directories are candidates; anything else (a user's
+        ``checkpoint_saved_best``) is never deleted.  ``keep_name`` (the one just written) always stays.
+        """
+        entries = list_checkpoints(self.storage)
+        if len(entries) <= self.keep_checkpoints:
             return
-
-        def score(name: str) -> float:
-            try:
-                meta = json.loads(self.storage.read_text(f"{name}/meta.json") or "{}")
-            except ValueError:
-                return float("-inf")
-            return float(meta.get("metrics", {}).get(SCORE_KEY, float("-inf")))
-
-        best = sorted(names, key=score, reverse=True)[: self.keep_checkpoints]
-        for name in names[1:]:
-            if name not in best:
-                self.storage.delete_dir(name)
+        newest = {entries[0].name, keep_name}
+        scores = {e.name: metric_score(read_meta(self.storage, e.name), SCORE_KEY) for e in entries}
+        best = set(sorted(scores, key=lambda n: scores[n], reverse=True)[: self.keep_checkpoints])
+        for entry in entries:
+            if entry.name not in best and entry.name not in newest:
+                self.storage.delete_dir(entry.name)

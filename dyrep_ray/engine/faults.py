@@ -1,11 +1,10 @@
-"""Fault injection for resilience tests (off unless ``DYREP_RAY_FAULT`` is set).
+"""Fault-injection callbacks for resilience tests: real process death, real exceptions, real stalls, NaN losses.
 
-``DYREP_RAY_FAULT="kill:epoch=2:rank=1:marker=/tmp/once"`` makes rank 1 SIGKILL its
-own process half-way through epoch 2 (1-based), once: the marker file records
-that the fault fired, so the restarted worker runs on.  ``raise`` instead of
-``kill`` raises a RuntimeError.  Real process death, real Ray restart.
-``sleep:epoch=3:seconds=60:marker=...`` stalls every rank mid-epoch once (a window
-for a test to kill the driver).  ``nan:epoch=1:steps=2`` makes the loss of the first 2 steps of epoch 1 NaN on every rank.
+Pass them to :class:`~dyrep_ray.engine.loop.Trainer` (``--local``) or to
+:func:`dyrep_ray.distributed.trainer.run_distributed` (Ray Train workers get them through the train loop config).
+``epoch`` is 0-based, as in every :class:`~dyrep_ray.engine.callbacks.TrainerCallback`.  A fault with a
+``marker`` file fires once across processes: the marker records that it fired, so a worker Ray restarts (which
+gets a fresh copy of the callback) runs on.
 """
 
 from __future__ import annotations
@@ -14,46 +13,93 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .callbacks import TrainerCallback
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .loop import Trainer
 
 logger = logging.getLogger(__name__)
 
-FAULT_ENV = "DYREP_RAY_FAULT"
+
+class InjectedFault(RuntimeError):
+    """Raised by :class:`RaiseAt`."""
 
 
-def _parse(spec: str) -> tuple[str, dict]:
-    kind, *fields = spec.split(":")
-    return kind, dict(f.split("=", 1) for f in fields)
+@dataclass(frozen=True)
+class _MidEpochFault(TrainerCallback):
+    """Fires once, after the middle step of ``epoch``, on ``rank`` (None: every rank)."""
+
+    epoch: int
+    rank: int | None = 0
+    marker: str | None = None
+
+    def on_step_end(self, trainer: Trainer, epoch: int, step: int, loss: torch.Tensor) -> None:
+        if epoch != self.epoch or step != trainer.data.steps_per_epoch // 2:
+            return
+        rank = trainer.ctx.rank
+        if self.rank is not None and rank != self.rank:
+            return
+        if self.marker is not None and Path(self.marker).exists():
+            return
+        self.fire(epoch, rank)
+
+    def claim(self, what: str, epoch: int, rank: int) -> None:
+        """Record (in the marker) that the fault fires now, before it takes the process down."""
+        if self.marker is not None:
+            Path(self.marker).write_text(f"{what} at epoch {epoch} rank {rank} pid {os.getpid()}\n")
+        logger.warning("fault injection: %s at epoch %d on rank %d", what, epoch, rank)
+
+    def fire(self, epoch: int, rank: int) -> None:
+        raise NotImplementedError
 
 
-def maybe_inject(epoch: int, rank: int) -> None:
-    """Called mid-epoch by the loop with the 1-based epoch number."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    kind, fields = _parse(spec)
-    if kind not in ("kill", "raise", "sleep"):
-        return
-    if int(fields.get("epoch", -1)) != epoch or (kind != "sleep" and int(fields.get("rank", 0)) != rank):
-        return
-    marker = Path(fields["marker"])
-    if marker.exists():
-        return
-    if kind == "sleep":
-        logger.warning("fault injection: sleeping %s s in epoch %d", fields.get("seconds", 60), epoch)
-        time.sleep(float(fields.get("seconds", 60)))
-        return
-    marker.write_text(f"{kind} at epoch {epoch} rank {rank} pid {os.getpid()}\n")
-    logger.warning("fault injection: %s at epoch %d on rank %d", kind, epoch, rank)
-    if kind == "kill":
+@dataclass(frozen=True)
+class KillAt(_MidEpochFault):
+    """SIGKILL this process mid-``epoch`` on ``rank``: a real worker (or process) death."""
+
+    def fire(self, epoch: int, rank: int) -> None:
+        self.claim("kill", epoch, rank)
         os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected fault at epoch {epoch} on rank {rank}")
 
 
-def poison_loss(epoch: int, step: int) -> bool:
-    """True if the loss of (1-based ``epoch``, ``step``) should be replaced by NaN."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or not spec.startswith("nan"):
-        return False
-    _, fields = _parse(spec)
-    return int(fields.get("epoch", -1)) == epoch and step < int(fields.get("steps", 1))
+@dataclass(frozen=True)
+class RaiseAt(_MidEpochFault):
+    """Raise :class:`InjectedFault` mid-``epoch`` on ``rank``."""
+
+    def fire(self, epoch: int, rank: int) -> None:
+        self.claim("raise", epoch, rank)
+        raise InjectedFault(f"injected fault at epoch {epoch} on rank {rank}")
+
+
+@dataclass(frozen=True)
+class SleepAt(_MidEpochFault):
+    """Stall mid-``epoch`` for ``seconds`` (every rank by default): a window for a test to kill the driver.
+
+    The marker, when given, is only read: an existing marker disables the stall.
+    """
+
+    rank: int | None = None
+    seconds: float = 60.0
+
+    def fire(self, epoch: int, rank: int) -> None:
+        logger.warning("fault injection: sleeping %g s in epoch %d", self.seconds, epoch)
+        time.sleep(self.seconds)
+
+
+@dataclass(frozen=True)
+class NanLoss(TrainerCallback):
+    """Make the loss of the first ``steps`` steps of ``epoch`` NaN on every rank."""
+
+    epoch: int
+    steps: int = 1
+
+    def transform_loss(self, trainer: Trainer, epoch: int, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if epoch == self.epoch and step < self.steps:
+            return loss * float("nan")
+        return loss

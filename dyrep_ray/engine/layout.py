@@ -34,6 +34,11 @@ MANIFEST_FILE = "MANIFEST.json"
 # Sweep directory files.
 SWEEP_FILE = "sweep.json"
 TRIALS_CSV = "trials.csv"
+TRIALS_PARQUET = "trials.parquet"
+BEST_CONFIG = "best_config.yaml"
+TUNE_DIR = "tune"
+SEGMENT_PREFIX = "seg"  # <trial>/seg<N>/: the run after a trial's N-th PBT exploit
+START_CHECKPOINT_DIR = "start_checkpoint"
 SWEEP_SUMMARY = "summary.json"
 BRIDGE_FILE = "bridge.json"
 PBT_ORIGIN_FILE = "pbt_origin.json"

@@ -1,8 +1,9 @@
 """The DyRep training loop: one implementation for Ray Train workers and ``--local``.
 
-The runtime (single process or a Ray Train worker) is a context object
-(:class:`~dyrep_ray.engine.context.LocalContext` or the Ray one) that wraps the
-model for DDP, broadcasts rank 0's plan, reduces tensors and persists checkpoints.
+:class:`Trainer` meets its runtime only through a :class:`~dyrep_ray.engine.protocols.TrainContext` (DDP
+wrapping, rank 0's plan broadcast, reductions, checkpoint persistence) and its data only through a
+:class:`~dyrep_ray.engine.protocols.DataSource`; anything else that watches or steers training (console output,
+tracking, fault injection) is a :class:`~dyrep_ray.engine.callbacks.TrainerCallback`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections import deque
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
-from ..data import build_datasets
 from ..models import build_model, count_flops, count_params
 from ..rep import DyRep, apply_plan, recalibrate_bn, restore_graph, structure_graph
 from ..rep.dbb import DiverseBranchBlock
 from ..rep.optim import param_groups_for
+from .callbacks import CallbackList, TrainerCallback
 from .checkpoint import (
     LoadedCheckpoint,
     load_optimizer_state_by_name,
@@ -37,16 +37,19 @@ from .checkpoint import (
     write_checkpoint_dir,
 )
 from .config import TrainConfig
+from .data_source import PARQUET, RECAL_SEED_OFFSET, aug_options, torch_data_source
 from .ema import ModelEma
 from .layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
-from .faults import maybe_inject, poison_loss
+from .protocols import DataFactory, DataSource, TrainContext
+from .runfiles import VAL_KEYS, CheckpointMeta, EpochMetrics
 from .schedule import LRSchedule
 
 logger = logging.getLogger(__name__)
 
-# Offset separating the BN-recalibration sampler seeds from the training sampler's.
-RECAL_SEED_OFFSET = 100_003
-PARQUET = "parquet"
+# Re-exported for callers that imported them from here.
+__all__ = ["PARQUET", "RECAL_SEED_OFFSET", "NonFiniteLossError", "Trainer", "aug_options", "summarize", "train"]
+# Salt of the per-epoch BN recalibration (dyrep_recal_bn_every_epoch), apart from the adjust salts.
+EPOCH_RECAL_SALT = 10_000
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,16 +73,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = param_groups_for(model, cfg.weight_decay, filter_bias_and_bn=not cfg.opt_no_filter)
     if cfg.opt == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    betas = tuple(cfg.opt_betas) if cfg.opt_betas else (0.9, 0.999)
+    betas = (cfg.opt_betas[0], cfg.opt_betas[1]) if cfg.opt_betas else (0.9, 0.999)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.opt_eps)
-
-
-AUG_KEYS = ("aa", "reprob", "remode", "color_jitter", "cutout_length", "interpolation", "image_mean", "image_std")
-
-
-def aug_options(cfg: TrainConfig) -> dict:
-    """The augmentation/normalization options the datasets are built with (train loop, eval, convert)."""
-    return {k: getattr(cfg, k) for k in AUG_KEYS}
 
 
 def model_kwargs(cfg: TrainConfig) -> dict:
@@ -99,21 +94,20 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 class Trainer:
-    """Holds everything one rank needs; :meth:`fit` runs all epochs."""
+    """Holds everything one rank needs; :meth:`fit` runs all epochs.
 
-    def __init__(self, cfg: TrainConfig, ctx):
+    ``data``: a :class:`DataSource`, or a factory ``(cfg, ctx) -> DataSource`` called after seeding (default:
+    torch DataLoaders over the configured dataset).  ``callbacks``: :class:`TrainerCallback` instances.
+    """
+
+    def __init__(self, cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactory | None = None,
+                 callbacks: Iterable[TrainerCallback] = ()):
         self.cfg, self.ctx = cfg, ctx
         self.device = ctx.device
+        self.callbacks = CallbackList(callbacks)
         seed_everything(cfg.seed)
-        aug = aug_options(cfg)
-        self.shards = None  # Ray Data shards (dataset "parquet" under Ray Train)
-        if cfg.dataset == PARQUET:
-            num_classes = self._setup_parquet(aug)
-        else:
-            self.train_ds, self.val_ds, num_classes = build_datasets(
-                cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed,
-                synthetic_train_size=cfg.synthetic_train_size, synthetic_val_size=cfg.synthetic_val_size, aug=aug)
-        self.num_classes = cfg.num_classes or num_classes
+        self.data: DataSource = _resolve_data(data, cfg, ctx)
+        self.num_classes = cfg.num_classes or self.data.num_classes
         self.model = build_model(cfg.model, self.num_classes, **model_kwargs(cfg))
         self.plain_params = count_params(self.model)
         self.plain_flops = count_flops(self.model, (3, cfg.image_size, cfg.image_size))
@@ -122,7 +116,7 @@ class Trainer:
         if resume is not None:
             restore_graph(self.model, resume.graph)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
-        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self._place_model()
         self.dyrep = None
         if cfg.dyrep:
             self.dyrep = DyRep(self.model, metric=cfg.dyrep_metric, grow_topk=cfg.dyrep_grow_topk,
@@ -135,88 +129,14 @@ class Trainer:
         if resume is not None:
             self._load(resume)
         self.wrapped = ctx.wrap_model(self.model)
-        self._build_loaders()
+
+    def _place_model(self) -> None:
+        fmt = torch.channels_last if self.channels_last else torch.preserve_format
+        self.model.to(self.device, memory_format=fmt)  # type: ignore[call-overload]  # torch's stubs lack this
 
     # ---------------------------------------------------------------- data
-    def _setup_parquet(self, aug: dict) -> int:
-        """Parquet shards: Ray Data shards per worker under Ray Train, a torch Dataset under --local."""
-        from ..data.parquet import ParquetImageDataset, build_batch_decoder, parquet_row_count, read_parquet_metadata
-
-        cfg = self.cfg
-        meta = read_parquet_metadata(cfg.parquet_train)
-        source = meta["dataset"]
-        train_shard = self.ctx.dataset_shard("train")
-        if train_shard is not None:
-            self.shards = {"train": train_shard, "val": self.ctx.dataset_shard("val")}
-            self.decoders = {split: build_batch_decoder(source, train=split == "train", image_size=cfg.image_size,
-                                                        aug=aug) for split in ("train", "val")}
-            self.train_rows = parquet_row_count(cfg.parquet_train)
-            self.val_rows = parquet_row_count(cfg.parquet_val or cfg.parquet_train)
-        else:
-            from ..data.parquet import sample_transform
-
-            self.train_ds = ParquetImageDataset(cfg.parquet_train, sample_transform(
-                source, train=True, image_size=cfg.image_size, aug=aug))
-            self.val_ds = ParquetImageDataset(cfg.parquet_val or cfg.parquet_train, sample_transform(
-                source, train=False, image_size=cfg.image_size, aug=aug))
-        return int(meta["num_classes"])
-
-    def _train_batches(self, epoch: int):
-        if self.shards is None:
-            self.train_sampler.set_epoch(epoch)
-            return self.train_loader
-        from ..data.parquet import iter_decoded_batches
-
-        return iter_decoded_batches(self.shards["train"], self.decoders["train"], batch_size=self.cfg.batch_size,
-                                    local_shuffle_buffer_size=4 * self.cfg.batch_size,
-                                    local_shuffle_seed=self.cfg.seed + epoch)
-
-    def _steps_per_epoch(self) -> int:
-        if self.shards is None:
-            return len(self.train_loader)
-        return max(math.ceil(self.train_rows / self.ctx.world_size / self.cfg.batch_size), 1)
-
-    def _val_batches(self):
-        if self.shards is None:
-            return self.val_loader
-        from ..data.parquet import iter_decoded_batches
-
-        shard = self.shards["val"] if self.shards["val"] is not None else self.shards["train"]
-        return iter_decoded_batches(shard, self.decoders["val"], batch_size=self.cfg.val_batch_size
-                                    or self.cfg.batch_size)
-
-    def _dataset_sizes(self) -> tuple[int, int]:
-        if self.shards is not None:
-            return self.train_rows, self.val_rows
-        return len(self.train_ds), len(self.val_ds)
-
-    def _build_loaders(self) -> None:
-        cfg, ctx = self.cfg, self.ctx
-        # Recal source for Ray Data shards (they cannot be re-read out of step): the epoch's last batches.
-        self._recent_batches = deque(maxlen=cfg.dyrep_recal_bn_iters)
-        if self.shards is not None:
-            return
-        self.train_sampler = DistributedSampler(self.train_ds, num_replicas=ctx.world_size, rank=ctx.rank,
-                                                shuffle=True, seed=cfg.seed)
-        pin = self.device.type == "cuda"
-        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=self.train_sampler,
-                                       num_workers=cfg.num_data_workers, pin_memory=pin, drop_last=False,
-                                       persistent_workers=cfg.num_data_workers > 0)
-        val_indices = list(range(ctx.rank, len(self.val_ds), ctx.world_size))  # no padding: exact metrics
-        self.val_loader = DataLoader(torch.utils.data.Subset(self.val_ds, val_indices),
-                                     batch_size=cfg.val_batch_size or cfg.batch_size, shuffle=False,
-                                     num_workers=cfg.num_data_workers, pin_memory=pin)
-
-    def _recal_batches(self, salt: int):
-        """Deterministic per-(seed, salt, rank) batches for BN recalibration."""
-        if self.shards is not None:
-            for images in list(self._recent_batches):
-                yield self._to_device(images)
-            return
-        sampler = DistributedSampler(self.train_ds, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
-                                     shuffle=True, seed=self.cfg.seed + RECAL_SEED_OFFSET * (salt + 1))
-        loader = DataLoader(self.train_ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=0)
-        for images, _ in loader:
+    def _recal_batches(self, salt: int) -> Iterator[torch.Tensor]:
+        for images in self.data.recal_batches(salt):
             yield self._to_device(images)
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
@@ -242,9 +162,9 @@ class Trainer:
             restore_graph(self.ema.module, ckpt.graph)
             self.ema.module.load_state_dict(state["ema"], strict=True)
         set_rng_state(state["rng"])
-        meta = ckpt.meta
-        self.state = TrainState(epoch=int(meta["epoch"]), global_step=int(meta["global_step"]),
-                                history=list(meta.get("history", [])), skipped_steps=int(meta.get("skipped_steps", 0)))
+        meta = CheckpointMeta.from_json(ckpt.meta)
+        self.state = TrainState(epoch=int(meta.epoch), global_step=int(meta.global_step),
+                                history=list(meta.history), skipped_steps=int(meta.skipped_steps))
         logger.info("resumed from %s (epoch %d, %d blocks)", ckpt.path, self.state.epoch, count_blocks(self.model))
 
     def _checkpoint_writer(self, metrics: dict):
@@ -260,9 +180,10 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         if self.ema is not None:
             state["ema"] = {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}
-        meta = {"epoch": self.state.epoch, "global_step": self.state.global_step, "history": self.state.history,
-                "metrics": metrics, "config": self.cfg.to_dict(), "skipped_steps": self.state.skipped_steps,
-                "plain_params": self.plain_params, "num_classes": self.num_classes}
+        meta = CheckpointMeta(epoch=self.state.epoch, global_step=self.state.global_step,
+                              history=self.state.history, metrics=metrics, config=self.cfg.to_dict(),
+                              skipped_steps=self.state.skipped_steps, plain_params=self.plain_params,
+                              num_classes=self.num_classes).to_json()
         graph = structure_graph(self.model)
 
         def write(path: Path) -> None:
@@ -276,11 +197,14 @@ class Trainer:
             self._write_run_files()
             logger.info("model %s: %d params, %.1f MFLOPs, %d DyRep-eligible convs; %d train / %d val images, "
                         "%d worker(s)", cfg.model, self.plain_params, self.plain_flops / 1e6,
-                        len(self.dyrep.eligible_names) if self.dyrep else 0, *self._dataset_sizes(),
+                        len(self.dyrep.eligible_names) if self.dyrep else 0, *self.data.sizes,
                         self.ctx.world_size)
+        self.callbacks.on_fit_start(self)
         while self.state.epoch < cfg.epochs:
             self._run_epoch(self.state.epoch)
-        return self.summary()
+        summary = self.summary()
+        self.callbacks.on_fit_end(self, summary)
+        return summary
 
     def _is_adjust_epoch(self, epoch: int) -> bool:
         cfg = self.cfg
@@ -301,22 +225,20 @@ class Trainer:
             adjust_time = time.perf_counter() - t_adj
             # Proof that every rank holds the same structure and weights after the change.
             replica_digests = ctx.gather_object(model_digest(self.model))
+            self.callbacks.on_adjust(self, epoch, events)
         if cfg.dyrep_recal_bn_every_epoch:
-            self._recal_fn(salt=10_000 + epoch)(self.model, [m for m in self.model.modules()
+            self._recal_fn(salt=EPOCH_RECAL_SALT + epoch)(self.model, [m for m in self.model.modules()
                                                            if isinstance(m, nn.modules.batchnorm._BatchNorm)])
         val = self.evaluate(self.model)
         epoch_time = time.perf_counter() - t0
-        metrics = {
-            "epoch": epoch + 1, "train_loss": train_loss, **val, "lr": lr,
-            "params": count_params(self.model), "n_blocks": count_blocks(self.model),
-            "epoch_time_s": round(epoch_time, 3), "train_time_s": round(train_time, 3),
-            "adjust_time_s": round(adjust_time, 3), "images_per_s": round(n_images / max(train_time, 1e-9), 1),
-            "skipped_steps": self.state.skipped_steps, "events": events,
-        }
-        if replica_digests is not None:
-            metrics["replica_digests"] = replica_digests
-        if self.ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
+        epoch_metrics = EpochMetrics(
+            epoch=epoch + 1, train_loss=train_loss, **{k: val[k] for k in VAL_KEYS}, lr=lr,
+            params=count_params(self.model), n_blocks=count_blocks(self.model),
+            epoch_time_s=round(epoch_time, 3), train_time_s=round(train_time, 3),
+            adjust_time_s=round(adjust_time, 3), images_per_s=round(n_images / max(train_time, 1e-9), 1),
+            skipped_steps=self.state.skipped_steps, events=events, replica_digests=replica_digests,
+            ema=self.evaluate(self.ema.module) if self.ema is not None else None)
+        metrics = epoch_metrics.to_json()
         self.state.epoch = epoch + 1
         self.state.history.append(metrics)
         last = self.state.epoch == cfg.epochs
@@ -327,28 +249,26 @@ class Trainer:
                         "%.1f img/s  %.1fs%s", epoch + 1, cfg.epochs, train_loss, val["val_top1"], val["val_loss"],
                         lr, metrics["params"], metrics["n_blocks"], metrics["images_per_s"], epoch_time,
                         "".join(f"  [{e['op']} {e['path']}]" for e in events))
+        self.callbacks.on_epoch_end(self, metrics)
         ctx.report(metrics, epoch + 1, writer)
+        if writer is not None:
+            self.callbacks.on_checkpoint(self, epoch)
 
     def _train_one_epoch(self, epoch: int, record: bool) -> tuple[float, int, float]:
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
-        steps = self._steps_per_epoch()
+        steps = self.data.steps_per_epoch
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         n_images, lr = 0, self.schedule.lr_at(epoch)
         start_step = self.state.global_step
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = cfg.clip_grad if cfg.clip_grad is not None else math.inf
-        for step, (images, targets) in enumerate(self._train_batches(epoch)):
-            if self.shards is not None:
-                self._recent_batches.append(images)
-            if step == steps // 2:
-                maybe_inject(epoch + 1, ctx.rank)
+        for step, (images, targets) in enumerate(self.data.train_batches(epoch)):
             lr = self.schedule.apply(self.optimizer, epoch + min(step / steps, 1.0))
             images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
             with _autocast(cfg, self.device):
                 loss = F.cross_entropy(self.wrapped(images), targets, label_smoothing=cfg.smoothing)
-            if poison_loss(epoch + 1, step):
-                loss = loss * float("nan")
+            loss = self.callbacks.transform_loss(self, epoch, step, loss)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
@@ -366,8 +286,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler is not None:
                     self.scaler.update()
+                self.callbacks.on_step_end(self, epoch, step, loss.detach())
                 continue
-            if record:
+            if record and self.dyrep is not None:
                 self.dyrep.record_metrics()
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -380,6 +301,7 @@ class Trainer:
             loss_sum += loss.detach()
             n_images += images.shape[0]
             self.state.global_step += 1
+            self.callbacks.on_step_end(self, epoch, step, loss.detach())
         done = self.state.global_step - start_step
         totals = ctx.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(done), device=self.device,
                                                                         dtype=torch.float64)]))
@@ -387,16 +309,18 @@ class Trainer:
 
     def _adjust(self, epoch: int) -> list[dict]:
         """All ranks: reduce metrics once, rank 0's plan broadcast, apply, re-wrap DDP, optimizer surgery."""
-        plan = self.dyrep.plan()  # every rank joins the metric all-reduce inside
+        dyrep = self.dyrep
+        assert dyrep is not None, "adjust epochs exist only with dyrep on"
+        plan = dyrep.plan()  # every rank joins the metric all-reduce inside
         plan = self.ctx.broadcast_object(plan)
-        self.wrapped = None  # drop the old DDP (and its autograd hooks) before the structure changes
-        recal_salt = self.dyrep.adjust_count
-        events = self.dyrep.apply(plan, self.optimizer, self._recal_fn(recal_salt))
+        self.wrapped = self.model  # drop the old DDP (and its autograd hooks) before the structure changes
+        recal_salt = dyrep.adjust_count
+        events = [e.to_json() for e in dyrep.apply(plan, self.optimizer, self._recal_fn(recal_salt))]
         if self.ema is not None:
             apply_plan(self.ema.module, plan, self._recal_fn(recal_salt))
-        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self._place_model()
         self.wrapped = self.ctx.wrap_model(self.model)  # DDP broadcasts rank 0's weights and buffers
-        for note in plan.get("notes", []):
+        for note in plan.notes:
             logger.warning("DyRep: %s", note)
         if events and self.ctx.is_main:
             logger.info("after adjust: %d params, %.1f MFLOPs (plain model: %d params, %.1f MFLOPs)",
@@ -410,7 +334,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, top1, top5, n
-        for images, targets in self._val_batches():
+        for images, targets in self.data.val_batches():
             images, targets = self._to_device(images), targets.to(self.device)
             with _autocast(self.cfg, self.device):
                 logits = model(images)
@@ -448,7 +372,7 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def summarize(history: list[dict], plain_params: int) -> dict:
+def summarize(history: list[dict], plain_params: int | None) -> dict:
     if not history:
         return {}
     events = [e for m in history for e in m.get("events", [])]
@@ -470,9 +394,22 @@ def summary_line(summary: dict) -> str:
     return (f"best top-1 {summary['best_top1']:.2f}%, final top-1 {summary['final_top1']:.2f}% after "
             f"{summary['epochs']} epochs; {summary['grows']} grows, {summary['cuts']} cuts; params during training "
             f"{summary['final_train_params']:,} (max {summary['max_train_params']:,}) vs deployed "
-            f"{summary['deployed_params']:,}")
+            f"{_count(summary['deployed_params'])}")
 
 
-def train(cfg: TrainConfig, ctx) -> dict:
+def _count(value: int | None) -> str:
+    return "unknown" if value is None else f"{value:,}"
+
+
+def _resolve_data(data: DataSource | DataFactory | None, cfg: TrainConfig, ctx: TrainContext) -> DataSource:
+    if data is None:
+        return torch_data_source(cfg, ctx)
+    if isinstance(data, DataSource):
+        return data
+    return data(cfg, ctx)
+
+
+def train(cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactory | None = None,
+          callbacks: Iterable[TrainerCallback] = ()) -> dict:
     """Run (or resume) training described by ``cfg`` in ``ctx``; returns the summary dict."""
-    return Trainer(cfg, ctx).fit()
+    return Trainer(cfg, ctx, data=data, callbacks=callbacks).fit()

@@ -22,7 +22,7 @@ class LRSchedule:
         self.decay_epochs, self.decay_rate, self.decay_by_epoch = decay_epochs, decay_rate, decay_by_epoch
 
     @classmethod
-    def from_config(cls, cfg) -> "LRSchedule":
+    def from_config(cls, cfg) -> LRSchedule:
         return cls(base_lr=cfg.lr, epochs=cfg.epochs, sched=cfg.sched, min_lr=cfg.min_lr,
                    warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, decay_epochs=cfg.decay_epochs,
                    decay_rate=cfg.decay_rate, decay_by_epoch=cfg.decay_by_epoch)

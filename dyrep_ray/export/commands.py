@@ -9,7 +9,26 @@ from __future__ import annotations
 import json
 import sys
 
+from ..errors import UserError
+
 EXIT_NOT_EQUIVALENT = 1
+
+
+def _check_batch_size(value: int | None) -> None:
+    from ..engine.config import ConfigError
+
+    if value is not None and value < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {value}")
+
+
+class ExportFileError(UserError):
+    """Reading the inputs or writing the outputs of convert/eval failed (path, permissions, disk)."""
+
+
+def _io_error(exc: OSError) -> ExportFileError:
+    where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+    return ExportFileError(f"cannot read or write{where} ({exc.strerror or exc}); check the path (--out must be "
+                           "a writable file path, not a directory) and the disk")
 
 
 def register(subparsers, add_common) -> None:
@@ -56,6 +75,7 @@ def register(subparsers, add_common) -> None:
 def cmd_convert(args) -> int:
     from .convert import ConversionCheckError, convert_checkpoint
 
+    _check_batch_size(args.batch_size)
     try:
         result = convert_checkpoint(
             args.source, args.out, data_dir=args.data_dir, evaluate=not args.no_eval, torchscript=args.torchscript,
@@ -66,6 +86,10 @@ def cmd_convert(args) -> int:
             raise
         print(f"dyrep-ray: convert FAILED: {exc}", file=sys.stderr)
         return EXIT_NOT_EQUIVALENT
+    except OSError as exc:
+        if args.debug:
+            raise
+        raise _io_error(exc) from exc
     for line in result.summary_lines():
         print(f"dyrep-ray: convert: {line}")
     return 0
@@ -74,8 +98,15 @@ def cmd_convert(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_weights
 
-    result = evaluate_weights(args.weights, args.config, args.overrides, data_dir=args.data_dir, device=args.device,
-                              batch_size=args.batch_size, use_ema=args.ema, progress=not args.no_progress)
+    _check_batch_size(args.batch_size)
+    try:
+        result = evaluate_weights(args.weights, args.config, args.overrides, data_dir=args.data_dir,
+                                  device=args.device, batch_size=args.batch_size, use_ema=args.ema,
+                                  progress=not args.no_progress)
+    except OSError as exc:
+        if args.debug:
+            raise
+        raise _io_error(exc) from exc
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

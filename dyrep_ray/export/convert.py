@@ -43,8 +43,11 @@ from ..engine.checkpoint import (
     STATE_FILE,
     CheckpointError,
     LoadedCheckpoint,
+    check_zip_records,
     find_valid_checkpoints,
+    read_json_strict,
     sha256_file,
+    validate_checkpoint_content,
     verify_checkpoint_dir,
 )
 from ..engine.config import ConfigError, TrainConfig
@@ -66,6 +69,9 @@ RANDOM_BATCHES = 2  # with evaluate=False: batches of random inputs for the equi
 RANDOM_BATCH_SIZE = 8
 # Class counts of datasets whose size is fixed (for checkpoints whose meta lacks num_classes).
 KNOWN_NUM_CLASSES = {"synthetic": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+# More classes than this in a meta/sidecar is refused before a classifier head is built (1e7 classes x 2048
+# features would be 80 GB); the largest public label sets (ImageNet-21k) are well below it.
+MAX_NUM_CLASSES = 100_000
 
 
 class ConversionCheckError(RuntimeError):
@@ -95,8 +101,8 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
 
 def _read_json_object(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        value = read_json_strict(path)  # NaN/Infinity refused: not JSON, and no count/metric may be one
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: unreadable JSON ({exc})".splitlines()[0]) from exc
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
@@ -114,6 +120,7 @@ def load_checkpoint_safely(directory: str | os.PathLike) -> LoadedCheckpoint:
     meta = _read_json_object(directory / META_FILE)
     graph = _read_json_object(directory / GRAPH_FILE)
     state_path = directory / STATE_FILE
+    check_zip_records(state_path)
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for pickled code; anything else = not ours either
@@ -121,6 +128,7 @@ def load_checkpoint_safely(directory: str | os.PathLike) -> LoadedCheckpoint:
                               f"code, which dyrep-ray never runs) [{type(exc).__name__}]") from exc
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{state_path}: no 'model' state dict in it")
+    validate_checkpoint_content(directory, meta, graph, state)
     return LoadedCheckpoint(directory, meta, graph, state)
 
 
@@ -136,16 +144,33 @@ def config_from_dict(data: object, source: str) -> TrainConfig:
     return TrainConfig.from_dict({k: v for k, v in data.items() if k in known})
 
 
+def check_num_classes(value, source: str) -> int:
+    """``value`` if it is an int in ``[1, MAX_NUM_CLASSES]``, else a one-line :class:`CheckpointError`."""
+    if type(value) is not int or not 1 <= value <= MAX_NUM_CLASSES:
+        raise CheckpointError(f"{source}: num_classes must be an integer in [1, {MAX_NUM_CLASSES}], "
+                              f"got {value!r}"[:200])
+    return value
+
+
 def num_classes_of(meta: dict, cfg: TrainConfig) -> int:
     value = meta.get("num_classes") or cfg.num_classes or KNOWN_NUM_CLASSES.get(cfg.dataset)
-    if not isinstance(value, int) or value < 1:
+    if value is None:
         raise CheckpointError(f"cannot tell the number of classes (meta has no num_classes, dataset {cfg.dataset!r})")
-    return value
+    return check_num_classes(value, "checkpoint meta")
 
 
 def strict_load(model: nn.Module, state: dict, what: str, error: type[Exception] = CheckpointError) -> None:
     """``load_state_dict(strict=True)`` raising ``error`` with a one-line message that names the keys."""
     expected = model.state_dict()
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise error(f"{what}: entries that are not tensors: {not_tensors[:4]}")
+    # Strict means strict: load_state_dict would cast f64/int8/bool/complex weights silently (bool weights
+    # reported a loss of 5.6e9), so a dtype that differs from the model's is refused like a shape.
+    dtypes = [f"{k} {state[k].dtype} vs {v.dtype}" for k, v in expected.items()
+              if k in state and state[k].dtype != v.dtype]
+    if dtypes:
+        raise error(f"{what}: dtype mismatch {dtypes[:3]}{' ...' if len(dtypes) > 3 else ''}")
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
@@ -201,6 +226,11 @@ def read_sidecar(weights: str | os.PathLike) -> dict | None:
     if info.get("format") != SIDECAR_FORMAT:
         logger.warning("%s is not a dyrep-ray deployed-model description; ignoring it", path)
         return None
+    if not isinstance(info.get("architecture"), str) or not info["architecture"]:
+        raise CheckpointError(f"{path}: 'architecture' must be a model name (a string)")
+    check_num_classes(info.get("num_classes"), str(path))
+    if "config" in info and not isinstance(info["config"], dict):
+        raise CheckpointError(f"{path}: 'config' must be an object")
     return info
 
 
@@ -255,7 +285,10 @@ def exact_float32(device: torch.device):
 def resolve_device(name: str | None) -> torch.device:
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but no CUDA device is visible; use --device cpu")
     return device

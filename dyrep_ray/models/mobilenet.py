@@ -1,4 +1,5 @@
-"""``mobilenet_v1``: the standard 1.0x ImageNet MobileNetV1 (Howard et al., 2017)."""
+"""``mobilenet_v1``: the standard 1.0x ImageNet MobileNetV1 (Howard et al., 2017), with the original DyRep's
+TF-style init (:mod:`.initialization`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .initialization import init_tf_style
 from .registry import IMAGENET_INPUT_SIZE, register_model
 from .regularization import check_drop_rates
 
@@ -83,6 +85,7 @@ class MobileNetV1(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
+        init_tf_style(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.pool(self.features(self.stem(x))), 1)

@@ -5,6 +5,7 @@ CIFAR VGG-16 follows): 13 conv3x3(bias=False)-BN-ReLU layers with widths
 64,64 | 128,128 | 256,256,256 | 512,512,512 | 512,512,512, a 2x2 max-pool (stride 2) after each group, so a
 32x32 input ends at 1x1x512; then flatten -> Linear(512, 512) -> ReLU -> Linear(512, num_classes).
 An ``AdaptiveAvgPool2d(1)`` before the flatten is the identity at 32x32 and lets other input sizes run.
+Weights start from the original's TF-style init (:mod:`.initialization`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .initialization import init_tf_style
 from .registry import CIFAR_INPUT_SIZE, register_model
 from .regularization import check_drop_rates
 from .small_cnn import conv_bn_relu
@@ -59,6 +61,7 @@ class VGGCifar(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(hidden_features, num_classes),
         )
+        init_tf_style(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.pool(self.features(x)), 1)

@@ -12,13 +12,17 @@ import copy
 import logging
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..errors import UserError
 from .dbb import ORIG_BIAS_ATTR, DiverseBranchBlock
 from .dyrep import get_submodule, set_submodule
 
 logger = logging.getLogger(__name__)
+
+# What symbolic tracing raises on models it cannot follow: control flow on a proxy (TraceError),
+# len()/iteration/shape arithmetic on proxies (RuntimeError, TypeError), unsupported ops.
+_FX_TRACE_ERRORS = (fx.proxy.TraceError, RuntimeError, TypeError, NotImplementedError)
 
 
 class DeployError(UserError, ValueError):
@@ -32,27 +36,25 @@ def _conv_to_bn_successors(model: nn.Module) -> dict[str, str]:
     (the next BatchNorm2d registered under the same parent with matching width),
     which holds for torchvision/timm ConvNormAct-style layouts.
     """
+    class _BNLeafTracer(fx.Tracer):  # BN subclasses (timm BatchNormAct2d) stay single call_module nodes
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, qualname)
+
     try:
-        import torch.fx as fx
-
-        class _BNLeafTracer(fx.Tracer):  # BN subclasses (timm BatchNormAct2d) stay single call_module nodes
-            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-                return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, qualname)
-
         graph = _BNLeafTracer().trace(model)
-        modules = dict(model.named_modules())
-        result = {}
-        for node in graph.nodes:
-            if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
-                continue
-            users = list(node.users)
-            if len(users) == 1 and users[0].op == "call_module" and isinstance(
-                    modules.get(users[0].target), nn.BatchNorm2d):
-                result[node.target] = users[0].target
-        return result
-    except Exception as exc:  # fx cannot trace every model (data-dependent control flow)
+    except _FX_TRACE_ERRORS as exc:  # fx cannot trace every model (data-dependent control flow)
         logger.debug("fx trace failed (%s); using module-order BN matching", exc)
-    return _successors_by_module_order(model)
+        return _successors_by_module_order(model)
+    modules = dict(model.named_modules())
+    result = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
+            continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(
+                modules.get(users[0].target), nn.BatchNorm2d):
+            result[node.target] = users[0].target
+    return result
 
 
 def _successors_by_module_order(model: nn.Module) -> dict[str, str]:

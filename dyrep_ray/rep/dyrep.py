@@ -4,7 +4,7 @@ Split so that a distributed trainer can decide once and apply everywhere:
 
 * :meth:`DyRep.record_metrics` every step (device tensors only, no sync);
 * :meth:`DyRep.plan` at an adjust point (one all-reduce when a process group
-  exists) returns a small JSON-serializable dict;
+  exists) returns a small :class:`~dyrep_ray.rep.plan.Plan` (``to_json()`` for the wire);
 * :func:`apply_plan` applies a plan to any copy of the model; the same plan on
   two identical models gives bit-identical models (seeded init).
 """
@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .dbb import (
+    CUT_MODES,
+    DEFAULT_INIT_GAMMA,
     KXK,
     ORIG_BIAS_ATTR,
     DiverseBranchBlock,
@@ -32,15 +34,13 @@ from .dbb import (
     new_branch_batchnorms,
 )
 from .optim import update_optimizer
+from .plan import CutEvent, CutOp, Event, GrowEvent, GrowOp, Plan
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("synflow", "snip", "grad_norm", "random")
 GRAPH_VERSION = 1
-PLAN_VERSION = 1
-# Module path suffix of the conv inside a block's kxk branch (the only nested slot that may grow).
-KXK_CONV_SUFFIX = f"branches.{KXK}.conv"
-# Below this |gamma| the kxk BN cannot absorb a cut branch without blowing up.
+# Below this |gamma| the kxk BN cannot absorb a cut branch without blowing up (cut_mode="absorb").
 MIN_ABSORB_GAMMA = 1e-8
 
 RecalFn = Callable[[nn.Module, list[nn.BatchNorm2d]], object]
@@ -77,27 +77,17 @@ def block_depth(model: nn.Module, path: str) -> int:
 
 
 def eligible_convs(model: nn.Module, max_depth: int = 2, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Conv2d]]:
-    """Plain convs DyRep may grow: square k>1 convs outside blocks, or in a block's kxk slot
-    while the nesting depth stays below ``max_depth``."""
+    """Plain convs DyRep may grow: square k>1 convs whose module path passes through fewer than
+    ``max_depth`` blocks (the original's rule).  Inside a block that is the kxk branch's conv and
+    the 1x1->kxk branch's kxk conv (``branches.1x1_kxk.conv2``, padding 0, so it grows the
+    reduced branch set)."""
     found = []
     for name, module in model.named_modules():
         if conv_geometry(module) is None or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
-        depth = block_depth(model, name)
-        if depth == 0 or (name.endswith(KXK_CONV_SUFFIX) and depth < max_depth
-                          and _only_kxk_slots(model, name)):
+        if block_depth(model, name) < max_depth:
             found.append((name, module))
     return found
-
-
-def _only_kxk_slots(model: nn.Module, path: str) -> bool:
-    """True if every block on the way to ``path`` is entered through its kxk conv slot."""
-    parts = path.split(".")
-    for i in range(len(parts)):
-        if isinstance(get_submodule(model, ".".join(parts[:i])), DiverseBranchBlock):
-            if parts[i:i + 3] != KXK_CONV_SUFFIX.split("."):
-                return False
-    return True
 
 
 # ---------------------------------------------------------------------------
@@ -163,14 +153,12 @@ def restore_graph(model: nn.Module, graph: dict) -> nn.Module:
 # ---------------------------------------------------------------------------
 # Applying a plan (pure function of model + plan: used on replicas and EMA copies)
 # ---------------------------------------------------------------------------
-def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = 0.01,
+def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = DEFAULT_INIT_GAMMA,
               recal_fn: RecalFn | None = None) -> DiverseBranchBlock:
     """Replace the conv at ``path`` by a function-preserving block (eval mode)."""
     conv = get_submodule(model, path)
     if conv_geometry(conv) is None:
         raise ValueError(f"module '{path}' is not a growable conv ({type(conv).__name__})")
-    if not _only_kxk_slots(model, path):
-        raise ValueError(f"module '{path}' sits in a non-kxk branch of a block; only kxk convs may grow")
     with torch.no_grad():
         target_kernel = conv.weight.detach().clone()
         target_bias = (conv.bias.detach().clone() if conv.bias is not None
@@ -186,12 +174,14 @@ def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = 0.01,
     return block
 
 
-def cut_block(model: nn.Module, path: str, branches: Iterable[str]) -> nn.Module:
-    """Cut ``branches`` of the block at ``path``; a block left with only kxk becomes a Conv2d."""
+def cut_block(model: nn.Module, path: str, branches: Iterable[str], mode: str = "reset", seed: int = 0,
+              init_gamma: float = DEFAULT_INIT_GAMMA) -> nn.Module:
+    """Cut ``branches`` of the block at ``path`` (see :meth:`DiverseBranchBlock.cut` for ``mode``);
+    a block left with only kxk becomes a Conv2d."""
     block = get_submodule(model, path)
     if not isinstance(block, DiverseBranchBlock):
         raise ValueError(f"module '{path}' is not a DiverseBranchBlock")
-    block.cut(branches)
+    block.cut(branches, mode=mode, seed=seed, init_gamma=init_gamma)
     if block.branch_names == [KXK]:
         conv = block.to_conv()
         conv.train(block.training)
@@ -200,33 +190,103 @@ def cut_block(model: nn.Module, path: str, branches: Iterable[str]) -> nn.Module
     return block
 
 
-def apply_plan(model: nn.Module, plan: dict, recal_fn: RecalFn | None = None) -> list[dict]:
-    """Apply cuts then grows of ``plan`` to ``model``; returns the events applied."""
-    check_plan(plan)
-    init_gamma = float(plan.get("init_gamma", 0.01))
-    events = []
+def apply_plan(model: nn.Module, plan: Plan | dict, recal_fn: RecalFn | None = None) -> list[Event]:
+    """Apply the grows, then the cuts of ``plan`` (a :class:`Plan` or its JSON dict) to ``model``
+    (the original's order); returns the events."""
+    plan = Plan.coerce(plan)
+    events: list[Event] = []
+    for grow in plan.grow:
+        block = grow_conv(model, grow.path, grow.seed, plan.init_gamma, recal_fn)
+        events.append(GrowEvent(path=grow.path, branches=tuple(block.branch_names)))
     # Innermost first: a nested block's cut must land before its outer block may collapse into a conv.
-    for cut in sorted(plan["cut"], key=lambda c: -c["path"].count(".")):
-        result = cut_block(model, cut["path"], cut["branches"])
-        events.append({"op": "cut", "path": cut["path"], "branches": list(cut["branches"]),
-                       "collapsed": not isinstance(result, DiverseBranchBlock),
-                       "remaining": result.branch_names if isinstance(result, DiverseBranchBlock) else []})
-    for grow in plan["grow"]:
-        block = grow_conv(model, grow["path"], grow["seed"], init_gamma, recal_fn)
-        events.append({"op": "grow", "path": grow["path"], "branches": block.branch_names})
+    for cut in sorted(plan.cut, key=lambda c: -c.path.count(".")):
+        result = cut_block(model, cut.path, cut.branches, plan.cut_mode, cut.effective_seed, plan.init_gamma)
+        still_block = isinstance(result, DiverseBranchBlock)
+        events.append(CutEvent(path=cut.path, branches=tuple(cut.branches), collapsed=not still_block,
+                               remaining=tuple(result.branch_names) if still_block else ()))
     return events
 
 
-def check_plan(plan: dict) -> None:
-    if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION:
-        raise ValueError(f"not a dyrep plan (expected a dict with version {PLAN_VERSION})")
-    for key in ("grow", "cut"):
-        if not isinstance(plan.get(key), list):
-            raise ValueError(f"dyrep plan is missing its '{key}' list")
+# ---------------------------------------------------------------------------
+# Static DBB (the original's --dbb baseline): every eligible conv a block from the start
+# ---------------------------------------------------------------------------
+@torch.no_grad()
+def init_dbb_branches(block: DiverseBranchBlock, generator: torch.Generator) -> None:
+    """Standard DBB init (Ding et al.'s block as constructed): every new conv drawn like a fresh
+    ``nn.Conv2d`` (Kaiming-uniform, a=sqrt(5)), every BN gamma=1, beta=0, fresh statistics.
+
+    The kxk conv keeps its weight.  Values are drawn on the CPU in float64 from ``generator``
+    and cast, so every rank builds the same block.
+    """
+    for name, branch in block.branches.items():
+        for module in branch.modules():
+            if isinstance(module, nn.Conv2d) and name != KXK:
+                cpu = torch.empty(module.weight.shape, dtype=torch.float64)
+                nn.init.kaiming_uniform_(cpu, a=math.sqrt(5), generator=generator)
+                module.weight.copy_(cpu.to(module.weight.dtype))
+            elif isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.weight.fill_(1.0)
+                module.bias.zero_()
 
 
-def empty_plan() -> dict:
-    return {"version": PLAN_VERSION, "grow": [], "cut": [], "notes": []}
+def convert_to_dbb(model: nn.Module, seed: int = 0, init_gamma: float | None = None, max_depth: int = 1,
+                   exclude: Sequence[str] = ()) -> list[str]:
+    """Turn every eligible conv of ``model`` into a block, in place (the static DBB baseline).
+
+    ``init_gamma=None`` (default): the standard DBB init of :func:`init_dbb_branches`, as the
+    original's ``--dbb`` builds its blocks; the block's function at init is *not* the conv's
+    (every branch starts at full weight), which is what the paper's DBB rows train.  A float
+    instead uses DyRep's function-preserving grow (last BN gamma = ``init_gamma``, kxk
+    compensated).  ``max_depth`` > 1 also converts the convs inside the new blocks, one nesting
+    level per pass.  Returns the converted paths, outermost first.  The result's structure graph
+    (:func:`structure_graph`) restores and deploys like a DyRep model's.
+    """
+    if max_depth < 1:
+        raise ValueError("max_depth must be >= 1")
+    converted: list[str] = []
+    for depth in range(max_depth):
+        targets = [n for n, _ in eligible_convs(model, max_depth, exclude) if block_depth(model, n) == depth]
+        for path in targets:
+            block_seed = zlib.crc32(f"{seed}:dbb:{path}".encode())
+            if init_gamma is not None:
+                grow_conv(model, path, block_seed, init_gamma)
+            else:
+                conv = get_submodule(model, path)
+                block = block_from_conv(conv)
+                block.train(conv.training)
+                init_dbb_branches(block, torch.Generator().manual_seed(block_seed))
+                set_submodule(model, path, block)
+            converted.append(path)
+    return converted
+
+
+# ---------------------------------------------------------------------------
+# The cut rule
+# ---------------------------------------------------------------------------
+def cut_decision(weights: dict[str, float], threshold: float, std_gate: float,
+                 cut_lone_branch: bool = False) -> list[str]:
+    """Branches to cut, given each present non-kxk branch's weight (mean|gamma| / kxk's).
+
+    The original DyRep's rule: ``valid`` = the weights that are not exactly 1.0; if the
+    *unbiased* std of ``valid`` exceeds ``std_gate``, cut every branch whose weight is below
+    both mean(valid) and ``threshold``.  With fewer than two valid weights the std is
+    undefined and nothing is cut, and with two or more the largest always survives: a block
+    never collapses back to a plain conv.  ``cut_lone_branch=True`` (dyrep-ray's first
+    version) also cuts a block's only remaining branch when its weight is below
+    ``threshold``, collapsing the block into a conv that may grow again later.
+    """
+    if cut_lone_branch and len(weights) == 1:
+        (name, value), = weights.items()
+        return [name] if value < threshold else []
+    valid = [v for v in weights.values() if v != 1.0]
+    if len(valid) < 2:
+        return []
+    vals = torch.tensor(valid, dtype=torch.float64)
+    if not float(vals.std(unbiased=True)) > std_gate:
+        return []
+    mean = float(vals.mean())
+    return [n for n, v in weights.items() if v < mean and v < threshold]
 
 
 # ---------------------------------------------------------------------------
@@ -238,6 +298,15 @@ class DyRep:
     Args mirror the official DyRep defaults: ``metric`` ("synflow"), ``grow_topk`` (1),
     ``cut_threshold`` λ (0.1), ``cut_std_gate`` (0.02), ``init_gamma`` (0.01),
     ``max_depth`` (2 nesting levels).  ``model`` is the *unwrapped* module (not DDP).
+
+    Options where dyrep-ray's first version differed from the original (defaults = original):
+
+    * ``cut_lone_branch`` (False): also cut a block's only remaining non-kxk branch when its
+      weight is below λ, collapsing the block into a conv (which may regrow later).  The
+      original never collapses a block (one weight has no std).
+    * ``cut_mode`` ("reset"): how a cut keeps the function -- "reset" re-derives the kxk branch
+      from the fused block with a freshly reset kxk BN (the original); "absorb" folds the cut
+      branch into the kxk conv and keeps the kxk BN's statistics.
     """
 
     def __init__(
@@ -248,15 +317,21 @@ class DyRep:
         grow_topk: int = 1,
         cut_threshold: float = 0.1,
         cut_std_gate: float = 0.02,
-        init_gamma: float = 0.01,
+        init_gamma: float = DEFAULT_INIT_GAMMA,
         max_depth: int = 2,
         seed: int = 0,
         exclude: Sequence[str] = (),
+        cut_lone_branch: bool = False,
+        cut_mode: str = "reset",
     ):
         if metric not in METRICS:
             raise ValueError(f"unknown DyRep metric {metric!r}; choose one of {list(METRICS)}")
         if grow_topk < 0 or max_depth < 1 or init_gamma <= 0:
             raise ValueError("grow_topk must be >= 0, max_depth >= 1 and init_gamma > 0")
+        if cut_mode not in CUT_MODES:
+            raise ValueError(f"unknown cut_mode {cut_mode!r}; choose one of {list(CUT_MODES)}")
+        self.cut_lone_branch = bool(cut_lone_branch)
+        self.cut_mode = cut_mode
         self.model = model
         self.metric = metric
         self.grow_topk = grow_topk
@@ -293,6 +368,9 @@ class DyRep:
 
         Pure device work: no ``.item()``, no collective.  ``grad_scale`` is the AMP
         loss scale when gradients are still scaled (pass ``None`` after ``unscale_``).
+        The products are formed in float32 (bf16/fp16 gradients or weights would round the
+        eps-scale synflow/snip sums), and a step with non-finite gradients (an AMP overflow
+        step the scaler skips) poisons the sum on purpose: :meth:`plan` then refuses to grow.
         """
         self._steps += 1
         if self.metric == "random":
@@ -302,10 +380,12 @@ class DyRep:
             grad = conv.weight.grad
             if grad is None:
                 continue
+            wide = torch.promote_types(grad.dtype, torch.float32)
+            grad, weight = grad.to(wide), conv.weight.to(wide)
             if self.metric == "synflow":
-                value = (grad * conv.weight).sum()
+                value = (grad * weight).sum()
             elif self.metric == "snip":
-                value = (grad * conv.weight).abs().sum()
+                value = (grad * weight).abs().sum()
             else:  # grad_norm
                 value = torch.linalg.vector_norm(grad)
             if inv is not None:
@@ -333,27 +413,32 @@ class DyRep:
         return zlib.crc32(f"{self.seed}:{self.adjust_count}:{salt}".encode())
 
     # ------------------------------------------------------------------ plan
-    def plan(self) -> dict:
-        """Decide this adjust point's cuts and grows. Returns a JSON-serializable dict."""
-        plan = empty_plan()
-        plan["adjust_index"] = self.adjust_count
-        plan["init_gamma"] = self.init_gamma
-        plan["cut"] = self._plan_cuts(plan["notes"])
-        collapsing = {c["path"] for c in plan["cut"] if c["collapses"]}
+    def plan(self) -> Plan:
+        """Decide this adjust point's grows and cuts.
+
+        As in the original DyRep: grow first (top-k by interval-averaged metric), then cuts
+        evaluated over all blocks.  A block grown at this adjust has equal branch weights
+        (all ``init_gamma``), so the std gate never cuts it at once; evaluating the existing
+        blocks is therefore the same decision as evaluating them after the grows.
+        """
+        notes: list[str] = []
+        cuts = self._plan_cuts(notes)
+        collapsing = {c.path for c in cuts if c.collapses}
         scores = self.metric_scores()
         if scores and not all(math.isfinite(v) for v in scores.values()):
             bad = [n for n, v in scores.items() if not math.isfinite(v)]
-            plan["notes"].append(f"no growth: non-finite metric for {bad[:5]}")
+            notes.append(f"no growth: non-finite metric for {bad[:5]}")
             logger.warning("DyRep: non-finite metric for %s; skipping growth at this adjust point", bad[:5])
             scores = {}
+        # Growing inside a block that collapses at this adjust (cut_lone_branch only) would be undone at once.
         candidates = [(v, n) for n, v in scores.items()
                       if not any(n.startswith(c + ".") for c in collapsing)]
         candidates.sort(key=lambda t: (-t[0], t[1]))
-        plan["scores"] = {n: v for v, n in candidates}
-        plan["grow"] = [{"path": n, "seed": self._decision_seed(n)} for _, n in candidates[: self.grow_topk]]
-        return plan
+        grows = tuple(GrowOp(path=n, seed=self._decision_seed(n)) for _, n in candidates[: self.grow_topk])
+        return Plan(grow=grows, cut=tuple(cuts), notes=tuple(notes), init_gamma=self.init_gamma,
+                    cut_mode=self.cut_mode, adjust_index=self.adjust_count, scores={n: v for v, n in candidates})
 
-    def _plan_cuts(self, notes: list[str]) -> list[dict]:
+    def _plan_cuts(self, notes: list[str]) -> list[CutOp]:
         cuts = []
         for path, block in iter_blocks(self.model):
             importance = {n: float(v) for n, v in block.branch_importance().items()}
@@ -361,33 +446,25 @@ class DyRep:
                 notes.append(f"no cut at {path}: non-finite BN scales")
                 continue
             others = {n: v for n, v in importance.items() if n != KXK}
-            if len(others) < 2:
-                if others and list(others.values())[0] < self.cut_threshold:
-                    weak = list(others)
-                else:
-                    continue
-            else:
-                vals = torch.tensor(list(others.values()), dtype=torch.float64)
-                if float(vals.std()) <= self.cut_std_gate:
-                    continue
-                mean = float(vals.mean())
-                weak = [n for n, v in others.items() if v < mean and v < self.cut_threshold]
+            weak = cut_decision(others, self.cut_threshold, self.cut_std_gate, self.cut_lone_branch)
             if not weak:
                 continue
-            kxk_gamma = block.kxk_branch.bn.weight.detach().abs()
-            if float(kxk_gamma.min()) < MIN_ABSORB_GAMMA:
-                notes.append(f"no cut at {path}: kxk BN gamma ~ 0 cannot absorb branches")
-                continue
+            if self.cut_mode == "absorb":
+                kxk_gamma = block.kxk_branch.bn.weight.detach().abs()
+                if float(kxk_gamma.min()) < MIN_ABSORB_GAMMA:
+                    notes.append(f"no cut at {path}: kxk BN gamma ~ 0 cannot absorb branches")
+                    continue
             remaining = [n for n in block.branch_names if n not in weak]
-            cuts.append({"path": path, "branches": weak, "collapses": remaining == [KXK],
-                         "importance": importance})
+            cuts.append(CutOp(path=path, branches=tuple(weak), collapses=remaining == [KXK], importance=importance,
+                              seed=self._decision_seed(f"cut:{path}")))
         return cuts
 
     # ----------------------------------------------------------------- apply
-    def apply(self, plan: dict, optimizer: Optimizer | None = None, recal_fn: RecalFn | None = None) -> list[dict]:
+    def apply(self, plan: Plan | dict, optimizer: Optimizer | None = None,
+              recal_fn: RecalFn | None = None) -> list[Event]:
         """Apply ``plan`` to this controller's model, then optimizer surgery and re-scan."""
-        check_plan(plan)
-        not_eligible = [g["path"] for g in plan["grow"] if g["path"] not in self.eligible_names]
+        plan = Plan.coerce(plan)
+        not_eligible = [g.path for g in plan.grow if g.path not in self.eligible_names]
         if not_eligible:
             raise ValueError(f"cannot grow {not_eligible}: not eligible (eligible: {self.eligible_names[:8]}...)")
         events = apply_plan(self.model, plan, recal_fn)
@@ -396,26 +473,25 @@ class DyRep:
         self.adjust_count += 1
         self.refresh()
         for e in events:
-            logger.info("DyRep %s %s -> %s", e["op"], e["path"], e.get("branches"))
+            logger.info("DyRep %s %s -> %s", e.op, e.path, list(e.branches))
         return events
 
-    def step(self, optimizer: Optimizer | None = None, recal_fn: RecalFn | None = None) -> list[dict]:
+    def step(self, optimizer: Optimizer | None = None, recal_fn: RecalFn | None = None) -> list[Event]:
         """plan() + apply() in one process (no broadcast)."""
         return self.apply(self.plan(), optimizer, recal_fn)
 
     def grow(self, module_name: str, seed: int | None = None, recal_fn: RecalFn | None = None,
              optimizer: Optimizer | None = None) -> DiverseBranchBlock:
         """Grow one named conv now (outside the plan/adjust schedule)."""
-        plan = empty_plan()
-        plan["init_gamma"] = self.init_gamma
-        plan["grow"] = [{"path": module_name, "seed": self._decision_seed(module_name) if seed is None else seed}]
+        seed = self._decision_seed(module_name) if seed is None else seed
+        plan = Plan(grow=(GrowOp(path=module_name, seed=seed),), init_gamma=self.init_gamma, cut_mode=self.cut_mode)
         self.apply(plan, optimizer, recal_fn)
         return get_submodule(self.model, module_name)
 
     def cut(self, module_name: str, branches: Sequence[str], optimizer: Optimizer | None = None) -> nn.Module:
-        plan = empty_plan()
-        plan["cut"] = [{"path": module_name, "branches": list(branches)}]
-        self.apply(plan, optimizer)
+        """Cut named branches of one block now (with this controller's ``cut_mode``)."""
+        op = CutOp(path=module_name, branches=tuple(branches), seed=self._decision_seed(f"cut:{module_name}"))
+        self.apply(Plan(cut=(op,), init_gamma=self.init_gamma, cut_mode=self.cut_mode), optimizer)
         return get_submodule(self.model, module_name)
 
     # ----------------------------------------------------------------- graph
@@ -431,12 +507,26 @@ class DyRep:
                 "sums": {n: t.detach().clone() for n, t in self._sums.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore accumulators saved by :meth:`state_dict` on a model of the same structure.
+
+        An accumulator for a conv that is not a growth candidate here means the checkpoint's
+        structure does not match this model: refused with ``ValueError`` (nothing changed).
+        Candidates the state lacks (e.g. a checkpoint from a version with a narrower candidate
+        rule) start from zero, with a warning.
+        """
+        eligible = {n for n, _ in eligible_convs(self.model, self.max_depth, self.exclude)}  # the model as it is now
+        unknown = sorted(set(state["sums"]) - eligible)
+        if unknown:
+            raise ValueError(f"DyRep state has metric accumulators for {unknown[:5]}, which are not growth "
+                             "candidates of this model: the checkpoint's structure graph does not match the model")
+        missing = sorted(eligible - set(state["sums"]))
+        if missing:
+            logger.warning("DyRep state has no metric accumulator for %s; they restart from zero", missing[:5])
         self.adjust_count = int(state["adjust_count"])
         self.refresh()
         self._steps = int(state["steps"])
         for name, value in state["sums"].items():
-            if name in self._sums:
-                self._sums[name].copy_(value)
+            self._sums[name].copy_(value)
 
 
 def clone_structure(model: nn.Module) -> nn.Module:

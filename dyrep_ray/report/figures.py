@@ -22,15 +22,24 @@ from pathlib import Path
 from urllib.parse import quote
 
 from matplotlib.ticker import MaxNLocator
+
+from ..engine.layout import (
+    CHECKPOINT_PREFIX,
+    CONFIG_FILE,
+    DEPLOYED_SIDECAR,
+    METRICS_FILE,
+    REPORT_DIR,
+    SEGMENT_PREFIX,
+    STRUCTURE_FILE,
+)
+from ..engine.runfiles import parse_metrics, plain_params_from
+from ..engine.storage import RunStorage
 from ..errors import UserError
-from ..engine.layout import CHECKPOINT_PREFIX, CONFIG_FILE, DEPLOYED_SIDECAR, META_FILE, METRICS_FILE, STRUCTURE_FILE
 
 logger = logging.getLogger(__name__)
 
-REPORT_DIRNAME = "report"
 MAX_BRANCHES = 7  # len(dyrep_ray.rep.BRANCH_NAMES)
 SWEEP_SEARCH_DEPTH = 4
-SEGMENT_PREFIX = "seg"  # dyrep_ray.tune.bridge: later PBT segments of a trial live in <trial>/seg<N>/
 CELL_TEXT_MAX = 40  # write branch counts in cells while rows and epochs stay below this
 DPI = 110
 
@@ -65,28 +74,11 @@ def _read_json(path: Path):
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:
     """Epoch records of ``metrics.jsonl`` in epoch order; unreadable lines are skipped and counted."""
-    records, skipped = {}, 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            epoch = int(record["epoch"])
-        except (ValueError, KeyError, TypeError):
-            skipped += 1
-            continue
-        records[epoch] = record  # a repeated epoch (resumed run) keeps the latest record
-    if skipped:
-        logger.warning("%s: skipped %d unreadable line(s)", path, skipped)
-    return [records[e] for e in sorted(records)], skipped
+    return parse_metrics(path.read_text(), strict=False, source=str(path))
 
 
 def _plain_params_from_checkpoints(run_dir: Path) -> int | None:
-    for ckpt in sorted((d for d in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if d.is_dir()), reverse=True):
-        meta = _read_json(ckpt / META_FILE) if (ckpt / META_FILE).is_file() else None
-        if isinstance(meta, dict) and isinstance(meta.get("plain_params"), int):
-            return meta["plain_params"]
-    return None
+    return plain_params_from(RunStorage(str(run_dir.parent), run_dir.name))
 
 
 def _plain_params_from_model(config: dict | None) -> int | None:
@@ -154,7 +146,7 @@ def find_runs(root: str | os.PathLike, max_depth: int = SWEEP_SEARCH_DEPTH) -> l
             dirnames[:] = []
             continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", CHECKPOINT_PREFIX))
-                             and d != REPORT_DIRNAME and depth < max_depth)
+                             and d != REPORT_DIR and depth < max_depth)
     return sorted(found)
 
 
@@ -607,7 +599,7 @@ def render_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a directory")
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIRNAME
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
     found = find_runs(run_dir)
     if not found:
         raise ReportError(f"{run_dir}: no {METRICS_FILE} in it or in its sub-directories (depth "

@@ -35,16 +35,24 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from ..engine.storage import RunStorage, resolve_filesystem
-from ..engine.layout import BRIDGE_FILE, GRAPH_FILE, MANIFEST_FILE, META_FILE, STATE_FILE
+from ray.train.v2.api.callback import UserCallback
+
+from ..engine.layout import (
+    BRIDGE_FILE,
+    GRAPH_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    SEGMENT_PREFIX,
+    START_CHECKPOINT_DIR,
+    STATE_FILE,
+)
 from ..engine.layout import PBT_ORIGIN_FILE as ORIGIN_FILE
+from ..engine.storage import RunStorage, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
-START_CHECKPOINT_DIR = "start_checkpoint"
-SEGMENT_PREFIX = "seg"
 # The files of a DyRep checkpoint (dyrep_ray.engine.checkpoint; not imported here, it pulls in torch).
 CHECKPOINT_FILES = (STATE_FILE, META_FILE, GRAPH_FILE, MANIFEST_FILE)
 
@@ -98,13 +106,7 @@ def copy_checkpoint(src: str, dst: Path, filesystem=None) -> None:
 # Train controller side
 # ---------------------------------------------------------------------------------------------------------------
 
-try:  # the callback base class; absent only with a Ray too old for Train V2
-    from ray.train.v2.api.callback import UserCallback as _UserCallback
-except ImportError:  # pragma: no cover
-    _UserCallback = object
-
-
-class BridgeCallback(_UserCallback):
+class BridgeCallback(UserCallback):
     """Forward rank 0's metrics (and, with ``export``, a copy of the new checkpoint) to the trial.
 
     Runs in the Ray Train controller actor, on the node of the trial actor (Train V2 pins it there).  The queue
@@ -129,7 +131,7 @@ class BridgeCallback(_UserCallback):
                 item["export_dir"] = self._export(checkpoint)
         self.queue.put(item, block=True)
 
-    def _export(self, checkpoint) -> Optional[str]:
+    def _export(self, checkpoint) -> str | None:
         tmp = Path(tempfile.mkdtemp(prefix="dyrep-tune-ckpt-"))
         try:
             copy_checkpoint(checkpoint.path, tmp, filesystem=checkpoint.filesystem)
@@ -155,7 +157,7 @@ class Segment:
     index: int
     storage_uri: str  # Ray Train storage_path of this run
     name: str  # Ray Train run name; run dir = <storage_uri>/<name>
-    start_checkpoint: Optional[str] = None  # a dyrep checkpoint dir the run starts from (PBT exploit)
+    start_checkpoint: str | None = None  # a dyrep checkpoint dir the run starts from (PBT exploit)
     origin: dict = field(default_factory=dict)  # pbt_origin.json contents for exploited segments
 
     @property
@@ -196,7 +198,7 @@ def latest_origin(sweep_uri: str, trial_id: str) -> tuple[int, dict]:
     return len(segments), (read_origin(sweep_uri, trial_id, segments[-1]) if segments else {})
 
 
-def read_bridge(checkpoint_dir: Optional[str | Path]) -> dict:
+def read_bridge(checkpoint_dir: str | Path | None) -> dict:
     """``bridge.json`` of a Tune checkpoint directory ({} when absent)."""
     if checkpoint_dir is None:
         return {}
@@ -209,7 +211,7 @@ def _same_donor(origin: dict, info: dict) -> bool:
         info.get("trial_id"), info.get("epoch"), info.get("state_sha256"))
 
 
-def plan_segment(sweep_uri: str, trial_id: str, checkpoint_dir: Optional[str | Path], searched: dict) -> Segment:
+def plan_segment(sweep_uri: str, trial_id: str, checkpoint_dir: str | Path | None, searched: dict) -> Segment:
     """Choose the segment the trial runs next (see module docstring).
 
     ``checkpoint_dir`` is the (local copy of the) Tune checkpoint the trial is restored from, ``None`` on a
@@ -259,7 +261,7 @@ def plan_segment(sweep_uri: str, trial_id: str, checkpoint_dir: Optional[str | P
     return segment
 
 
-def start_checkpoint_of(segment: Segment) -> Optional[str]:
+def start_checkpoint_of(segment: Segment) -> str | None:
     """Path of the segment's ``start_checkpoint/`` (exploited segments), else None."""
     if segment.index == 0:
         return None

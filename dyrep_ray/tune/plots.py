@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Optional
 
 from .spec import TIME_ATTR, SweepSpec
 
 logger = logging.getLogger(__name__)
 
 
-def plot_metric(records, spec: SweepSpec, title: str = "") -> Optional[bytes]:
+def plot_metric(records, spec: SweepSpec, title: str = "") -> bytes | None:
     """PNG bytes of ``spec.metric`` vs epoch, one line per trial (PBT exploits marked), or None without data."""
     import matplotlib
 

@@ -12,19 +12,18 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from ..distributed.trainer import plain_params_from, read_metrics
-from ..engine.loop import summarize
-from ..engine.layout import SWEEP_SUMMARY
+from ..engine.layout import BEST_CONFIG, SWEEP_SUMMARY, TRIALS_PARQUET
 from ..engine.layout import TRIALS_CSV as TABLE_CSV
+from ..engine.loop import summarize
+from ..engine.runfiles import plain_params_from, read_metrics
+from ..errors import UserError
 from .bridge import existing_segments, latest_origin, segment_storage
 from .spec import TIME_ATTR, SweepSpec
 
 logger = logging.getLogger(__name__)
 
-TABLE_PARQUET = "trials.parquet"
-BEST_CONFIG = "best_config.yaml"
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERROR = "completed", "stopped", "error"
 STATUS_UNFINISHED = "unfinished"  # the sweep was interrupted before this trial ended: --resume continues it
 
@@ -41,11 +40,11 @@ class TrialRecord:
     segments: int = 1
     exploits: int = 0
     donor: str = ""
-    donor_epoch: Optional[int] = None
+    donor_epoch: int | None = None
     run_dir: str = ""
-    best_value: Optional[float] = None
-    best_epoch: Optional[int] = None
-    final_value: Optional[float] = None
+    best_value: float | None = None
+    best_epoch: int | None = None
+    final_value: float | None = None
 
 
 def error_line(error: BaseException | None) -> str:
@@ -59,7 +58,7 @@ def error_line(error: BaseException | None) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _finite(value: Any) -> Optional[float]:
+def _finite(value: Any) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -78,19 +77,22 @@ def _reported(result) -> list[dict]:
 
 
 def _tune_states(results) -> dict[str, str]:
-    """Tune's status per trial id (TERMINATED, ERROR, RUNNING, PAUSED, PENDING); {} if Ray hides it."""
-    try:
-        return {t.trial_id: t.status for t in results._experiment_analysis.trials}
-    except Exception:  # a private attribute of ResultGrid: fall back to what the results show
+    """Tune's status per trial id (TERMINATED, ERROR, RUNNING, PAUSED, PENDING); {} if Ray hides it.
+
+    ``ResultGrid`` has no public per-trial status; its private ``_experiment_analysis`` has.  Only its absence
+    (a Ray that renamed it) falls back to what the results show.
+    """
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None)
+    if trials is None:
+        logger.warning("this Ray's ResultGrid exposes no trial states; unfinished trials show as stopped")
         return {}
+    return {t.trial_id: t.status for t in trials}
 
 
 def sweep_interrupted(results) -> bool:
     """True when some trials neither finished nor failed (Ctrl-C, a crash of the driver)."""
-    try:
-        return results.num_terminated + results.num_errors < len(results)
-    except Exception:
-        return False
+    return results.num_terminated + results.num_errors < len(results)
 
 
 def _curve(record: TrialRecord, history: list[dict], metric: str) -> list[dict]:
@@ -112,7 +114,7 @@ def collect_records(results, spec: SweepSpec, sweep_uri: str) -> list[TrialRecor
         try:
             cfg = spec.trial_config(config)
             searched = {k: getattr(cfg, k) for k in spec.search_space}
-        except Exception:  # an invalid sampled config: show what was sampled
+        except UserError:  # an invalid sampled config: show what was sampled
             searched = {k: config.get(k) for k in spec.search_space}
         record = TrialRecord(trial_id=trial_id, status="", config=searched, reported=_reported(result),
                              error=error_line(result.error))
@@ -157,7 +159,7 @@ def collect_records(results, spec: SweepSpec, sweep_uri: str) -> list[TrialRecor
     return records
 
 
-def best_record(records: list[TrialRecord], mode: str) -> Optional[TrialRecord]:
+def best_record(records: list[TrialRecord], mode: str) -> TrialRecord | None:
     scored = [r for r in records if r.best_value is not None]
     if not scored:
         return None
@@ -235,7 +237,7 @@ def write_results(outcome, storage) -> None:
     outcome.files["csv"] = _write_bytes(storage, TABLE_CSV, df.to_csv(index=False).encode())
     buffer = io.BytesIO()
     df.to_parquet(buffer, index=False)
-    outcome.files["parquet"] = _write_bytes(storage, TABLE_PARQUET, buffer.getvalue())
+    outcome.files["parquet"] = _write_bytes(storage, TRIALS_PARQUET, buffer.getvalue())
     best = best_record(records, spec.mode)
     sweep_name = Path(storage.root).name
     if best is not None:

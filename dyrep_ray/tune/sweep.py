@@ -12,22 +12,21 @@ Sweep directory ``<output>/<name>/``::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
 
-from ..distributed.trainer import ClusterError, check_resources, connect, resolve_use_gpu
+from ..distributed.trainer import ClusterError, check_resources, connect, preflight, resolve_use_gpu
 from ..engine.config import ConfigError, TrainConfig
-from ..engine.layout import SWEEP_FILE
+from ..engine.layout import SWEEP_FILE, TUNE_DIR
 from ..engine.storage import RunStorage, resolve_filesystem
 from .spec import TIME_ATTR, Distribution, SweepSpec
 
 logger = logging.getLogger(__name__)
 
-TUNE_DIR = "tune"
 #: Tune checkpoints kept per trial under PBT (PBT restores from them; fewer risks losing a donor's).
 TUNE_CHECKPOINTS_TO_KEEP = 4
 
@@ -51,7 +50,9 @@ class ClampMutations:
 
 
 def trial_dirname(trial) -> str:
-    return trial.trial_id
+    from ..engine.rundir import validate_run_name
+
+    return validate_run_name(trial.trial_id, "trial")  # becomes a directory: one safe path component
 
 
 def trial_name(trial) -> str:
@@ -64,7 +65,7 @@ class SweepOutcome:
     spec: SweepSpec
     records: list = field(default_factory=list)
     table: object = None  # pandas.DataFrame
-    best: Optional[dict] = None
+    best: dict | None = None
     files: dict = field(default_factory=dict)
     interrupted: bool = False  # some trials did not end: continue with --resume
 
@@ -137,10 +138,12 @@ def plan_concurrency(spec: SweepSpec, use_gpu: bool) -> int:
     return concurrency
 
 
+#: Keys whose values decide which models and data a trial needs (each combination is preflighted).
+PREFLIGHT_KEYS = ("dataset", "data_dir", "model", "num_classes")
+
+
 def preflight_sweep(spec: SweepSpec) -> None:
     """Every model / dataset a trial can get exists (and its data dir), before anything is written or started."""
-    from ..data import DatasetError, check_dataset_name
-    from ..models import build_model
 
     def values(key: str) -> list:
         dist = spec.search_space.get(key)
@@ -148,16 +151,8 @@ def preflight_sweep(spec: SweepSpec) -> None:
             return [spec.base_config[key]]
         return list(dist.values)  # str / Optional[int] keys can only be searched with choice / grid
 
-    for dataset in values("dataset"):
-        check_dataset_name(dataset)
-        if dataset not in ("synthetic", "parquet"):
-            for data_dir in values("data_dir"):
-                if data_dir is None or not Path(data_dir).exists():
-                    raise DatasetError(f"data_dir {data_dir!r} does not exist; put the {dataset} files there or "
-                                       f"pass --set data_dir=... (nothing is downloaded)")
-    for model in values("model"):
-        for num_classes in values("num_classes"):
-            build_model(model, num_classes or 10)
+    for combination in itertools.product(*(values(key) for key in PREFLIGHT_KEYS)):
+        preflight(spec.trial_config(dict(zip(PREFLIGHT_KEYS, combination))))
 
 
 def _probe_config(spec: SweepSpec) -> TrainConfig:
@@ -165,15 +160,28 @@ def _probe_config(spec: SweepSpec) -> TrainConfig:
                                   "storage_path": None})
 
 
-def prepare_sweep(spec: Optional[SweepSpec], output: str, name: str, resume: bool) -> tuple[SweepSpec, RunStorage]:
+def prepare_sweep(spec: SweepSpec | None, output: str, name: str, resume: bool) -> tuple[SweepSpec, RunStorage]:
     """Check the sweep directory (``resume``: read back the sweep as it was started); writes nothing."""
+    from ..engine.rundir import RunDirError, validate_run_name
+
+    validate_run_name(name, "sweep")
     root = RunStorage(output, name)
-    saved = root.read_text(SWEEP_FILE)
+    try:
+        saved = root.read_text(SWEEP_FILE)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {root.path(SWEEP_FILE)} ({exc}); check --output/--name".splitlines()[0]) \
+            from None
     tune_exists = root.fs.get_file_info(root.path(TUNE_DIR)).type.name == "Directory"
     if resume:
         if saved is None:
             raise ConfigError(f"nothing to resume: {root.root} holds no {SWEEP_FILE}; check --output/--name")
-        stored = SweepSpec.from_json(saved)
+        try:
+            stored = SweepSpec.from_json(saved)
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise ConfigError(f"{root.path(SWEEP_FILE)} is corrupt ({type(exc).__name__}: {exc}); it cannot be "
+                              "resumed: start a new sweep with another --name".splitlines()[0]) from None
         if spec is not None and spec.to_json() != stored.to_json():
             logger.warning("--resume continues the sweep as it was started (%s); the given sweep file differs "
                            "and is ignored", root.path(SWEEP_FILE))
@@ -183,16 +191,30 @@ def prepare_sweep(spec: Optional[SweepSpec], output: str, name: str, resume: boo
     if tune_exists or saved is not None:
         raise ConfigError(f"sweep directory {root.root} already exists; pass --resume to continue it, or choose "
                           f"another --name / --output")
+    info = root.fs.get_file_info(root.root)
+    if info.type.name == "File" or (info.type.name == "Directory" and root.list_dirs() + _files(root)):
+        raise RunDirError(f"{root.root} exists and is not a dyrep-ray sweep (no {SWEEP_FILE}); choose another "
+                          "--name or --output")
     return spec, root
 
 
-def run_sweep(spec: Optional[SweepSpec], output: str, name: str, *, resume: bool = False,
-              address: Optional[str] = None, verbose: int = 1) -> SweepOutcome:
-    """Run (or ``resume``) the sweep under ``<output>/<name>``; returns the table and written files."""
+def _files(root: RunStorage) -> list[str]:
+    import pyarrow.fs as pafs
+
+    entries = root.fs.get_file_info(pafs.FileSelector(root.root, allow_not_found=True))
+    return [e.base_name for e in entries if e.type == pafs.FileType.File]
+
+
+def run_sweep(spec: SweepSpec | None, output: str, name: str, *, resume: bool = False,
+              address: str | None = None, verbose: int = 1, callbacks: Sequence = ()) -> SweepOutcome:
+    """Run (or ``resume``) the sweep under ``<output>/<name>``; returns the table and written files.
+
+    ``callbacks``: :class:`~dyrep_ray.engine.callbacks.TrainerCallback` instances every trial's workers run.
+    """
     from ray import tune
 
     from .results import collect_records, sweep_interrupted, write_results
-    from .trainable import default_fault, make_trainable
+    from .trainable import make_trainable
 
     if spec is not None:
         preflight_sweep(spec)
@@ -208,7 +230,7 @@ def run_sweep(spec: Optional[SweepSpec], output: str, name: str, *, resume: bool
     sweep_uri = root.root if root.local else output.rstrip("/") + "/" + name
     if not resume:
         root.write_text(SWEEP_FILE, spec_json)
-    trainable = make_trainable(spec, sweep_uri, default_fault())
+    trainable = make_trainable(spec, sweep_uri, callbacks)
     fs, fs_path = resolve_filesystem(sweep_uri)
     tune_path = f"{fs_path}/{TUNE_DIR}"
     if resume:

@@ -23,23 +23,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ray import tune
 
 from ..engine.config import TrainConfig
-from ..engine.storage import RunStorage, resolve_filesystem
+from ..engine.storage import RunStorage
 from .bridge import (
     BRIDGE_FILE,
     BridgeCallback,
     Segment,
-    link_or_copy,
     latest_origin,
+    link_or_copy,
     plan_segment,
     start_checkpoint_of,
 )
@@ -75,39 +75,22 @@ def _root_cause(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
-def _uri(path: Optional[str], storage: RunStorage) -> Optional[str]:
+def _uri(path: str | None, storage: RunStorage) -> str | None:
     if path is None or storage.local:
         return path
     return f"{storage.fs.type_name}://{path}"
 
 
-def build_trainer(cfg: TrainConfig, segment: Segment, callback, fault: Optional[str], cpus_per_worker: float = 1):
-    """The ``TorchTrainer`` of one segment: the same loop and run directory as ``dyrep-ray train``."""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ..distributed.trainer import run_config_for
+def build_trainer(cfg: TrainConfig, segment: Segment, callback, callbacks: Sequence, cpus_per_worker: float):
+    """The ``TorchTrainer`` of one segment: the same launcher, loop and run directory as ``dyrep-ray train``."""
+    from ..distributed.trainer import Launch, build_torch_trainer
     from .worker import segment_loop
 
     storage = RunStorage(segment.storage_uri, segment.name)
-    storage_uri = storage.root.rsplit("/", 1)[0] if storage.local else segment.storage_uri
-    fs, fs_path = resolve_filesystem(storage_uri)
-    use_gpu = bool(cfg.use_gpu)
-    datasets = None
-    if cfg.dataset == "parquet":  # streamed to the workers through Ray Data, as dyrep-ray train does
-        from ..data.parquet import read_parquet_dataset
-
-        datasets = {"train": read_parquet_dataset(cfg.parquet_train),
-                    "val": read_parquet_dataset(cfg.parquet_val or cfg.parquet_train)}
-    return TorchTrainer(
-        segment_loop,
-        datasets=datasets,
-        train_loop_config={"config": cfg.to_dict(), "storage_uri": storage_uri, "name": segment.name,
-                           "fault": fault, "start_checkpoint": _uri(segment.start_checkpoint, storage)},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=run_config_for(cfg, segment.name, storage, fs, fs_path, callbacks=[callback]),
-    )
+    launch = Launch(storage_uri=segment.storage_uri, name=segment.name, use_gpu=bool(cfg.use_gpu),
+                    num_workers=cfg.workers, cpus_per_worker=cpus_per_worker,
+                    start_checkpoint=_uri(segment.start_checkpoint, storage))
+    return build_torch_trainer(cfg, launch, callbacks=callbacks, ray_callbacks=[callback], loop=segment_loop)
 
 
 def _drain(queue) -> None:
@@ -126,19 +109,19 @@ def _drain(queue) -> None:
 class DyRepTrial(tune.Trainable):
     """One trial = one (or, after PBT exploits, several consecutive) ``TorchTrainer`` run(s)."""
 
-    def setup(self, config: dict, spec: SweepSpec, sweep_uri: str, fault: Optional[str] = None) -> None:
+    def setup(self, config: dict, spec: SweepSpec, sweep_uri: str, callbacks: Sequence = ()) -> None:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-        self.spec, self.sweep_uri, self.fault = spec, sweep_uri, fault
+        self.spec, self.sweep_uri, self.callbacks = spec, sweep_uri, tuple(callbacks)
         self.cfg = spec.trial_config(config)
         self.searched = {k: getattr(self.cfg, k) for k in spec.search_space}
-        self.segment: Optional[Segment] = None
+        self.segment: Segment | None = None
         self._queue = None
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._outcome: dict[str, BaseException] = {}
         self._controller = None
         self._extras: dict[str, Any] = {}
-        self._last_metrics: Optional[dict] = None
-        self._latest_export: Optional[str] = None
+        self._last_metrics: dict | None = None
+        self._latest_export: str | None = None
         self._finished = False
 
     # -- checkpoints (Tune side of the bridge) -------------------------------------------------------------------
@@ -175,7 +158,7 @@ class DyRepTrial(tune.Trainable):
         self._queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
         callback = BridgeCallback(self._queue, self.trial_id, self.segment.index, self.segment.run_dir,
                                   export=self.spec.scheduler_type == "pbt")
-        trainer = build_trainer(self.cfg, self.segment, callback, self.fault, self.spec.cpus_per_worker)
+        trainer = build_trainer(self.cfg, self.segment, callback, self.callbacks, self.spec.cpus_per_worker)
         queue, outcome = self._queue, self._outcome
 
         def fit() -> None:
@@ -193,10 +176,9 @@ class DyRepTrial(tune.Trainable):
         self._thread.start()
 
     def _final_metrics_from_run(self) -> dict:
-        from ..engine.loop import METRICS_FILE
+        from ..engine.runfiles import read_metrics
 
-        storage = RunStorage(self.segment.storage_uri, self.segment.name)
-        lines = [json.loads(x) for x in (storage.read_text(METRICS_FILE) or "").splitlines() if x.strip()]
+        lines = read_metrics(RunStorage(self.segment.storage_uri, self.segment.name))
         if not lines:
             return {}
         last = lines[-1]
@@ -253,14 +235,10 @@ class DyRepTrial(tune.Trainable):
             self._latest_export = None
 
 
-def make_trainable(spec: SweepSpec, sweep_uri: str, fault: Optional[str] = None):
-    """The Tune trainable of a sweep: :class:`DyRepTrial` with its parameters, on a ~0-CPU trial actor."""
-    trainable = tune.with_parameters(DyRepTrial, spec=spec, sweep_uri=sweep_uri, fault=fault)
+def make_trainable(spec: SweepSpec, sweep_uri: str, callbacks: Sequence = ()):
+    """The Tune trainable of a sweep: :class:`DyRepTrial` with its parameters, on a ~0-CPU trial actor.
+
+    ``callbacks``: :class:`~dyrep_ray.engine.callbacks.TrainerCallback` instances every trial's workers run.
+    """
+    trainable = tune.with_parameters(DyRepTrial, spec=spec, sweep_uri=sweep_uri, callbacks=tuple(callbacks))
     return tune.with_resources(trainable, {"CPU": TRIAL_ACTOR_CPUS})
-
-
-def default_fault() -> Optional[str]:
-    """Test-only fault injection (``DYREP_RAY_FAULT``) forwarded from the driver to the trials' workers."""
-    from ..engine.faults import FAULT_ENV
-
-    return os.environ.get(FAULT_ENV)

@@ -1,0 +1,106 @@
+"""The torch DataLoader :class:`~dyrep_ray.engine.protocols.DataSource`: map-style datasets, one sampler per rank.
+
+Used by ``--local`` and by Ray Train workers for every dataset but Ray Data-streamed Parquet (see
+:mod:`dyrep_ray.distributed.ray_data`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any, cast
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from ..data import AUG_KEYS, build_datasets
+from .config import TrainConfig
+from .protocols import Batch, TrainContext
+
+# Offset separating the BN-recalibration sampler seeds from the training sampler's.
+RECAL_SEED_OFFSET = 100_003
+PARQUET = "parquet"
+
+
+def aug_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The augmentation/normalization options the datasets are built with (train loop, eval, convert, preflight)."""
+    return {k: getattr(cfg, k) for k in AUG_KEYS}
+
+
+def build_map_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
+    """(train, val, num_classes) as map-style datasets; Parquet shards are read with pyarrow (no Ray)."""
+    aug = aug_options(cfg)
+    if cfg.dataset != PARQUET:
+        return build_datasets(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed,
+                              synthetic_train_size=cfg.synthetic_train_size,
+                              synthetic_val_size=cfg.synthetic_val_size, aug=aug)
+    from ..data import DatasetError
+    from ..data.parquet import ParquetImageDataset, read_parquet_metadata, sample_transform
+
+    train_path = cfg.parquet_train
+    if train_path is None:  # the config requires it for dataset: parquet; this is a direct caller's mistake
+        raise DatasetError("dataset: parquet needs parquet_train (a shard directory written by dyrep-ray prepare)")
+    source = read_parquet_metadata(train_path)
+    val_path = cfg.parquet_val or train_path
+    train = ParquetImageDataset(train_path, sample_transform(
+        source["dataset"], train=True, image_size=cfg.image_size, aug=aug))
+    val = ParquetImageDataset(val_path, sample_transform(
+        source["dataset"], train=False, image_size=cfg.image_size, aug=aug))
+    return train, val, int(source["num_classes"])
+
+
+def _len(dataset: Dataset) -> int:
+    return len(cast(Sized, dataset))  # every dataset dyrep-ray builds is map-style and sized
+
+
+class TorchDataSource:
+    """DataLoaders over map-style datasets: a ``DistributedSampler`` for training, a strided val split."""
+
+    def __init__(self, cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, num_classes: int, *, rank: int,
+                 world_size: int, pin_memory: bool = False) -> None:
+        self.cfg, self.train_ds, self.val_ds, self.num_classes = cfg, train_ds, val_ds, num_classes
+        self.rank, self.world_size = rank, world_size
+        self.train_sampler: DistributedSampler[int] = DistributedSampler(
+            train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+        self.train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=self.train_sampler,
+                                       num_workers=cfg.num_data_workers, pin_memory=pin_memory, drop_last=False,
+                                       persistent_workers=cfg.num_data_workers > 0)
+        val_indices = list(range(rank, _len(val_ds), world_size))  # no padding: exact metrics
+        self.val_loader = DataLoader(Subset(val_ds, val_indices), batch_size=cfg.val_batch_size or cfg.batch_size,
+                                     shuffle=False, num_workers=cfg.num_data_workers, pin_memory=pin_memory)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, ctx: TrainContext) -> TorchDataSource:
+        train_ds, val_ds, num_classes = build_map_datasets(cfg)
+        return cls(cfg, train_ds, val_ds, num_classes, rank=ctx.rank, world_size=ctx.world_size,
+                   pin_memory=ctx.device.type == "cuda")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return _len(self.train_ds), _len(self.val_ds)
+
+    def train_batches(self, epoch: int) -> DataLoader:
+        self.train_sampler.set_epoch(epoch)
+        return self.train_loader
+
+    def val_batches(self) -> DataLoader:
+        return self.val_loader
+
+    def recal_batches(self, salt: int) -> Iterator[torch.Tensor]:
+        sampler: DistributedSampler[int] = DistributedSampler(
+            self.train_ds, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+            seed=self.cfg.seed + RECAL_SEED_OFFSET * (salt + 1))
+        loader = DataLoader(self.train_ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=0)
+        for images, _ in loader:
+            yield images
+
+
+def torch_data_source(cfg: TrainConfig, ctx: TrainContext) -> TorchDataSource:
+    """The default :data:`~dyrep_ray.engine.protocols.DataFactory`."""
+    return TorchDataSource.from_config(cfg, ctx)
+
+
+__all__ = ["Batch", "TorchDataSource", "aug_options", "build_map_datasets", "torch_data_source"]

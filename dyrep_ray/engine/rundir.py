@@ -1,0 +1,344 @@
+"""What makes a directory a dyrep-ray run, which of its checkpoints are ours and in what order, who may write it.
+
+* **Run names** (``--name``, sweep and trial names) are one path component: no ``/``, ``\\``, ``.``/``..``,
+  NUL or control characters, at most :data:`MAX_NAME_LENGTH` characters.
+* **A run directory** is empty or holds one of the files dyrep-ray writes (config.json, metrics.jsonl,
+  structure.json, a ``checkpoint_epochNNNN`` directory, the lock file): anything else is somebody else's
+  directory and is refused before a byte is written.
+* **Checkpoints** are only directories named ``checkpoint_epochNNNN`` (or ``checkpoint_epochNNNN_stepSSSSSS``,
+  a mid-epoch form), ordered by the ``(epoch, global_step)`` their ``meta.json`` records, not by name (so
+  ``checkpoint_epoch10000`` is newer than ``checkpoint_epoch9999``, and a user's ``checkpoint_saved_best`` is
+  neither loaded nor pruned).  A directory whose meta cannot be read is ordered by its name's numbers and
+  counts as corrupt when loading.
+* **The writer lock**: on a local (or NFS with working ``flock``) file system an exclusive ``fcntl.flock`` on
+  ``<run>/.dyrep-ray.lock``, held for the whole run by the driver (Ray workers write through it, they are the
+  same run) and released by the kernel when the process dies, so a crash leaves no stale lock.  Object stores
+  have no locks: a lease marker ``<run>/.dyrep-ray.lease.json`` (owner host, pid, time) is written and renewed
+  every :data:`LEASE_RENEW_S` seconds; another writer is refused while the marker is younger than
+  :data:`LEASE_STALE_S` seconds.  A marker older than that belongs to a writer that died and is taken over.
+  (Two writers starting within the same second on an object store can still both win: a lease, not a lock.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .layout import CHECKPOINT_PREFIX, CONFIG_FILE, META_FILE, METRICS_FILE, STRUCTURE_FILE
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME_LENGTH = 128
+LOCK_FILE = ".dyrep-ray.lock"
+LEASE_FILE = ".dyrep-ray.lease.json"
+LEASE_STALE_S = 600.0
+LEASE_RENEW_S = 60.0
+# ``checkpoint_epoch0003`` and the mid-epoch ``checkpoint_epoch0003_step000120``; nothing else is ours.
+CHECKPOINT_NAME = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}epoch(\d+)(?:_step(\d+))?$")
+# Files/dirs whose presence marks a directory as a dyrep-ray run (or its lock: a run that just started).
+RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE, LOCK_FILE, LEASE_FILE)
+# Files other tools leave in any directory; they do not make it somebody else's.
+IGNORABLE_ENTRIES = (".DS_Store",)
+
+
+class RunDirError(UserError, ValueError):
+    """A run/sweep name or run directory that dyrep-ray must not write to."""
+
+
+class RunLockedError(RunDirError):
+    """Another process is writing this run directory."""
+
+
+# ---------------------------------------------------------------------------------------------------- names
+def validate_run_name(name: str, what: str = "run") -> str:
+    """Return ``name`` if it is a safe single path component, else raise :class:`RunDirError` (one line)."""
+    fix = f"pass a plain {what} name such as 'exp1' (letters, digits, '-', '_', '.')"
+    if not isinstance(name, str) or not name:
+        raise RunDirError(f"{what} name is empty; {fix}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise RunDirError(f"{what} name is {len(name)} characters long (at most {MAX_NAME_LENGTH}); {fix}")
+    if name in (".", ".."):
+        raise RunDirError(f"{what} name {name!r} is not a directory name; {fix}")
+    if "/" in name or "\\" in name:
+        raise RunDirError(f"{what} name {name!r} contains a path separator (it would write outside --output); "
+                          f"{fix}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise RunDirError(f"{what} name {name!r} contains NUL or control characters; {fix}")
+    if name != name.strip():
+        raise RunDirError(f"{what} name {name!r} starts or ends with whitespace; {fix}")
+    return name
+
+
+def _entries(storage) -> list[str] | None:
+    """Base names directly under the run dir; None if it does not exist."""
+    import pyarrow.fs as pafs
+
+    root = storage.path()
+    info = storage.fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    if info.type != pafs.FileType.Directory:
+        raise RunDirError(f"{root} exists and is not a directory; choose another --name or --output")
+    return [i.base_name for i in storage.fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))]
+
+
+def is_run_dir(entries: list[str]) -> bool:
+    return any(e in RUN_MARKERS or CHECKPOINT_NAME.match(e) for e in entries)
+
+
+def check_run_dir(storage, what: str = "run") -> None:
+    """Refuse a non-empty directory that dyrep-ray did not write (its files would be overwritten)."""
+    entries = _entries(storage)
+    if not entries:
+        return
+    entries = [e for e in entries if e not in IGNORABLE_ENTRIES]
+    if entries and not is_run_dir(entries):
+        raise RunDirError(f"{storage.root} is a non-empty directory that is not a dyrep-ray {what} (no "
+                          f"{CONFIG_FILE}, {METRICS_FILE} or checkpoints; holds e.g. {sorted(entries)[0]!r}); "
+                          "choose another --name or --output")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """``(epoch, step)`` from one of our checkpoint directory names (step -1 when absent), else None."""
+    match = CHECKPOINT_NAME.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)) if match.group(2) is not None else -1
+
+
+def _meta_position(meta) -> tuple[int, int] | None:
+    """``(epoch, global_step)`` of a meta dict, if both are non-negative ints."""
+    if not isinstance(meta, dict):
+        return None
+    epoch, step = meta.get("epoch"), meta.get("global_step")
+    if type(epoch) is not int or type(step) is not int or epoch < 0 or step < 0:
+        return None
+    return epoch, step
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    name: str
+    position: tuple[int, int]   # (epoch, global step) recorded in meta, else parsed from the name
+    meta_ok: bool               # False: meta.json unreadable -> the checkpoint counts as corrupt
+
+
+def _parse_json_strict(text: str):
+    def refuse_constant(value: str):
+        raise ValueError(f"non-finite number {value}")
+    return json.loads(text, parse_constant=refuse_constant)
+
+
+def read_meta(storage, name: str) -> dict | None:
+    """The checkpoint's meta.json as a dict, or None if missing/unreadable/not a JSON object."""
+    try:
+        text = storage.read_text(f"{name}/{META_FILE}")
+        meta = _parse_json_strict(text) if text is not None else None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def list_checkpoints(storage) -> list[CheckpointEntry]:
+    """The run's own checkpoint directories, newest first by recorded ``(epoch, global_step)``."""
+    entries = []
+    for name in storage.list_dirs(CHECKPOINT_PREFIX):
+        parsed = parse_checkpoint_name(name)
+        if parsed is None:
+            continue
+        position = _meta_position(read_meta(storage, name))
+        entries.append(CheckpointEntry(name, position or (parsed[0], parsed[1]), position is not None))
+    # Ties (same recorded position) fall back to the name's numbers, then the name itself: deterministic.
+    entries.sort(key=lambda e: (e.position, parse_checkpoint_name(e.name), e.name), reverse=True)
+    return entries
+
+
+def metric_score(meta: dict | None, key: str) -> float:
+    """A checkpoint's score for retention; -inf when absent or not a finite number."""
+    value = (meta or {}).get("metrics", {}) if isinstance(meta, dict) else {}
+    value = value.get(key) if isinstance(value, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return float("-inf")
+    return float(value)
+
+
+# ------------------------------------------------------------------------------------------------- locking
+def _holder_text(info: dict) -> str:
+    return f"host {info.get('host', '?')} pid {info.get('pid', '?')} since {info.get('started', '?')}"
+
+
+class RunLock:
+    """Exclusive writer lock on a run directory (``flock`` locally, a lease marker on object stores)."""
+
+    def __init__(self, storage, what: str = "run"):
+        self.storage = storage
+        self.what = what
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._created: list[str] = []  # directories the lock had to create, deepest first
+        self._owner = {"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "token": uuid.uuid4().hex}
+
+    def _refusal(self, info: dict) -> RunLockedError:
+        return RunLockedError(f"{self.storage.root} is being written by another dyrep-ray process "
+                              f"({_holder_text(info)}); wait for it to finish, stop it, or use another --name")
+
+    def acquire(self) -> "RunLock":
+        if self.storage.local:
+            self._acquire_flock()
+        else:
+            self._acquire_lease_checked()
+        return self
+
+    def _acquire_flock(self) -> None:
+        import fcntl
+
+        root = self.storage.path()
+        missing = root
+        while missing and not os.path.exists(missing):  # created by us: removed again if the run writes nothing
+            self._created.append(missing)
+            missing = os.path.dirname(missing)
+        try:
+            os.makedirs(root, exist_ok=True)
+            fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # --output is a file, read-only, a name too long for the file system, ...
+            raise RunDirError(f"cannot create the {self.what} directory {root} ({exc.strerror or exc}); "
+                              "choose a writable --output and a shorter --name") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except ValueError:
+                info = {}
+            os.close(fd)
+            raise self._refusal(info if isinstance(info, dict) else {}) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self._owner).encode(), 0)
+        self._fd = fd
+
+    def _read_lease(self) -> dict | None:
+        try:
+            text = self.storage.read_text(LEASE_FILE)
+            info = json.loads(text) if text else None
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def _write_lease(self) -> None:
+        self.storage.write_text(LEASE_FILE, json.dumps({**self._owner, "renewed": time.time()}))
+
+    def _acquire_lease_checked(self) -> None:
+        try:
+            self._acquire_lease()
+        except OSError as exc:
+            raise RunDirError(f"cannot write the lease marker in {self.storage.root} ({exc}); check the "
+                              "storage_path and its credentials".splitlines()[0]) from None
+
+    def _acquire_lease(self) -> None:
+        info = self._read_lease()
+        renewed = info.get("renewed") if info else None
+        if isinstance(renewed, (int, float)) and time.time() - renewed < LEASE_STALE_S:
+            raise self._refusal(info)
+        if info:
+            logger.warning("taking over a stale lease on %s (%s, not renewed for %.0f s)", self.storage.root,
+                           _holder_text(info), time.time() - renewed if isinstance(renewed, (int, float)) else -1)
+        self._write_lease()
+        current = self._read_lease()  # a racing writer that wrote after us wins; we back off
+        if not current or current.get("token") != self._owner["token"]:
+            raise self._refusal(current or {})
+        self._renewer = threading.Thread(target=self._renew, name="dyrep-lease", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_S):
+            try:
+                self._write_lease()
+            except OSError as exc:  # keep training; the next renewal may succeed
+                logger.warning("could not renew the lease on %s: %s", self.storage.root, exc)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            root = self.storage.path()
+            try:  # a run that wrote nothing (refused before its first file) leaves no directory behind
+                if os.listdir(root) == [LOCK_FILE]:
+                    os.unlink(os.path.join(root, LOCK_FILE))
+                    for directory in self._created:
+                        os.rmdir(directory)  # fails (and stops) at the first one that is not empty
+            except OSError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        if self._renewer is not None:
+            self._stop.set()
+            self._renewer.join(timeout=5)
+            self._renewer = None
+            try:
+                current = self._read_lease()
+                if current and current.get("token") == self._owner["token"]:
+                    self.storage.fs.delete_file(self.storage.path(LEASE_FILE))
+            except OSError as exc:
+                logger.warning("could not remove the lease marker of %s: %s", self.storage.root, exc)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# Temp names our writers use: ``.checkpoint_epoch0003.tmp-XXXX`` (checkpoint dirs) and ``metrics.jsonl.tmp-XXXX``
+# (whole-file writes).  Only these are removed, and only while holding the lock.
+_TEMP_ENTRY = re.compile(rf"^(?:\.{re.escape(CHECKPOINT_PREFIX)}epoch\d+(?:_step\d+)?|[\w.-]+)\.tmp-[\w]+$")
+
+
+def remove_stale_temps(storage) -> list[str]:
+    """Remove the temp files/dirs a killed writer left in the run dir (local only); returns their names."""
+    import shutil
+
+    if not storage.local:  # object stores never hold our temp dirs: uploads go file by file
+        return []
+    root = storage.path()
+    removed = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if not _TEMP_ENTRY.match(name) or ".tmp-" not in name:
+            continue
+        path = os.path.join(root, name)
+        if os.path.islink(path):
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+        removed.append(name)
+    if removed:
+        logger.info("removed %d temp file(s) left by an interrupted write in %s: %s", len(removed), root,
+                    ", ".join(removed[:5]))
+    return removed
+
+
+def open_run_dir(storage, name: str, what: str = "run") -> RunLock:
+    """Validate ``name``, refuse a foreign directory, take the writer lock (caller releases it), then remove
+    what a killed writer left half-written."""
+    validate_run_name(name, what)
+    check_run_dir(storage, what)
+    lock = RunLock(storage, what).acquire()
+    try:
+        remove_stale_temps(storage)
+    except OSError as exc:
+        logger.warning("could not remove stale temp files in %s: %s", storage.root, exc)
+    return lock

@@ -1,0 +1,477 @@
+"""Online re-parameterized block (OREPA-style, Hu et al., CVPR 2022): a kxk conv whose kernel is a sum of
+scaled branch kernels, assembled differentiably on every step and applied as **one** conv
+(unless running the branches on the activations is estimated cheaper: wide convs on tiny activations).
+
+Same branch set and geometry rules as :class:`~dyrep_ray.rep.dbb.DiverseBranchBlock`
+(:func:`~dyrep_ray.rep.dbb.allowed_branches`), but no branch has a BatchNorm: each holds raw kernels
+and a learnable per-output-channel ``scale``.  Branch ``b``'s kxk kernel contribution is
+
+* ``1x1``      ``s * pad(W)``              * ``kxk``   ``s * W`` (``W`` of a conv, or of a nested block)
+* ``1x1_kxk``  ``s * (W2 ∘ W1)``           * ``1xk`` / ``kx1``  ``s * pad(W)``
+* ``1x1_avg``  ``s * W1 / k^2`` on every tap * ``identity``  ``s * I`` at the centre tap
+
+and ``forward(x) = conv2d(x, Σ_b contribution_b, bias)``: one conv on the activations whatever the branch
+count, so time and activation memory stay close to the plain conv's; only the kernel assembly (batch-size
+independent) is extra.  Where that assembly would cost more than the convs themselves (a wide kernel on
+tiny activations: the 1x1->kxk merge alone is out*mid*in*k^2 MACs), ``forward`` runs every branch on the
+activations instead -- the same function, chosen per call by a MAC estimate
+(:attr:`OnlineBlock.forward_path` forces either).  Without BatchNorms the block computes the same function
+in train and eval mode; deploy is the assembled kernel (:meth:`OnlineBlock.to_conv`).
+
+On the assembled path the branch convs are never called as modules (their weights are read directly), so
+hooks on them do not fire; hooks on the block itself do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import online_kernels as OK
+from . import transforms as T
+from .dbb import BRANCH_NAMES, KXK, ORIG_BIAS_ATTR, allowed_branches, conv_geometry, mid_channels_1x1_kxk
+
+BLOCK_TYPE = "online"
+DEFAULT_INIT_GAMMA = 0.01
+# Below this |scale| the kxk branch cannot absorb a cut branch without blowing up (same bound as the bn block).
+MIN_ABSORB_SCALE = 1e-8
+# Cost model of the forward-path choice (OnlineBlock._cheaper_on_activations), in multiply-accumulates:
+# one element of an elementwise pass costs about as much as this many conv MACs (memory-bound vs compute-bound)
+ELEMENTWISE_MACS = 8
+KERNEL_PASSES_PER_BRANCH = 4  # kernel-sized elementwise passes per branch per training step (fwd + bwd)
+OUTPUT_PASSES_PER_BRANCH = 4  # output-sized passes per branch (scale, sum; fwd + bwd)
+AUTO_PATH, KERNEL_PATH, BRANCHES_PATH = "auto", "kernel", "branches"  # OnlineBlock.forward_path values
+
+
+def _conv_kernel(conv: nn.Module) -> Tensor:
+    """Kernel of a plain bias-free conv, or the assembled kernel of a nested block."""
+    return conv.assembled_kernel() if isinstance(conv, OnlineBlock) else conv.weight
+
+
+def _scale_param(channels: int, value: float, like: Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.full((channels,), float(value), dtype=like.dtype, device=like.device))
+
+
+class ScaledConv(nn.Module):
+    """``scale * kernel(conv)``: the kxk, 1x1, 1xk and kx1 branches (``conv`` may be a nested block for kxk)."""
+
+    def __init__(self, conv: nn.Module, out_channels: int, like: Tensor):
+        super().__init__()
+        self.conv = conv
+        self.scale = _scale_param(out_channels, 1.0, like)
+
+    def contribution(self) -> Tensor:
+        """This branch's scaled kernel at its natural size (centred in the block's kxk window)."""
+        return OK.scale_kernel(_conv_kernel(self.conv), self.scale)
+
+    def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
+        """This branch's (unscaled) output on ``x``; the block's ``padding`` for its ``window`` x ``window``
+        kernel, less the centring offset per kernel axis (centred branches exist only at padding k // 2)."""
+        if isinstance(self.conv, OnlineBlock):
+            return self.conv(x)
+        kh, kw = self.conv.weight.shape[-2:]
+        pad = (padding - (window - kh) // 2, padding - (window - kw) // 2)
+        return F.conv2d(x, self.conv.weight, None, stride, pad, 1, groups)
+
+
+class ScaledOneByOneKxk(nn.Module):
+    """``scale * (conv2 ∘ conv1)``: 1x1 (in -> mid) then kxk (mid -> out), both bias-free."""
+
+    def __init__(self, conv1: nn.Conv2d, conv2: nn.Conv2d, groups: int, out_channels: int, like: Tensor):
+        super().__init__()
+        self.groups = groups
+        self.conv1, self.conv2 = conv1, conv2
+        self.scale = _scale_param(out_channels, 1.0, like)
+
+    def contribution(self) -> Tensor:
+        # Scale the kxk factor first: one kernel-sized temporary in all.
+        return OK.merge_1x1_kxk_kernel(self.conv1.weight, OK.scale_kernel(self.conv2.weight, self.scale),
+                                       self.groups)
+
+    def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
+        # Bias-free 1x1: zero padding its output is exact.
+        return F.conv2d(F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), self.conv2.weight, None, stride,
+                        padding, 1, groups)
+
+
+class ScaledOneByOneAvg(nn.Module):
+    """``scale * (avg_pool_kxk ∘ conv1)``."""
+
+    def __init__(self, conv1: nn.Conv2d, kernel_size: int, out_channels: int, like: Tensor):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv1 = conv1
+        self.scale = _scale_param(out_channels, 1.0, like)
+
+    def contribution(self) -> Tensor:
+        return OK.avg_branch_kernel(OK.scale_kernel(self.conv1.weight, self.scale), self.kernel_size)
+
+    def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
+        y, k = F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), self.kernel_size
+        if 2 * padding <= k:
+            return F.avg_pool2d(y, k, stride, padding, count_include_pad=True)
+        return F.avg_pool2d(F.pad(y, [padding] * 4), k, stride, 0)  # avg_pool2d refuses padding > k / 2
+
+
+class ScaledIdentity(nn.Module):
+    """``scale * I``: the identity branch (in == out channels, stride 1); no kernel parameters."""
+
+    def __init__(self, channels: int, groups: int, like: Tensor):
+        super().__init__()
+        self.scale = _scale_param(channels, 1.0, like)
+        # Not in the state_dict: a constant of the geometry, rebuilt by the constructor.
+        self.register_buffer("eye", OK.identity_matrix(channels, groups, like), persistent=False)
+
+    def contribution(self) -> Tensor:
+        return OK.scale_kernel(self.eye, self.scale)
+
+    def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
+        return x
+
+
+def _branch_convs(branch: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in branch.children() if isinstance(m, nn.Conv2d)]
+
+
+class OnlineBlock(nn.Module):
+    """A kxk conv as a sum of scaled branch kernels; see the module docstring.
+
+    ``branches`` selects which branches exist (default: every branch the geometry allows).  ``kxk_conv``
+    (bias-free ``nn.Conv2d`` or nested :class:`OnlineBlock`) becomes the kxk branch's conv; ``bias`` (a
+    Parameter, or None) the block's bias.  New branch parameters are left at PyTorch defaults and every
+    scale at 1: :meth:`init_new_branches` applies DyRep's initialization.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | None = None,
+        groups: int = 1,
+        branches: Sequence[str] | None = None,
+        kxk_conv: nn.Module | None = None,
+        bias: nn.Parameter | bool | None = None,
+        orig_bias: bool | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        padding = kernel_size // 2 if padding is None else padding
+        allowed = allowed_branches(in_channels, out_channels, kernel_size, stride, padding)
+        names = allowed if branches is None else tuple(branches)
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise ValueError(f"branches {unknown} not allowed for this geometry (allowed: {list(allowed)})")
+        if KXK not in names:
+            raise ValueError("an OnlineBlock always holds its 'kxk' branch")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
+        # "kernel": always one conv with the assembled kernel; "branches": always every branch on the
+        # activations; "auto": whichever _cheaper_on_activations estimates cheaper.  Not state: a speed
+        # knob, the function is the same.
+        self.forward_path = AUTO_PATH
+        k, s, p, g = kernel_size, stride, padding, groups
+        kw = dict(device=device, dtype=dtype)
+        if kxk_conv is None:
+            kxk_conv = nn.Conv2d(in_channels, out_channels, k, s, p, groups=g, bias=False, **kw)
+        like = _conv_kernel(kxk_conv).detach()
+        if isinstance(bias, nn.Parameter):
+            self.bias = bias
+        elif bias:
+            self.bias = nn.Parameter(torch.zeros(out_channels, dtype=like.dtype, device=like.device))
+        else:
+            self.register_parameter("bias", None)
+        setattr(self, ORIG_BIAS_ATTR, self.bias is not None if orig_bias is None else bool(orig_bias))
+        self.branches = nn.ModuleDict()
+        for name in BRANCH_NAMES:  # canonical order keeps state_dict order stable
+            if name not in names:
+                continue
+            if name == KXK:
+                branch = ScaledConv(kxk_conv, out_channels, like)
+            elif name == "1x1":
+                branch = ScaledConv(nn.Conv2d(in_channels, out_channels, 1, s, 0, groups=g, bias=False, **kw),
+                                    out_channels, like)
+            elif name == "1x1_kxk":
+                mid = mid_channels_1x1_kxk(in_channels, out_channels, g)
+                branch = ScaledOneByOneKxk(nn.Conv2d(in_channels, mid, 1, groups=g, bias=False, **kw),
+                                           nn.Conv2d(mid, out_channels, k, s, groups=g, bias=False, **kw),
+                                           g, out_channels, like)
+            elif name == "1x1_avg":
+                branch = ScaledOneByOneAvg(nn.Conv2d(in_channels, out_channels, 1, groups=g, bias=False, **kw),
+                                           k, out_channels, like)
+            elif name == "1xk":
+                branch = ScaledConv(nn.Conv2d(in_channels, out_channels, (1, k), s, (0, p), groups=g, bias=False,
+                                              **kw), out_channels, like)
+            elif name == "kx1":
+                branch = ScaledConv(nn.Conv2d(in_channels, out_channels, (k, 1), s, (p, 0), groups=g, bias=False,
+                                              **kw), out_channels, like)
+            else:  # identity
+                branch = ScaledIdentity(in_channels, g, like)
+            self.branches[name] = branch
+
+    # ------------------------------------------------------------------ forward
+    def assembled_kernel(self) -> Tensor:
+        """Σ branches' kernel contributions (differentiable): the one kernel :meth:`forward` applies."""
+        kxk = self.branches[KXK]
+        acc = kxk.contribution()  # a fresh tensor (a product): safe to add into in place
+        smaller: dict[tuple[int, int], Tensor] = {}  # 1x1 / 1xk / kx1 contributions, summed per shape
+        for name, branch in self.branches.items():
+            if name == KXK:
+                continue
+            part = branch.contribution()
+            if part.shape[-2:] == acc.shape[-2:]:
+                acc.add_(part)
+            else:
+                shape = tuple(part.shape[-2:])
+                smaller[shape] = part if shape not in smaller else smaller[shape] + part
+        # One zero-pad per shape, added out of a view-free in-place add (no full-kernel copies in backward).
+        for part in smaller.values():
+            acc.add_(T.pad_kernel_to(part, self.kernel_size))
+        return acc
+
+    def forward(self, x: Tensor) -> Tensor:
+        path = self.forward_path
+        if path == BRANCHES_PATH or (path == AUTO_PATH and self._cheaper_on_activations(x)):
+            return self._forward_on_activations(x)
+        return F.conv2d(x, self.assembled_kernel(), self.bias, self.stride, self.padding, 1, self.groups)
+
+    def _forward_on_activations(self, x: Tensor) -> Tensor:
+        """The same function, every branch run on ``x`` and its output scaled (no BN: zero padding exact)."""
+        out = None
+        for branch in self.branches.values():
+            y = branch.on_activations(x, self.stride, self.padding, self.groups, self.kernel_size)
+            y = y * branch.scale.reshape(1, -1, 1, 1)
+            out = y if out is None else out + y
+        return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
+
+    def _cheaper_on_activations(self, x: Tensor) -> bool:
+        """True if running the branches on ``x`` costs less than assembling the kernel (estimated MACs).
+
+        Assembling costs the kxk conv on ``x``, the 1x1->kxk kernel merge (out*mid*in*k^2/g^2 MACs
+        whatever the batch) and a few elementwise passes over a kernel-sized tensor per branch; running
+        branches costs every branch's conv on ``x`` and a few passes over its output.  Wide convs on tiny
+        activations (ResNet layer4 at 32x32 input: 1x1 pixels, small batch) are where the branches win;
+        everywhere else the block is one conv.
+        """
+        g, k, s, p = self.groups, self.kernel_size, self.stride, self.padding
+        n, _, h, w = x.shape
+        pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+        cin, cout = self.in_channels // g, self.out_channels
+        kernel_numel, out_numel = cout * cin * k * k, pixels_out * cout
+        nb = len(self.branches)
+        kxk_conv = pixels_out * cout * cin * k * k
+        assembled = kxk_conv + ELEMENTWISE_MACS * KERNEL_PASSES_PER_BRANCH * nb * kernel_numel
+        on_activations = kxk_conv + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * nb * out_numel
+        for name, branch in self.branches.items():
+            if name == "1x1_kxk":
+                mid = branch.conv1.out_channels
+                assembled += cout * mid * cin * k * k // g
+                on_activations += n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k
+            elif name == "1x1_avg":
+                on_activations += n * h * w * cout * cin + out_numel * k * k
+            elif name in ("1x1", "1xk", "kx1"):
+                on_activations += pixels_out * cout * cin * (1 if name == "1x1" else k)
+        return on_activations < assembled
+
+    # ------------------------------------------------------------- the algebra
+    @property
+    def branch_names(self) -> list[str]:
+        return list(self.branches.keys())
+
+    @property
+    def kxk_branch(self) -> ScaledConv:
+        return self.branches[KXK]
+
+    def kxk_scale(self) -> Tensor:
+        """Per-channel scale of the kxk branch (what absorbing a cut branch divides by)."""
+        return self.kxk_branch.scale
+
+    def _bias_or_zeros(self, like: Tensor) -> Tensor:
+        return self.bias if self.bias is not None else torch.zeros(self.out_channels, dtype=like.dtype,
+                                                                   device=like.device)
+
+    def equivalent_kernel(self) -> tuple[Tensor, Tensor]:
+        """Kernel and bias of the single conv this block equals (in train and eval mode)."""
+        kernel = self.assembled_kernel()
+        return kernel, self._bias_or_zeros(kernel)
+
+    def branch_kernel(self, name: str) -> tuple[Tensor, Tensor]:
+        """Branch ``name``'s contribution to :meth:`equivalent_kernel` (its bias part is zero)."""
+        kernel = T.pad_kernel_to(self.branches[name].contribution(), self.kernel_size).contiguous()
+        return kernel, torch.zeros_like(kernel[:, 0, 0, 0])
+
+    def branch_importance(self) -> dict[str, Tensor]:
+        """mean|scale| of each branch relative to the kxk branch's (kxk == 1)."""
+        ref = self.kxk_scale().detach().abs().mean()
+        return {n: b.scale.detach().abs().mean() / ref for n, b in self.branches.items()}
+
+    @torch.no_grad()
+    def absorb(self, kernel: Tensor, bias: Tensor) -> None:
+        """Add ``conv(x; kernel) + bias`` to this block's function via its kxk branch."""
+        scale = self.kxk_scale()
+        if bool((scale.abs() < MIN_ABSORB_SCALE).any()):
+            raise ValueError("kxk branch has a ~zero scale; cannot absorb a branch into it")
+        conv_delta = kernel / scale.reshape(-1, 1, 1, 1)
+        conv = self.kxk_branch.conv
+        if isinstance(conv, OnlineBlock):
+            conv.absorb(conv_delta, torch.zeros_like(bias))
+        else:
+            conv.weight.add_(conv_delta.to(conv.weight.dtype))
+        if self.bias is not None:
+            self.bias.add_(bias.to(self.bias.dtype))
+        elif bool((bias != 0).any()):
+            raise ValueError("this block has no bias; it cannot absorb a nonzero bias")
+
+    @torch.no_grad()
+    def cut(self, names: Iterable[str]) -> None:
+        """Remove branches, folding each one's kernel into the kxk branch (the function is unchanged)."""
+        for name in list(names):
+            if name == KXK:
+                raise ValueError("the 'kxk' branch cannot be cut")
+            if name not in self.branches:
+                raise ValueError(f"branch {name!r} is not in this block (branches: {self.branch_names})")
+            kernel, bias = self.branch_kernel(name)
+            self.absorb(kernel, bias)
+            del self.branches[name]
+
+    @torch.no_grad()
+    def to_conv(self) -> nn.Conv2d:
+        """One ``nn.Conv2d`` computing this block's function, with the bias layout of the conv it replaced.
+
+        Branches carry no shifts, so (unlike the bn block) no bias ever has to be folded elsewhere.
+        """
+        kernel = self.assembled_kernel()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         groups=self.groups, bias=self.bias is not None, device=kernel.device, dtype=kernel.dtype)
+        conv.weight.copy_(kernel)
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        setattr(conv, ORIG_BIAS_ATTR, getattr(self, ORIG_BIAS_ATTR))
+        return conv
+
+    def reparameterize(self) -> nn.Conv2d:
+        """timm-style alias of :meth:`to_conv`."""
+        return self.to_conv()
+
+    @torch.no_grad()
+    def compensate_kxk(self, target_kernel: Tensor, target_bias: Tensor) -> None:
+        """Set the kxk branch (scale 1, kernel = target − Σ other branches) so the block equals the target conv."""
+        conv = self.kxk_branch.conv
+        if isinstance(conv, OnlineBlock):
+            raise ValueError("compensate_kxk expects a plain kxk conv (grow happens before nesting)")
+        others = torch.zeros_like(target_kernel)
+        for name in self.branch_names:
+            if name != KXK:
+                others += self.branch_kernel(name)[0]
+        self.kxk_scale().fill_(1.0)
+        conv.weight.copy_((target_kernel - others).to(conv.weight.dtype))
+        if self.bias is not None:
+            self.bias.copy_(target_bias.to(self.bias.dtype))
+        elif bool((target_bias != 0).any()):
+            raise ValueError("this block has no bias; it cannot match a target conv with a nonzero bias")
+
+    @torch.no_grad()
+    def init_new_branches(self, init_gamma: float, generator: torch.Generator) -> None:
+        """DyRep's init of the non-kxk branches: Kaiming-normal (fan-out) kernels, scale = ``init_gamma``.
+
+        Random numbers are drawn on the CPU in float64 from ``generator`` and then cast, so every
+        device/rank produces the same values for the same seed.
+        """
+        for name, branch in self.branches.items():
+            if name == KXK:
+                continue
+            for conv in _branch_convs(branch):
+                cpu = torch.empty(conv.weight.shape, dtype=torch.float64)
+                nn.init.kaiming_normal_(cpu, mode="fan_out", nonlinearity="relu", generator=generator)
+                conv.weight.copy_(cpu.to(conv.weight.dtype))
+            branch.scale.fill_(init_gamma)
+
+    def new_branch_batchnorms(self) -> list[nn.BatchNorm2d]:
+        """None: the branches hold no BatchNorm, so growth needs no BN recalibration."""
+        return []
+
+    # ---------------------------------------------------------- description
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, "
+                f"branches={self.branch_names}")
+
+    def describe(self) -> dict:
+        """JSON-serializable block type + geometry + branch set: enough for :meth:`from_description`."""
+        return {
+            "type": BLOCK_TYPE,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "groups": self.groups,
+            "branches": self.branch_names,
+            "bias": self.bias is not None,
+            "orig_bias": bool(getattr(self, ORIG_BIAS_ATTR)),
+        }
+
+    @classmethod
+    def from_description(cls, entry: dict, like: nn.Conv2d) -> "OnlineBlock":
+        """A block of ``entry``'s structure (from :meth:`describe`) replacing conv ``like`` (device, dtype and
+        geometry checked against it); parameter values are whatever the state_dict loaded next sets."""
+        if entry.get("type") != BLOCK_TYPE:
+            raise ValueError(f"not an online block description (type {entry.get('type')!r})")
+        geometry = (entry["in_channels"], entry["out_channels"], entry["groups"])
+        if geometry != (like.in_channels, like.out_channels, like.groups):
+            raise ValueError(f"online block geometry {geometry} does not match the model's conv "
+                             f"{(like.in_channels, like.out_channels, like.groups)}")
+        w = like.weight
+        kxk = nn.Conv2d(like.in_channels, like.out_channels, like.kernel_size, like.stride, like.padding,
+                        groups=like.groups, bias=False, device=w.device, dtype=w.dtype)
+        return cls(entry["in_channels"], entry["out_channels"], entry["kernel_size"], entry["stride"],
+                   entry["padding"], entry["groups"], branches=entry["branches"], kxk_conv=kxk,
+                   bias=bool(entry["bias"]), orig_bias=bool(entry["orig_bias"]), device=w.device, dtype=w.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Construction from a plain conv (mirrors dbb.block_from_conv / dyrep.grow_conv)
+# ---------------------------------------------------------------------------
+def online_block_from_conv(conv: nn.Conv2d, branches: Sequence[str] | None = None) -> OnlineBlock:
+    """A block whose kxk branch reuses ``conv`` and whose bias is ``conv``'s bias Parameter.
+
+    Reusing the Parameter objects (weight, bias) keeps their optimizer state.  The kernel values are
+    whatever :meth:`OnlineBlock.compensate_kxk` sets next.
+    """
+    geom = conv_geometry(conv)
+    if geom is None:
+        raise ValueError(f"conv {conv} is not eligible for growth (needs square k>1, no dilation, zero padding)")
+    k, s, p = geom
+    orig_bias = getattr(conv, ORIG_BIAS_ATTR, conv.bias is not None)
+    bias = conv.bias
+    if bias is not None:
+        conv.register_parameter("bias", None)
+    if hasattr(conv, ORIG_BIAS_ATTR):
+        delattr(conv, ORIG_BIAS_ATTR)
+    w = conv.weight
+    return OnlineBlock(conv.in_channels, conv.out_channels, k, s, p, conv.groups, branches=branches,
+                       kxk_conv=conv, bias=bias, orig_bias=orig_bias, device=w.device, dtype=w.dtype)
+
+
+def grow_online_block(conv: nn.Conv2d, seed: int, init_gamma: float = DEFAULT_INIT_GAMMA,
+                      branches: Sequence[str] | None = None) -> OnlineBlock:
+    """An :class:`OnlineBlock` computing exactly ``conv``'s function (new branch scales = ``init_gamma``).
+
+    The caller puts it where ``conv`` was; ``conv`` itself becomes the kxk branch's conv.
+    """
+    with torch.no_grad():
+        target_kernel = conv.weight.detach().clone()
+        target_bias = (conv.bias.detach().clone() if conv.bias is not None
+                       else torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
+    block = online_block_from_conv(conv, branches)
+    block.train(conv.training)
+    block.init_new_branches(init_gamma, torch.Generator().manual_seed(int(seed)))
+    block.compensate_kxk(target_kernel, target_bias)
+    return block

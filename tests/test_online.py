@@ -1,0 +1,447 @@
+"""OnlineBlock (OREPA-style): one conv with an assembled kernel == the sum of its branches run separately.
+
+References are independent ``F.conv2d`` / ``F.avg_pool2d`` computations of every branch on the input (no
+kernel algebra); kernels, scales and biases are randomized before comparing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dyrep_ray.rep import transforms as T
+from dyrep_ray.rep.dbb import BRANCH_NAMES, KXK, allowed_branches
+from dyrep_ray.rep.online import (
+    AUTO_PATH,
+    BLOCK_TYPE,
+    BRANCHES_PATH,
+    KERNEL_PATH,
+    OnlineBlock,
+    grow_online_block,
+    online_block_from_conv,
+)
+from dyrep_ray.rep import online_kernels as OK
+from dyrep_ray.rep.optim import param_groups_for, update_optimizer
+from tests.helpers import rel_err
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+PADDINGS = {"k//2": lambda k: k // 2, "0": lambda k: 0, "k//2+1": lambda k: k // 2 + 1}
+DTYPES = (torch.float64, torch.float32)
+
+
+@torch.no_grad()
+def randomize(block: nn.Module, seed: int) -> None:
+    """Random kernels, scales (signed, around 1) and biases, drawn in float64 then cast."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in block.named_parameters():
+        draw = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        if name.endswith("scale"):
+            p.copy_(draw * 0.5 + 1.0)
+        elif name.endswith("bias"):
+            p.copy_(draw)
+        else:
+            p.copy_(draw / math.sqrt(p[0].numel()))
+
+
+def reference(block: OnlineBlock, x: torch.Tensor) -> torch.Tensor:
+    """Every branch run on ``x`` as its own op sequence, scaled and summed (the DBB-style forward)."""
+    k, s, p, g = block.kernel_size, block.stride, block.padding, block.groups
+    out = 0
+    for name, br in block.branches.items():
+        if name == KXK:
+            y = reference(br.conv, x) if isinstance(br.conv, OnlineBlock) else F.conv2d(x, br.conv.weight, None, s,
+                                                                                          p, 1, g)
+        elif name == "1x1":
+            y = F.conv2d(x, br.conv.weight, None, s, 0, 1, g)
+        elif name == "1x1_kxk":
+            y = F.conv2d(F.conv2d(x, br.conv1.weight, None, 1, 0, 1, g), br.conv2.weight, None, s, p, 1, g)
+        elif name == "1x1_avg":
+            y = F.avg_pool2d(F.pad(F.conv2d(x, br.conv1.weight, None, 1, 0, 1, g), [p] * 4), k, s, 0)
+        elif name == "1xk":
+            y = F.conv2d(x, br.conv.weight, None, s, (0, p), 1, g)
+        elif name == "kx1":
+            y = F.conv2d(x, br.conv.weight, None, s, (p, 0), 1, g)
+        else:
+            y = x
+        out = out + y * br.scale.reshape(1, -1, 1, 1)
+    if block.bias is not None:
+        out = out + block.bias.reshape(1, -1, 1, 1)
+    return out
+
+
+def check_equivalence(block: OnlineBlock, x: torch.Tensor, dtype) -> None:
+    with torch.no_grad():
+        out = block(x)
+        ref = reference(block, x)
+        kernel, bias = block.equivalent_kernel()
+        assert kernel.dtype == dtype and kernel.shape == (block.out_channels, block.in_channels // block.groups,
+                                                          block.kernel_size, block.kernel_size)
+        by_kernel = F.conv2d(x, kernel, bias, block.stride, block.padding, 1, block.groups)
+        conv = block.to_conv()
+        assert type(conv) is nn.Conv2d and (conv.bias is not None) == (block.bias is not None)
+        assert (conv.kernel_size, conv.stride, conv.padding, conv.groups) == (
+            (block.kernel_size,) * 2, (block.stride,) * 2, (block.padding,) * 2, block.groups)
+        deployed = conv(x)
+        used = BRANCHES_PATH if block._cheaper_on_activations(x) else KERNEL_PATH
+        block.forward_path = KERNEL_PATH if used == BRANCHES_PATH else BRANCHES_PATH
+        other_path = block(x)  # the other forward path: the same function
+        block.forward_path = AUTO_PATH
+    for what, got in (("forward", out), ("other forward path", other_path), ("equivalent_kernel", by_kernel),
+                      ("to_conv", deployed)):
+        err = rel_err(got, ref)
+        assert err <= TOL[dtype], f"{what} vs separate branches: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("padding_kind", list(PADDINGS))
+@pytest.mark.parametrize("groups", [1, 2, "dw"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_block_equals_its_branches_run_separately(k, stride, groups, padding_kind):
+    c = 4
+    g = c if groups == "dw" else groups
+    padding = PADDINGS[padding_kind](k)
+    for dtype in DTYPES:
+        block = OnlineBlock(c, c, k, stride, padding, g, bias=True, dtype=dtype)
+        assert block.branch_names == list(allowed_branches(c, c, k, stride, padding))
+        randomize(block, seed=k * 1000 + stride * 100 + g * 10 + padding)
+        x = torch.randn(2, c, 11, 10, generator=torch.Generator().manual_seed(k), dtype=dtype)
+        check_equivalence(block, x, dtype)
+
+
+@pytest.mark.parametrize("groups", [1, 2, "dw"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_block_equivalence_in_ne_out(stride, groups):
+    c_in, c_out = 4, 8
+    g = c_in if groups == "dw" else groups
+    block = OnlineBlock(c_in, c_out, 3, stride, 1, g, dtype=torch.float64)
+    assert "identity" not in block.branch_names and len(block.branch_names) == 6
+    randomize(block, seed=stride + g)
+    x = torch.randn(2, c_in, 9, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    check_equivalence(block, x, torch.float64)
+
+
+def test_gradients_equal_those_of_the_separate_branches():
+    """The differentiable assembly gives every parameter (and the input) the gradient of the branch sum."""
+    block = OnlineBlock(4, 4, 3, 1, 1, 2, bias=True, dtype=torch.float64)
+    randomize(block, seed=5)
+    twin = copy.deepcopy(block)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    grad = torch.randn(3, 4, 8, 8, generator=gen, dtype=torch.float64)
+    block(x).backward(grad)
+    reference(twin, x2).backward(grad)
+    assert rel_err(x.grad, x2.grad) <= 1e-12
+    for (name, p), (_, q) in zip(block.named_parameters(), twin.named_parameters()):
+        assert p.grad is not None, name
+        assert rel_err(p.grad, q.grad) <= 1e-10, name
+
+
+def test_one_batch_sized_conv_per_step():
+    """Cost independent of the branch count: the activations see exactly one convolution forward and one
+    backward, whatever the number of branches (the kernel algebra never touches the batch), and no
+    kernel-sized copies are made by in-place writes into views."""
+
+    class ConvCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "convolution" in func.__name__ or func.__name__.startswith("copy_"):
+                self.calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    block = OnlineBlock(8, 8, 3, 1, 1)
+    assert len(block.branch_names) == 7
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    assert not block._cheaper_on_activations(x)
+    with ConvCounter() as counter:
+        block(x).sum().backward()
+    convs = [c.split(".")[0] for c in counter.calls if "convolution" in c]
+    assert convs == ["convolution", "convolution_backward"]
+    # CopySlices would add one kernel copy per centred branch; only the merge's einsum gradient (permuted
+    # layout) is copied once
+    assert len(counter.calls) - len(convs) <= 1
+
+
+@pytest.mark.parametrize("padding_kind", list(PADDINGS))
+@pytest.mark.parametrize("groups", [1, 2, "dw"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5])
+def test_branches_on_small_activations_are_the_same_function(k, stride, groups, padding_kind):
+    """Wide conv, tiny activations: the branches run on the activations (assembling would cost more) --
+    same outputs and gradients as the separate branches and as the always-assembled path."""
+    c = 16
+    g = c if groups == "dw" else groups
+    block = OnlineBlock(c, c, k, stride, PADDINGS[padding_kind](k), g, bias=True, dtype=torch.float64)
+    randomize(block, seed=21 + stride + g + k)
+    x = torch.randn(1, c, k, k + 1, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    if groups != "dw":  # a depthwise kernel is tiny: either path may be estimated cheaper (forced below)
+        assert block._cheaper_on_activations(x)
+    assert not block._cheaper_on_activations(torch.zeros(16, c, 32, 32, dtype=torch.float64))
+    block.forward_path = BRANCHES_PATH
+    assembled = copy.deepcopy(block)
+    assembled.forward_path = KERNEL_PATH
+    twin = copy.deepcopy(block)
+    grad = torch.randn(block(x).shape, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    outs = [m(x) for m in (block, assembled)] + [reference(twin, x)]
+    for out, m in zip(outs, (block, assembled, twin)):
+        out.backward(grad)
+    o0, o1, o2 = (o.detach() for o in outs)
+    assert rel_err(o0, o2) <= 1e-12 and rel_err(o1, o2) <= 1e-12
+    for (name, p), (_, q), (_, r) in zip(block.named_parameters(), assembled.named_parameters(),
+                                         twin.named_parameters()):
+        assert rel_err(p.grad, r.grad) <= 1e-10 and rel_err(q.grad, r.grad) <= 1e-10, name
+
+
+def test_kernel_maths_matches_transforms():
+    gen = torch.Generator().manual_seed(0)
+    for g, (c_in, mid, c_out) in ((1, (4, 6, 8)), (2, (4, 8, 6)), (4, (4, 8, 4))):
+        k1 = torch.randn(mid, c_in // g, 1, 1, generator=gen, dtype=torch.float64)
+        k2 = torch.randn(c_out, mid // g, 5, 5, generator=gen, dtype=torch.float64)
+        ref, _ = T.merge_1x1_kxk(k1, torch.zeros(mid, dtype=torch.float64), k2,
+                                 torch.zeros(c_out, dtype=torch.float64), g)
+        assert rel_err(OK.merge_1x1_kxk_kernel(k1, k2, g), ref) <= 1e-14
+        k1a = torch.randn(c_out, c_in // g, 1, 1, generator=gen, dtype=torch.float64)
+        avg = T.avg_pool_kernel(c_out, 5, g, like=k1a)
+        ref_avg, _ = T.merge_1x1_kxk(k1a, torch.zeros(c_out, dtype=torch.float64), avg,
+                                     torch.zeros(c_out, dtype=torch.float64), g)
+        assert rel_err(OK.avg_branch_kernel(k1a, 5), ref_avg) <= 1e-14
+    eye = OK.identity_matrix(6, 3, like=k1)
+    assert torch.equal(T.pad_kernel_to(eye, 3), T.identity_kernel(6, 3, 3, like=k1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grow: function-preserving
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("padding_kind", list(PADDINGS))
+@pytest.mark.parametrize("groups", [1, 2, "dw"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_grow_is_function_preserving(k, stride, groups, padding_kind, bias):
+    c = 4
+    g = c if groups == "dw" else groups
+    padding = PADDINGS[padding_kind](k)
+    for dtype in DTYPES:
+        gen = torch.Generator().manual_seed(k + 10 * stride + 100 * g)
+        conv = nn.Conv2d(c, c, k, stride, padding, groups=g, bias=bias, dtype=dtype)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
+            if bias:
+                conv.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+        x = torch.randn(2, c, 11, 10, generator=gen, dtype=dtype)
+        with torch.no_grad():
+            target = conv(x)
+        weight_param, bias_param = conv.weight, conv.bias
+        block = grow_online_block(conv, seed=k, init_gamma=0.01)
+        assert block.branch_names == list(allowed_branches(c, c, k, stride, padding))
+        assert block.kxk_branch.conv is conv and conv.weight is weight_param and conv.bias is None
+        assert block.bias is bias_param and block.dyrep_orig_bias is bias
+        for name, branch in block.branches.items():
+            expected = 1.0 if name == KXK else 0.01
+            assert torch.all(branch.scale == expected), name
+        with torch.no_grad():
+            err = rel_err(block(x), target)
+        assert err <= TOL[dtype], f"grown block vs original conv: rel err {err:.3g}"
+        check_equivalence(block, x, dtype)
+
+
+def test_grow_is_seeded_and_rejects_ineligible_convs():
+    def grown(seed):
+        torch.manual_seed(0)
+        return grow_online_block(nn.Conv2d(4, 4, 3, padding=1), seed=seed)
+
+    a, b, c = grown(7), grown(7), grown(8)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[key], sb[key]) for key in sa)
+    assert not torch.equal(sa["branches.1x1.conv.weight"], sc["branches.1x1.conv.weight"])
+    for bad in (nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, dilation=2, padding=2), nn.Conv2d(4, 4, (3, 5))):
+        with pytest.raises(ValueError):
+            grow_online_block(bad, seed=0)
+
+
+def test_train_and_eval_mode_compute_the_same_function():
+    block = grow_online_block(nn.Conv2d(4, 4, 3, padding=1, dtype=torch.float64), seed=1)
+    randomize(block, seed=2)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        train_out = block.train()(x)
+        eval_out = block.eval()(x)
+    assert torch.equal(train_out, eval_out)
+    assert block.new_branch_batchnorms() == [] and not any(isinstance(m, nn.BatchNorm2d) for m in block.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cut: importance and exact absorption
+# ---------------------------------------------------------------------------------------------------------------
+def test_branch_importance_is_mean_abs_scale_over_kxk():
+    block = OnlineBlock(4, 4, 3, dtype=torch.float64)
+    randomize(block, seed=3)
+    imp = block.branch_importance()
+    assert set(imp) == set(BRANCH_NAMES)
+    ref = block.kxk_scale().detach().abs().mean()
+    for name, value in imp.items():
+        assert math.isclose(float(value), float(block.branches[name].scale.detach().abs().mean() / ref), rel_tol=1e-12)
+    assert float(imp[KXK]) == 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups", [1, 2, "dw"])
+def test_cut_keeps_the_function(groups, dtype):
+    c = 4
+    g = c if groups == "dw" else groups
+    block = OnlineBlock(c, c, 5, 1, 2, g, bias=True, dtype=dtype)
+    randomize(block, seed=g)
+    x = torch.randn(2, c, 9, 9, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    with torch.no_grad():
+        before = block(x)
+    block.cut(["1x1", "identity", "1x1_kxk"])
+    assert block.branch_names == ["1x1_avg", "kxk", "1xk", "kx1"]
+    block.cut(["1x1_avg", "1xk", "kx1"])
+    assert block.branch_names == [KXK]
+    with torch.no_grad():
+        after = block(x)
+        conv = block.to_conv()
+        deployed = conv(x)
+    assert rel_err(after, before) <= TOL[dtype] and rel_err(deployed, before) <= TOL[dtype]
+    with pytest.raises(ValueError):
+        block.cut([KXK])
+    with pytest.raises(ValueError):
+        block.cut(["1x1"])  # already gone
+
+
+def test_cut_refuses_a_zero_kxk_scale():
+    block = OnlineBlock(4, 4, 3)
+    with torch.no_grad():
+        block.kxk_scale()[1] = 0.0
+    with pytest.raises(ValueError, match="zero scale"):
+        block.cut(["1x1"])
+    assert "1x1" in block.branch_names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nested growth: the kxk branch's conv becomes a block itself
+# ---------------------------------------------------------------------------------------------------------------
+def _nested(dtype, bias: bool):
+    gen = torch.Generator().manual_seed(11)
+    conv = nn.Conv2d(4, 4, 3, 1, 1, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
+    outer = grow_online_block(conv, seed=1)
+    randomize(outer, seed=12)  # trained for a while
+    return outer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_nested_growth_cut_and_deploy_are_exact(dtype, bias):
+    outer = _nested(dtype, bias)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(13), dtype=dtype)
+    with torch.no_grad():
+        target = outer(x)
+    inner_conv = outer.kxk_branch.conv
+    inner = grow_online_block(inner_conv, seed=2)
+    assert inner.bias is None and inner.kxk_branch.conv is inner_conv
+    outer.kxk_branch.conv = inner
+    with torch.no_grad():
+        grown = outer(x)
+    assert rel_err(grown, target) <= TOL[dtype]
+    check_equivalence(outer, x, dtype)  # the reference recurses into the nested block
+    randomize(outer, seed=14)
+    with torch.no_grad():
+        trained = outer(x)
+    outer.cut(["1x1", "kx1"])  # absorbed through the nested block's kxk branch
+    inner.cut(["identity", "1x1_avg"])
+    with torch.no_grad():
+        after = outer(x)
+        deployed = outer.to_conv()(x)
+    assert rel_err(after, trained) <= TOL[dtype] and rel_err(deployed, trained) <= TOL[dtype]
+    with pytest.raises(ValueError):
+        outer.compensate_kxk(*outer.equivalent_kernel())  # grow happens before nesting
+
+
+def test_nested_block_gradients_reach_the_inner_branches():
+    outer = _nested(torch.float64, bias=False)
+    outer.kxk_branch.conv = grow_online_block(outer.kxk_branch.conv, seed=3)
+    randomize(outer, seed=4)
+    twin = copy.deepcopy(outer)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    outer(x).square().sum().backward()
+    reference(twin, x).square().sum().backward()
+    for (name, p), (_, q) in zip(outer.named_parameters(), twin.named_parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-10, name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# description, state_dict, optimizer
+# ---------------------------------------------------------------------------------------------------------------
+def _rebuild(entries: list[dict], base: nn.Module) -> nn.Module:
+    """What a graph restore does: outermost first, replace the conv at each path by the described block."""
+    for entry in sorted(entries, key=lambda e: e["path"].count(".")):
+        parent_path, _, attr = entry["path"].rpartition(".")
+        parent = base.get_submodule(parent_path) if parent_path else base
+        setattr(parent, attr, OnlineBlock.from_description(entry, getattr(parent, attr)))
+    return base
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_describe_and_state_dict_round_trip(bias):
+    def base():
+        return nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1, bias=bias, dtype=torch.float64), nn.ReLU())
+
+    model = base()
+    model[0] = grow_online_block(model[0], seed=1)
+    model[0].kxk_branch.conv = grow_online_block(model[0].kxk_branch.conv, seed=2)
+    model[0].cut(["1x1"])
+    model[0].kxk_branch.conv.cut(["identity", "1xk"])
+    randomize(model, seed=3)
+    entries = [{"path": name, **m.describe()} for name, m in model.named_modules() if isinstance(m, OnlineBlock)]
+    entries = json.loads(json.dumps(entries))  # the graph is JSON
+    assert [e["type"] for e in entries] == [BLOCK_TYPE, BLOCK_TYPE]
+    assert entries[0]["bias"] is bias and entries[0]["orig_bias"] is bias and entries[1]["bias"] is False
+    rebuilt = _rebuild(entries, base())
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert "eye" not in "".join(model.state_dict())  # the identity constant is not state
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    assert rebuilt[0].branch_names == model[0].branch_names
+    assert rebuilt[0].kxk_branch.conv.branch_names == model[0].kxk_branch.conv.branch_names
+    with pytest.raises(ValueError):
+        OnlineBlock.from_description(entries[0], nn.Conv2d(4, 8, 3, padding=1))
+    with pytest.raises(ValueError):
+        OnlineBlock.from_description({**entries[0], "type": "dbb"}, nn.Conv2d(4, 4, 3, padding=1))
+
+
+def test_collapsed_block_keeps_the_users_bias_layout():
+    for bias in (False, True):
+        block = grow_online_block(nn.Conv2d(4, 4, 3, padding=1, bias=bias), seed=0)
+        block.cut([n for n in block.branch_names if n != KXK])
+        conv = block.reparameterize()
+        assert (conv.bias is not None) is bias and conv.dyrep_orig_bias is bias
+        regrown = online_block_from_conv(conv)  # a collapsed conv may grow again
+        assert (regrown.bias is not None) is bias and regrown.dyrep_orig_bias is bias
+
+
+def test_optimizer_surgery_keeps_the_kxk_state_and_adds_scales_without_decay():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4))
+    optimizer = torch.optim.SGD(param_groups_for(model, 5e-4), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4, 5, 5)).sum().backward()
+    optimizer.step()
+    weight, bias = model[0].weight, model[0].bias
+    momentum = optimizer.state[weight]["momentum_buffer"].clone()
+    model[0] = grow_online_block(model[0], seed=0)
+    counts = update_optimizer(optimizer, model)
+    assert counts["removed"] == 0 and counts["added"] == len(list(model[0].parameters())) - 2
+    assert torch.equal(optimizer.state[weight]["momentum_buffer"], momentum) and bias in optimizer.state
+    no_decay = next(g for g in optimizer.param_groups if g["weight_decay"] == 0.0)
+    assert all(any(s is p for p in no_decay["params"]) for s in (b.scale for b in model[0].branches.values()))
