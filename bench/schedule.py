@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 
 import torch
@@ -54,7 +55,7 @@ def build_schedule(images, targets, grows: int = 4, cut_blocks: int = 2, cut_per
     for i in range(grows):
         _train_steps(model, images, targets, steps_per_stage, dyrep)
         plan = dyrep.plan()
-        plan["cut"] = []  # cuts come once, below, so the stages are comparable across runs
+        plan = dataclasses.replace(plan, cut=())  # cuts come once, below, so the stages are comparable across runs
         dyrep.apply(plan)
         stages.append((f"grow{i + 1}", copy.deepcopy(model)))
     _train_steps(model, images, targets, steps_per_stage, dyrep)

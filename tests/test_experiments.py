@@ -134,4 +134,4 @@ def test_paper_rows_differ_from_their_experiment_only_in_the_mode_keys(row):
         assert {k: data.get(k, False) for k in ("dyrep", "dbb")} == {"dbb": False, **keys}, path.name
         assert {k: v for k, v in data.items() if k not in ("dyrep", "dbb")} == \
             {k: v for k, v in base.items() if k not in ("dyrep", "dbb")}, path.name
-        assert path.read_text().splitlines()[0].startswith(f"# Target: DyRep paper"), path.name
+        assert path.read_text().splitlines()[0].startswith("# Target: DyRep paper"), path.name

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dyrep_ray.rep import online_kernels as OK
 from dyrep_ray.rep import transforms as T
 from dyrep_ray.rep.dbb import BRANCH_NAMES, KXK, allowed_branches
 from dyrep_ray.rep.online import (
@@ -27,7 +28,6 @@ from dyrep_ray.rep.online import (
     grow_online_block,
     online_block_from_conv,
 )
-from dyrep_ray.rep import online_kernels as OK
 from dyrep_ray.rep.optim import param_groups_for, update_optimizer
 from tests.helpers import rel_err
 

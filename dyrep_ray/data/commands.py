@@ -30,11 +30,10 @@ def register(subparsers, add_common) -> None:
 
 
 def cmd_prepare(args) -> int:
-    from .parquet import SPLITS, export_parquet
-
     from pathlib import Path
 
     from .errors import DatasetError
+    from .parquet import SPLITS, export_parquet
 
     if args.rows_per_shard < 1:
         raise DatasetError(f"--rows-per-shard must be >= 1, got {args.rows_per_shard}")

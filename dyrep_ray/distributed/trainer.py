@@ -20,7 +20,7 @@ from ..engine.callbacks import TrainerCallback
 from ..engine.config import TrainConfig
 from ..engine.context import load_newest_valid
 from ..engine.data_source import PARQUET, aug_options
-from ..engine.loop import Trainer, summarize
+from ..engine.loop import Trainer, check_resume_config, summarize
 from ..engine.runfiles import plain_params_from, read_metrics
 from ..engine.storage import RunStorage, resolve_filesystem
 from ..errors import UserError
@@ -230,7 +230,9 @@ def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address
                     num_workers=cfg.workers)
     storage = launch.storage
     # Refuse up front (exit 2) a run dir whose checkpoints are all unusable: never restart from scratch silently.
-    load_newest_valid(storage)
+    newest = load_newest_valid(storage)
+    if newest is not None:  # a resume: refuse a structural config change before any worker starts
+        check_resume_config(newest.meta, cfg)
     trainer = build_torch_trainer(cfg, launch, callbacks=callbacks)
     logger.info("launching %d %s worker(s); run directory %s", cfg.workers, "GPU" if use_gpu else "CPU",
                 storage.root)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import build_model, count_flops, count_params
-from ..rep import DyRep, apply_plan, recalibrate_bn, restore_graph, structure_graph
+from ..rep import DyRep, apply_plan, convert_to_dbb, recalibrate_bn, restore_graph, structure_graph
 from ..rep.dbb import DiverseBranchBlock
 from ..rep.optim import param_groups_for
 from .callbacks import CallbackList, TrainerCallback
@@ -36,7 +36,7 @@ from .checkpoint import (
     set_rng_state,
     write_checkpoint_dir,
 )
-from .config import TrainConfig
+from .config import TrainConfig, resume_changes
 from .data_source import PARQUET, RECAL_SEED_OFFSET, aug_options, torch_data_source
 from .ema import ModelEma
 from .layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
@@ -114,14 +114,18 @@ class Trainer:
         self.state = TrainState()
         resume = ctx.resume_checkpoint()
         if resume is not None:
+            check_resume_config(resume.meta, cfg)
             restore_graph(self.model, resume.graph)
+        elif cfg.dbb:  # the static DBB baseline: every eligible conv a block from the start
+            convert_to_dbb(self.model, seed=cfg.seed)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
         self._place_model()
         self.dyrep = None
         if cfg.dyrep:
             self.dyrep = DyRep(self.model, metric=cfg.dyrep_metric, grow_topk=cfg.dyrep_grow_topk,
                                cut_threshold=cfg.dyrep_cut_threshold, cut_std_gate=cfg.dyrep_cut_std_gate,
-                               init_gamma=cfg.dyrep_init_gamma, max_depth=cfg.dyrep_max_depth, seed=cfg.seed)
+                               init_gamma=cfg.dyrep_init_gamma, max_depth=cfg.dyrep_max_depth, seed=cfg.seed,
+                               cut_lone_branch=cfg.dyrep_cut_lone_branch, cut_mode=cfg.dyrep_cut_mode)
         self.optimizer = build_optimizer(cfg, self.model)
         self.schedule = LRSchedule.from_config(cfg)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
@@ -143,10 +147,12 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
-    def _recal_fn(self, salt: int):
+    def _recal_fn(self, salt: int, iters: int | None = None):
+        iters = iters or self.cfg.dyrep_recal_bn_iters
+
         def recal(model: nn.Module, bns: list[nn.BatchNorm2d]) -> None:
             with _autocast(self.cfg, self.device):
-                recalibrate_bn(model, self._recal_batches(salt), bns, self.cfg.dyrep_recal_bn_iters)
+                recalibrate_bn(model, self._recal_batches(salt), bns, iters)
         return recal
 
     # ------------------------------------------------------------- resume
@@ -226,9 +232,12 @@ class Trainer:
             # Proof that every rank holds the same structure and weights after the change.
             replica_digests = ctx.gather_object(model_digest(self.model))
             self.callbacks.on_adjust(self, epoch, events)
-        if cfg.dyrep_recal_bn_every_epoch:
-            self._recal_fn(salt=EPOCH_RECAL_SALT + epoch)(self.model, [m for m in self.model.modules()
-                                                           if isinstance(m, nn.modules.batchnorm._BatchNorm)])
+        # The original's per-epoch recalibration (its RepVGG-A2 command): every BN, on epochs without an adjust,
+        # while structure changes are still possible.
+        if (cfg.dyrep_recal_bn_every_epoch and not self._is_adjust_epoch(epoch)
+                and epoch < cfg.dyrep_max_adjust_epochs):
+            self._recal_fn(EPOCH_RECAL_SALT + epoch, cfg.dyrep_recal_bn_every_epoch_iters)(
+                self.model, [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
         val = self.evaluate(self.model)
         epoch_time = time.perf_counter() - t0
         epoch_metrics = EpochMetrics(
@@ -361,6 +370,12 @@ class Trainer:
 
     def summary(self) -> dict:
         return summarize(self.state.history, self.plain_params)
+
+
+def check_resume_config(meta: dict, cfg: TrainConfig) -> None:
+    """Refuse (ConfigError naming the key) a resume that changes a structural key; log the allowed changes."""
+    for change in resume_changes(meta.get("config", {}), cfg):
+        logger.info("resume: config changed: %s", change)
 
 
 def model_digest(model: nn.Module) -> str:

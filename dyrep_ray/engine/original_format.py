@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Mapping, NamedTuple, Optional
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from .config import (
     _DEFAULTS,
@@ -58,7 +59,7 @@ class OriginalKey(NamedTuple):
         original feature off; any other value raises ConfigError (dyrep-ray does not implement it).
     """
 
-    field: Optional[str]
+    field: str | None
     action: str
     note: str = ""
     neutral: tuple[Any, ...] = ()
@@ -196,7 +197,7 @@ def _neutral_text(value: Any) -> str:
     return "an empty string" if value == "" else _yaml_value(value)
 
 
-def _model_from_original(model: Any, model_config: Any, source: str) -> Optional[str]:
+def _model_from_original(model: Any, model_config: Any, source: str) -> str | None:
     if model_config not in (None, "") and not isinstance(model_config, str):
         raise ConfigError(f"{source}: original key 'model_config' expects a path string, got {_short(model_config)}")
     if model is None and model_config in (None, ""):

@@ -194,7 +194,7 @@ class RunLock:
         return RunLockedError(f"{self.storage.root} is being written by another dyrep-ray process "
                               f"({_holder_text(info)}); wait for it to finish, stop it, or use another --name")
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         if self.storage.local:
             self._acquire_flock()
         else:
@@ -294,7 +294,7 @@ class RunLock:
             except OSError as exc:
                 logger.warning("could not remove the lease marker of %s: %s", self.storage.root, exc)
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -419,7 +419,7 @@ class OnlineBlock(nn.Module):
         }
 
     @classmethod
-    def from_description(cls, entry: dict, like: nn.Conv2d) -> "OnlineBlock":
+    def from_description(cls, entry: dict, like: nn.Conv2d) -> OnlineBlock:
         """A block of ``entry``'s structure (from :meth:`describe`) replacing conv ``like`` (device, dtype and
         geometry checked against it); parameter values are whatever the state_dict loaded next sets."""
         if entry.get("type") != BLOCK_TYPE:

@@ -23,9 +23,10 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..engine.layout import CONFIG_FILE, DEPLOYED_SIDECAR, METRICS_FILE, STRUCTURE_FILE
 from .figures import (
