@@ -134,6 +134,8 @@ class Trainer:
         self.state = TrainState()
         self._resume_progress: EpochProgress | None = None  # set by a mid-epoch checkpoint
         self.running: RunningEpoch | None = None
+        self._start_record: dict | None = None  # placement + digests of this (re)start, for the next epoch
+        self._rank_nodes: list = []
         resume = ctx.resume_checkpoint()
         if resume is not None:
             check_resume_config(resume.meta, cfg)
@@ -242,6 +244,13 @@ class Trainer:
         logger.info("mid-epoch checkpoint %s (epoch %d, step %d)", name, running.epoch + 1, running.step)
         return name
 
+    def _take_placement_record(self) -> dict:
+        record, self._start_record = self._start_record, None
+        if record is None:
+            record = {"world_size": self.ctx.world_size, "rank_nodes": self._rank_nodes}
+        self._rank_nodes = record["rank_nodes"]
+        return record
+
     def _step_end(self, epoch: int, step: int, steps: int, loss: torch.Tensor) -> None:
         every = self.cfg.checkpoint_every_steps
         if every and (step + 1) % every == 0 and step + 1 < steps:  # the epoch's end has its own checkpoint
@@ -257,12 +266,31 @@ class Trainer:
                         "%d worker(s)", cfg.model, self.plain_params, self.plain_flops / 1e6,
                         len(self.dyrep.eligible_names) if self.dyrep else 0, *self.data.sizes,
                         self.ctx.world_size)
+        self._start_record = self._placement_record(start=True)
         self.callbacks.on_fit_start(self)
         while self.state.epoch < cfg.epochs:
             self._run_epoch(self.state.epoch)
         summary = self.summary()
         self.callbacks.on_fit_end(self, summary)
         return summary
+
+    def _placement_record(self, start: bool) -> dict:
+        """Where this worker group runs (every rank's node id) and, at a (re)start, every rank's structure +
+        weights digest: replicas must agree after every restart and every elastic resize, not only after adjusts.
+        Collective (every rank calls it); recorded in the next epoch's metrics."""
+        node = getattr(self.ctx, "node_id", None)
+        record = {"world_size": self.ctx.world_size, "rank_nodes": self.ctx.gather_object(node)}
+        if start:
+            record["start_global_step"] = self.state.global_step
+            record["start_digests"] = self.ctx.gather_object(model_digest(self.model))
+        return record
+
+    def _lr_factor(self) -> float:
+        """Linear scaling with the current worker count (elastic runs, ``lr_scale_with_workers``): the
+        configured lr is the lr at ``max_workers``; the per-worker batch is fixed, so the global batch scales."""
+        if not self.cfg.lr_scale_with_workers:
+            return 1.0
+        return self.ctx.world_size / self.cfg.max_workers
 
     def _is_adjust_epoch(self, epoch: int) -> bool:
         cfg = self.cfg
@@ -298,7 +326,8 @@ class Trainer:
             epoch_time_s=round(epoch_time, 3), train_time_s=round(train_time, 3),
             adjust_time_s=round(adjust_time, 3), images_per_s=round(n_images / max(train_time, 1e-9), 1),
             skipped_steps=self.state.skipped_steps, events=events, replica_digests=replica_digests,
-            ema=self.evaluate(self.ema.module) if self.ema is not None else None)
+            ema=self.evaluate(self.ema.module) if self.ema is not None else None,
+            extra=self._take_placement_record())
         metrics = epoch_metrics.to_json()
         self.state.epoch = epoch + 1
         self.state.history.append(metrics)
@@ -333,8 +362,13 @@ class Trainer:
         else:
             batches = self.data.train_batches(epoch)
         first_step = running.step
+        lr_factor = self._lr_factor()
         for step, (images, targets) in enumerate(batches, start=first_step):
             lr = self.schedule.apply(self.optimizer, epoch + min(step / steps, 1.0))
+            if lr_factor != 1.0:
+                lr *= lr_factor
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
             with _autocast(cfg, self.device):
                 loss = F.cross_entropy(self.wrapped(images), targets, label_smoothing=cfg.smoothing)
