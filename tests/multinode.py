@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dyrep_ray.engine.callbacks import TrainerCallback
+
 CLI_TIMEOUT_S = 60
 NODE_START_TIMEOUT_S = 180  # `ray start` takes 15-20 s on an idle 2-core machine, much longer under load
 NODE_WAIT_POLL_S = 1.0
@@ -205,7 +207,7 @@ class LocalRayCluster:
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-            raise RuntimeError(f"ray start did not return within {NODE_START_TIMEOUT_S}s:\n{out[-3000:]}")
+            raise RuntimeError(f"ray start did not return within {NODE_START_TIMEOUT_S}s:\n{out[-3000:]}") from None
         if proc.returncode != 0:
             raise RuntimeError(f"ray start failed (rc {proc.returncode}):\n{out[-3000:]}")
         node.node_id = self._node_id_of(node)
@@ -292,3 +294,59 @@ for node_id, info in client.get_all_node_info(timeout=30).items():
                  "cpus": dict(info.resources_total).get("CPU", 0)})
 print(json.dumps(rows))
 """
+
+
+# --------------------------------------------------------------------- callbacks for runs on such a cluster
+class StepLog(TrainerCallback):
+    """Rank 0 appends ``time world_size global_step`` after every step: the run's workers-over-time timeline
+    and, around a restart, how many steps were redone."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_step_end(self, trainer, epoch, step, loss) -> None:
+        if trainer.ctx.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{time.time():.3f} {trainer.ctx.world_size} {trainer.state.global_step}\n")
+
+
+class StepDelay(TrainerCallback):
+    """Every rank sleeps ``seconds`` after each step: a tiny run lasts long enough for nodes to come and go."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_step_end(self, trainer, epoch, step, loss) -> None:
+        time.sleep(self.seconds)
+
+
+def read_step_log(path) -> list[tuple[float, int, int]]:
+    if not Path(path).exists():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        t, world, step = line.split()
+        rows.append((float(t), int(world), int(step)))
+    return rows
+
+
+def steps_redone(log: list[tuple[float, int, int]]) -> list[int]:
+    """For every restart in a step log (the global step going back), how many completed steps were redone."""
+    redone, high = [], -1
+    for _, _, step in log:
+        if high >= 0 and step <= high:
+            redone.append(high - step + 1)
+            high = step
+        high = max(high, step)
+    return redone
+
+
+def workers_timeline(log: list[tuple[float, int, int]]) -> list[tuple[float, int]]:
+    """(seconds since the first step, world size) at the first step and at every change of world size."""
+    if not log:
+        return []
+    t0, out = log[0][0], []
+    for t, world, _ in log:
+        if not out or out[-1][1] != world:
+            out.append((round(t - t0, 1), world))
+    return out
