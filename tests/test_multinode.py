@@ -25,7 +25,8 @@ POLL_S = 0.5
 # 128 images / 2 workers / batch 32 = 2 steps per epoch (4 on one worker); adjust after every epoch.
 BASE = ["synthetic_train_size=128", "synthetic_val_size=64", "batch_size=32", "dyrep_recal_bn_iters=2",
         "dyrep_adjust_interval=1", "log_interval=1000", "checkpoint_every_steps=1", "max_failures=3"]
-RESIZE_INTERVAL_S = "3"  # elastic: Ray looks for capacity this often (default 60 s)
+RESIZE_INTERVAL_S = "3"
+ELASTIC_EPOCHS = 12  # long enough (with 1 s per step) for a node to join while the run is on one worker  # elastic: Ray looks for capacity this often (default 60 s)
 
 DRIVER = """
 import json, sys
@@ -146,9 +147,9 @@ def test_node_killed_mid_epoch_fixed_workers_wait_and_resume_bit_identical(clust
 def test_elastic_run_shrinks_without_waiting_and_grows_back(cluster, tmp_path):
     out = tmp_path
     node = cluster.worker_nodes()[-1]
-    overrides = [*BASE, "epochs=6", "workers=[1,2]"]
+    overrides = [*BASE, f"epochs={ELASTIC_EPOCHS}", "workers=[1,2]"]
     marker = out / "stall-off"
-    proc = start_driver(cluster, out, "elastic", overrides, delay=0.5,
+    proc = start_driver(cluster, out, "elastic", overrides, delay=1.0,
                         stall={"epoch": 1, "seconds": 600, "marker": str(marker)})
     wait_for(lambda: mid_epoch_checkpoint(out / "elastic", 1, 3), "the mid-epoch checkpoint of epoch 2", proc)
     marker.write_text("the stall is over for restarted workers\n")
@@ -162,7 +163,7 @@ def test_elastic_run_shrinks_without_waiting_and_grows_back(cluster, tmp_path):
     print(f"elastic [1,2] workers over time (s, workers): {timeline}")
     assert [w for _, w in timeline][:3] == [2, 1, 2], timeline  # shrank to 1, grew back to 2
     lines = run_metrics(out / "elastic")
-    assert [m["epoch"] for m in lines] == list(range(1, 7))
+    assert [m["epoch"] for m in lines] == list(range(1, ELASTIC_EPOCHS + 1))
     for m in lines:
         if "start_digests" in m:  # every (re)start and resize: all replicas identical
             assert len(set(m["start_digests"])) == 1 and len(m["start_digests"]) == m["world_size"]
