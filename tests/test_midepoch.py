@@ -97,3 +97,17 @@ def test_kill_9_mid_epoch_resumes_at_the_next_step_bit_identical(reference, tmp_
     assert [m["val_top1"] for m in ours] == [m["val_top1"] for m in theirs]
     assert final.meta["global_step"] == expected.meta["global_step"] == 24
     assert not any(is_mid_epoch_name(p.name) for p in run_dir.iterdir())  # the run's end prunes them
+
+
+# -------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("setting, needle", [("workers=[4,2]", "1 <= min <= max"),
+                                             ("checkpoint_every_steps=-1", "checkpoint_every_steps")])
+def test_bad_cluster_settings_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, setting, needle):
+    from dyrep_ray.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "out"
+    assert main(["train", "--output", str(out), "--name", "x", "--set", setting]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dyrep-ray: error:") and needle in err[0], err
+    assert not out.exists()

@@ -40,3 +40,13 @@ def test_ray_worker_killed_mid_epoch_resumes_from_mid_epoch_checkpoint(ray_sessi
     assert restarted["start_global_step"] == 6, restarted
     assert len(restarted["start_digests"]) == 2 and len(set(restarted["start_digests"])) == 1
     assert restarted["world_size"] == 2 and len(restarted["rank_nodes"]) == 2
+
+
+def test_elastic_minimum_above_the_cluster_is_one_line_exit_2(ray_session, tmp_path, capsys):
+    from dyrep_ray.cli import main
+
+    out = tmp_path / "out"
+    assert main(["train", "--output", str(out), "--name", "x", "--set", "workers=[64,80]", "--cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "minimum of 64 CPU workers" in err[0] and "workers=[64,80]" in err[0], err
+    assert not out.exists()
