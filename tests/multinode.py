@@ -34,6 +34,7 @@ from dyrep_ray.engine.callbacks import TrainerCallback
 CLI_TIMEOUT_S = 60
 NODE_START_TIMEOUT_S = 180  # `ray start` takes 15-20 s on an idle 2-core machine, much longer under load
 NODE_WAIT_POLL_S = 1.0
+NODE_START_ATTEMPTS = 3
 KILL_GRACE_S = 5.0
 HEAD_STOP_GRACE_S = 3.0  # Ray's graceful stop waits up to 16 s; a throw-away test head gets 3 s
 OBJECT_STORE_BYTES = 100_000_000
@@ -190,8 +191,20 @@ class LocalRayCluster:
                                 self.head_cpus, is_head=True)
 
     def add_node(self, num_cpus: int = 1) -> RayNode:
-        """Start a worker node (own raylet) joined to the head; returns once Ray lists it alive."""
-        return self._start_node([f"--address={self.address}"], num_cpus, is_head=False)
+        """Start a worker node (own raylet) joined to the head; returns once Ray lists it alive.
+
+        Ray gives a joining raylet a fixed 30 s to register with the GCS; on an overloaded machine that can
+        pass, so a failed start is killed (exactly its processes) and retried."""
+        for attempt in range(1, NODE_START_ATTEMPTS + 1):
+            try:
+                return self._start_node([f"--address={self.address}"], num_cpus, is_head=False)
+            except RuntimeError:
+                failed = self.nodes[-1]
+                survivors = kill_pids(failed.pids)
+                failed.killed = True
+                if survivors or attempt == NODE_START_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     def _start_node(self, role_args: list[str], num_cpus: int, is_head: bool) -> RayNode:
         temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir="/tmp")

@@ -26,6 +26,7 @@ POLL_S = 0.5
 BASE = ["synthetic_train_size=128", "synthetic_val_size=64", "batch_size=32", "dyrep_recal_bn_iters=2",
         "dyrep_adjust_interval=1", "log_interval=1000", "checkpoint_every_steps=1", "max_failures=3"]
 RESIZE_INTERVAL_S = "3"
+WORKER_START_TIMEOUT_S = "40"  # Ray's default 60 s
 ELASTIC_EPOCHS = 12  # long enough (with 1 s per step) for a node to join while the run is on one worker  # elastic: Ray looks for capacity this often (default 60 s)
 
 DRIVER = """
@@ -49,7 +50,10 @@ run_distributed(load_config(None, args["overrides"]), args["out"], args["name"],
 @pytest.fixture(scope="module")
 def cluster():
     cluster = LocalRayCluster(head_cpus=1, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-                                                "RAY_DEDUP_LOGS": "0"})
+                                                "RAY_DEDUP_LOGS": "0",
+                                                # read by the Train controller (a process of the head): after
+                                                # a node loss Ray may first try the dead node's capacity
+                                                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S})
     try:
         cluster.start()
         cluster.add_node(num_cpus=1)
