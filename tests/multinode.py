@@ -185,19 +185,24 @@ class LocalRayCluster:
 
     # ---------------------------------------------------------------- nodes
     def start(self) -> RayNode:
-        self.port, client, metrics = free_ports(3)
-        return self._start_node(["--head", f"--port={self.port}", "--include-dashboard=false",
-                                 f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}"],
-                                self.head_cpus, is_head=True)
+        """Start the head (retried like :meth:`add_node`, on fresh ports)."""
+        def head_args() -> list[str]:
+            self.port, client, metrics = free_ports(3)
+            return ["--head", f"--port={self.port}", "--include-dashboard=false",
+                    f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}"]
+        return self._start_with_retries(head_args, self.head_cpus, is_head=True)
 
     def add_node(self, num_cpus: int = 1) -> RayNode:
         """Start a worker node (own raylet) joined to the head; returns once Ray lists it alive.
 
         Ray gives a joining raylet a fixed 30 s to register with the GCS; on an overloaded machine that can
         pass, so a failed start is killed (exactly its processes) and retried."""
+        return self._start_with_retries(lambda: [f"--address={self.address}"], num_cpus, is_head=False)
+
+    def _start_with_retries(self, role_args, num_cpus: int, is_head: bool) -> RayNode:
         for attempt in range(1, NODE_START_ATTEMPTS + 1):
             try:
-                return self._start_node([f"--address={self.address}"], num_cpus, is_head=False)
+                return self._start_node(role_args(), num_cpus, is_head=is_head)
             except RuntimeError:
                 failed = self.nodes[-1]
                 survivors = kill_pids(failed.pids)
