@@ -3,7 +3,8 @@
 Measured side by side in one process, variants alternated round by round:
 
 * training images/s of plain timm ResNet-50 vs the same model with the same 3x3 convs grown into DyRep blocks
-  (``bn`` = the paper's DiverseBranchBlock, ``online`` = online re-parameterization, OREPA-style), with bf16 autocast + channels_last, eager and ``torch.compile``;
+  (``bn`` = the paper's DiverseBranchBlock, ``online`` = online re-parameterization, OREPA-style), with bf16
+  autocast + channels_last, eager and ``torch.compile``;
 * what an adjust costs a compiled model: the model is compiled once, one more conv grows, and the model is
   compiled again (the only recompile a DyRep run needs: structure changes happen at adjust points only);
 * DDP overhead: the same step under a 1-GPU DistributedDataParallel (NCCL) vs bare.
@@ -50,9 +51,11 @@ class SuiteSize:
 # The 3x3 conv of the first bottleneck of each stage: a DyRep run on ImageNet grows one conv per adjust, and 4
 # blocks is what ~20 epochs of the paper's schedule produce.
 FIRST_BOTTLENECK_CONVS = ("layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2")
-FULL = SuiteSize(model="timm/resnet50", grown_paths=FIRST_BOTTLENECK_CONVS, adjust_path="layer3.1.conv2", batch=128, image_size=224, reps=12, warmup=3, compile_backend="inductor")
+FULL = SuiteSize(model="timm/resnet50", grown_paths=FIRST_BOTTLENECK_CONVS, adjust_path="layer3.1.conv2", batch=128,
+                 image_size=224, reps=12, warmup=3, compile_backend="inductor")
 # ResNet-14-T has ResNet-50's bottleneck blocks, one per stage: the same code paths in seconds.
-DRY_RUN = SuiteSize(model="timm/resnet14t", grown_paths=FIRST_BOTTLENECK_CONVS[:3], adjust_path=FIRST_BOTTLENECK_CONVS[3],
+DRY_RUN = SuiteSize(model="timm/resnet14t", grown_paths=FIRST_BOTTLENECK_CONVS[:3],
+                    adjust_path=FIRST_BOTTLENECK_CONVS[3],
                     batch=2, image_size=32, reps=2, warmup=1, compile_backend="eager")
 # Every block instance of another shape is one more dynamo cache entry of the same forward code; the default
 # limit (8) would silently fall back to eager for the later blocks of a grown ResNet-50.
@@ -122,7 +125,8 @@ def run(device: torch.device, dry_run: bool = False) -> dict:
 
     result: dict = {"machine": machine_info(device), "model": size.model, "batch": size.batch,
                     "image_size": size.image_size, "dry_run": dry_run, "amp": "bf16", "channels_last": True,
-                    "grown_paths": list(size.grown_paths), "adjust_path": size.adjust_path, "block_types": list(growers)}
+                    "grown_paths": list(size.grown_paths), "adjust_path": size.adjust_path,
+                    "block_types": list(growers)}
 
     # 1. eager images/s, every variant alternated
     steps = {}

@@ -144,7 +144,7 @@ def main() -> None:
             dist.broadcast_object_list(box, src=0)  # rank 0 decides for everyone
             plan = box[0]
             ddp = None  # drop the old wrapper and its gradient hooks before the structure changes
-            events = dyrep.apply(plan, optimizer, recal)
+            events = [e.to_json() for e in dyrep.apply(plan, optimizer, recal)]  # typed events -> JSON dicts
             canonical_param_order(optimizer, model)
             model.to(device)
             ddp = wrap(model, device)

@@ -184,7 +184,7 @@ class DyRepCallback(pl.Callback):
         def recal(model: nn.Module, bns: list) -> None:
             recalibrate_bn(model, self.recal_batches(trainer, pl_module), bns, self.recal_bn_batches)
 
-        events = self.dyrep.apply(plan, optimizer, recal)
+        events = [e.to_json() for e in self.dyrep.apply(plan, optimizer, recal)]
         canonical_param_order(optimizer, pl_module)
         pl_module.to(strategy.root_device)
         if rewrap:
