@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import adjust, data_path, dbb_block, dyrep_overhead, gpu, online_block, ray_overhead, schedule
+from . import adjust, checkpoint_upload, data_path, dbb_block, dyrep_overhead, gpu, online_block, ray_overhead, schedule
 from .common import machine_info, pick_device
 from .report import ROW_BUILDERS, markdown_table
 
@@ -32,6 +32,7 @@ BENCHMARKS = {
     "ray_overhead": lambda dev, a: ray_overhead.run(dev, quick=a.quick, shutdown=False),
     "data_path": lambda dev, a: data_path.run(dev, quick=a.quick, use_ray=a.ray),
     "online_block": lambda dev, a: online_block.run(dev, quick=a.quick),
+    "checkpoint_upload": lambda dev, a: checkpoint_upload.run(dev, a.quick, shutdown=False) if a.ray else checkpoint_upload.skipped(),
 }
 ROW_BUILDERS = {**ROW_BUILDERS, "online_block": online_block.table_rows}
 

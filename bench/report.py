@@ -81,8 +81,18 @@ def rows_data(r: dict) -> list[tuple]:
     return rows
 
 
+def rows_upload(r: dict) -> list[tuple]:
+    if "skipped" in r:
+        return [("8", "Checkpoint upload: seconds blocked in ray.train.report, async / sync", r["skipped"], "", None)]
+    return [("8", f"Checkpoint upload to S3 (moto), {r['checkpoint_mb']} MiB: blocked in ray.train.report, "
+             "async / sync",
+             f"{_x(r['async_over_sync'], 3)} ({r['async_blocked_s']:.3f} vs {r['sync_blocked_s']:.2f} s per "
+             f"checkpoint; sync {r['sync_mb_per_s']:.0f} MiB/s)", f"<= {r['goal']}x", r["met"])]
+
+
 ROW_BUILDERS = {"dyrep_overhead": rows_dyrep, "dbb_block": rows_dbb, "schedule": rows_schedule,
-                "adjust": rows_adjust, "ray_overhead": rows_ray, "data_path": rows_data}
+                "adjust": rows_adjust, "ray_overhead": rows_ray, "data_path": rows_data,
+                "checkpoint_upload": rows_upload}
 
 
 def markdown_table(rows: list[tuple]) -> str:

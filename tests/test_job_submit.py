@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,48 +22,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.multinode import alive as _alive
+from tests.multinode import cli_env as _cli_env
+from tests.multinode import ensure_token as _ensure_token
+from tests.multinode import free_ports as _free_ports
+from tests.multinode import proc_text as _proc_text
+
 pytestmark = pytest.mark.ray
 
 JOB_TIMEOUT_S = 180
 CLI_TIMEOUT_S = 60
 TRAIN_ARGS = ["--set", "epochs=2", "--set", "synthetic_train_size=256", "--set", "synthetic_val_size=128",
               "--set", "batch_size=32", "--set", "dyrep_recal_bn_iters=2", "--set", "log_interval=1000"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _cli_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
-    env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    return env
-
-
-def _ensure_token(env: dict) -> None:
-    if env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH"):
-        return
-    if (Path.home() / ".ray" / "auth_token").is_file():
-        return
-    # creates ~/.ray/auth_token (mode 600); its stdout is the token: never log it
-    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE, check=True, timeout=CLI_TIMEOUT_S)
-
-
-def _proc_text(pid: int, name: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _head_pids(temp_dir: str, gcs_port: int) -> list[int]:
@@ -99,14 +68,6 @@ def _kill_head(temp_dir: str, gcs_port: int) -> list[int]:
         while time.monotonic() < deadline and _alive(pids):
             time.sleep(0.2)
     return [p for p in _head_pids(temp_dir, gcs_port) if _alive([p])]
-
-
-def _alive(pids: list[int]) -> bool:
-    for pid in pids:
-        status = _proc_text(pid, "status")
-        if status and "State:\tZ" not in status:
-            return True
-    return False
 
 
 @pytest.fixture(scope="module")

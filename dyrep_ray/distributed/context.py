@@ -17,13 +17,14 @@ from pathlib import Path
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint
+from ray.train import Checkpoint, CheckpointUploadMode
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..engine.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
 from ..engine.context import load_newest_valid
 from ..engine.layout import checkpoint_dir_name
+from ..engine.midepoch import newer_mid_epoch_checkpoint
 from ..engine.protocols import CheckpointWriter
 from ..engine.storage import RunStorage
 
@@ -46,7 +47,11 @@ class RayTrainContext:
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.storage = RunStorage(storage_uri, name)
+        self.node_id = ray.get_runtime_context().get_node_id()  # recorded per rank: placement across nodes
         self._distributed = self.world_size > 1 and dist.is_available() and dist.is_initialized()
+        # Remote storage: Ray uploads epoch checkpoints in its background thread, off the training path.
+        self.upload_mode = CheckpointUploadMode.SYNC if self.storage.local else CheckpointUploadMode.ASYNC
+        self._async_dirs: list[Path] = []  # temp parents of checkpoints Ray uploads (and then deletes)
 
     @property
     def is_main(self) -> bool:
@@ -85,7 +90,9 @@ class RayTrainContext:
         if checkpoint is not None:
             try:
                 with checkpoint.as_directory() as directory:
-                    return load_checkpoint_dir(directory)
+                    loaded = load_checkpoint_dir(directory)
+                # Ray manages epoch checkpoints only; a later mid-epoch one in the run dir is where we stand.
+                return newer_mid_epoch_checkpoint(self.storage, loaded) or loaded
             except (CheckpointError, OSError) as exc:
                 bad = Path(checkpoint.path).name
                 logger.warning("latest Ray checkpoint unusable (%s); looking for an earlier valid one", exc)
@@ -97,6 +104,9 @@ class RayTrainContext:
 
     def report(self, metrics: dict, epoch: int, write_checkpoint: CheckpointWriter | None) -> None:
         checkpoint, tmp = None, None
+        for done in [d for d in self._async_dirs if not (d / "checkpoint").exists()]:
+            shutil.rmtree(done, ignore_errors=True)  # Ray deleted its upload source: drop the empty parent
+            self._async_dirs.remove(done)
         if self.rank == 0 and write_checkpoint is not None:
             tmp = Path(tempfile.mkdtemp(prefix="dyrep-ckpt-"))
             try:
@@ -108,7 +118,10 @@ class RayTrainContext:
         try:
             # Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint.
             ray.train.report(_scalar_metrics(metrics), checkpoint=checkpoint,
-                             checkpoint_dir_name=checkpoint_dir_name(epoch) if checkpoint is not None else None)
+                             checkpoint_dir_name=checkpoint_dir_name(epoch) if checkpoint is not None else None,
+                             checkpoint_upload_mode=self.upload_mode)
         finally:
-            if tmp is not None:
+            if tmp is not None and checkpoint is not None and self.upload_mode == CheckpointUploadMode.ASYNC:
+                self._async_dirs.append(tmp)  # still being uploaded; Ray deletes the checkpoint dir after
+            elif tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -56,7 +56,7 @@ from ..data.parquet import (
     split_transform,
 )
 from ..engine.config import TrainConfig
-from ..engine.data_source import aug_options
+from ..engine.data_source import EpochPosition, aug_options
 from ..engine.protocols import Batch
 
 TRAIN, VAL = "train", "val"
@@ -375,12 +375,19 @@ class RayDataSource:
             if self.rank == 0 else None
         return self._broadcast(splits)[self.rank]
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, position: EpochPosition | None = None) -> Iterator[Batch]:
+        """The shard's batches of ``epoch``.  Resuming mid-epoch (``position``), the first ``position.step``
+        batches are read and dropped: the epoch keeps its step count and LR positions, but which rows they
+        were is not reproduced (Ray Data's streaming split hands blocks to workers as they ask), so a Ray Data
+        resume is exact in steps, not in data order."""
         batch_size = self.cfg.batch_size
-        for images, labels in iter_ready_batches(self._train_split(epoch), self.collates[TRAIN],
-                                                 batch_size=batch_size,
-                                                 local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
-                                                 local_shuffle_seed=self.cfg.seed + epoch):
+        skip = position.step if position is not None else 0
+        for index, (images, labels) in enumerate(iter_ready_batches(
+                self._train_split(epoch), self.collates[TRAIN], batch_size=batch_size,
+                local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
+                local_shuffle_seed=self.cfg.seed + epoch)):
+            if index < skip:
+                continue
             self._recent_images.append(images)
             yield images, labels
 

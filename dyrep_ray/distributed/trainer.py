@@ -35,8 +35,14 @@ CPUS_PER_WORKER = 1
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Ray Train scores checkpoints by this metric when it keeps the best N.
 CHECKPOINT_SCORE = "val_top1"
-#: A worker count, or (min, max) for elastic training (not used yet; ScalingConfig takes either).
+#: A worker count, or (min, max) for elastic training (``workers: [min, max]``; ScalingConfig takes either).
 WorkerCount = int | tuple[int, int]
+#: Elastic runs: how often Ray Train looks for capacity to grow into (Ray's default is 60 s).
+ELASTIC_RESIZE_MONITOR_INTERVAL_S = 60.0
+#: Environment override of the interval (tests shrink it to seconds).
+ELASTIC_RESIZE_ENV = "DYREP_RAY_ELASTIC_RESIZE_INTERVAL_S"
+#: Preemptions (drains with notice) are retried without limit: they are planned, not failures.
+MAX_PREEMPTION_FAILURES = -1
 
 
 class ClusterError(UserError, RuntimeError):
@@ -128,16 +134,44 @@ def resolve_use_gpu(cfg: TrainConfig) -> bool:
 
 
 def check_resources(cfg: TrainConfig, use_gpu: bool) -> None:
+    """The fewest workers the run needs (``workers``, or an elastic run's min) must fit the cluster now;
+    an elastic max beyond it is what the run grows into when nodes join."""
     import ray
 
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    if use_gpu and gpus < cfg.workers:
-        raise ClusterError(f"{cfg.workers} GPU workers requested but the cluster has {gpus:g} GPUs; "
-                           f"use --workers {int(gpus) or 1}{'' if gpus else ' --cpu'} or add GPU nodes")
-    if not use_gpu and cpus < cfg.workers * CPUS_PER_WORKER:
-        raise ClusterError(f"{cfg.workers} CPU workers requested but the cluster has {cpus:g} CPUs; "
-                           f"use --workers {max(int(cpus) // CPUS_PER_WORKER, 1)} or add nodes")
+    need = cfg.min_workers
+    what = f"an elastic run's minimum of {need}" if cfg.elastic else f"{need}"
+    fix_elastic = f" or lower the minimum of workers=[{cfg.min_workers},{cfg.max_workers}]" if cfg.elastic else ""
+    if use_gpu and gpus < need:
+        raise ClusterError(f"{what} GPU workers requested but the cluster has {gpus:g} GPUs; "
+                           f"use --workers {int(gpus) or 1}{'' if gpus else ' --cpu'}{fix_elastic} or add GPU nodes")
+    if not use_gpu and cpus < need * CPUS_PER_WORKER:
+        raise ClusterError(f"{what} CPU workers requested but the cluster has {cpus:g} CPUs; "
+                           f"use --workers {max(int(cpus) // CPUS_PER_WORKER, 1)}{fix_elastic} or add nodes")
+    capacity = gpus if use_gpu else cpus // CPUS_PER_WORKER
+    if cfg.elastic and capacity < cfg.max_workers:
+        logger.info("elastic run: %d of at most %d workers fit the cluster now; it grows as nodes join",
+                    int(capacity), cfg.max_workers)
+
+
+def worker_count(cfg: TrainConfig) -> WorkerCount:
+    """``ScalingConfig(num_workers=...)``: ``workers``, or ``(min, max)`` for ``workers: [min, max]``."""
+    return (cfg.min_workers, cfg.max_workers) if cfg.elastic else cfg.min_workers
+
+
+def elastic_resize_interval_s() -> float:
+    text = os.environ.get(ELASTIC_RESIZE_ENV)
+    if not text:
+        return ELASTIC_RESIZE_MONITOR_INTERVAL_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise ClusterError(f"{ELASTIC_RESIZE_ENV}={text!r} is not a number of seconds; unset it or give e.g. "
+                           "30") from None
+    if value < 0:
+        raise ClusterError(f"{ELASTIC_RESIZE_ENV}={text!r} is negative; give seconds >= 0")
+    return value
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -176,7 +210,8 @@ def run_config_for(cfg: TrainConfig, name: str, storage: RunStorage, fs, fs_path
         name=name,
         storage_path=fs_path,
         storage_filesystem=None if storage.local else fs,
-        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                     max_preemption_failures=MAX_PREEMPTION_FAILURES),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                            checkpoint_score_attribute=CHECKPOINT_SCORE,
                                            checkpoint_score_order="max"),
@@ -209,11 +244,13 @@ def build_torch_trainer(cfg: TrainConfig, launch: Launch, *, callbacks: Sequence
                         loop: Callable[[dict], None] = train_loop_per_worker):
     """The one ``TorchTrainer`` factory of ``train`` and ``tune``: scaling, storage, retention, Ray Data.
 
-    ``callbacks`` run in every worker's :class:`Trainer` (cloudpickled in the train loop config);
-    ``ray_callbacks`` are Ray Train controller callbacks (the Tune bridge).
+    ``callbacks`` run in every worker's :class:`Trainer` (cloudpickled in the train loop config), after the
+    preemption check every run gets; ``ray_callbacks`` are Ray Train controller callbacks (the Tune bridge).
     """
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from .preemption import PreemptionCheckpoint
 
     storage = launch.storage
     storage_uri = storage.root.rsplit("/", 1)[0] if storage.local else launch.storage_uri  # absolute for workers
@@ -228,10 +265,12 @@ def build_torch_trainer(cfg: TrainConfig, launch: Launch, *, callbacks: Sequence
         datasets=datasets,
         train_loop_config={"config": cfg.to_dict(), "storage_uri": storage_uri, "name": launch.name,
                            "start_checkpoint": launch.start_checkpoint, "ray_data": datasets is not None,
-                           "callbacks": list(callbacks)},
+                           "callbacks": [PreemptionCheckpoint(), *callbacks]},
         scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=launch.use_gpu,
                                      resources_per_worker=resources_per_worker(launch.use_gpu,
-                                                                               launch.cpus_per_worker)),
+                                                                               launch.cpus_per_worker),
+                                     **({"elastic_resize_monitor_interval_s": elastic_resize_interval_s()}
+                                        if isinstance(launch.num_workers, tuple) else {})),
         run_config=run_config_for(cfg, launch.name, storage, fs, fs_path,
                                   callbacks=list(ray_callbacks) if ray_callbacks else None),
     )
@@ -244,15 +283,16 @@ def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address
     use_gpu = resolve_use_gpu(cfg)
     check_resources(cfg, use_gpu)
     launch = Launch(storage_uri=cfg.storage_path or str(output_dir), name=name, use_gpu=use_gpu,
-                    num_workers=cfg.workers)
+                    num_workers=worker_count(cfg))
     storage = launch.storage
     # Refuse up front (exit 2) a run dir whose checkpoints are all unusable: never restart from scratch silently.
     newest = load_newest_valid(storage)
     if newest is not None:  # a resume: refuse a structural config change before any worker starts
         check_resume_config(newest.meta, cfg)
     trainer = build_torch_trainer(cfg, launch, callbacks=callbacks)
-    logger.info("launching %d %s worker(s); run directory %s", cfg.workers, "GPU" if use_gpu else "CPU",
-                storage.root)
+    logger.info("launching %s %s worker(s)%s; run directory %s",
+                f"{cfg.min_workers}-{cfg.max_workers}" if cfg.elastic else cfg.min_workers,
+                "GPU" if use_gpu else "CPU", " (elastic)" if cfg.elastic else "", storage.root)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

@@ -6,7 +6,9 @@ Used by ``--local`` and by Ray Train workers for every dataset but Ray Data-stre
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sized
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -52,6 +54,62 @@ def _len(dataset: Dataset) -> int:
     return len(cast(Sized, dataset))  # every dataset dyrep-ray builds is map-style and sized
 
 
+@dataclass(frozen=True)
+class EpochPosition:
+    """Where a mid-epoch checkpoint left an epoch: ``step`` steps done on each of ``world_size`` ranks, which
+    consumed the first ``samples`` entries of the epoch's (padded) sample order across all ranks."""
+
+    step: int
+    samples: int
+    world_size: int
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way, without loading the samples it skips.
+
+    The epoch's order is the parent's (a seeded permutation, padded to a multiple of the world size, dealt
+    round-robin to the ranks), so rank ``r``'s first ``k`` samples are the order's positions ``r, r+W, ...``
+    below ``k * W``.  Resuming with the same world size ``W`` continues at position ``samples + r`` with stride
+    ``W``: exactly the samples the uninterrupted epoch would still have given this rank.  With another world
+    size (an elastic resize) the not yet consumed part of the permutation is dealt to the new ranks.
+    The position applies to the next ``__iter__`` only (one resumed epoch).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position: EpochPosition | None = None
+
+    def _order(self) -> list[int]:
+        n = _len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            return torch.randperm(n, generator=g).tolist()
+        return list(range(n))
+
+    def _remaining(self) -> list[int]:
+        order = self._order()
+        position = self.position
+        if position is None:
+            return []
+        if position.world_size == self.num_replicas:
+            total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
+            padded = (order * math.ceil(total / max(len(order), 1)))[:total]
+            return padded[position.samples + self.rank::self.num_replicas]
+        rest = order[min(position.samples, len(order)):]
+        total = math.ceil(len(rest) / self.num_replicas) * self.num_replicas
+        padded = (rest * math.ceil(total / max(len(rest), 1)))[:total] if rest else []
+        return padded[self.rank::self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        if self.position is None:
+            return super().__iter__()
+        return iter(self._remaining())
+
+    def __len__(self) -> int:
+        return super().__len__() if self.position is None else len(self._remaining())
+
+
 class TorchDataSource:
     """DataLoaders over map-style datasets: a ``DistributedSampler`` for training, a strided val split."""
 
@@ -59,11 +117,15 @@ class TorchDataSource:
                  world_size: int, pin_memory: bool = False) -> None:
         self.cfg, self.train_ds, self.val_ds, self.num_classes = cfg, train_ds, val_ds, num_classes
         self.rank, self.world_size = rank, world_size
-        self.train_sampler: DistributedSampler[int] = DistributedSampler(
+        self.train_sampler = ResumableDistributedSampler(
             train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+        # Its own generator (reseeded per epoch): creating the epoch's iterator draws from it, not from the
+        # global RNG, so a resumed epoch's augmentation randomness lines up with the uninterrupted one.
+        self.loader_generator = torch.Generator()
         self.train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=self.train_sampler,
                                        num_workers=cfg.num_data_workers, pin_memory=pin_memory, drop_last=False,
-                                       persistent_workers=cfg.num_data_workers > 0)
+                                       persistent_workers=cfg.num_data_workers > 0,
+                                       generator=self.loader_generator)
         val_indices = list(range(rank, _len(val_ds), world_size))  # no padding: exact metrics
         self.val_loader = DataLoader(Subset(val_ds, val_indices), batch_size=cfg.val_batch_size or cfg.batch_size,
                                      shuffle=False, num_workers=cfg.num_data_workers, pin_memory=pin_memory)
@@ -76,14 +138,18 @@ class TorchDataSource:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.train_loader)
+        """Steps of a whole epoch (also while a resumed epoch is shorter)."""
+        return math.ceil(math.ceil(_len(self.train_ds) / self.world_size) / self.cfg.batch_size)
 
     @property
     def sizes(self) -> tuple[int, int]:
         return _len(self.train_ds), _len(self.val_ds)
 
-    def train_batches(self, epoch: int) -> DataLoader:
+    def train_batches(self, epoch: int, position: EpochPosition | None = None) -> DataLoader:
+        """The epoch's batches; from ``position`` on (no skipped sample is loaded) when resuming mid-epoch."""
         self.train_sampler.set_epoch(epoch)
+        self.train_sampler.position = position
+        self.loader_generator.manual_seed(self.cfg.seed + epoch)
         return self.train_loader
 
     def val_batches(self) -> DataLoader:
@@ -103,4 +169,5 @@ def torch_data_source(cfg: TrainConfig, ctx: TrainContext) -> TorchDataSource:
     return TorchDataSource.from_config(cfg, ctx)
 
 
-__all__ = ["Batch", "TorchDataSource", "aug_options", "build_map_datasets", "torch_data_source"]
+__all__ = ["Batch", "EpochPosition", "ResumableDistributedSampler", "TorchDataSource", "aug_options",
+           "build_map_datasets", "torch_data_source"]

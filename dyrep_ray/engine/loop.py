@@ -37,9 +37,16 @@ from .checkpoint import (
     write_checkpoint_dir,
 )
 from .config import TrainConfig, resume_changes
-from .data_source import PARQUET, RECAL_SEED_OFFSET, aug_options, torch_data_source
+from .data_source import PARQUET, RECAL_SEED_OFFSET, EpochPosition, aug_options, torch_data_source
 from .ema import ModelEma
 from .layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
+from .midepoch import (
+    MID_EPOCH_KEY,
+    STEP_IN_EPOCH_KEY,
+    EpochProgress,
+    mid_epoch_dir_name,
+    write_mid_epoch_checkpoint,
+)
 from .protocols import DataFactory, DataSource, TrainContext
 from .runfiles import VAL_KEYS, CheckpointMeta, EpochMetrics
 from .schedule import LRSchedule
@@ -62,6 +69,19 @@ class TrainState:
     global_step: int = 0
     history: list = field(default_factory=list)
     skipped_steps: int = 0
+
+
+@dataclass
+class RunningEpoch:
+    """The epoch in progress on this rank: what a mid-epoch checkpoint records and a resume restores."""
+
+    epoch: int
+    step: int = 0  # steps done in this epoch (skipped ones included)
+    samples: int = 0  # entries of the epoch's sample order consumed by all ranks together
+    world_size: int = 1  # world size the samples were consumed with (for the sampler position)
+    loss_sum: torch.Tensor | None = None  # float64 on the device; summed without a host sync
+    images: int = 0
+    steps_done: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -112,6 +132,10 @@ class Trainer:
         self.plain_params = count_params(self.model)
         self.plain_flops = count_flops(self.model, (3, cfg.image_size, cfg.image_size))
         self.state = TrainState()
+        self._resume_progress: EpochProgress | None = None  # set by a mid-epoch checkpoint
+        self.running: RunningEpoch | None = None
+        self._start_record: dict | None = None  # placement + digests of this (re)start, for the next epoch
+        self._rank_nodes: list = []
         resume = ctx.resume_checkpoint()
         if resume is not None:
             check_resume_config(resume.meta, cfg)
@@ -172,9 +196,13 @@ class Trainer:
         meta = CheckpointMeta.from_json(ckpt.meta)
         self.state = TrainState(epoch=int(meta.epoch), global_step=int(meta.global_step),
                                 history=list(meta.history), skipped_steps=int(meta.skipped_steps))
-        logger.info("resumed from %s (epoch %d, %d blocks)", ckpt.path, self.state.epoch, count_blocks(self.model))
+        if MID_EPOCH_KEY in meta.extra:
+            self._resume_progress = EpochProgress.from_json(meta.extra[MID_EPOCH_KEY])
+        logger.info("resumed from %s (epoch %d%s, %d blocks)", ckpt.path, self.state.epoch,
+                    f" + {self._resume_progress.step} steps" if self._resume_progress else "",
+                    count_blocks(self.model))
 
-    def _checkpoint_writer(self, metrics: dict):
+    def _checkpoint_writer(self, metrics: dict, extra: dict | None = None):
         # Snapshot now (tensors cloned to CPU) so later training cannot alter what is written.
         state = {
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
@@ -190,12 +218,45 @@ class Trainer:
         meta = CheckpointMeta(epoch=self.state.epoch, global_step=self.state.global_step,
                               history=self.state.history, metrics=metrics, config=self.cfg.to_dict(),
                               skipped_steps=self.state.skipped_steps, plain_params=self.plain_params,
-                              num_classes=self.num_classes).to_json()
+                              num_classes=self.num_classes, extra=dict(extra or {})).to_json()
         graph = structure_graph(self.model)
 
         def write(path: Path) -> None:
             write_checkpoint_dir(path, state=state, meta=meta, graph=graph)
         return write
+
+    def save_mid_epoch_checkpoint(self) -> str | None:
+        """Every rank, between two steps: rank 0 writes a checkpoint of the epoch in progress (one gather of
+        every rank's running sums).  Returns its name on rank 0 (None elsewhere or if it was not written)."""
+        running = self.running
+        assert running is not None, "mid-epoch checkpoints exist only inside an epoch"
+        loss = float(running.loss_sum) if running.loss_sum is not None else 0.0
+        shares = self.ctx.gather_object((loss, running.images, running.steps_done))
+        progress = EpochProgress(step=running.step, samples=running.samples, world_size=self.ctx.world_size,
+                                 loss_sums=[s[0] for s in shares], images=[s[1] for s in shares],
+                                 steps_done=[s[2] for s in shares])
+        if not self.ctx.is_main:
+            return None
+        name = mid_epoch_dir_name(self.state.epoch, self.state.global_step)
+        writer = self._checkpoint_writer({}, extra={STEP_IN_EPOCH_KEY: running.step,
+                                                    MID_EPOCH_KEY: progress.to_json()})
+        if not write_mid_epoch_checkpoint(self.ctx.storage, name, writer):
+            return None
+        logger.info("mid-epoch checkpoint %s (epoch %d, step %d)", name, running.epoch + 1, running.step)
+        return name
+
+    def _take_placement_record(self) -> dict:
+        record, self._start_record = self._start_record, None
+        if record is None:
+            record = {"world_size": self.ctx.world_size, "rank_nodes": self._rank_nodes}
+        self._rank_nodes = record["rank_nodes"]
+        return record
+
+    def _step_end(self, epoch: int, step: int, steps: int, loss: torch.Tensor) -> None:
+        every = self.cfg.checkpoint_every_steps
+        if every and (step + 1) % every == 0 and step + 1 < steps:  # the epoch's end has its own checkpoint
+            self.save_mid_epoch_checkpoint()
+        self.callbacks.on_step_end(self, epoch, step, loss)
 
     # ---------------------------------------------------------------- epochs
     def fit(self) -> dict:
@@ -206,12 +267,31 @@ class Trainer:
                         "%d worker(s)", cfg.model, self.plain_params, self.plain_flops / 1e6,
                         len(self.dyrep.eligible_names) if self.dyrep else 0, *self.data.sizes,
                         self.ctx.world_size)
+        self._start_record = self._placement_record(start=True)
         self.callbacks.on_fit_start(self)
         while self.state.epoch < cfg.epochs:
             self._run_epoch(self.state.epoch)
         summary = self.summary()
         self.callbacks.on_fit_end(self, summary)
         return summary
+
+    def _placement_record(self, start: bool) -> dict:
+        """Where this worker group runs (every rank's node id) and, at a (re)start, every rank's structure +
+        weights digest: replicas must agree after every restart and every elastic resize, not only after adjusts.
+        Collective (every rank calls it); recorded in the next epoch's metrics."""
+        node = getattr(self.ctx, "node_id", None)
+        record = {"world_size": self.ctx.world_size, "rank_nodes": self.ctx.gather_object(node)}
+        if start:
+            record["start_global_step"] = self.state.global_step
+            record["start_digests"] = self.ctx.gather_object(model_digest(self.model))
+        return record
+
+    def _lr_factor(self) -> float:
+        """Linear scaling with the current worker count (elastic runs, ``lr_scale_with_workers``): the
+        configured lr is the lr at ``max_workers``; the per-worker batch is fixed, so the global batch scales."""
+        if not self.cfg.lr_scale_with_workers:
+            return 1.0
+        return self.ctx.world_size / self.cfg.max_workers
 
     def _is_adjust_epoch(self, epoch: int) -> bool:
         cfg = self.cfg
@@ -247,7 +327,8 @@ class Trainer:
             epoch_time_s=round(epoch_time, 3), train_time_s=round(train_time, 3),
             adjust_time_s=round(adjust_time, 3), images_per_s=round(n_images / max(train_time, 1e-9), 1),
             skipped_steps=self.state.skipped_steps, events=events, replica_digests=replica_digests,
-            ema=self.evaluate(self.ema.module) if self.ema is not None else None)
+            ema=self.evaluate(self.ema.module) if self.ema is not None else None,
+            extra=self._take_placement_record())
         metrics = epoch_metrics.to_json()
         self.state.epoch = epoch + 1
         self.state.history.append(metrics)
@@ -268,13 +349,27 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
         steps = self.data.steps_per_epoch
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        n_images, lr = 0, self.schedule.lr_at(epoch)
-        start_step = self.state.global_step
+        running = self.running = RunningEpoch(epoch=epoch, world_size=ctx.world_size)
+        running.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        lr = self.schedule.lr_at(epoch)
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = cfg.clip_grad if cfg.clip_grad is not None else math.inf
-        for step, (images, targets) in enumerate(self.data.train_batches(epoch)):
+        resume, self._resume_progress = self._resume_progress, None
+        if resume is not None:  # continue a checkpointed epoch at its next step; skipped samples are not loaded
+            loss, running.images, running.steps_done = resume.share_of(ctx.rank, ctx.world_size)
+            running.loss_sum += loss
+            running.step, running.samples = resume.step, resume.samples
+            batches = self.data.train_batches(epoch, EpochPosition(resume.step, resume.samples, resume.world_size))
+        else:
+            batches = self.data.train_batches(epoch)
+        first_step = running.step
+        lr_factor = self._lr_factor()
+        for step, (images, targets) in enumerate(batches, start=first_step):
             lr = self.schedule.apply(self.optimizer, epoch + min(step / steps, 1.0))
+            if lr_factor != 1.0:
+                lr *= lr_factor
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
             with _autocast(cfg, self.device):
                 loss = F.cross_entropy(self.wrapped(images), targets, label_smoothing=cfg.smoothing)
@@ -296,7 +391,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler is not None:
                     self.scaler.update()
-                self.callbacks.on_step_end(self, epoch, step, loss.detach())
+                running.step, running.samples = step + 1, running.samples + cfg.batch_size * ctx.world_size
+                self._step_end(epoch, step, steps, loss.detach())
                 continue
             if record and self.dyrep is not None:
                 self.dyrep.record_metrics()
@@ -308,14 +404,17 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update(self.model)
-            loss_sum += loss.detach()
-            n_images += images.shape[0]
+            running.loss_sum += loss.detach()
+            running.images += images.shape[0]
+            running.steps_done += 1
             self.state.global_step += 1
-            self.callbacks.on_step_end(self, epoch, step, loss.detach())
-        done = self.state.global_step - start_step
-        totals = ctx.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(done), device=self.device,
-                                                                        dtype=torch.float64)]))
-        return float(totals[0] / max(float(totals[1]), 1.0)), n_images * ctx.world_size, lr
+            # every rank's batches but the epoch's last are full: the sample order advances by B per rank
+            running.step, running.samples = step + 1, running.samples + cfg.batch_size * ctx.world_size
+            self._step_end(epoch, step, steps, loss.detach())
+        totals = ctx.all_reduce_sum(torch.stack([running.loss_sum, torch.tensor(
+            float(running.steps_done), device=self.device, dtype=torch.float64)]))
+        self.running = None
+        return float(totals[0] / max(float(totals[1]), 1.0)), running.images * ctx.world_size, lr
 
     def _adjust(self, epoch: int) -> list[dict]:
         """All ranks: reduce metrics once, rank 0's plan broadcast, apply, re-wrap DDP, optimizer surgery."""

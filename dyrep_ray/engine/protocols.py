@@ -82,8 +82,10 @@ class DataSource(Protocol):
         """(train images, val images) over all ranks."""
         ...
 
-    def train_batches(self, epoch: int) -> Iterable[Batch]:
-        """This rank's training batches of ``epoch`` (0-based), shuffled reproducibly per epoch."""
+    def train_batches(self, epoch: int, position: Any = None) -> Iterable[Batch]:
+        """This rank's training batches of ``epoch`` (0-based), shuffled reproducibly per epoch; with
+        ``position`` (an :class:`~dyrep_ray.engine.data_source.EpochPosition`), the rest of an epoch a mid-epoch
+        checkpoint left part-way."""
         ...
 
     def val_batches(self) -> Iterable[Batch]:

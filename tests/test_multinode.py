@@ -1,0 +1,205 @@
+"""A real local multi-node Ray cluster under a run: placement across nodes, a node SIGKILLed mid-epoch (fixed
+and elastic workers), a real drain (preemption).  One cluster (a 1-CPU head + 1-CPU worker nodes, so two
+workers must sit on two nodes) is shared by every test of this module; drivers run as subprocesses, so the
+shared Ray instance of conftest is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import RESUME_ATOL, final_model, max_abs_diff, run_metrics
+from tests.multinode import LocalRayCluster, read_step_log, steps_redone, workers_timeline
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+RUN_TIMEOUT_S = 600
+WAIT_TIMEOUT_S = 300
+POLL_S = 0.5
+# 128 images / 2 workers / batch 32 = 2 steps per epoch (4 on one worker); adjust after every epoch.
+BASE = ["synthetic_train_size=128", "synthetic_val_size=64", "batch_size=32", "dyrep_recal_bn_iters=2",
+        "dyrep_adjust_interval=1", "log_interval=1000", "checkpoint_every_steps=1", "max_failures=3"]
+RESIZE_INTERVAL_S = "3"  # elastic: Ray looks for capacity this often (default 60 s)
+WORKER_START_TIMEOUT_S = "40"  # Ray's default 60 s
+ELASTIC_EPOCHS = 12  # long enough (with 1 s per step) for a node to join while the run is on one worker
+
+DRIVER = """
+import json, sys
+from dyrep_ray.distributed.trainer import run_distributed
+from dyrep_ray.engine.config import load_config
+from dyrep_ray.engine.faults import SleepAt
+from tests.multinode import StepDelay, StepLog
+args = json.loads(sys.argv[1])
+callbacks = [StepLog(args["step_log"])]
+if args.get("delay"):
+    callbacks.append(StepDelay(args["delay"]))
+if args.get("stall"):
+    callbacks.append(SleepAt(epoch=args["stall"]["epoch"], seconds=args["stall"]["seconds"],
+                             marker=args["stall"]["marker"]))
+run_distributed(load_config(None, args["overrides"]), args["out"], args["name"], address=args["address"],
+                callbacks=callbacks)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = LocalRayCluster(head_cpus=1, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                                "RAY_DEDUP_LOGS": "0",
+                                                # read by the Train controller (a process of the head): after
+                                                # a node loss Ray may first try the dead node's capacity
+                                                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S})
+    try:
+        cluster.start()
+        cluster.add_node(num_cpus=1)
+        yield cluster
+    finally:
+        survivors = cluster.teardown()
+        assert not survivors, f"processes of the test cluster survived teardown: {survivors}"
+
+
+def start_driver(cluster: LocalRayCluster, out: Path, name: str, overrides: list[str], **extra) -> subprocess.Popen:
+    args = {"address": cluster.address, "out": str(out), "name": name, "overrides": overrides,
+            "step_log": str(out / f"{name}.steps"), **extra}
+    env = {**cluster.env, "DYREP_RAY_ELASTIC_RESIZE_INTERVAL_S": RESIZE_INTERVAL_S}
+    log = open(out / f"{name}.log", "w")  # noqa: SIM115  (closed with the process, in finish())
+    return subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(args)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, out: Path, name: str) -> None:
+    try:
+        rc = proc.wait(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = "timeout"
+    assert rc == 0, f"driver {name} ended with {rc}:\n{(out / f'{name}.log').read_text()[-6000:]}"
+
+
+def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = WAIT_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the driver ended (rc {proc.returncode}) before {what}")
+        time.sleep(POLL_S)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def mid_epoch_checkpoint(run_dir: Path, epoch: int, global_step: int) -> Path | None:
+    path = run_dir / f"checkpoint_epoch{epoch:04d}_step{global_step:06d}"
+    return path if (path / "MANIFEST.json").exists() else None
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory):
+    """An uninterrupted 2-worker run on the two nodes."""
+    out = tmp_path_factory.mktemp("mn")
+    overrides = [*BASE, "epochs=3", "workers=2"]
+    finish(start_driver(cluster, out, "ref", overrides), out, "ref")
+    return out, overrides
+
+
+def test_workers_are_placed_across_nodes(reference):
+    out, _ = reference
+    lines = run_metrics(out / "ref")
+    nodes = lines[0]["rank_nodes"]
+    assert len(nodes) == 2 and nodes[0] != nodes[1], nodes  # one rank per node: the head and the worker node
+    assert all(len(set(m["start_digests"])) == 1 for m in lines if "start_digests" in m)
+
+
+def test_node_killed_mid_epoch_fixed_workers_wait_and_resume_bit_identical(cluster, reference):
+    """Kill the worker node in epoch 2 (after the first growth, after a mid-epoch checkpoint); the fixed
+    2-worker run waits for capacity, resumes when a new node joins, and ends with the reference weights."""
+    out, overrides = reference
+    marker = out / "stall-off"
+    node = cluster.worker_nodes()[-1]
+    proc = start_driver(cluster, out, "nodekill", overrides,
+                        stall={"epoch": 1, "seconds": 600, "marker": str(marker)})
+    # epoch 2 (0-based 1) stalls after step 1 of 2; the checkpoint after that step is global step 3
+    wait_for(lambda: mid_epoch_checkpoint(out / "nodekill", 1, 3), "the mid-epoch checkpoint of epoch 2", proc)
+    assert run_metrics(out / "nodekill")[0]["events"], "no growth before the node loss"
+    marker.write_text("the stall is over for restarted workers\n")
+    cluster.kill_node(node)
+    t_kill = time.monotonic()
+    time.sleep(5.0)
+    assert proc.poll() is None, "a fixed-size run must wait for capacity, not fail"
+    cluster.add_node(num_cpus=1)
+    finish(proc, out, "nodekill")
+    print(f"node loss (fixed workers=2): recovered {time.monotonic() - t_kill:.0f}s after the kill")
+    ref_model, ref_ckpt = final_model(out / "ref")
+    model, ckpt = final_model(out / "nodekill")
+    assert ckpt.graph == ref_ckpt.graph
+    worst = max_abs_diff(ref_model.state_dict(), model.state_dict())
+    assert worst <= RESUME_ATOL, worst
+    lines = run_metrics(out / "nodekill")
+    restarted = [m for m in lines if m.get("start_global_step", 0) > 0]
+    assert restarted and restarted[0]["start_global_step"] == 3  # from the mid-epoch checkpoint
+    assert len(set(restarted[0]["start_digests"])) == 1 and restarted[0]["world_size"] == 2
+    redone = steps_redone(read_step_log(out / "nodekill.steps"))
+    print(f"node loss: max |w - w_ref| = {worst:.3g}; steps redone after the restart {redone}")
+
+
+def test_elastic_run_shrinks_without_waiting_and_grows_back(cluster, tmp_path):
+    out = tmp_path
+    node = cluster.worker_nodes()[-1]
+    overrides = [*BASE, f"epochs={ELASTIC_EPOCHS}", "workers=[1,2]"]
+    marker = out / "stall-off"
+    proc = start_driver(cluster, out, "elastic", overrides, delay=1.0,
+                        stall={"epoch": 1, "seconds": 600, "marker": str(marker)})
+    wait_for(lambda: mid_epoch_checkpoint(out / "elastic", 1, 3), "the mid-epoch checkpoint of epoch 2", proc)
+    marker.write_text("the stall is over for restarted workers\n")
+    cluster.kill_node(node)
+    log_path = out / "elastic.steps"
+    wait_for(lambda: any(w == 1 for _, w, _ in read_step_log(log_path)), "steps on the remaining worker", proc)
+    cluster.add_node(num_cpus=1)
+    finish(proc, out, "elastic")
+    log = read_step_log(log_path)
+    timeline = workers_timeline(log)
+    print(f"elastic [1,2] workers over time (s, workers): {timeline}")
+    assert [w for _, w in timeline][:3] == [2, 1, 2], timeline  # shrank to 1, grew back to 2
+    lines = run_metrics(out / "elastic")
+    assert [m["epoch"] for m in lines] == list(range(1, ELASTIC_EPOCHS + 1))
+    for m in lines:
+        if "start_digests" in m:  # every (re)start and resize: all replicas identical
+            assert len(set(m["start_digests"])) == 1 and len(m["start_digests"]) == m["world_size"]
+    lost = steps_redone(log)
+    assert all(n <= 1 + 1 for n in lost), lost  # checkpoint every step: at most the step(s) in flight
+
+
+def test_drain_checkpoints_and_restarts_with_at_most_the_step_in_flight_lost(cluster, tmp_path):
+    out = tmp_path
+    node = cluster.worker_nodes()[-1]
+    overrides = [*BASE, "epochs=8", "workers=2", "checkpoint_every_steps=0"]  # only the preemption checkpoint
+    proc = start_driver(cluster, out, "drain", overrides, delay=0.5)
+    log_path = out / "drain.steps"
+    wait_for(lambda: len(read_step_log(log_path)) >= 3, "training to start", proc)
+    deadline_s = 20
+    cluster.drain_node(node.node_id, deadline_s=deadline_s)
+    t_drain = time.monotonic()
+    ckpt = wait_for(lambda: next((p for p in (out / "drain").glob("checkpoint_epoch*_step*")
+                                  if (p / "MANIFEST.json").exists()), None), "the preemption checkpoint", proc)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    time.sleep(max(deadline_s - (time.monotonic() - t_drain), 0) + 1.0)
+    killed_at = time.time()
+    cluster.kill_node(node)  # the cloud reclaims the node at the deadline
+    cluster.add_node(num_cpus=1)
+    finish(proc, out, "drain")
+    log = read_step_log(log_path)
+    reached = max(s for t, _, s in log if t < killed_at)  # the furthest any step got before the node went
+    lost = reached - meta["global_step"]
+    print(f"drain: checkpoint at global step {meta['global_step']}, highest step before the restart {reached}, "
+          f"steps lost {lost}")
+    assert lost <= 1, (reached, meta["global_step"])
+    lines = run_metrics(out / "drain")
+    assert [m["epoch"] for m in lines] == list(range(1, 9))
+    restarted = [m for m in lines if m.get("start_global_step", 0) > 0]
+    assert restarted and restarted[0]["start_global_step"] == meta["global_step"]
