@@ -7,6 +7,13 @@ import os
 import pytest
 import torch
 
+# Sweep-signing secret of the tests: never the real ~/.config/dyrep-ray/secret of whoever runs them
+# (a session-wide temp file; subprocesses and Ray workers inherit it).
+if "DYREP_RAY_SECRET_FILE" not in os.environ:
+    import tempfile
+
+    os.environ["DYREP_RAY_SECRET_FILE"] = os.path.join(tempfile.mkdtemp(prefix="dyrep-test-secret-"), "secret")
+
 # Small test workloads run faster single-threaded, and Ray workers share the 2 cores with the driver.
 torch.set_num_threads(1)
 
