@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dyrep_ray import cli
-from dyrep_ray.engine.context import LocalContext
 from dyrep_ray.engine.config import load_config
+from dyrep_ray.engine.context import LocalContext
 from dyrep_ray.engine.loop import train
 from tests.helpers import LOCAL_TINY
 

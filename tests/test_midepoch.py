@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dyrep_ray.engine.checkpoint import load_checkpoint_dir
 from dyrep_ray.engine.data_source import EpochPosition, ResumableDistributedSampler

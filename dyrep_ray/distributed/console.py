@@ -22,8 +22,8 @@ import threading
 
 from ..console import is_harmless, is_harmless_batch
 from ..engine.callbacks import TrainerCallback
-from ..engine.progress import EPOCH_LINE, console, epoch_line
 from ..engine.layout import METRICS_FILE
+from ..engine.progress import EPOCH_LINE, console, epoch_line
 from ..engine.runfiles import parse_metrics
 from ..engine.storage import RunStorage
 

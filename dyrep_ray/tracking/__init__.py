@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine.storage import RunStorage
 from ..engine.layout import TENSORBOARD_DIR, TRACKING_FILE
+from ..engine.storage import RunStorage
 from .base import TrackingCallback
 
 __all__ = [
