@@ -32,7 +32,8 @@ BENCHMARKS = {
     "ray_overhead": lambda dev, a: ray_overhead.run(dev, quick=a.quick, shutdown=False),
     "data_path": lambda dev, a: data_path.run(dev, quick=a.quick, use_ray=a.ray),
     "online_block": lambda dev, a: online_block.run(dev, quick=a.quick),
-    "checkpoint_upload": lambda dev, a: checkpoint_upload.run(dev, a.quick, shutdown=False) if a.ray else checkpoint_upload.skipped(),
+    "checkpoint_upload": lambda dev, a: (checkpoint_upload.run(dev, a.quick, shutdown=False) if a.ray
+                                         else checkpoint_upload.skipped()),
 }
 ROW_BUILDERS = {**ROW_BUILDERS, "online_block": online_block.table_rows}
 

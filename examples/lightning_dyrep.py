@@ -79,7 +79,8 @@ class ReplicaReport(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.report.update(world_size=trainer.world_size, start_epoch=trainer.current_epoch,
-                           start_graph=structure_graph(pl_module), start_digests=self._gather(replica_digest(pl_module)),
+                           start_graph=structure_graph(pl_module),
+                           start_digests=self._gather(replica_digest(pl_module)),
                            start_optimizer_digest=optimizer_state_digest(trainer.optimizers[0], pl_module))
 
     def on_train_epoch_end(self, trainer, pl_module):

@@ -12,8 +12,6 @@ import math
 
 import pytest
 import torch
-
-from tests.helpers import rel_err as _rel_err
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -28,6 +26,7 @@ from dyrep_ray.rep import (
     recalibrate_bn,
 )
 from dyrep_ray.rep.dyrep import grow_conv, iter_blocks
+from tests.helpers import rel_err as _rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 

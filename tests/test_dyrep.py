@@ -863,7 +863,8 @@ def test_convert_to_dbb_standard_init_graph_restore_deploy_and_training():
     assert DyRep(model, max_depth=1).eligible_names == []  # nothing left to grow at depth 1
     for p in converted:  # standard DBB init: every BN gamma 1, beta 0, fresh stats
         for bn in (m for m in model.get_submodule(p).modules() if isinstance(m, nn.BatchNorm2d)):
-            assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+            assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+            assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
             assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
     # seeded: the same seed builds bit-identical models, another seed does not
     twin, other = make_net(), make_net()

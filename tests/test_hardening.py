@@ -246,7 +246,8 @@ def test_parquet_labels_and_null_images_named_by_file_and_row(tmp_path):
 
     meta = {METADATA_KEY: json.dumps({"dataset": "synthetic", "split": "train", "num_classes": 10}).encode()}
 
-    def shard(name, images, labels, label_type=pa.int64()):
+    def shard(name, images, labels, label_type=None):
+        label_type = pa.int64() if label_type is None else label_type
         schema = pa.schema([pa.field("image", pa.binary()), pa.field("label", label_type)], metadata=meta)
         path = tmp_path / name
         path.mkdir()

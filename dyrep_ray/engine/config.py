@@ -39,10 +39,12 @@ import os
 import re
 import reprlib
 import types
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
 from ..errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -111,10 +113,10 @@ def _num(value: float) -> str:
 class Bounds:
     """Numeric bounds of a value (or of every element of a list value)."""
 
-    ge: Optional[float] = None
-    gt: Optional[float] = None
-    le: Optional[float] = None
-    lt: Optional[float] = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
 
     def __bool__(self) -> bool:
         return any(b is not None for b in (self.ge, self.gt, self.le, self.lt))
@@ -141,13 +143,13 @@ class Rule:
     """The per-key rules :func:`option` stores in a field's metadata (under :data:`RULE_KEY`)."""
 
     bounds: Bounds = Bounds()
-    length: Optional[int] = None  # list keys: required number of elements (bounds apply to each element)
+    length: int | None = None  # list keys: required number of elements (bounds apply to each element)
     non_empty: bool = False  # str keys: must not be blank
     example: Any = None  # a value for messages where the default (None) would not show the expected form
     resume: str = RESUME_ALLOW  # "refuse": a structural key that cannot change when a run resumes
-    must: Optional[str] = None  # overrides the generated description in messages ("two positive numbers")
-    check: Optional[Callable[[str, Any], Any]] = None  # a custom check replacing the generic type check
-    type_text: Optional[str] = None  # the expected type in messages, for keys with a custom check
+    must: str | None = None  # overrides the generated description in messages ("two positive numbers")
+    check: Callable[[str, Any], Any] | None = None  # a custom check replacing the generic type check
+    type_text: str | None = None  # the expected type in messages, for keys with a custom check
     doc: str = ""
 
 
@@ -157,17 +159,17 @@ RULE_KEY = "dyrep_ray.rule"
 def option(
     default: Any = dataclasses.MISSING,
     *,
-    ge: Optional[float] = None,
-    gt: Optional[float] = None,
-    le: Optional[float] = None,
-    lt: Optional[float] = None,
-    length: Optional[int] = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    length: int | None = None,
     non_empty: bool = False,
     example: Any = None,
     resume: str = RESUME_ALLOW,
-    must: Optional[str] = None,
-    check: Optional[Callable[[str, Any], Any]] = None,
-    type_text: Optional[str] = None,
+    must: str | None = None,
+    check: Callable[[str, Any], Any] | None = None,
+    type_text: str | None = None,
     doc: str = "",
 ) -> Any:
     """A dataclass field whose validation rules are declared with it (read back by :func:`field_rule`)."""
@@ -440,18 +442,18 @@ class TrainConfig:
     model: str = option("small_cnn", non_empty=True, resume=_REFUSE)
     dataset: Dataset = option(Dataset.SYNTHETIC, resume=_REFUSE)
     # root of CIFAR python-format dirs / ImageNet train+val folders; may move between resumes (same data)
-    data_dir: Optional[str] = option(None, non_empty=True, example="data/cifar")
-    num_classes: Optional[int] = option(None, ge=1, le=MAX_NUM_CLASSES, example=10,
+    data_dir: str | None = option(None, non_empty=True, example="data/cifar")
+    num_classes: int | None = option(None, ge=1, le=MAX_NUM_CLASSES, example=10,
                                         resume=_REFUSE)  # None = from the dataset
     image_size: int = option(32, ge=1, le=MAX_IMAGE_SIZE, resume=_REFUSE)
     synthetic_train_size: int = option(2048, ge=1, le=MAX_SYNTHETIC_SIZE)
     synthetic_val_size: int = option(512, ge=1, le=MAX_SYNTHETIC_SIZE)
-    parquet_train: Optional[str] = option(None, non_empty=True, example="/data/train.parquet")
-    parquet_val: Optional[str] = option(None, non_empty=True, example="/data/val.parquet")
+    parquet_train: str | None = option(None, non_empty=True, example="/data/train.parquet")
+    parquet_val: str | None = option(None, non_empty=True, example="/data/val.parquet")
     # --- schedule & batch ---
     epochs: int = option(6, ge=1)
     batch_size: int = option(64, ge=1)  # per Ray worker; total = batch_size * workers
-    val_batch_size: Optional[int] = option(None, ge=1, example=128)  # per worker; None = batch_size
+    val_batch_size: int | None = option(None, ge=1, example=128)  # per worker; None = batch_size
     # --- optimizer ---
     opt: Opt = option(Opt.SGD, resume=_REFUSE)  # the saved optimizer state is per optimizer type
     lr: float = option(0.05, gt=0)
@@ -459,7 +461,7 @@ class TrainConfig:
     nesterov: bool = option(True)
     weight_decay: float = option(5e-4, ge=0)
     opt_eps: float = option(1e-8, gt=0)
-    opt_betas: Optional[list[float]] = option(None, length=2, ge=0, lt=1, example=[0.9, 0.999])  # None = torch's
+    opt_betas: list[float] | None = option(None, length=2, ge=0, lt=1, example=[0.9, 0.999])  # None = torch's
     opt_no_filter: bool = option(False)  # False = bias/BN params excluded from weight decay
     # --- learning-rate schedule ---
     sched: Sched = option(Sched.COSINE)
@@ -473,22 +475,22 @@ class TrainConfig:
     smoothing: float = option(0.0, ge=0, lt=1)
     seed: int = option(42, ge=0)  # may change on resume: RNG states come from the checkpoint
     amp: Amp = option(Amp.NONE)
-    clip_grad: Optional[float] = option(None, gt=0, example=5.0)  # max global grad norm; None = no clipping
+    clip_grad: float | None = option(None, gt=0, example=5.0)  # max global grad norm; None = no clipping
     channels_last: bool = option(True)
     model_ema: bool = option(False)
     model_ema_decay: float = option(0.9998, ge=0, lt=1)
     drop_rate: float = option(0.0, ge=0, lt=1)  # classifier dropout (original `drop`); builders lacking it reject > 0
     drop_path_rate: float = option(0.0, ge=0, lt=1)  # stochastic depth (original `drop-path-rate`); same rule
     # --- augmentation ---
-    aa: Optional[str] = option(None, non_empty=True, example="rand-m9-mstd0.5")  # timm auto-augment spec
+    aa: str | None = option(None, non_empty=True, example="rand-m9-mstd0.5")  # timm auto-augment spec
     reprob: float = option(0.0, ge=0, le=1)
     remode: Remode = option(Remode.PIXEL)
     color_jitter: float = option(0.0, ge=0)
     cutout_length: int = option(0, ge=0)  # CIFAR cutout side; 0 = off
     interpolation: Interpolation = option(Interpolation.BILINEAR)
     # None = the dataset's standard normalization
-    image_mean: Optional[list[float]] = option(None, length=3, example=[0.485, 0.456, 0.406])
-    image_std: Optional[list[float]] = option(None, length=3, gt=0, example=[0.229, 0.224, 0.225])
+    image_mean: list[float] | None = option(None, length=3, example=[0.485, 0.456, 0.406])
+    image_std: list[float] | None = option(None, length=3, gt=0, example=[0.229, 0.224, 0.225])
     # --- DyRep ---
     dyrep: bool = option(True, resume=_REFUSE)
     dbb: bool = option(False, resume=_REFUSE)  # static DBB baseline: every eligible conv a block from the start
@@ -511,21 +513,21 @@ class TrainConfig:
     # --- Ray / runtime ---
     # Ray Train workers: a count, or [min, max] for an elastic run (original DyRep `workers` = DataLoader
     # workers -> num_data_workers)
-    workers: Union[int, list[int]] = option(
+    workers: int | list[int] = option(
         2, check=_check_workers, type_text="an int or a list [min, max] of two ints"
     )
     lr_scale_with_workers: bool = option(False)  # elastic: scale lr linearly with the current worker count
-    use_gpu: Optional[bool] = option(None, example=True)  # None = use GPUs when the cluster has them
+    use_gpu: bool | None = option(None, example=True)  # None = use GPUs when the cluster has them
     num_data_workers: int = option(0, ge=0)  # DataLoader worker processes per Ray worker
     log_interval: int = option(50, ge=1)
-    mlflow_tracking_uri: Optional[str] = option(None, non_empty=True, example="http://mlflow:5000")  # None = off
+    mlflow_tracking_uri: str | None = option(None, non_empty=True, example="http://mlflow:5000")  # None = off
     tensorboard: bool = option(True)  # TensorBoard event files in the run directory
     # --- checkpoints & fault tolerance ---
     checkpoint_every: int = option(1, ge=1)  # epochs
     checkpoint_every_steps: int = option(0, ge=0)  # mid-epoch checkpoints every N steps; 0 = off
     keep_checkpoints: int = option(2, ge=1)
     max_failures: int = option(2, ge=-1)  # -1 = retry forever
-    storage_path: Optional[str] = option(None, non_empty=True, example="/mnt/runs")
+    storage_path: str | None = option(None, non_empty=True, example="/mnt/runs")
     on_nonfinite: OnNonfinite = option(OnNonfinite.SKIP)
 
     def __post_init__(self) -> None:
@@ -597,7 +599,7 @@ def type_text(name: str) -> str:
     return _type_name(_HINTS[name], _RULES[name])
 
 
-def numeric_type(name: str) -> Optional[type]:
+def numeric_type(name: str) -> type | None:
     """``int`` or ``float`` for a numeric key (Optional or not), else None (e.g. for sweep ranges)."""
     inner = _split_optional(_HINTS[name])[0]
     return inner if inner in (int, float) else None
@@ -627,7 +629,8 @@ def _check_value(name: str, value: Any) -> Any:
 def _config_message(name: str, hint: Any, rule: Rule, problem: FieldProblem) -> str:
     value, kind = problem.value, problem.kind
     if kind == "null":
-        return f"config key {name!r} expects {_type_name(hint, rule)}, got null; set it, e.g. {_example(name)} (the default)"
+        return (f"config key {name!r} expects {_type_name(hint, rule)}, got null; set it, e.g. {_example(name)} "
+                "(the default)")
     if kind == "finite":
         return f"config key {name!r} expects finite numbers, got {_short(value)}; e.g. {_example(name)}"
     if kind == "type":
@@ -748,7 +751,7 @@ def _unknown_key_message(
     return f"unknown {kind} {key!r}; {listing}"
 
 
-def _validated_items(data: Mapping[str, Any], source: Optional[str]) -> dict[str, Any]:
+def _validated_items(data: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     """Keys checked against the fields and each value checked on its own; errors are prefixed by ``source``."""
     prefix = f"{source}: " if source else ""
     out: dict[str, Any] = {}
@@ -871,7 +874,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return str(exc)
 
 
-def _read_yaml_file(path: Union[str, os.PathLike]) -> dict[Any, Any]:
+def _read_yaml_file(path: str | os.PathLike) -> dict[Any, Any]:
     name = os.fspath(path)
     try:
         with open(name, encoding="utf-8") as fh:
@@ -924,10 +927,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(
-    path: Union[str, os.PathLike, None] = None,
+    path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     *,
-    base: Optional[Mapping[str, Any]] = None,
+    base: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
     """The validated config: defaults < ``base`` < YAML file ``path`` (either format) < ``overrides``.
 
@@ -940,7 +943,7 @@ def load_config(
         if not isinstance(base, Mapping):
             raise ConfigError(f"base config must be a mapping of key: value pairs, got {type(base).__name__}")
         values.update(_validated_items(base, source="base config"))
-    original_from_file: Optional[dict[str, Any]] = None
+    original_from_file: dict[str, Any] | None = None
     if path is not None:
         from .original_format import detect_format, translate_original
 

@@ -3,7 +3,7 @@ TF-style init (:mod:`.initialization`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
+
 from ..errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ state_dict layout stays exactly torchvision's.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torchvision.models as tvm
 from torchvision.models.resnet import ResNet

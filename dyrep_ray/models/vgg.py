@@ -10,7 +10,7 @@ Weights start from the original's TF-style init (:mod:`.initialization`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -120,7 +120,8 @@ class OneByOneKxk(nn.Module):
 
     def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
         b1n, b2n = self.bn1.bn, self.bn
-        k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, b1n.running_mean, b1n.running_var, b1n.weight, b1n.bias, b1n.eps)
+        k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, b1n.running_mean, b1n.running_var, b1n.weight, b1n.bias,
+                                b1n.eps)
         kernel2, bias2 = conv_kernel_and_bias(self.conv2)  # conv2 may itself have grown into a block
         k2, b2 = T.fuse_conv_bn(kernel2, bias2, b2n.running_mean, b2n.running_var, b2n.weight, b2n.bias, b2n.eps)
         return T.merge_1x1_kxk(k1, b1, k2, b2, self.groups)
@@ -142,7 +143,8 @@ class OneByOneAvg(nn.Module):
 
     def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
         b1n, b2n = self.bn1.bn, self.bn
-        k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, b1n.running_mean, b1n.running_var, b1n.weight, b1n.bias, b1n.eps)
+        k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, b1n.running_mean, b1n.running_var, b1n.weight, b1n.bias,
+                                b1n.eps)
         out_ch = k1.shape[0]
         avg = T.avg_pool_kernel(out_ch, kernel_size, self.groups, like=k1)
         k2, b2 = T.fuse_conv_bn(avg, None, b2n.running_mean, b2n.running_var, b2n.weight, b2n.bias, b2n.eps)
@@ -503,7 +505,8 @@ def conv_geometry(conv: nn.Conv2d) -> tuple[int, int, int] | None:
     if isinstance(conv.padding, str):
         return None
     ph, pw = conv.padding
-    if kh != kw or kh <= 1 or kh % 2 == 0 or sh != sw or ph != pw or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+    if (kh != kw or kh <= 1 or kh % 2 == 0 or sh != sw or ph != pw or conv.dilation != (1, 1)
+            or conv.padding_mode != "zeros"):
         return None
     return kh, sh, ph
 
@@ -558,5 +561,5 @@ def new_branch_batchnorms(block: DiverseBranchBlock) -> list[nn.BatchNorm2d]:
 
 # The fused train-mode forward lives in its own module; it needs the branch classes above, so it
 # is imported once they exist (dbb_fused imports this module at its top).
-from . import dbb_fused
-from .dbb_fused import _avg_pool_zero_padded  # noqa: F401  (kept importable from here)
+from . import dbb_fused  # noqa: E402  (circular by design: see above)
+from .dbb_fused import _avg_pool_zero_padded  # noqa: E402, F401  (kept importable from here)

@@ -146,7 +146,8 @@ def restore_graph(model: nn.Module, graph: dict) -> nn.Module:
 
     Only the structure is rebuilt; load the state_dict (``strict=True``) afterwards.
     """
-    if not isinstance(graph, dict) or graph.get("version") != GRAPH_VERSION or not isinstance(graph.get("blocks"), list):
+    if (not isinstance(graph, dict) or graph.get("version") != GRAPH_VERSION
+            or not isinstance(graph.get("blocks"), list)):
         raise ValueError(f"not a dyrep structure graph (expected version {GRAPH_VERSION} with a 'blocks' list)")
     for entry in sorted(graph["blocks"], key=lambda e: e["path"].count(".")):
         path = entry["path"]
@@ -572,7 +573,8 @@ class DyRep:
         Candidates the state lacks (e.g. a checkpoint from a version with a narrower candidate
         rule) start from zero, with a warning.
         """
-        eligible = {n for n, _ in eligible_convs(self.model, self.max_depth, self.exclude, self.block_type)}  # the model as it is now
+        # the model as it is now
+        eligible = {n for n, _ in eligible_convs(self.model, self.max_depth, self.exclude, self.block_type)}
         unknown = sorted(set(state["sums"]) - eligible)
         if unknown:
             raise ValueError(f"DyRep state has metric accumulators for {unknown[:5]}, which are not growth "

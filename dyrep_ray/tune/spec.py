@@ -40,9 +40,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
@@ -84,7 +85,7 @@ def _closest(key: Any, valid: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(valid)}"
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     """YAML 1.1 reads ``1e-4`` as a string: accept it as a number."""
     if isinstance(value, bool):
         return None
@@ -151,15 +152,15 @@ class SweepSpec:
     """A validated sweep (see module docstring); ``base_config`` is a complete, valid TrainConfig dict."""
 
     source: str
-    name: Optional[str]
+    name: str | None
     base_config: dict
     search_space: dict[str, Distribution]
     metric: str = "val_top1"
     mode: str = "max"
     num_samples: int = 1
-    max_concurrent_trials: Optional[int] = None
+    max_concurrent_trials: int | None = None
     workers: int = 1
-    use_gpu: Optional[bool] = None
+    use_gpu: bool | None = None
     cpus_per_worker: float = 1.0
     scheduler: dict = field(default_factory=lambda: {"type": "fifo"})
     mutations: dict[str, Distribution] = field(default_factory=dict)
@@ -198,7 +199,7 @@ class SweepSpec:
         return json.dumps(data, indent=1, sort_keys=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "SweepSpec":
+    def from_json(cls, text: str) -> SweepSpec:
         data = json.loads(text)
         data["search_space"] = {k: _parse_distribution(f"search_space.{k}", v, "sweep.json")
                                 for k, v in data["search_space"].items()}
@@ -217,7 +218,7 @@ class Resources:
     """``resources:`` -- per trial; defaults come from the base config (``workers``: its max when elastic)."""
 
     workers: int = option(1, ge=1)
-    use_gpu: Optional[bool] = option(None, must="true, false or null")
+    use_gpu: bool | None = option(None, must="true, false or null")
     cpus_per_worker: float = option(1.0, gt=0, le=1024)
 
 
@@ -254,7 +255,7 @@ class Fifo:
 @dataclass(frozen=True)
 class SearchAlg:
     type: str = option("random")
-    seed: Optional[int] = option(None, ge=0)
+    seed: int | None = option(None, ge=0)
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,7 @@ class Counts:
     """The top-level numbers of a sweep file."""
 
     num_samples: int = option(1, ge=1)
-    max_concurrent_trials: Optional[int] = option(None, ge=1)
+    max_concurrent_trials: int | None = option(None, ge=1)
     max_failures: int = option(0, ge=0)
 
 
@@ -405,9 +406,10 @@ def _distributions(raw: Any, base: dict, source: str, where: str,
 UNSEARCHABLE_KEYS = ("workers", "use_gpu", "storage_path")
 
 
-def _resolve_base_path(base: Any, sweep_path: Optional[Path]) -> Path:
+def _resolve_base_path(base: Any, sweep_path: Path | None) -> Path:
     if not isinstance(base, (str, os.PathLike)) or not str(base).strip():
-        raise ConfigError(f"sweep file {sweep_path}: 'base' must be a path to an experiment YAML, got {short_repr(base)}")
+        raise ConfigError(f"sweep file {sweep_path}: 'base' must be a path to an experiment YAML, "
+                          f"got {short_repr(base)}")
     candidate = Path(base).expanduser()
     places = [candidate] if candidate.is_absolute() else [
         *([sweep_path.parent / candidate] if sweep_path else []), Path.cwd() / candidate, REPO_ROOT / candidate]
@@ -443,7 +445,7 @@ def _apply_override(raw: dict, text: str, source: str) -> None:
     raise ConfigError(f"--set {text!r}: unknown key {key!r}{_closest(key, [*TOP_KEYS, *field_names()])}")
 
 
-def _read_sweep_file(sweep_path: Optional[Path], source: str) -> Any:
+def _read_sweep_file(sweep_path: Path | None, source: str) -> Any:
     if sweep_path is None:
         raise ConfigError("a sweep needs a YAML file: dyrep-ray tune -c experiments/tune/demo.yaml")
     if not sweep_path.is_file():
@@ -467,11 +469,12 @@ def _check_top_keys(raw: Mapping[str, Any], source: str) -> None:
             raise ConfigError(f"sweep file {source}: unknown key {key!r}{hint}")
 
 
-def _base_config(raw: Mapping[str, Any], sweep_path: Optional[Path], source: str) -> dict:
+def _base_config(raw: Mapping[str, Any], sweep_path: Path | None, source: str) -> dict:
     """The experiment config every trial starts from: ``base`` file < ``config`` overrides, as a dict."""
     inline = raw.get("config") or {}
     if not isinstance(inline, Mapping):
-        raise ConfigError(f"sweep file {source}: 'config' must be a mapping of experiment keys, got {short_repr(inline)}")
+        raise ConfigError(f"sweep file {source}: 'config' must be a mapping of experiment keys, "
+                          f"got {short_repr(inline)}")
     base_path = _resolve_base_path(raw["base"], sweep_path) if raw.get("base") is not None else None
     try:
         cfg = load_config(base_path)
@@ -579,15 +582,15 @@ def _search_alg(raw: Mapping[str, Any], space: dict[str, Distribution], sched_ty
     return {"type": alg.type, "seed": alg.seed}
 
 
-def _name(raw: Mapping[str, Any], source: str) -> Optional[str]:
+def _name(raw: Mapping[str, Any], source: str) -> str | None:
     name = raw.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip() or "/" in name):
         raise ConfigError(f"sweep file {source}: name must be a non-empty string without '/', got {short_repr(name)}")
     return name
 
 
-def load_sweep(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = (), *,
-               raw: Optional[Mapping[str, Any]] = None) -> SweepSpec:
+def load_sweep(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+               raw: Mapping[str, Any] | None = None) -> SweepSpec:
     """Parse and validate a sweep YAML (or an already-parsed mapping ``raw``), with ``--set`` overrides."""
     sweep_path = Path(path) if path is not None else None
     source = str(sweep_path) if sweep_path is not None else "<inline>"
