@@ -113,7 +113,7 @@ def test_ray_job_submit_dyrep_train(ray_head, tmp_path):
     try:
         submit = _ray_job(env, "submit", "--address", address, "--working-dir", str(workdir),
                           "--submission-id", submission_id, "--",
-                          "dyrep-ray", "train", *TRAIN_ARGS, "--output", str(output), "--name", "job",
+                          "dyrep-ray", "train", *TRAIN_ARGS, "--output", str(output), "--name", "job", "--verbose",
                           timeout=JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         _ray_job(env, "stop", "--address", address, submission_id)
@@ -125,6 +125,7 @@ def test_ray_job_submit_dyrep_train(ray_head, tmp_path):
     assert status.returncode == 0 and f"Job '{submission_id}' succeeded" in status_text, status_text
 
     # the driver attached to the job's cluster (RAY_ADDRESS set by the job supervisor), not a new instance
+    # Ray's own INFO lines are shown with --verbose only (the default console hides them).
     assert "Connecting to existing Ray cluster" in logs, logs[-6000:]
     assert "dyrep-ray: job:" in logs and "after 2 epochs" in logs, logs[-6000:]
     lines = [json.loads(x) for x in (output / "job" / "metrics.jsonl").read_text().splitlines()]
