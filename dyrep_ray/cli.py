@@ -191,8 +191,9 @@ def _train_on_ray(args, cfg, name: str, storage) -> dict:
     if not args.verbose:
         filter_forwarded_output()
     device = "GPU" if resolve_use_gpu(cfg) else "CPU"
-    console.info("train %s: model %s, data %s, %d %s worker(s) on Ray, run dir %s", name, cfg.model,
-                 _data_description(cfg), cfg.workers, device, storage.root)
+    workers = f"{cfg.min_workers}-{cfg.max_workers}" if cfg.elastic else str(cfg.workers)
+    console.info("train %s: model %s, data %s, %s %s worker(s) on Ray, run dir %s", name, cfg.model,
+                 _data_description(cfg), workers, device, storage.root)
     with EpochFollower(storage, cfg.epochs):
         return run_distributed(cfg, args.output, name, address=args.address,
                                callbacks=[WorkerConsole(verbose=args.verbose)])
