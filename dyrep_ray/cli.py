@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "tune"):
         from .console import setup_console
 
         setup_console(verbose=args.verbose, quiet=args.quiet)

@@ -26,6 +26,17 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 HARMLESS_PATTERNS = (
     re.compile(r"Token authentication is enabled for this Ray cluster"),
     re.compile(r"PreemptionWatcher.*max_restarts"),
+    # Tune over Train starts a trial actor, a Train controller and workers per trial at once (and a local sweep
+    # tells Ray it has more logical CPUs than cores): more Python workers than Ray's startup-concurrency hint.
+    re.compile(r"PYTHON worker processes have been started on node.*maximum expected startup concurrency"),
+)
+
+#: Forwarded lines that are routine progress, not news: Ray's per-report and per-checkpoint lines (of workers and
+#: of Tune's trial actors) and INFO/DEBUG records in our or Ray's log format.  Shown only with ``--verbose``.
+ROUTINE_PATTERNS = (
+    re.compile(r"^Reporting training result \d+: "),
+    re.compile(r"^Checkpoint successfully created at: "),
+    re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(DEBUG|INFO)\s"),
 )
 
 
@@ -45,6 +56,10 @@ def is_harmless_batch(actor_name: str, lines: list[str]) -> bool:
 
 def is_harmless(text: str) -> bool:
     return any(p.search(text) for p in HARMLESS_PATTERNS)
+
+
+def is_routine(text: str) -> bool:
+    return any(p.search(text) for p in ROUTINE_PATTERNS)
 
 
 class _DropHarmless(logging.Filter):
@@ -114,16 +129,16 @@ class RunLog(logging.Handler):
     a command refused with a one-line error leaves nothing behind; from then on they are written as they come.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, marker: str = CONFIG_FILE, log_name: str = TRAIN_LOG):
         super().__init__(logging.INFO)
-        self.run_dir = run_dir
+        self.run_dir, self.marker, self.log_name = run_dir, marker, log_name
         self.setFormatter(logging.Formatter(LOG_FORMAT))
         self._pending: list[logging.LogRecord] = []
         self._file: logging.FileHandler | None = None
 
     def _open(self) -> bool:
-        if self._file is None and (self.run_dir / CONFIG_FILE).exists():
-            self._file = logging.FileHandler(self.run_dir / TRAIN_LOG, encoding="utf-8")
+        if self._file is None and (self.run_dir / self.marker).exists():
+            self._file = logging.FileHandler(self.run_dir / self.log_name, encoding="utf-8")
             self._file.setFormatter(self.formatter)
             for record in self._pending:
                 self._file.emit(record)
@@ -144,11 +159,15 @@ class RunLog(logging.Handler):
         super().close()
 
 
-def add_run_log(run_dir: str | Path) -> logging.Handler | None:
-    """Attach a :class:`RunLog` for ``run_dir`` (local run directories only; None for object storage)."""
+def add_run_log(run_dir: str | Path, marker: str = CONFIG_FILE, log_name: str = TRAIN_LOG) -> logging.Handler | None:
+    """Attach a :class:`RunLog` for ``run_dir`` (local run directories only; None for object storage).
+
+    ``marker``/``log_name``: the file that proves the directory is ours, and the log's name (a sweep: sweep.json,
+    tune.log).
+    """
     if "://" in str(run_dir):
         return None
-    handler = RunLog(Path(str(run_dir)))
+    handler = RunLog(Path(str(run_dir)), marker, log_name)
     logging.getLogger().addHandler(handler)
     logging.getLogger("ray").addHandler(handler)  # Ray's driver logger does not propagate to the root
     return handler

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dyrep_ray.console import HARMLESS_PATTERNS, is_harmless, is_harmless_batch
+from dyrep_ray.console import HARMLESS_PATTERNS, is_harmless, is_harmless_batch, is_routine
 from dyrep_ray.engine.layout import TRAIN_LOG
 from dyrep_ray.engine.progress import epoch_line
 
@@ -108,3 +108,51 @@ def test_harmless_batches_are_whole_tracebacks_of_one_actor_only():
     assert not is_harmless_batch("RayTrainWorker", traceback_lines)
     # and the cleaner's other output is shown
     assert not is_harmless_batch("PlacementGroupCleaner", ["Detected that the Ray Train controller actor is dead."])
+
+
+def test_routine_patterns():
+    assert is_routine("Reporting training result 3: TrainingReport(checkpoint=None, metrics={'epoch': 3})")
+    assert is_routine("Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x/checkpoint_000000)")
+    assert is_routine("2026-12-02 00:57:46,838 INFO dyrep_ray.tune.trainable: trial a: segment 0 in /x")
+    assert is_routine("2026-12-02 00:58:25,127\tINFO tune.py:1007 -- Wrote the latest version of all result files")
+    assert not is_routine("2026-12-02 00:58:25,127 WARNING dyrep_ray.engine.loop: cut skipped")
+    assert not is_routine("Traceback (most recent call last):")
+    assert is_harmless("WARNING: 8 PYTHON worker processes have been started on node: ab with address: 1.2.3.4, "
+                       "which is 4x the maximum expected startup concurrency (2). This could be")
+
+
+TUNE_RESULT_LINE = re.compile(r"^dyrep-ray: trial (\w+) epoch (\d+)/(\d+)  loss ")
+
+
+@pytest.mark.ray
+def test_tune_console(tmp_path):
+    """``dyrep-ray tune`` on the demo sweep: a header, a start line per trial, one line per trial result, an end
+    line per trial, status tables at the interval, the final table -- and none of Tune's boxes, Ray's routine
+    lines or the known harmless warnings; ``tune.log`` keeps what the console hides."""
+    epochs = 2
+    done = run_cli(["tune", "-c", str(REPO / "experiments" / "tune" / "demo.yaml"), "--output", str(tmp_path),
+                    "--set", f"epochs={epochs}", "--set", "synthetic_train_size=256", "--status-interval", "1"],
+                   tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = non_empty(done.stdout) + non_empty(done.stderr)
+    assert not [line for line in lines if any(r in line for r in RAY_ROUTINE)], lines
+    assert not [line for line in lines if is_harmless(line) or is_routine(line)], lines
+    assert not [line for line in lines if "╭" in line or "Trial status:" in line or "(RayTrainWorker" in line
+                or "(TrainController" in line or "(DyRepTrial" in line], lines
+    header = [line for line in lines if line.startswith("dyrep-ray: tune demo: 2 trial(s) of small_cnn")]
+    assert len(header) == 1 and "metric val_top1 (max)" in header[0], lines
+    results: dict[str, list[int]] = {}
+    for line in lines:
+        if m := TUNE_RESULT_LINE.match(line):
+            results.setdefault(m.group(1), []).append(int(m.group(2)))
+            assert int(m.group(3)) == epochs
+    assert len(results) == 2 and all(seen == list(range(1, len(seen) + 1)) for seen in results.values()), lines
+    for trial in results:
+        assert sum(line.startswith(f"dyrep-ray: trial {trial} started: ") for line in lines) == 1, lines
+        ends = [line for line in lines if line.startswith(f"dyrep-ray: trial {trial} ") and "best val_top1" in line]
+        assert len(ends) == 1 and (" completed " in ends[0] or " stopped by asha " in ends[0]), lines
+    assert any(line.startswith("dyrep-ray: status after ") for line in lines), lines
+    final = [i for i, line in enumerate(lines) if line.startswith("dyrep-ray tune: sweep demo: 2 trial(s)")]
+    assert len(final) == 1 and lines[final[0] + 1].split()[:2] == ["trial_id", "status"], lines
+    log = (tmp_path / "demo" / "tune.log").read_text()
+    assert "Started a local Ray instance" in log and "tune demo: 2 trial(s)" in log  # hidden + shown lines

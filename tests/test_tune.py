@@ -9,6 +9,7 @@ weights, optimizer state and epoch with its mutated learning rate, and a sweep i
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ from dyrep_ray.engine.checkpoint import load_checkpoint_dir, write_checkpoint_di
 from dyrep_ray.engine.config import ConfigError, load_config
 from dyrep_ray.engine.faults import RaiseAt
 from dyrep_ray.engine.layout import CONFIG_FILE, STRUCTURE_FILE
+from dyrep_ray.engine.progress import CONSOLE_LOGGER
 from dyrep_ray.tune.bridge import (
     BRIDGE_FILE,
     ORIGIN_FILE,
@@ -28,6 +30,7 @@ from dyrep_ray.tune.bridge import (
     plan_segment,
     start_checkpoint_of,
 )
+from dyrep_ray.tune.console import SweepConsole
 from dyrep_ray.tune.spec import load_sweep
 from tests.helpers import run_metrics
 
@@ -37,6 +40,15 @@ TINY = {"synthetic_train_size": 256, "synthetic_val_size": 128, "batch_size": 32
         "dyrep_recal_bn_iters": 2, "log_interval": 1000, "max_failures": 0}
 
 
+
+
+def console_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == CONSOLE_LOGGER]
+
+
+@pytest.fixture(autouse=True)
+def _console_records(caplog):
+    caplog.set_level(logging.INFO, logger=CONSOLE_LOGGER)
 
 
 def _sweep(raw: dict, tmp_path: Path, name: str = "sweep.yaml") -> Path:
@@ -271,7 +283,7 @@ def test_demo_sweep(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path):
+def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path, caplog):
     """lr=1e-4 cannot keep up with lr=0.05: at epoch 2 PBT (synch) clones the strong trial into the weak one."""
     from dyrep_ray.tune.sweep import run_sweep
 
@@ -281,7 +293,7 @@ def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path):
            "resources": {"workers": 1, "use_gpu": False}, "max_concurrent_trials": 2,
            "scheduler": {"type": "pbt", "perturbation_interval": 2, "synch": True, "quantile_fraction": 0.5,
                          "resample_probability": 1.0, "hyperparam_mutations": {"lr": {"choice": [0.02, 0.03]}}}}
-    out = run_sweep(load_sweep(_sweep(raw, tmp_path)), str(tmp_path), "pbt", verbose=0)
+    out = run_sweep(load_sweep(_sweep(raw, tmp_path)), str(tmp_path), "pbt", console=SweepConsole(status_interval_s=0))
     sweep = tmp_path / "pbt"
     exploiters = [r for r in out.records if r.exploits >= 1]
     assert len(exploiters) == 1, [(r.trial_id, r.config, r.best_value) for r in out.records]
@@ -327,18 +339,23 @@ def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path):
     assert all(r["pbt_donor"] == donor and r["pbt_donor_epoch"] == k for r in after)
     table = pd.read_csv(sweep / "trials.csv").set_index("trial_id")
     assert table.loc[weak.trial_id, "exploits"] == 1 and table.loc[weak.trial_id, "last_donor"] == donor
+    # The console said so once, on the weak trial's first result after the exploit.
+    exploit_lines = [m for m in console_messages(caplog) if "[PBT: continues" in m]
+    assert exploit_lines == [m for m in exploit_lines if m.startswith(f"trial {weak.trial_id} epoch {k + 1}/")]
+    assert len(exploit_lines) == 1 and f"continues {donor} epoch {k}" in exploit_lines[0]
 
 
 @pytest.mark.ray
-def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path):
+def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path, caplog):
     """A worker of one trial raises mid-epoch (fault injection, no Train retries): the other trial finishes and
     the table marks the errored one; resuming the sweep re-runs the errored trial to completion."""
     from dyrep_ray.tune.sweep import run_sweep
 
     raw = {"config": {**TINY, "epochs": 2}, "search_space": {"dyrep_cut_threshold": {"uniform": [0.05, 0.3]}},
            "num_samples": 2, "max_concurrent_trials": 2, "resources": {"workers": 1, "use_gpu": False}}
-    out = run_sweep(load_sweep(_sweep(raw, tmp_path)), str(tmp_path), "faulty", verbose=0,
-                    callbacks=[RaiseAt(epoch=0, rank=0, marker=str(tmp_path / "fired"))])
+    out = run_sweep(load_sweep(_sweep(raw, tmp_path)), str(tmp_path), "faulty",
+                    callbacks=[RaiseAt(epoch=0, rank=0, marker=str(tmp_path / "fired"))],
+                    console=SweepConsole(status_interval_s=0))
     assert (tmp_path / "fired").exists()
     status = sorted(r.status for r in out.records)
     assert status == ["completed", "error"], [(r.trial_id, r.status, r.error) for r in out.records]
@@ -349,9 +366,19 @@ def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path):
     assert "injected fault" in table.loc[errored.trial_id, "error"]
     good = next(r for r in out.records if r.status == "completed")
     assert out.best["trial_id"] == good.trial_id and (tmp_path / "faulty" / "best_config.yaml").is_file()
+    # The console: one warning line for the failure, naming the cause; one line per result of the good trial.
+    failed = [m for m in console_messages(caplog) if m.startswith(f"trial {errored.trial_id} failed")]
+    assert len(failed) == 1 and "injected fault" in failed[0] and "\n" not in failed[0], failed
+    good_lines = [m for m in console_messages(caplog) if m.startswith(f"trial {good.trial_id} epoch ")]
+    assert [int(m.split()[3].split("/")[0]) for m in good_lines] == [1, 2]
+    caplog.clear()
     # --resume (Tuner.restore with resume_errored): the errored trial runs again (the fault fired once) and
-    # finishes; the completed one is not re-run.
-    resumed = run_sweep(None, str(tmp_path), "faulty", resume=True, verbose=0)
+    # finishes; the completed one is not re-run.  The resumed sweep shows this command's console (not the
+    # pickled one of the first start): its lines name the re-run trial's epochs.
+    resumed = run_sweep(None, str(tmp_path), "faulty", resume=True, console=SweepConsole(status_interval_s=0))
+    rerun = [m for m in console_messages(caplog) if m.startswith(f"trial {errored.trial_id} epoch ")]
+    assert [int(m.split()[3].split("/")[0]) for m in rerun] == [1, 2], console_messages(caplog)
+    assert not [m for m in console_messages(caplog) if m.startswith(f"trial {good.trial_id} epoch ")]
     by_id = {r.trial_id: r for r in resumed.records}
     assert by_id[errored.trial_id].status == "completed" and by_id[good.trial_id].status == "completed"
     table = pd.read_csv(tmp_path / "faulty" / "trials.csv").set_index("trial_id")

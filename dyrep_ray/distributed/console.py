@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 
-from ..console import is_harmless, is_harmless_batch
+from ..console import is_harmless, is_harmless_batch, is_routine
 from ..engine.callbacks import TrainerCallback
 from ..engine.layout import METRICS_FILE
 from ..engine.progress import EPOCH_LINE, console, epoch_line
@@ -74,7 +74,7 @@ def quiet_ray_driver() -> None:
 
 
 def filter_forwarded_output() -> None:
-    """Driver, after ``ray.init``: drop forwarded worker/controller lines known to be harmless."""
+    """Driver, after ``ray.init``: drop forwarded worker/controller/trial lines known to be harmless or routine."""
     try:  # Ray has no public hook for forwarded worker output: wrap its printer (absent: nothing filtered)
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
@@ -88,12 +88,35 @@ def filter_forwarded_output() -> None:
     def filtered(data: dict) -> None:
         if is_harmless_batch(str(data.get("actor_name") or data.get("task_name") or ""), data.get("lines", [])):
             return
-        lines = [line for line in data.get("lines", []) if not is_harmless(line)]
+        lines = [line for line in data.get("lines", []) if not (is_harmless(line) or is_routine(line))]
         if lines:
             printer({**data, "lines": lines})
 
     dispatcher.remove_handler(RAY_PRINTER)
     dispatcher.add_handler(RAY_PRINTER, filtered)
+    _filter_raylet_messages()
+
+
+def _filter_raylet_messages() -> None:
+    """The raylet's warnings reach the driver through ``print_to_stdstream`` directly, not the dispatcher."""
+    try:
+        from ray._private import worker as ray_worker
+
+        print_to_stdstream = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):
+        logger.debug("Ray's raylet-message printer not found; its lines are not filtered")
+        return
+    if getattr(print_to_stdstream, "_dyrep_filtered", False):
+        return
+
+    def filtered(data: dict, *args, **kwargs):
+        lines = [line for line in data.get("lines", []) if not is_harmless(line)]
+        if lines:
+            return print_to_stdstream({**data, "lines": lines}, *args, **kwargs)
+        return None
+
+    filtered._dyrep_filtered = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
 
 
 class EpochFollower:

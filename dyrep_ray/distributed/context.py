@@ -25,6 +25,7 @@ from ..engine.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoi
 from ..engine.context import load_newest_valid
 from ..engine.layout import checkpoint_dir_name
 from ..engine.midepoch import newer_mid_epoch_checkpoint
+from ..engine.progress import EVENTS_TEXT, event_labels
 from ..engine.protocols import CheckpointWriter
 from ..engine.storage import RunStorage
 
@@ -35,6 +36,7 @@ def _scalar_metrics(metrics: dict) -> dict:
     """Ray metrics stay flat scalars (Tune schedulers compare them); events travel as a count."""
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
     flat["n_events"] = len(metrics.get("events", []))
+    flat[EVENTS_TEXT] = ", ".join(event_labels(metrics))  # the tune console's epoch lines show them
     return flat
 
 

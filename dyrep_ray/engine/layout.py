@@ -44,6 +44,7 @@ LEASE_FILE = ".dyrep-ray.lease.json"
 
 # Sweep directory files.
 SWEEP_FILE = "sweep.json"
+TUNE_LOG = "tune.log"  # the tune command's log of the sweep, console filtering aside
 TRIALS_CSV = "trials.csv"
 TRIALS_PARQUET = "trials.parquet"
 BEST_CONFIG = "best_config.yaml"

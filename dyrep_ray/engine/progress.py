@@ -21,11 +21,22 @@ EPOCH_LINE = "epoch_line"
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
-    """One metrics.jsonl row as the console's epoch line (structure events at the end)."""
-    events = "".join(f"  [{e.get('op')} {e.get('path')}]" for e in metrics.get("events") or ())
+    """One metrics.jsonl row (or a Tune result) as the console's epoch line (structure events at the end)."""
+    events = "".join(f"  [{event}]" for event in event_labels(metrics))
     return (f"epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  top-1 {metrics['val_top1']:.2f}%  "
             f"lr {metrics['lr']:.5f}  params {metrics['params']:,}  blocks {metrics['n_blocks']}  "
             f"{metrics['images_per_s']:.0f} img/s  {metrics['epoch_time_s']:.1f}s{events}")
+
+
+#: Key of the flat, comma-separated structure events in what workers report to Ray (Tune results are flat).
+EVENTS_TEXT = "structure_events"
+
+
+def event_labels(metrics: dict[str, Any]) -> list[str]:
+    """``["grow features.0.0", ...]`` from a metrics.jsonl row (``events``) or a Ray report (:data:`EVENTS_TEXT`)."""
+    if metrics.get("events"):
+        return [f"{e.get('op')} {e.get('path')}" for e in metrics["events"]]
+    return [label for label in str(metrics.get(EVENTS_TEXT) or "").split(", ") if label]
 
 
 class EpochLines(TrainerCallback):

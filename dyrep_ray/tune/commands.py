@@ -10,6 +10,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = "runs"
+#: Kept equal to dyrep_ray.tune.console.DEFAULT_STATUS_INTERVAL_S (a test checks); that module imports Ray.
+DEFAULT_STATUS_INTERVAL_S = 120.0
 
 
 def register(subparsers, add_common) -> None:
@@ -28,6 +30,14 @@ def register(subparsers, add_common) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep in <output>/<name> (errored trials are retried)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local instance)")
+    p.add_argument("--status-interval", type=float, default=DEFAULT_STATUS_INTERVAL_S, metavar="SECONDS",
+                   help="seconds between two status tables of the trials (default: %(default)g; 0: none)")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--verbose", action="store_true",
+                       help="Ray Tune's own console (config/result tables per trial) and every Ray, trial and "
+                            "worker log line")
+    shown.add_argument("--quiet", action="store_true",
+                       help="no per-result lines: trial starts/ends, status tables, warnings and the final table")
     add_common(p)
     p.set_defaults(func=cmd_tune)
 
@@ -46,7 +56,24 @@ def cmd_tune(args) -> int:
     name = args.name or (spec.name if spec is not None else None) or (Path(args.config).stem if args.config else None)
     if not name:
         raise ConfigError("--resume without -c needs --name (the sweep directory under --output)")
-    outcome = run_sweep(spec, args.output, name, resume=args.resume, address=args.address)
+    if args.status_interval < 0:
+        raise ConfigError(f"--status-interval must be >= 0 seconds, got {args.status_interval:g}")
+    if spec is not None and spec.base_config.get("mlflow_tracking_uri"):
+        from ..tracking import resolve_tracking_uri
+
+        # A relative MLflow file store means "here": resolved before any trial (in another directory) sees it.
+        spec.base_config["mlflow_tracking_uri"] = resolve_tracking_uri(spec.base_config["mlflow_tracking_uri"])
+    from ..console import add_run_log, remove_run_log
+    from ..engine.layout import SWEEP_FILE, TUNE_LOG
+    from .console import SweepConsole
+
+    console = None if args.verbose else SweepConsole(status_interval_s=args.status_interval, quiet=args.quiet)
+    run_log = add_run_log(Path(args.output) / name, marker=SWEEP_FILE, log_name=TUNE_LOG)
+    try:
+        outcome = run_sweep(spec, args.output, name, resume=args.resume, address=args.address,
+                            verbose=2 if args.verbose else 0, console=console)
+    finally:
+        remove_run_log(run_log)
     spec = outcome.spec
     print(f"\ndyrep-ray tune: sweep {name}: {len(outcome.records)} trial(s), metric {spec.metric} ({spec.mode})")
     print(format_table(outcome.table, spec))

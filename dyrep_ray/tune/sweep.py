@@ -12,6 +12,7 @@ Sweep directory ``<output>/<name>/``::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 from ..distributed.trainer import ClusterError, check_resources, connect, preflight, resolve_use_gpu
 from ..engine.config import ConfigError, TrainConfig
 from ..engine.layout import LEASE_FILE, LOCK_FILE, SWEEP_FILE, TUNE_DIR
+from ..engine.progress import console as console_lines
 from ..engine.storage import RunStorage, resolve_filesystem
+from .console import SweepConsole
 from .spec import TIME_ATTR, Distribution, SweepSpec
 
 logger = logging.getLogger(__name__)
@@ -207,10 +210,14 @@ def _files(root: RunStorage) -> list[str]:
 
 
 def run_sweep(spec: SweepSpec | None, output: str, name: str, *, resume: bool = False,
-              address: str | None = None, verbose: int = 1, callbacks: Sequence = ()) -> SweepOutcome:
+              address: str | None = None, verbose: int = 1, callbacks: Sequence = (),
+              console: SweepConsole | None = None) -> SweepOutcome:
     """Run (or ``resume``) the sweep under ``<output>/<name>``; returns the table and written files.
 
     ``callbacks``: :class:`~dyrep_ray.engine.callbacks.TrainerCallback` instances every trial's workers run.
+    ``verbose``: Ray Tune's own console (0, 1 or 2).  ``console``: our quiet console instead
+    (:class:`~dyrep_ray.tune.console.SweepConsole`: Tune's reporter, Ray's routine lines and every trial's
+    worker and controller INFO lines off the terminal; they stay in Ray's logs).
     """
     from ..engine.rundir import RunLock, validate_run_name
 
@@ -221,13 +228,13 @@ def run_sweep(spec: SweepSpec | None, output: str, name: str, *, resume: bool = 
     lock = RunLock(RunStorage(output, name), "sweep").acquire()
     try:
         return _run_sweep_locked(spec, output, name, resume=resume, address=address, verbose=verbose,
-                                 callbacks=callbacks)
+                                 callbacks=callbacks, console=console)
     finally:
         lock.release()
 
 
 def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume: bool, address: str | None,
-                      verbose: int, callbacks: Sequence) -> SweepOutcome:
+                      verbose: int, callbacks: Sequence, console: SweepConsole | None) -> SweepOutcome:
     from ray import tune
 
     from .results import collect_records, sweep_interrupted, write_results
@@ -240,7 +247,18 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
     else:
         load_secret(create=True)  # a sweep that could never be signed (unwritable key dir) fails now, not at the end
     spec_json = spec.to_json()  # as given (use_gpu may be "auto"): what --resume compares against
+    train_log_level = None
+    if console is not None:
+        from ..distributed.console import QUIET_RAY_TRAIN_LOG_LEVEL, WorkerConsole, quiet_ray_driver
+
+        console.spec, verbose, train_log_level = spec, 0, QUIET_RAY_TRAIN_LOG_LEVEL
+        callbacks = [WorkerConsole(verbose=False), *callbacks]
+        quiet_ray_driver()
     started = connect(address, num_cpus=local_ray_cpus())  # num_cpus only matters for a new local Ray
+    if console is not None:
+        from ..distributed.console import filter_forwarded_output
+
+        filter_forwarded_output()
     logger.info("Ray: %s", started)
     if spec.use_gpu is None:
         spec.use_gpu = resolve_use_gpu(_probe_config(spec))
@@ -250,7 +268,9 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
     sweep_uri = root.root if root.local else output.rstrip("/") + "/" + name
     if not resume:
         root.write_text(SWEEP_FILE, spec_json)
-    trainable = make_trainable(spec, sweep_uri, callbacks)
+    trainable = make_trainable(spec, sweep_uri, callbacks, train_log_level=train_log_level)
+    tune_callbacks = [SignSweepCallback(), *([console] if console is not None else [])]
+    reporter = console.reporter() if console is not None else None
     fs, fs_path = resolve_filesystem(sweep_uri)
     tune_path = f"{fs_path}/{TUNE_DIR}"
     if resume:
@@ -258,13 +278,17 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
 
         if not Tuner.can_restore(tune_path, storage_filesystem=None if root.local else fs):
             raise ConfigError(f"nothing to resume: {tune_path} holds no Tune experiment state")
-        logger.info("resuming sweep %s (unfinished and errored trials continue)", root.root)
+        console_lines.info("tune %s: resuming %s (unfinished and errored trials continue), metric %s (%s)",
+                           name, root.root, spec.metric, spec.mode)
         tuner = Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                               storage_filesystem=None if root.local else fs)
+        _use_console_of_this_command(tuner, tune_callbacks, reporter, verbose)
     else:
-        logger.info("sweep %s: %d trial(s) (%s scheduler, %d at a time, %d %s worker(s) each) in %s",
-                    name, population_size(spec), spec.scheduler_type, concurrency, spec.workers,
-                    "GPU" if spec.use_gpu else "CPU", root.root)
+        console_lines.info("tune %s: %d trial(s) of %s on %s (%s scheduler, %s search, %d at a time, %s %s "
+                           "worker(s) each), metric %s (%s), sweep dir %s", name, population_size(spec),
+                           spec.base_config["model"], spec.base_config["dataset"], spec.scheduler_type,
+                           spec.search_alg["type"], concurrency, spec.workers, "GPU" if spec.use_gpu else "CPU",
+                           spec.metric, spec.mode, root.root)
         search_alg, max_concurrent = _build_search_alg(spec, concurrency)
         tuner = tune.Tuner(
             trainable,
@@ -275,16 +299,16 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
                 max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname,
                 trial_name_creator=trial_name, reuse_actors=False),
             run_config=tune.RunConfig(
-                callbacks=[SignSweepCallback()],
+                callbacks=tune_callbacks,
                 name=TUNE_DIR, storage_path=fs_path, storage_filesystem=None if root.local else fs,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=TUNE_CHECKPOINTS_TO_KEEP if spec.scheduler_type == "pbt" else None),
-                verbose=verbose),
+                progress_reporter=reporter, verbose=1 if reporter is not None else verbose),
         )
     # Signed while Ray writes (SignSweepCallback, from the first step on) and after fit, also when it raises or
     # is interrupted: --resume unpickles nothing that this user's dyrep-ray did not sign.
-    with signing_while_fitting(root), warnings.catch_warnings():
+    with signing_while_fitting(root), warnings.catch_warnings(), tune_output_engine(legacy=reporter is not None):
         warnings.filterwarnings("ignore", message=".*reuse_actors.*")  # PBT advice: an actor holds a TorchTrainer
         results = tuner.fit()
     records = collect_records(results, spec, sweep_uri)
@@ -292,3 +316,35 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
     write_results(outcome, root)
     return outcome
 
+
+def _use_console_of_this_command(tuner, callbacks: list, reporter, verbose: int) -> None:
+    """A restored Tuner carries the pickled RunConfig of the sweep's first start: give it this command's console
+    (Ray has no public setter; without its internals the first start's console stays, with a warning)."""
+    try:
+        run_config = tuner._local_tuner.get_run_config()
+    except AttributeError:
+        logger.warning("this Ray cannot change a restored sweep's console; it shows what its first start showed")
+        return
+    run_config.callbacks = list(callbacks)
+    run_config.progress_reporter = reporter
+    run_config.verbose = 1 if reporter is not None else verbose
+
+
+#: Ray Tune's switch between its new output engine (default) and the one that takes a custom progress reporter.
+TUNE_NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+
+
+@contextlib.contextmanager
+def tune_output_engine(legacy: bool):
+    """While Tune runs: its reporter interface (``legacy``) for our console, else its new engine, as it was."""
+    before = os.environ.get(TUNE_NEW_OUTPUT_ENV)
+    if legacy:
+        os.environ[TUNE_NEW_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if legacy:
+            if before is None:
+                os.environ.pop(TUNE_NEW_OUTPUT_ENV, None)
+            else:
+                os.environ[TUNE_NEW_OUTPUT_ENV] = before

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -83,12 +84,12 @@ def _uri(path: str | None, storage: RunStorage) -> str | None:
 
 def build_trainer(cfg: TrainConfig, segment: Segment, callback, callbacks: Sequence, cpus_per_worker: float):
     """The ``TorchTrainer`` of one segment: the same launcher, loop and run directory as ``dyrep-ray train``."""
-    from ..distributed.trainer import Launch, build_torch_trainer
+    from ..distributed.trainer import Launch, build_torch_trainer, worker_count
     from .worker import segment_loop
 
     storage = RunStorage(segment.storage_uri, segment.name)
     launch = Launch(storage_uri=segment.storage_uri, name=segment.name, use_gpu=bool(cfg.use_gpu),
-                    num_workers=cfg.workers, cpus_per_worker=cpus_per_worker,
+                    num_workers=worker_count(cfg), cpus_per_worker=cpus_per_worker,
                     start_checkpoint=_uri(segment.start_checkpoint, storage))
     return build_torch_trainer(cfg, launch, callbacks=callbacks, ray_callbacks=[callback], loop=segment_loop)
 
@@ -109,8 +110,13 @@ def _drain(queue) -> None:
 class DyRepTrial(tune.Trainable):
     """One trial = one (or, after PBT exploits, several consecutive) ``TorchTrainer`` run(s)."""
 
-    def setup(self, config: dict, spec: SweepSpec, sweep_uri: str, callbacks: Sequence = ()) -> None:
+    def setup(self, config: dict, spec: SweepSpec, sweep_uri: str, callbacks: Sequence = (),
+              train_log_level: str | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        if train_log_level is not None:  # read where this actor builds the trial's RunConfig (run_config_for)
+            from ..distributed.console import RAY_TRAIN_LOG_LEVEL_ENV
+
+            os.environ[RAY_TRAIN_LOG_LEVEL_ENV] = train_log_level
         self.spec, self.sweep_uri, self.callbacks = spec, sweep_uri, tuple(callbacks)
         self.cfg = spec.trial_config(config)
         from ..engine.data_source import PARQUET
@@ -241,10 +247,12 @@ class DyRepTrial(tune.Trainable):
             self._latest_export = None
 
 
-def make_trainable(spec: SweepSpec, sweep_uri: str, callbacks: Sequence = ()):
+def make_trainable(spec: SweepSpec, sweep_uri: str, callbacks: Sequence = (), train_log_level: str | None = None):
     """The Tune trainable of a sweep: :class:`DyRepTrial` with its parameters, on a ~0-CPU trial actor.
 
     ``callbacks``: :class:`~dyrep_ray.engine.callbacks.TrainerCallback` instances every trial's workers run.
+    ``train_log_level``: the console level of every trial's Ray Train controller (None: Ray's default).
     """
-    trainable = tune.with_parameters(DyRepTrial, spec=spec, sweep_uri=sweep_uri, callbacks=tuple(callbacks))
+    trainable = tune.with_parameters(DyRepTrial, spec=spec, sweep_uri=sweep_uri, callbacks=tuple(callbacks),
+                                     train_log_level=train_log_level)
     return tune.with_resources(trainable, {"CPU": TRIAL_ACTOR_CPUS})
