@@ -235,6 +235,13 @@ def test_val_never_defaults_to_train_in_the_shared_preflight_and_tune_trials(tmp
     export_parquet("synthetic", None, both / "train", split="train", synthetic_train_size=4, synthetic_val_size=2)
     export_parquet("synthetic", None, both / "val", split="val", synthetic_train_size=4, synthetic_val_size=2)
     preflight(load_config(None, ["dataset=parquet", f"parquet_train={both}"]))  # prepare's layout: derived
+    # A library caller building the torch datasets directly gets the same rules (it used to validate on train).
+    from dyrep_ray.engine.data_source import build_map_datasets
+
+    with pytest.raises(DatasetError, match="parquet_val is not set"):
+        build_map_datasets(cfg)
+    train, val, _ = build_map_datasets(load_config(None, ["dataset=parquet", f"parquet_train={both}"]))
+    assert (len(train), len(val)) == (4, 2)
 
 
 def test_parquet_labels_and_null_images_named_by_file_and_row(tmp_path):
@@ -550,6 +557,32 @@ def test_huge_model_named_in_meta_is_counted_on_meta_device_and_refused(tmp_path
         err = [line for line in proc.stderr.splitlines() if line.startswith("dyrep-ray:")]
         assert len(err) == 1 and "1,844,442,344 parameters" in err[0] and "vit_gigantic" in err[0], proc.stderr
         assert time.monotonic() - start < 90  # a real build of 1.8e9 parameters (7.4 GB) is not what happened
+
+
+def test_huge_model_is_refused_by_train_local_and_the_library_loaders(tmp_path):
+    """``train --local`` (no driver preflight), ``rebuild_trained_model`` and ``load_deployed`` count first too."""
+    from dyrep_ray.engine.checkpoint import LoadedCheckpoint
+    from dyrep_ray.export.convert import SIDECAR_FORMAT, load_deployed, rebuild_trained_model, sidecar_path
+    from dyrep_ray.models.limits import ModelTooLargeError
+
+    huge = "timm/vit_gigantic_patch14_clip_224"
+    start = time.monotonic()
+    proc = _cli("train", "--local", "--output", str(tmp_path), "--name", "huge", "--set", f"model={huge}",
+                "--set", "num_classes=1000", "--set", "synthetic_train_size=8", "--set", "synthetic_val_size=8")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("dyrep-ray:")]
+    assert len(err) == 1 and "1,844,442,344 parameters" in err[0], proc.stderr[-2000:]
+    assert time.monotonic() - start < 90
+    config = {"model": huge, "num_classes": 1000, "dataset": "synthetic"}
+    ckpt = LoadedCheckpoint(path=tmp_path / "ck", meta={"epoch": 1, "num_classes": 1000, "config": config},
+                            graph=EMPTY_GRAPH, state={"model": {}})
+    with pytest.raises(ModelTooLargeError, match="1,844,442,344 parameters"):
+        rebuild_trained_model(ckpt)
+    weights = tmp_path / "deployed.safetensors"
+    weights.write_bytes(b"")
+    sidecar_path(weights).write_text(json.dumps({"format": SIDECAR_FORMAT, "architecture": huge, "num_classes": 1000}))
+    with pytest.raises(ModelTooLargeError, match="vit_gigantic"):
+        load_deployed(weights)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -395,3 +395,19 @@ def test_convert_folds_the_online_run_with_top1_unchanged(online_run, tmp_path):
     assert info["top1_after"] == info["top1_before"] == pytest.approx(run_metrics(run_dir)[-1]["val_top1"])
     assert info["params"]["deployed"] == info["params"]["plain"] < info["params"]["trained"]
     assert info["flops"]["deployed"] == info["flops"]["plain"]
+
+
+def test_static_baseline_with_online_blocks(tmp_path):
+    """``dbb: true`` with ``dyrep_block: online``: every eligible conv is an online block from the start (and the
+    default bn block type still builds DBB blocks); the run trains, its graph names the type, convert folds it."""
+    from dyrep_ray.export import convert_checkpoint
+
+    run_dir = tmp_path / "static_online"
+    _, summary = run_local(run_dir, [*LOCAL_TINY, "epochs=1", "dyrep=false", "dbb=true", "dyrep_block=online"])
+    assert summary["grows"] == 0
+    graph = json.loads((run_dir / STRUCTURE_FILE).read_text())
+    assert graph["blocks"] and {b["type"] for b in graph["blocks"]} == {"online"}
+    model, _ = final_model(run_dir)
+    assert sum(isinstance(m, OnlineBlock) for m in model.modules()) == len(graph["blocks"])
+    info = convert_checkpoint(run_dir, tmp_path / "deployed.safetensors").info
+    assert info["strict_load"] is True and info["top1_after"] == pytest.approx(info["top1_before"])

@@ -201,3 +201,16 @@ def test_load_run_tolerates_a_truncated_metrics_line(tmp_path):
     # No checkpoint and every epoch had blocks (records without n_blocks=0): the plain count is unknown; report
     # builds no model to guess it (a config can name any model).
     assert data.plain_params is None and data.plain_params_source is None
+
+
+def test_run_summary_lists_blocks_of_both_types():
+    from dyrep_ray.report.figures import GRAPH_BLOCK_TYPES, RunData, run_summary
+    from dyrep_ray.rep.blocks import GRAPH_ENTRY_TYPES
+
+    assert set(GRAPH_BLOCK_TYPES) == set(GRAPH_ENTRY_TYPES.values())  # report's torch-free copy
+    metrics = [_record(1, [{"op": "grow", "path": "a", "branches": ALL}])]
+    for entry_type in GRAPH_BLOCK_TYPES:
+        structure = {"blocks": [{"path": "a", "type": entry_type, "branches": ALL},
+                                {"path": "b", "type": "somebody_else", "branches": ["kxk"]}]}
+        summary = run_summary(RunData(run_dir=None, name="r", metrics=metrics, structure=structure))
+        assert summary["final_blocks"] == {"a": ALL} and summary["unexplained_blocks"] == [], entry_type

@@ -35,14 +35,12 @@ def build_map_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
         return build_datasets(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed,
                               synthetic_train_size=cfg.synthetic_train_size,
                               synthetic_val_size=cfg.synthetic_val_size, aug=aug)
-    from ..data import DatasetError
-    from ..data.parquet import ParquetImageDataset, read_parquet_metadata, sample_transform
+    from ..data.parquet import ParquetImageDataset, read_parquet_metadata, resolve_parquet_splits, sample_transform
 
-    train_path = cfg.parquet_train
-    if train_path is None:  # the config requires it for dataset: parquet; this is a direct caller's mistake
-        raise DatasetError("dataset: parquet needs parquet_train (a shard directory written by dyrep-ray prepare)")
+    # The CLI resolved them already; a library caller gets the same rules (validation never on the train shards).
+    splits = resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val)
+    train_path, val_path = splits["parquet_train"], splits["parquet_val"]
     source = read_parquet_metadata(train_path)
-    val_path = cfg.parquet_val or train_path
     train = ParquetImageDataset(train_path, sample_transform(
         source["dataset"], train=True, image_size=cfg.image_size, aug=aug))
     val = ParquetImageDataset(val_path, sample_transform(

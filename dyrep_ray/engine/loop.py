@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import build_model, count_flops, count_params
+from ..models.limits import check_model_size
 from ..rep import DyRep, apply_plan, convert_to_dbb, recalibrate_bn, restore_graph, structure_graph
 from ..rep.blocks import is_block
 from ..rep.optim import param_groups_for
@@ -128,6 +129,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.data: DataSource = _resolve_data(data, cfg, ctx)
         self.num_classes = cfg.num_classes or self.data.num_classes
+        # Counted on the meta device first: a model too large to build is one line, not an out-of-memory kill.
+        check_model_size(cfg.model, self.num_classes, "the config", **model_kwargs(cfg))
         self.model = build_model(cfg.model, self.num_classes, **model_kwargs(cfg))
         self.plain_params = count_params(self.model)
         self.plain_flops = count_flops(self.model, (3, cfg.image_size, cfg.image_size))
@@ -141,7 +144,7 @@ class Trainer:
             check_resume_config(resume.meta, cfg)
             restore_graph(self.model, resume.graph)
         elif cfg.dbb:  # the static DBB baseline: every eligible conv a block from the start
-            convert_to_dbb(self.model, seed=cfg.seed)
+            convert_to_dbb(self.model, seed=cfg.seed, block_type=cfg.dyrep_block.value)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
         self._place_model()
         self.dyrep = None

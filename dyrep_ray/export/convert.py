@@ -53,6 +53,7 @@ from ..engine.checkpoint import (
 from ..engine.config import ConfigError, TrainConfig
 from ..engine.layout import DEPLOYED_WEIGHTS as DEFAULT_WEIGHTS_NAME
 from ..models import build_model, count_flops, count_params
+from ..models.limits import check_model_size
 from ..rep import deploy
 from ..rep.blocks import is_block
 from .evaluate import compare_models, validation_loader
@@ -197,6 +198,7 @@ def rebuild_trained_model(ckpt: LoadedCheckpoint, use_ema: bool = False) -> tupl
 
     cfg = config_from_dict(ckpt.meta.get("config"), f"{ckpt.path}/{META_FILE}")
     num_classes = num_classes_of(ckpt.meta, cfg)
+    check_model_size(cfg.model, num_classes, f"{ckpt.path}/{META_FILE}", **model_kwargs(cfg))  # meta device
     model = build_model(cfg.model, num_classes, **model_kwargs(cfg))  # as the loop built it (dropout etc.)
     try:
         restore_graph(model, ckpt.graph)
@@ -253,6 +255,7 @@ def load_deployed(weights: str | os.PathLike, architecture: str | None = None,
     if not architecture or not num_classes:
         raise CheckpointError(f"{weights}: no {sidecar_path(weights).name} beside it naming the architecture; "
                               "pass the architecture and num_classes")
+    check_model_size(architecture, int(num_classes), str(sidecar_path(weights)))  # meta device: nothing allocated
     model = build_model(architecture, int(num_classes))
     strict_load(model, load_safetensors_state(weights), f"{weights} does not load into {architecture}")
     return model.eval()

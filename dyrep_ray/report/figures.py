@@ -238,6 +238,11 @@ def _finite(values) -> list[float]:
     return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
+#: Structure-graph entry types of DyRep blocks (bn block, online block): rep.blocks.GRAPH_ENTRY_TYPES, kept here
+#: because report stays torch-free (a test keeps them equal).
+GRAPH_BLOCK_TYPES = ("dbb", "online")
+
+
 def run_summary(run: RunData) -> dict:
     """Numbers for summary.md and the sweep table."""
     m = run.metrics
@@ -248,7 +253,7 @@ def run_summary(run: RunData) -> dict:
     final_structure = {}
     if run.structure and isinstance(run.structure.get("blocks"), list):
         final_structure = {b.get("path"): b.get("branches") for b in run.structure["blocks"]
-                           if isinstance(b, dict) and b.get("type") == "dbb"}
+                           if isinstance(b, dict) and b.get("type") in GRAPH_BLOCK_TYPES}
     replayed = {p for p, states in tl.rows.items() if states and states[-1] is not None}
     return {
         "name": run.name, "epochs": len(m),
