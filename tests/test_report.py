@@ -204,8 +204,8 @@ def test_load_run_tolerates_a_truncated_metrics_line(tmp_path):
 
 
 def test_run_summary_lists_blocks_of_both_types():
-    from dyrep_ray.report.figures import GRAPH_BLOCK_TYPES, RunData, run_summary
     from dyrep_ray.rep.blocks import GRAPH_ENTRY_TYPES
+    from dyrep_ray.report.figures import GRAPH_BLOCK_TYPES, RunData, run_summary
 
     assert set(GRAPH_BLOCK_TYPES) == set(GRAPH_ENTRY_TYPES.values())  # report's torch-free copy
     metrics = [_record(1, [{"op": "grow", "path": "a", "branches": ALL}])]

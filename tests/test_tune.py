@@ -384,3 +384,21 @@ def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path, caplog):
     table = pd.read_csv(tmp_path / "faulty" / "trials.csv").set_index("trial_id")
     assert table.loc[errored.trial_id, "status"] == "completed"
     assert table.loc[good.trial_id, "epochs"] == 2
+
+
+def test_bridge_forwards_epoch_reports_and_skips_the_preemption_barrier():
+    """A preemption checkpoint's report (every rank, mid-epoch) carries no val_top1 and names the unfinished
+    epoch: forwarded, Tune would reject the result (metric missing) or end the trial early (epoch == epochs)."""
+    import queue
+
+    from dyrep_ray.distributed.preemption import PREEMPTED_METRIC
+    from dyrep_ray.tune.bridge import BridgeCallback
+
+    sent = queue.Queue()
+    bridge = BridgeCallback(sent, "t0", 0, "/runs/t0", export=False)
+    bridge._sent_controller = True  # outside a Train controller actor: no controller handle to send
+    bridge.after_report(None, [{PREEMPTED_METRIC: 42, "epoch": 3}], None)
+    assert sent.empty()
+    bridge.after_report(None, [{"epoch": 3, "val_top1": 12.5}, {"epoch": 3, "val_top1": 12.5}], None)
+    item = sent.get_nowait()
+    assert item["metrics"] == {"epoch": 3, "val_top1": 12.5} and item["checkpoint_path"] is None

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..engine.callbacks import TrainerCallback
+from ..engine.layout import PREEMPTED_METRIC
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.loop import Trainer
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 PREEMPTION_CHECK_STEPS = 5
 #: How often a rank that has checkpointed for a preemption looks up while it waits for Ray to restart it.
 PREEMPTION_WAIT_POLL_S = 1.0
-PREEMPTED_METRIC = "preempted_at_step"
 
 
 class PreemptionCheckpoint(TrainerCallback):

@@ -26,6 +26,8 @@ STRUCTURE_FILE = "structure.json"
 DEPLOYED_WEIGHTS = "deployed.safetensors"
 DEPLOYED_SIDECAR = "deployed.json"
 REPORT_DIR = "report"
+#: The key of the report every rank makes after a preemption checkpoint (not an epoch's result: Tune skips it).
+PREEMPTED_METRIC = "preempted_at_step"
 TRAIN_LOG = "train.log"  # the driver's (or --local process's) log of the run, console filtering aside
 TRACKING_FILE = "tracking.json"  # {"mlflow": {"tracking_uri", "experiment_id", "run_id"}}: resume + convert
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files

@@ -44,6 +44,7 @@ from ..engine.layout import (
     GRAPH_FILE,
     MANIFEST_FILE,
     META_FILE,
+    PREEMPTED_METRIC,
     SEGMENT_PREFIX,
     START_CHECKPOINT_DIR,
     STATE_FILE,
@@ -119,6 +120,10 @@ class BridgeCallback(UserCallback):
         self._sent_controller = False
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
+        if PREEMPTED_METRIC in metrics[0]:
+            # The barrier after a preemption checkpoint, mid-epoch: no validation metric, and its "epoch" is the
+            # unfinished one.  Tune sees the epoch when the restarted run finishes it.
+            return
         item = {"metrics": dict(metrics[0]), "checkpoint_path": None, "export_dir": None}
         if not self._sent_controller:  # lets the trial abort this run cleanly when Tune stops or pauses it
             import ray
