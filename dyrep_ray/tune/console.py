@@ -18,13 +18,13 @@ Tune's ``result.json`` under ``<sweep>/tune/``; the sweep's own ``tune.log`` get
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 from ray.tune import Callback, ProgressReporter
 
 from ..engine.progress import EPOCH_LINE, console, epoch_line
+from .results import error_line, finite_or_none
 from .spec import SweepSpec
 
 #: Seconds between two status tables by default: one per couple of minutes keeps a sweep of hour-long epochs
@@ -44,14 +44,6 @@ def _elapsed(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 class SweepConsole(Callback):
@@ -83,7 +75,7 @@ class SweepConsole(Callback):
         return value > than if self.spec.mode == "max" else value < than
 
     def _record(self, trial, result: dict) -> None:
-        value, epoch = _finite(result.get(self.spec.metric)), int(result.get("epoch", 0) or 0)
+        value, epoch = finite_or_none(result.get(self.spec.metric)), int(result.get("epoch", 0) or 0)
         if value is None:
             return
         best = self._best.get(trial.trial_id)
@@ -133,8 +125,6 @@ class SweepConsole(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._changed = True
-        from .results import error_line
-
         text = ""
         error_file = getattr(trial, "error_file", None)
         if error_file:
@@ -171,7 +161,7 @@ class SweepConsole(Callback):
             best_of = self._best.get(trial.trial_id)
             config = trial.config or {}
             rows.append([trial.trial_id, str(trial.status), *(_value(config.get(k)) for k in self.spec.search_space),
-                         _value(last.get("epoch")), _value(_finite(last.get(self.spec.metric))),
+                         _value(last.get("epoch")), _value(finite_or_none(last.get(self.spec.metric))),
                          _value(best_of[0] if best_of else None)])
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

@@ -58,7 +58,8 @@ def error_line(error: BaseException | None) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _finite(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a finite float, else None (a missing, non-numeric, NaN or infinite metric)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -73,7 +74,7 @@ def _reported(result) -> list[dict]:
     if "training_iteration" in df.columns:
         df = df.sort_values("training_iteration")
     rows = df.to_dict("records")
-    return [r for r in rows if _finite(r.get(TIME_ATTR)) is not None]
+    return [r for r in rows if finite_or_none(r.get(TIME_ATTR)) is not None]
 
 
 def _tune_states(results) -> dict[str, str]:
@@ -138,7 +139,7 @@ def collect_records(results, spec: SweepSpec, sweep_uri: str) -> list[TrialRecor
             except (ValueError, OSError) as exc:
                 logger.warning("trial %s: cannot read its run files (%s)", trial_id, exc)
         record.curve = _curve(record, history, spec.metric)
-        values = [(int(r[TIME_ATTR]), _finite(r.get(spec.metric))) for r in record.curve]
+        values = [(int(r[TIME_ATTR]), finite_or_none(r.get(spec.metric))) for r in record.curve]
         values = [(e, v) for e, v in values if v is not None]
         if values:
             pick = max if spec.mode == "max" else min
