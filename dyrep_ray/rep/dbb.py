@@ -51,6 +51,21 @@ def allowed_branches(
     return tuple(names)
 
 
+def block_branch_names(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int | None,
+                       branches: Sequence[str] | None, block: str) -> tuple[int, tuple[str, ...]]:
+    """(padding, branch names) of a new ``block`` (class name, for the errors): the default padding is "same",
+    the default branch set every allowed one; an unknown or disallowed branch, or no kxk, is a ValueError."""
+    padding = kernel_size // 2 if padding is None else padding
+    allowed = allowed_branches(in_channels, out_channels, kernel_size, stride, padding)
+    names = allowed if branches is None else tuple(branches)
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"branches {unknown} not allowed for this geometry (allowed: {list(allowed)})")
+    if KXK not in names:
+        raise ValueError(f"a{'n' if block[0] in 'AEIOU' else ''} {block} always holds its 'kxk' branch")
+    return padding, names
+
+
 def mid_channels_1x1_kxk(in_channels: int, out_channels: int, groups: int) -> int:
     """Width of the 1x1->kxk bottleneck: ``in_channels``, depthwise included (the original DyRep's
     DBB; Ding et al.'s DBB doubles it for depthwise convs)."""
@@ -272,14 +287,8 @@ class DiverseBranchBlock(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        padding = kernel_size // 2 if padding is None else padding
-        allowed = allowed_branches(in_channels, out_channels, kernel_size, stride, padding)
-        names = allowed if branches is None else tuple(branches)
-        unknown = [n for n in names if n not in allowed]
-        if unknown:
-            raise ValueError(f"branches {unknown} not allowed for this geometry (allowed: {list(allowed)})")
-        if KXK not in names:
-            raise ValueError("a DiverseBranchBlock always holds its 'kxk' branch")
+        padding, names = block_branch_names(in_channels, out_channels, kernel_size, stride, padding, branches,
+                                            type(self).__name__)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
         setattr(self, ORIG_BIAS_ATTR, orig_bias)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import online_kernels as OK
 from . import transforms as T
-from .dbb import BRANCH_NAMES, CUT_MODES, KXK, ORIG_BIAS_ATTR, allowed_branches, conv_geometry, mid_channels_1x1_kxk
+from .dbb import BRANCH_NAMES, CUT_MODES, KXK, ORIG_BIAS_ATTR, block_branch_names, conv_geometry, mid_channels_1x1_kxk
 
 BLOCK_TYPE = "online"
 DEFAULT_INIT_GAMMA = 0.01
@@ -162,14 +162,8 @@ class OnlineBlock(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        padding = kernel_size // 2 if padding is None else padding
-        allowed = allowed_branches(in_channels, out_channels, kernel_size, stride, padding)
-        names = allowed if branches is None else tuple(branches)
-        unknown = [n for n in names if n not in allowed]
-        if unknown:
-            raise ValueError(f"branches {unknown} not allowed for this geometry (allowed: {list(allowed)})")
-        if KXK not in names:
-            raise ValueError("an OnlineBlock always holds its 'kxk' branch")
+        padding, names = block_branch_names(in_channels, out_channels, kernel_size, stride, padding, branches,
+                                            type(self).__name__)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels
