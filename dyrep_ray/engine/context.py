@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,20 +18,12 @@ from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
 from .layout import CHECKPOINT_PREFIX, checkpoint_dir_name  # noqa: F401  (re-exported)
 from .protocols import CheckpointWriter, TrainContext
 from .rundir import list_checkpoints, metric_score, read_meta
-from .storage import RunStorage
+from .storage import RunStorage, as_storage
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointWriter", "LocalContext", "TrainContext", "as_storage", "load_newest_valid"]
 SCORE_KEY = "val_top1"
-
-
-def as_storage(run_dir: str | Path | RunStorage) -> RunStorage:
-    if isinstance(run_dir, RunStorage):
-        return run_dir
-    text = str(run_dir).rstrip("/")
-    parent, _, name = text.rpartition("/")
-    return RunStorage(parent or ".", name)
 
 
 def load_newest_valid(storage: RunStorage, skip: str | None = None) -> LoadedCheckpoint | None:
@@ -107,18 +98,7 @@ class LocalContext:
             return
         name = checkpoint_dir_name(epoch)
         try:
-            if self.storage.local:
-                target = Path(self.storage.path(name))
-                if target.exists():  # left by a run killed after this epoch's checkpoint: replace
-                    shutil.rmtree(target)
-                write_checkpoint(target)
-            else:
-                tmp = Path(tempfile.mkdtemp(prefix="dyrep-ckpt-"))
-                try:
-                    write_checkpoint(tmp / name)
-                    self.storage.upload_dir(tmp / name, name)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+            self.storage.write_dir(name, write_checkpoint)  # replaces one a run killed after this epoch left
         except OSError as exc:  # CheckpointWriteError (torch.save's RuntimeError, e.g. disk full) included
             logger.error("checkpoint for epoch %d NOT written (%s); the previous checkpoint stays valid", epoch, exc)
             return

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
@@ -82,18 +80,7 @@ def write_mid_epoch_checkpoint(storage: RunStorage, name: str, write: Checkpoint
     """Write checkpoint ``name`` into the run directory (atomically locally; manifest last on object stores),
     then delete every older mid-epoch checkpoint.  Returns False (logged) when it could not be written."""
     try:
-        if storage.local:
-            target = Path(storage.path(name))
-            if target.exists():  # left by a run killed right after writing it: replace
-                shutil.rmtree(target)
-            write(target)
-        else:
-            tmp = Path(tempfile.mkdtemp(prefix="dyrep-ckpt-"))
-            try:
-                write(tmp / name)
-                storage.upload_dir(tmp / name, name)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        storage.write_dir(name, write)
     except OSError as exc:
         logger.error("mid-epoch checkpoint %s NOT written (%s); the previous checkpoint stays valid", name, exc)
         return False

@@ -45,6 +45,15 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def as_storage(run_dir: str | Path | RunStorage) -> RunStorage:
+    """The :class:`RunStorage` of a run directory given as a path, ``file://``/object-store URI or storage."""
+    if isinstance(run_dir, RunStorage):
+        return run_dir
+    text = str(run_dir).rstrip("/")
+    parent, _, name = text.rpartition("/")
+    return RunStorage(parent or ".", name)
+
+
 class RunStorage:
     """Files of one run directory ``<storage>/<name>`` on any pyarrow filesystem."""
 
@@ -116,6 +125,23 @@ class RunStorage:
         for path in files:
             dest = f"{target}/{path.relative_to(local_dir).as_posix()}"  # object stores need no parent dirs
             pafs.copy_files(str(path), dest, source_filesystem=local_fs, destination_filesystem=self.fs)
+
+    def write_dir(self, relpath: str, write) -> None:
+        """``write(path)`` builds directory ``<run>/<relpath>`` (a checkpoint writer): in place locally (what a
+        killed run left there is replaced; the writer itself commits atomically), in a local temp directory
+        uploaded with :meth:`upload_dir` on object stores.  The writer's ``OSError`` propagates."""
+        if self.local:
+            target = Path(self.path(relpath))
+            if target.exists():
+                shutil.rmtree(target)
+            write(target)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix="dyrep-ckpt-"))
+        try:
+            write(tmp / relpath)
+            self.upload_dir(tmp / relpath, relpath)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def delete_dir(self, relpath: str) -> None:
         self.fs.delete_dir(self.path(relpath))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..engine.callbacks import TrainerCallback
 from ..engine.layout import TENSORBOARD_DIR, TRACKING_FILE
-from ..engine.storage import RunStorage
+from ..engine.storage import RunStorage, as_storage
 
 logger = logging.getLogger("dyrep_ray.tracking")
 
@@ -16,15 +16,6 @@ __all__ = ["TENSORBOARD_DIR", "TRACKING_FILE", "TrackingCallback"]  # the names 
 
 # A warning stays one readable line even when a backend's exception carries a page of text.
 WARNING_DETAIL_CHARS = 300
-
-
-def run_storage(run_dir: str | Path | RunStorage) -> RunStorage:
-    """The :class:`RunStorage` of a run directory given as a path, ``file://``/object-store URI or storage."""
-    if isinstance(run_dir, RunStorage):
-        return run_dir
-    text = str(run_dir).rstrip("/")
-    parent, _, name = text.rpartition("/")
-    return RunStorage(parent or ".", name)
 
 
 def _squash(exc: BaseException) -> str:
@@ -96,7 +87,7 @@ class TrackingCallback(TrainerCallback):
             self.enabled = False  # other ranks never track: silently off
             return
         if self.enabled:
-            self.storage = run_storage(self._run_dir) if self._run_dir is not None else trainer.ctx.storage
+            self.storage = as_storage(self._run_dir) if self._run_dir is not None else trainer.ctx.storage
         self._guarded("start", self._fit_start, trainer)
 
     # on_step_end stays the base's no-op: per-step logging would cost a host sync per step; epochs are tracked.

@@ -26,13 +26,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..engine.layout import METRICS_FILE, TRACKING_FILE
-from ..engine.storage import RunStorage
+from ..engine.storage import RunStorage, as_storage
 from .base import (
     TrackingCallback,
     epoch_scalars,
     event_counts,
     one_line,
-    run_storage,
 )
 
 logger = logging.getLogger(__name__)
@@ -301,7 +300,7 @@ def log_deployed_artifacts(run_dir: str | Path | RunStorage, safetensors_path: s
     silently) or when logging failed (one warning line; convert's result stands).
     """
     try:
-        info = read_tracking_info(run_storage(run_dir)).get("mlflow") or {}
+        info = read_tracking_info(as_storage(run_dir)).get("mlflow") or {}
     except Exception as exc:  # noqa: BLE001 -- an unreadable run directory must not fail convert here
         logger.warning("MLflow: deployed weights not logged: cannot read %s of %s (%s)", TRACKING_FILE, run_dir,
                        one_line(exc))
