@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -168,7 +169,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _FLOAT_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _is_pos_int(value, upper: int | None = None) -> bool:
+def _is_pos_int(value, upper: int | None = None) -> TypeGuard[int]:
     return type(value) is int and value >= 1 and (upper is None or value <= upper)
 
 

@@ -359,8 +359,8 @@ class Trainer:
         clip = cfg.clip_grad if cfg.clip_grad is not None else math.inf
         resume, self._resume_progress = self._resume_progress, None
         if resume is not None:  # continue a checkpointed epoch at its next step; skipped samples are not loaded
-            loss, running.images, running.steps_done = resume.share_of(ctx.rank, ctx.world_size)
-            running.loss_sum += loss
+            resumed_loss, running.images, running.steps_done = resume.share_of(ctx.rank, ctx.world_size)
+            running.loss_sum += resumed_loss
             running.step, running.samples = resume.step, resume.samples
             batches = self.data.train_batches(epoch, EpochPosition(resume.step, resume.samples, resume.world_size))
         else:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .callbacks import TrainerCallback
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 #: The logger of what the console shows by default (header, epoch lines, summary); the CLI routes it to stdout.
 CONSOLE_LOGGER = "dyrep_ray.console"
@@ -52,7 +55,7 @@ class ProgressBar(TrainerCallback):
 
     def __init__(self, enabled: bool | None = None):
         self.enabled = enabled
-        self._bar = None
+        self._bar: tqdm | None = None
 
     def _on(self, trainer) -> bool:
         if not trainer.ctx.is_main:

@@ -256,6 +256,7 @@ class RunLock:
         info = self._read_lease()
         renewed = info.get("renewed") if info else None
         if isinstance(renewed, (int, float)) and time.time() - renewed < LEASE_STALE_S:
+            assert info is not None  # renewed was read from it
             raise self._refusal(info)
         if info:
             logger.warning("taking over a stale lease on %s (%s, not renewed for %.0f s)", self.storage.root,
