@@ -12,6 +12,8 @@ Both offer what the controller, deploy and the structure graph use: ``branch_nam
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 from torch import nn
 
 from .dbb import DiverseBranchBlock
@@ -27,7 +29,7 @@ BLOCK_TYPES = tuple(BLOCK_CLASSES.values())
 GRAPH_ENTRY_TYPES = {BN_BLOCK: "dbb", ONLINE_BLOCK: "online"}
 
 
-def is_block(module: nn.Module) -> bool:
+def is_block(module: nn.Module) -> TypeGuard[DiverseBranchBlock | OnlineBlock]:
     """True for a DyRep block of either type."""
     return isinstance(module, BLOCK_TYPES)
 

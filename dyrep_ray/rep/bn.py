@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -41,14 +42,15 @@ def average_bn_stats_across_ranks(bns: Iterable[nn.modules.batchnorm._BatchNorm]
     bns = list(bns)
     if not bns or not (dist.is_available() and dist.is_initialized()):
         return
-    flat = torch.cat([torch.cat([bn.running_mean, bn.running_var]) for bn in bns])
+    # BNs here track running stats (the buffers are None only with track_running_stats=False)
+    flat = torch.cat([torch.cat([cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)]) for bn in bns])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()
     offset = 0
     for bn in bns:
         n = bn.num_features
-        bn.running_mean.copy_(flat[offset:offset + n])
-        bn.running_var.copy_(flat[offset + n:offset + 2 * n])
+        cast(Tensor, bn.running_mean).copy_(flat[offset:offset + n])
+        cast(Tensor, bn.running_var).copy_(flat[offset + n:offset + 2 * n])
         offset += 2 * n
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -76,8 +77,10 @@ def _successors_by_module_order(model: nn.Module) -> dict[str, str]:
 
 @torch.no_grad()
 def _fold_bias_into_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    assert conv.bias is not None  # deploy folds only convs with a bias
     bias: Tensor = conv.bias.detach()
-    bn.running_mean.sub_(bias.to(bn.running_mean.dtype))
+    running_mean = cast(Tensor, bn.running_mean)  # None only with track_running_stats=False
+    running_mean.sub_(bias.to(running_mean.dtype))
     conv.register_parameter("bias", None)
 
 
@@ -111,7 +114,8 @@ def deploy(model: nn.Module, inplace: bool = False, keep_bias: bool = False) -> 
                     raise DeployError(
                         f"conv '{path}' gained a bias during DyRep training and no BatchNorm directly follows it; "
                         "deploy with keep_bias=True (the weights then need a conv with bias=True at that place)")
-                _fold_bias_into_bn(get_submodule(target, path), get_submodule(target, successors[path]))
+                _fold_bias_into_bn(cast(nn.Conv2d, get_submodule(target, path)),
+                                   cast(nn.BatchNorm2d, get_submodule(target, successors[path])))
     for _, m in target.named_modules():
         if isinstance(m, nn.Conv2d) and hasattr(m, ORIG_BIAS_ATTR):
             delattr(m, ORIG_BIAS_ATTR)
