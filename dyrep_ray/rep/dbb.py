@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,19 @@ DEFAULT_INIT_GAMMA = 0.01
 # Attribute set on convs/blocks that replace a user's conv: whether the user's
 # original conv had a bias (deploy must restore that layout).
 ORIG_BIAS_ATTR = "dyrep_orig_bias"
+
+
+class Branch(Protocol):
+    """What every branch module offers (for the type checker: ``ModuleDict`` values are plain modules)."""
+
+    bn: nn.BatchNorm2d
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]: ...
+
+# The block's BatchNorms always track running stats: their running_mean/var (Optional in torch's stubs) are
+# cast to Tensor below.
 
 
 def allowed_branches(
@@ -95,7 +109,8 @@ class BNAndPad(nn.Module):
         if self.pad == 0:
             return out
         _, shift = T.bn_scale_shift(
-            self.bn.running_mean, self.bn.running_var, self.bn.weight.detach(), self.bn.bias.detach(), self.bn.eps
+            cast(Tensor, self.bn.running_mean), cast(Tensor, self.bn.running_var), self.bn.weight.detach(),
+            self.bn.bias.detach(), self.bn.eps
         )
         shift = shift.reshape(1, -1, 1, 1).to(out.dtype)
         return F.pad(out - shift, [self.pad] * 4) + shift
@@ -115,7 +130,8 @@ class ConvBN(nn.Module):
     def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
         kernel, bias = conv_kernel_and_bias(self.conv)
         bn = self.bn
-        kernel, bias = T.fuse_conv_bn(kernel, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        kernel, bias = T.fuse_conv_bn(kernel, bias, cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var),
+                                      bn.weight, bn.bias, bn.eps)
         return T.pad_kernel_to(kernel, kernel_size), bias
 
 
@@ -135,10 +151,11 @@ class OneByOneKxk(nn.Module):
 
     def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
         b1n, b2n = self.bn1.bn, self.bn
-        k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, b1n.running_mean, b1n.running_var, b1n.weight, b1n.bias,
-                                b1n.eps)
+        k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, cast(Tensor, b1n.running_mean),
+                                cast(Tensor, b1n.running_var), b1n.weight, b1n.bias, b1n.eps)
         kernel2, bias2 = conv_kernel_and_bias(self.conv2)  # conv2 may itself have grown into a block
-        k2, b2 = T.fuse_conv_bn(kernel2, bias2, b2n.running_mean, b2n.running_var, b2n.weight, b2n.bias, b2n.eps)
+        k2, b2 = T.fuse_conv_bn(kernel2, bias2, cast(Tensor, b2n.running_mean), cast(Tensor, b2n.running_var),
+                                b2n.weight, b2n.bias, b2n.eps)
         return T.merge_1x1_kxk(k1, b1, k2, b2, self.groups)
 
 
@@ -158,11 +175,12 @@ class OneByOneAvg(nn.Module):
 
     def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
         b1n, b2n = self.bn1.bn, self.bn
-        k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, b1n.running_mean, b1n.running_var, b1n.weight, b1n.bias,
-                                b1n.eps)
+        k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, cast(Tensor, b1n.running_mean),
+                                cast(Tensor, b1n.running_var), b1n.weight, b1n.bias, b1n.eps)
         out_ch = k1.shape[0]
         avg = T.avg_pool_kernel(out_ch, kernel_size, self.groups, like=k1)
-        k2, b2 = T.fuse_conv_bn(avg, None, b2n.running_mean, b2n.running_var, b2n.weight, b2n.bias, b2n.eps)
+        k2, b2 = T.fuse_conv_bn(avg, None, cast(Tensor, b2n.running_mean), cast(Tensor, b2n.running_var),
+                                b2n.weight, b2n.bias, b2n.eps)
         return T.merge_1x1_kxk(k1, b1, k2, b2, self.groups)
 
 
@@ -176,16 +194,17 @@ class AvgBN(nn.Module):
         self.bn = nn.BatchNorm2d(channels, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        pad = self.avg.padding
-        if 2 * pad <= self.avg.kernel_size:
+        pad = cast(int, self.avg.padding)  # built with int k, stride and padding
+        if 2 * pad <= cast(int, self.avg.kernel_size):
             return self.bn(self.avg(x))
         # avg_pool2d refuses padding > k / 2: pad explicitly (same zero-padded sum, divisor k*k)
         return self.bn(F.avg_pool2d(F.pad(x, [pad] * 4), self.avg.kernel_size, self.avg.stride, 0))
 
     def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
         bn = self.bn
-        avg = T.avg_pool_kernel(bn.num_features, kernel_size, self.groups, like=bn.running_mean)
-        return T.fuse_conv_bn(avg, None, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        running_mean, running_var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)
+        avg = T.avg_pool_kernel(bn.num_features, kernel_size, self.groups, like=running_mean)
+        return T.fuse_conv_bn(avg, None, running_mean, running_var, bn.weight, bn.bias, bn.eps)
 
 
 class IdentityBN(nn.Module):
@@ -201,15 +220,16 @@ class IdentityBN(nn.Module):
 
     def equivalent_kernel(self, kernel_size: int) -> tuple[Tensor, Tensor]:
         bn = self.bn
-        ident = T.identity_kernel(bn.num_features, kernel_size, self.groups, like=bn.running_mean)
-        return T.fuse_conv_bn(ident, None, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        running_mean, running_var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)
+        ident = T.identity_kernel(bn.num_features, kernel_size, self.groups, like=running_mean)
+        return T.fuse_conv_bn(ident, None, running_mean, running_var, bn.weight, bn.bias, bn.eps)
 
 
 def conv_kernel_and_bias(conv: nn.Module) -> tuple[Tensor, Tensor | None]:
     """Kernel and bias of a plain conv, or the equivalent kernel of a nested block."""
     if isinstance(conv, DiverseBranchBlock):
         return conv.equivalent_kernel()
-    return conv.weight, conv.bias
+    return cast(Tensor, conv.weight), cast("Tensor | None", conv.bias)  # a plain nn.Conv2d
 
 
 @dataclass(frozen=True)
@@ -316,7 +336,7 @@ class DiverseBranchBlock(nn.Module):
         for branch in self.branches.values():
             y = branch(x)
             out = y if out is None else out + y
-        return out
+        return cast(Tensor, out)  # a block always holds its kxk branch
 
     def _fusable(self) -> bool:
         """True if the fused train-mode forward (:mod:`.dbb_fused`) computes exactly what the branch
@@ -333,21 +353,21 @@ class DiverseBranchBlock(nn.Module):
 
     @property
     def kxk_branch(self) -> ConvBN:
-        return self.branches[KXK]
+        return cast(ConvBN, self.branches[KXK])
 
     def equivalent_kernel(self) -> tuple[Tensor, Tensor]:
         """Kernel and bias of the single conv this block equals in eval mode."""
         if self.fused_conv is not None:
-            return self.fused_conv.weight, self.fused_conv.bias
+            return self.fused_conv.weight, cast(Tensor, self.fused_conv.bias)  # to_conv() gives it a bias
         kernels, biases = [], []
         for branch in self.branches.values():
-            k, b = branch.equivalent_kernel(self.kernel_size)
+            k, b = cast(Branch, branch).equivalent_kernel(self.kernel_size)
             kernels.append(k)
             biases.append(b)
         return T.sum_branches(kernels, biases)
 
     def branch_kernel(self, name: str) -> tuple[Tensor, Tensor]:
-        return self.branches[name].equivalent_kernel(self.kernel_size)
+        return cast(Branch, self.branches[name]).equivalent_kernel(self.kernel_size)
 
     def kxk_scale(self) -> Tensor:
         """Per-channel gamma of the kxk branch's BN (the reference of :meth:`branch_importance`; a cut with
@@ -357,21 +377,23 @@ class DiverseBranchBlock(nn.Module):
     def branch_importance(self) -> dict[str, Tensor]:
         """mean|gamma| of each branch's last BN relative to the kxk branch's (kxk == 1)."""
         ref = self.kxk_scale().detach().abs().mean()
-        return {n: b.bn.weight.detach().abs().mean() / ref for n, b in self.branches.items()}
+        return {n: cast(Branch, b).bn.weight.detach().abs().mean() / ref for n, b in self.branches.items()}
 
     @torch.no_grad()
     def absorb(self, kernel: Tensor, bias: Tensor) -> None:
         """Add ``conv(x; kernel) + bias`` to this block's eval-mode function via its kxk branch."""
         branch = self.kxk_branch
         bn = branch.bn
-        scale, _ = T.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        scale, _ = T.bn_scale_shift(cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var), bn.weight, bn.bias,
+                                    bn.eps)
         if bool((scale.abs() < torch.finfo(scale.dtype).tiny).any()):
             raise ValueError("kxk branch BN has a zero scale; cannot absorb a branch into it")
         conv_delta = kernel / scale.reshape(-1, 1, 1, 1)
         if isinstance(branch.conv, DiverseBranchBlock):
             branch.conv.absorb(conv_delta, torch.zeros_like(bias))
         else:
-            branch.conv.weight.add_(conv_delta.to(branch.conv.weight.dtype))
+            conv = cast(nn.Conv2d, branch.conv)  # a kxk conv that is not a nested block is a plain conv
+            conv.weight.add_(conv_delta.to(conv.weight.dtype))
         bn.bias.add_(bias.to(bn.bias.dtype))
 
     @torch.no_grad()
@@ -412,7 +434,7 @@ class DiverseBranchBlock(nn.Module):
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          groups=self.groups, bias=True, device=kernel.device, dtype=kernel.dtype)
         conv.weight.copy_(kernel)
-        conv.bias.copy_(bias)
+        cast(Tensor, conv.bias).copy_(bias)  # built with bias=True
         setattr(conv, ORIG_BIAS_ATTR, getattr(self, ORIG_BIAS_ATTR))
         return conv
 
@@ -474,9 +496,10 @@ class DiverseBranchBlock(nn.Module):
             init_new_branches(nested, init_gamma, generator)
             nested.compensate_kxk(conv_kernel, torch.zeros_like(target_bias), generator, init_gamma)
         else:
-            branch.conv.weight.copy_(conv_kernel.to(branch.conv.weight.dtype))
-            if branch.conv.bias is not None:
-                residual_bias = residual_bias - branch.conv.bias / std
+            conv = cast(nn.Conv2d, branch.conv)  # a kxk conv that is not a nested block is a plain conv
+            conv.weight.copy_(conv_kernel.to(conv.weight.dtype))
+            if conv.bias is not None:
+                residual_bias = residual_bias - conv.bias / std
         bn.bias.copy_(residual_bias.to(bn.bias.dtype))
 
     def extra_repr(self) -> str:
@@ -558,8 +581,9 @@ def init_new_branches(block: DiverseBranchBlock, init_gamma: float, generator: t
                 module.reset_running_stats()
                 module.weight.fill_(1.0)
                 module.bias.zero_()
-        branch.bn.weight.fill_(init_gamma)
-        branch.bn.bias.zero_()
+        last_bn = cast(Branch, branch).bn
+        last_bn.weight.fill_(init_gamma)
+        last_bn.bias.zero_()
 
 
 def new_branch_batchnorms(block: DiverseBranchBlock) -> list[nn.BatchNorm2d]:
