@@ -8,8 +8,11 @@ fast path would bypass); otherwise the block runs its branches one by one.
 
 from __future__ import annotations
 
+from typing import TypeGuard, cast
+
 import torch
 import torch.nn.functional as F
+import torch.nn.grad  # noqa: F401  (a submodule torch.nn does not re-export; used in _BoxFilter.backward)
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
@@ -59,7 +62,9 @@ def forward_fused(block: DiverseBranchBlock, x: Tensor) -> Tensor:
     """
     br = block.branches
     k, s = block.kernel_size, block.stride
-    one, two, avg = (br[n] if n in br else None for n in ("1x1", "1x1_kxk", "1x1_avg"))
+    # fusable() checked the branch types
+    one, two, avg = cast("tuple[ConvBN | None, OneByOneKxk | None, OneByOneAvg | None]",
+                         (br[n] if n in br else None for n in ("1x1", "1x1_kxk", "1x1_avg")))
     # The kxk branch's BN output is a fresh tensor nothing else holds (no hooks: see fusable),
     # so the other branches are added into it in place -- unless a branch's dtype would promote
     # the sum (autocast: BN outputs can be wider than conv outputs), then once out of place.
@@ -75,7 +80,7 @@ def forward_fused(block: DiverseBranchBlock, x: Tensor) -> Tensor:
     # 1x1 convs reading x at stride 1: one GEMM over their concatenated weights.
     readers: list[nn.Conv2d] = []
     if one is not None and s == 1:
-        readers.append(one.conv)
+        readers.append(cast(nn.Conv2d, one.conv))
     readers += [b.conv1 for b in (two, avg) if b is not None]
     if len(readers) > 1:
         weight = torch.cat([c.weight for c in readers])
@@ -91,13 +96,14 @@ def forward_fused(block: DiverseBranchBlock, x: Tensor) -> Tensor:
         conv2 = two.conv2
         y = F.conv2d(z.tensor, conv2.weight, None, conv2.stride, z.pad)
         if z.pad:  # in place: a conv does not keep its output for backward
-            y.add_(_padding_term_conv(conv2.weight, z.shift, z.height, z.width, z.pad, conv2.stride).to(y.dtype))
+            y.add_(_padding_term_conv(conv2.weight, cast(Tensor, z.shift), z.height, z.width, z.pad,
+                                      cast("tuple[int, int]", conv2.stride)).to(y.dtype))
         accumulate(two.bn(y))
     if avg is not None:
         z = _bn_then_padded(avg.bn1, outs[id(avg.conv1)])
         y = _avg_pool_zero_padded(z.tensor, k, s, z.pad)
         if z.pad:  # in place: neither pooling op keeps its output for backward
-            y.add_(_padding_term_avg(z.shift, z.height, z.width, z.pad, k, s, like=y))
+            y.add_(_padding_term_avg(cast(Tensor, z.shift), z.height, z.width, z.pad, k, s, like=y))
         accumulate(avg.bn(y))
     for name in ("1xk", "kx1", "identity"):
         if name in br:
@@ -129,7 +135,7 @@ def _fusable_parts(name: str, branch: nn.Module, k: int, s: int) -> list[nn.Modu
     second = sub["conv2"] if name == "1x1_kxk" else sub["avg"]
     if not (_plain_conv(second) if name == "1x1_kxk" else _plain_avg_pool(second, k, s)):
         return None
-    return [branch, sub["conv1"], sub["bn1"], bn1, second, sub["bn"]]
+    return [branch, sub["conv1"], sub["bn1"], bn1, cast(nn.Module, second), sub["bn"]]  # checked just above
 
 
 # Hook registries torch keeps on every module and globally.  Reading them is the only way to know
@@ -152,12 +158,12 @@ def _global_module_hooks() -> bool:
     return not _GLOBAL_HOOKS_READABLE or any(_GLOBAL_HOOK_DICTS)
 
 
-def _plain_conv(conv: nn.Module) -> bool:
+def _plain_conv(conv: nn.Module | None) -> TypeGuard[nn.Conv2d]:
     return (type(conv) is nn.Conv2d and conv.__dict__["_parameters"].get("bias") is None and conv.groups == 1
             and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
 
 
-def _plain_avg_pool(pool: nn.Module, k: int, s: int) -> bool:
+def _plain_avg_pool(pool: nn.Module | None, k: int, s: int) -> TypeGuard[nn.AvgPool2d]:
     return (type(pool) is nn.AvgPool2d and pool.kernel_size == k and pool.stride == s and pool.padding == 0
             and pool.count_include_pad and not pool.ceil_mode and pool.divisor_override is None)
 
@@ -178,7 +184,8 @@ def _bn_then_padded(bnpad: BNAndPad, y: Tensor) -> _Padded:
     if bnpad.pad == 0:
         return _Padded(out, None, 0)
     bn = bnpad.bn
-    _, shift = T.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight.detach(), bn.bias.detach(), bn.eps)
+    _, shift = T.bn_scale_shift(cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var), bn.weight.detach(),
+                                bn.bias.detach(), bn.eps)  # the block's BNs track running stats
     return _Padded(out, shift, bnpad.pad)
 
 
