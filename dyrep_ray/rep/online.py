@@ -25,6 +25,7 @@ hooks on them do not fire; hooks on the block itself do.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +47,19 @@ OUTPUT_PASSES_PER_BRANCH = 4  # output-sized passes per branch (scale, sum; fwd 
 AUTO_PATH, KERNEL_PATH, BRANCHES_PATH = "auto", "kernel", "branches"  # OnlineBlock.forward_path values
 
 
+class OnlineBranch(Protocol):
+    """What every branch module offers (for the type checker: ``ModuleDict`` values are plain modules)."""
+
+    scale: nn.Parameter
+
+    def contribution(self) -> Tensor: ...
+
+    def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor: ...
+
+
 def _conv_kernel(conv: nn.Module) -> Tensor:
     """Kernel of a plain bias-free conv, or the assembled kernel of a nested block."""
-    return conv.assembled_kernel() if isinstance(conv, OnlineBlock) else conv.weight
+    return conv.assembled_kernel() if isinstance(conv, OnlineBlock) else cast(Tensor, conv.weight)
 
 
 def _scale_param(channels: int, value: float, like: Tensor) -> nn.Parameter:
@@ -72,9 +83,9 @@ class ScaledConv(nn.Module):
         kernel, less the centring offset per kernel axis (centred branches exist only at padding k // 2)."""
         if isinstance(self.conv, OnlineBlock):
             return self.conv(x)
-        kh, kw = self.conv.weight.shape[-2:]
+        kh, kw = cast(nn.Conv2d, self.conv).weight.shape[-2:]  # not a nested block: a plain conv
         pad = (padding - (window - kh) // 2, padding - (window - kw) // 2)
-        return F.conv2d(x, self.conv.weight, None, stride, pad, 1, groups)
+        return F.conv2d(x, cast(nn.Conv2d, self.conv).weight, None, stride, pad, 1, groups)
 
 
 class ScaledOneByOneKxk(nn.Module):
@@ -119,6 +130,8 @@ class ScaledOneByOneAvg(nn.Module):
 
 class ScaledIdentity(nn.Module):
     """``scale * I``: the identity branch (in == out channels, stride 1); no kernel parameters."""
+
+    eye: Tensor  # a buffer (registered in __init__)
 
     def __init__(self, channels: int, groups: int, like: Tensor):
         super().__init__()
@@ -185,6 +198,7 @@ class OnlineBlock(nn.Module):
             self.register_parameter("bias", None)
         setattr(self, ORIG_BIAS_ATTR, self.bias is not None if orig_bias is None else bool(orig_bias))
         self.branches = nn.ModuleDict()
+        branch: nn.Module
         for name in BRANCH_NAMES:  # canonical order keeps state_dict order stable
             if name not in names:
                 continue
@@ -214,13 +228,13 @@ class OnlineBlock(nn.Module):
     # ------------------------------------------------------------------ forward
     def assembled_kernel(self) -> Tensor:
         """Σ branches' kernel contributions (differentiable): the one kernel :meth:`forward` applies."""
-        kxk = self.branches[KXK]
+        kxk = cast(OnlineBranch, self.branches[KXK])
         acc = kxk.contribution()  # a fresh tensor (a product): safe to add into in place
-        smaller: dict[tuple[int, int], Tensor] = {}  # 1x1 / 1xk / kx1 contributions, summed per shape
+        smaller: dict[tuple[int, ...], Tensor] = {}  # 1x1 / 1xk / kx1 contributions, summed per shape
         for name, branch in self.branches.items():
             if name == KXK:
                 continue
-            part = branch.contribution()
+            part = cast(OnlineBranch, branch).contribution()
             if part.shape[-2:] == acc.shape[-2:]:
                 acc.add_(part)
             else:
@@ -239,10 +253,12 @@ class OnlineBlock(nn.Module):
     def _forward_on_activations(self, x: Tensor) -> Tensor:
         """The same function, every branch run on ``x`` and its output scaled (no BN: zero padding exact)."""
         out = None
-        for branch in self.branches.values():
+        for module in self.branches.values():
+            branch = cast(OnlineBranch, module)
             y = branch.on_activations(x, self.stride, self.padding, self.groups, self.kernel_size)
             y = y * branch.scale.reshape(1, -1, 1, 1)
             out = y if out is None else out + y
+        assert out is not None  # a block always holds its kxk branch
         return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
 
     def takes_kernel_path(self, x: Tensor) -> bool:
@@ -296,7 +312,7 @@ class OnlineBlock(nn.Module):
         on_activations = kxk_conv + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * nb * out_numel
         for name, branch in self.branches.items():
             if name == "1x1_kxk":
-                mid = branch.conv1.out_channels
+                mid = cast(ScaledOneByOneKxk, branch).conv1.out_channels
                 assembled += cout * mid * cin * k * k // g
                 on_activations += n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k
             elif name == "1x1_avg":
@@ -312,7 +328,7 @@ class OnlineBlock(nn.Module):
 
     @property
     def kxk_branch(self) -> ScaledConv:
-        return self.branches[KXK]
+        return cast(ScaledConv, self.branches[KXK])
 
     def kxk_scale(self) -> Tensor:
         """Per-channel scale of the kxk branch (what absorbing a cut branch divides by)."""
@@ -329,13 +345,13 @@ class OnlineBlock(nn.Module):
 
     def branch_kernel(self, name: str) -> tuple[Tensor, Tensor]:
         """Branch ``name``'s contribution to :meth:`equivalent_kernel` (its bias part is zero)."""
-        kernel = T.pad_kernel_to(self.branches[name].contribution(), self.kernel_size).contiguous()
+        kernel = T.pad_kernel_to(cast(OnlineBranch, self.branches[name]).contribution(), self.kernel_size).contiguous()
         return kernel, torch.zeros_like(kernel[:, 0, 0, 0])
 
     def branch_importance(self) -> dict[str, Tensor]:
         """mean|scale| of each branch relative to the kxk branch's (kxk == 1)."""
         ref = self.kxk_scale().detach().abs().mean()
-        return {n: b.scale.detach().abs().mean() / ref for n, b in self.branches.items()}
+        return {n: cast(OnlineBranch, b).scale.detach().abs().mean() / ref for n, b in self.branches.items()}
 
     @torch.no_grad()
     def absorb(self, kernel: Tensor, bias: Tensor) -> None:
@@ -348,7 +364,8 @@ class OnlineBlock(nn.Module):
         if isinstance(conv, OnlineBlock):
             conv.absorb(conv_delta, torch.zeros_like(bias))
         else:
-            conv.weight.add_(conv_delta.to(conv.weight.dtype))
+            weight = cast(Tensor, conv.weight)  # a plain conv
+            weight.add_(conv_delta.to(weight.dtype))
         if self.bias is not None:
             self.bias.add_(bias.to(self.bias.dtype))
         elif bool((bias != 0).any()):
@@ -395,7 +412,7 @@ class OnlineBlock(nn.Module):
                          groups=self.groups, bias=self.bias is not None, device=kernel.device, dtype=kernel.dtype)
         conv.weight.copy_(kernel)
         if self.bias is not None:
-            conv.bias.copy_(self.bias)
+            cast(Tensor, conv.bias).copy_(self.bias)  # built with bias=True here
         setattr(conv, ORIG_BIAS_ATTR, getattr(self, ORIG_BIAS_ATTR))
         return conv
 
@@ -424,7 +441,8 @@ class OnlineBlock(nn.Module):
             conv.init_new_branches(init_gamma, generator)
             conv.compensate_kxk(target_kernel - others, torch.zeros_like(target_bias), generator, init_gamma)
         else:
-            conv.weight.copy_((target_kernel - others).to(conv.weight.dtype))
+            weight = cast(Tensor, conv.weight)  # a plain conv (a nested block needed a generator: checked above)
+            weight.copy_((target_kernel - others).to(weight.dtype))
         if self.bias is not None:
             self.bias.copy_(target_bias.to(self.bias.dtype))
         elif bool((target_bias != 0).any()):
@@ -444,7 +462,7 @@ class OnlineBlock(nn.Module):
                 cpu = torch.empty(conv.weight.shape, dtype=torch.float64)
                 nn.init.kaiming_normal_(cpu, mode="fan_out", nonlinearity="relu", generator=generator)
                 conv.weight.copy_(cpu.to(conv.weight.dtype))
-            branch.scale.fill_(init_gamma)
+            cast(OnlineBranch, branch).scale.fill_(init_gamma)
 
     def new_branch_batchnorms(self) -> list[nn.BatchNorm2d]:
         """None: the branches hold no BatchNorm, so growth needs no BN recalibration."""
@@ -482,8 +500,11 @@ class OnlineBlock(nn.Module):
             raise ValueError(f"online block geometry {geometry} does not match the model's conv "
                              f"{(like.in_channels, like.out_channels, like.groups)}")
         w = like.weight
-        kxk = nn.Conv2d(like.in_channels, like.out_channels, like.kernel_size, like.stride, like.padding,
-                        groups=like.groups, bias=False, device=w.device, dtype=w.dtype)
+        # torch's stubs type a conv's kernel_size/stride/padding attributes as tuple[int, ...], the constructor
+        # takes tuple[int, int]
+        kxk = nn.Conv2d(like.in_channels, like.out_channels, like.kernel_size, like.stride,  # type: ignore[arg-type]
+                        like.padding, groups=like.groups, bias=False, device=w.device,  # type: ignore[arg-type]
+                        dtype=w.dtype)
         return cls(entry["in_channels"], entry["out_channels"], entry["kernel_size"], entry["stride"],
                    entry["padding"], entry["groups"], branches=entry["branches"], kxk_conv=kxk,
                    bias=bool(entry["bias"]), orig_bias=bool(entry["orig_bias"]), device=w.device, dtype=w.dtype)
@@ -503,7 +524,7 @@ def online_block_from_conv(conv: nn.Conv2d, branches: Sequence[str] | None = Non
         raise ValueError(f"conv {conv} is not eligible for growth (needs square k>1, no dilation, zero padding)")
     k, s, p = geom
     orig_bias = getattr(conv, ORIG_BIAS_ATTR, conv.bias is not None)
-    bias = conv.bias
+    bias = cast("nn.Parameter | None", conv.bias)  # a conv's bias is a Parameter
     if bias is not None:
         conv.register_parameter("bias", None)
     if hasattr(conv, ORIG_BIAS_ATTR):
