@@ -12,7 +12,7 @@ Both offer what the controller, deploy and the structure graph use: ``branch_nam
 
 from __future__ import annotations
 
-from typing import TypeGuard
+from typing import TypeGuard, cast
 
 from torch import nn
 
@@ -24,7 +24,7 @@ BN_BLOCK, ONLINE_BLOCK = "bn", "online"
 BLOCK_CLASSES: dict[str, type[nn.Module]] = {BN_BLOCK: DiverseBranchBlock, ONLINE_BLOCK: OnlineBlock}
 BLOCK_TYPE_NAMES = tuple(BLOCK_CLASSES)
 #: For ``isinstance``: every block class.
-BLOCK_TYPES = tuple(BLOCK_CLASSES.values())
+BLOCK_TYPES = cast("tuple[type[DiverseBranchBlock], type[OnlineBlock]]", tuple(BLOCK_CLASSES.values()))
 #: Structure-graph entry type of each block type (the bn block's entries predate the online block).
 GRAPH_ENTRY_TYPES = {BN_BLOCK: "dbb", ONLINE_BLOCK: "online"}
 

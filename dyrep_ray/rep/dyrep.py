@@ -16,6 +16,7 @@ import logging
 import math
 import zlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,7 @@ from .dbb import (
     init_new_branches,
     new_branch_batchnorms,
 )
-from .online import OnlineBlock, grow_online_block, online_block_from_conv
+from .online import OnlineBlock, OnlineBranch, grow_online_block, online_block_from_conv
 from .optim import update_optimizer
 from .plan import CutEvent, CutOp, Event, GrowEvent, GrowOp, Plan
 
@@ -162,9 +163,12 @@ def restore_graph(model: nn.Module, graph: dict) -> nn.Module:
             block = DiverseBranchBlock(
                 entry["in_channels"], entry["out_channels"], entry["kernel_size"], entry["stride"],
                 entry["padding"], entry["groups"], branches=entry["branches"], orig_bias=entry["orig_bias"],
-                kxk_conv=nn.Conv2d(current.in_channels, current.out_channels, current.kernel_size, current.stride,
-                                   current.padding, groups=current.groups, bias=False, device=w.device,
-                                   dtype=w.dtype),
+                # torch's stubs type a conv's kernel_size/stride/padding attributes as tuple[int, ...], the
+                # constructor takes tuple[int, int]
+                kxk_conv=nn.Conv2d(current.in_channels, current.out_channels,
+                                   current.kernel_size, current.stride,  # type: ignore[arg-type]
+                                   current.padding, groups=current.groups,  # type: ignore[arg-type]
+                                   bias=False, device=w.device, dtype=w.dtype),
                 device=w.device, dtype=w.dtype)
             if (block.in_channels, block.out_channels, block.groups) != (current.in_channels, current.out_channels,
                                                                         current.groups):
@@ -173,9 +177,10 @@ def restore_graph(model: nn.Module, graph: dict) -> nn.Module:
         elif entry["type"] == GRAPH_ENTRY_TYPES[ONLINE_BLOCK]:
             set_submodule(model, path, OnlineBlock.from_description(entry, current))
         elif entry["type"] == "conv":
-            conv = nn.Conv2d(current.in_channels, current.out_channels, current.kernel_size, current.stride,
-                             current.padding, groups=current.groups, bias=bool(entry["bias"]),
-                             device=w.device, dtype=w.dtype)
+            conv = nn.Conv2d(current.in_channels, current.out_channels,
+                             current.kernel_size, current.stride,  # type: ignore[arg-type]  # (as above)
+                             current.padding, groups=current.groups,  # type: ignore[arg-type]
+                             bias=bool(entry["bias"]), device=w.device, dtype=w.dtype)
             setattr(conv, ORIG_BIAS_ATTR, bool(entry["orig_bias"]))
             set_submodule(model, path, conv)
         else:
@@ -191,7 +196,7 @@ def grow_conv(model: nn.Module, path: str, seed: int, init_gamma: float = DEFAUL
     """Replace the conv at ``path`` by a function-preserving block of ``block_type`` ("bn": exact in eval
     mode, after recalibrating the new BNs with ``recal_fn``; "online": exact in both modes, no BNs to
     recalibrate, so ``recal_fn`` is not called)."""
-    conv = get_submodule(model, path)
+    conv = cast(nn.Conv2d, get_submodule(model, path))  # conv_geometry refuses anything but a plain Conv2d
     if conv_geometry(conv) is None:
         raise ValueError(f"module '{path}' is not a growable conv ({type(conv).__name__})")
     if check_block_type(block_type) == ONLINE_BLOCK:
@@ -242,7 +247,7 @@ def apply_plan(model: nn.Module, plan: Plan | dict, recal_fn: RecalFn | None = N
         result = cut_block(model, cut.path, cut.branches, plan.cut_mode, cut.effective_seed, plan.init_gamma)
         still_block = is_block(result)
         events.append(CutEvent(path=cut.path, branches=tuple(cut.branches), collapsed=not still_block,
-                               remaining=tuple(result.branch_names) if still_block else ()))
+                               remaining=tuple(cast(Block, result).branch_names) if still_block else ()))
     return events
 
 
@@ -269,7 +274,7 @@ def init_dbb_branches(block: Block, generator: torch.Generator) -> None:
                 module.weight.fill_(1.0)
                 module.bias.zero_()
         if isinstance(block, OnlineBlock):
-            branch.scale.fill_(1.0)
+            cast(OnlineBranch, branch).scale.fill_(1.0)
 
 
 def convert_to_dbb(model: nn.Module, seed: int = 0, init_gamma: float | None = None, max_depth: int = 1,
@@ -296,7 +301,7 @@ def convert_to_dbb(model: nn.Module, seed: int = 0, init_gamma: float | None = N
             if init_gamma is not None:
                 grow_conv(model, path, block_seed, init_gamma, block_type=block_type)
             else:
-                conv = get_submodule(model, path)
+                conv = cast(nn.Conv2d, get_submodule(model, path))  # an eligible conv
                 from_conv = block_from_conv if check_block_type(block_type) == BN_BLOCK else online_block_from_conv
                 block = from_conv(conv)
                 block.train(conv.training)
@@ -544,7 +549,7 @@ class DyRep:
         plan = Plan(grow=(GrowOp(path=module_name, seed=seed),), init_gamma=self.init_gamma, cut_mode=self.cut_mode,
                     block_type=self.block_type)
         self.apply(plan, optimizer, recal_fn)
-        return get_submodule(self.model, module_name)
+        return cast(Block, get_submodule(self.model, module_name))  # grown just now
 
     def cut(self, module_name: str, branches: Sequence[str], optimizer: Optimizer | None = None) -> nn.Module:
         """Cut named branches of one block now (with this controller's ``cut_mode``)."""
