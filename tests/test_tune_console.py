@@ -199,3 +199,15 @@ def test_console_survives_pickling_into_tuner_state(spec):
     console = SweepConsole(spec, 45.0, quiet=True)
     copy = pickle.loads(pickle.dumps(console))
     assert copy.status_interval_s == 45.0 and copy.quiet and copy.spec.metric == spec.metric
+
+
+def test_sweep_mlflow_file_store_is_made_absolute_before_trials_see_it(tmp_path, monkeypatch):
+    from dyrep_ray.tune.commands import resolve_sweep_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep(DEMO, ["mlflow_tracking_uri=mlruns"])
+    resolve_sweep_tracking_uri(spec)
+    assert spec.base_config["mlflow_tracking_uri"] == (tmp_path / "mlruns").resolve().as_uri()
+    spec = load_sweep(DEMO, ["mlflow_tracking_uri=http://mlflow:5000"])
+    resolve_sweep_tracking_uri(spec)
+    assert spec.base_config["mlflow_tracking_uri"] == "http://mlflow:5000"  # a server URL stays as given

@@ -42,6 +42,15 @@ def register(subparsers, add_common) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+def resolve_sweep_tracking_uri(spec) -> None:
+    """A relative MLflow file store means "here" (the tune command's directory): made absolute in the sweep's
+    base config before any trial, which runs in another directory, sees it."""
+    if spec.base_config.get("mlflow_tracking_uri"):
+        from ..tracking import resolve_tracking_uri
+
+        spec.base_config["mlflow_tracking_uri"] = resolve_tracking_uri(spec.base_config["mlflow_tracking_uri"])
+
+
 def cmd_tune(args) -> int:
     from ..engine.config import ConfigError
     from .results import format_table
@@ -58,11 +67,8 @@ def cmd_tune(args) -> int:
         raise ConfigError("--resume without -c needs --name (the sweep directory under --output)")
     if args.status_interval < 0:
         raise ConfigError(f"--status-interval must be >= 0 seconds, got {args.status_interval:g}")
-    if spec is not None and spec.base_config.get("mlflow_tracking_uri"):
-        from ..tracking import resolve_tracking_uri
-
-        # A relative MLflow file store means "here": resolved before any trial (in another directory) sees it.
-        spec.base_config["mlflow_tracking_uri"] = resolve_tracking_uri(spec.base_config["mlflow_tracking_uri"])
+    if spec is not None:
+        resolve_sweep_tracking_uri(spec)
     from ..console import add_run_log, remove_run_log
     from ..engine.layout import SWEEP_FILE, TUNE_LOG
     from .console import SweepConsole
