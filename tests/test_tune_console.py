@@ -191,6 +191,8 @@ def test_pbt_exploit_is_named_once(spec, lines):
     marked = [m for m in lines() if "[PBT:" in m]
     assert marked == [m for m in lines() if m.startswith("trial weak epoch 3/3")]
     assert marked[0].endswith("[PBT: continues strong epoch 2; dyrep_cut_threshold=0.2, lr=0.03]")
+    feed(console, trial, result(5, 40.0, pbt_donor="strong", pbt_donor_epoch=4))  # exploited again, same donor
+    assert lines()[-1].endswith("[PBT: continues strong epoch 4; dyrep_cut_threshold=0.2, lr=0.03]")
 
 
 def test_console_survives_pickling_into_tuner_state(spec):

@@ -61,7 +61,7 @@ class SweepConsole(Callback):
         self._last_status = self._started
         self._changed = False
         self._best: dict[str, tuple[float, int]] = {}  # trial id -> (best metric value, its epoch)
-        self._donor: dict[str, str] = {}  # trial id -> last PBT donor printed
+        self._donor: dict[str, str] = {}  # trial id -> last PBT origin printed (donor@epoch)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _epochs(self, trial) -> int:
@@ -104,8 +104,9 @@ class SweepConsole(Callback):
             return
         donor = result.get("pbt_donor")
         exploit = ""
-        if donor and self._donor.get(trial.trial_id) != donor:
-            self._donor[trial.trial_id] = donor
+        origin = f"{donor}@{result.get('pbt_donor_epoch')}"  # a later exploit of the same donor is news too
+        if donor and self._donor.get(trial.trial_id) != origin:
+            self._donor[trial.trial_id] = origin
             exploit = f"  [PBT: continues {donor} epoch {result.get('pbt_donor_epoch')}; {self._searched(trial)}]"
         try:
             line = epoch_line(result, self._epochs(trial))
