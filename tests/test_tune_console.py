@@ -84,15 +84,27 @@ def test_one_line_per_result_with_structure_events(spec, lines):
     assert len(shown) == 3
 
 
-def test_result_lines_are_marked_as_epoch_lines_and_quiet_hides_them(spec, caplog, lines):
-    loud, quiet = SweepConsole(spec, 0), SweepConsole(spec, 0, quiet=True)
+def test_result_lines_are_marked_as_epoch_lines_and_quiet_hides_them(spec, caplog, capsys):
+    from dyrep_ray.console import setup_console
+
+    caplog.set_level(logging.INFO, logger=CONSOLE_LOGGER)
+    console = SweepConsole(spec, 0)
     trial = TrialRecord("t0", {"dyrep_cut_threshold": 0.2, "lr": 0.05}, "RUNNING")
-    feed(loud, trial, result(1, 20.0))
+    feed(console, trial, result(1, 20.0))
     assert [getattr(r, EPOCH_LINE, False) for r in caplog.records if r.name == CONSOLE_LOGGER] == [True]
-    caplog.clear()
-    feed(quiet, trial, result(2, 25.0))
-    quiet.on_trial_complete(0, [trial], trial)
-    assert lines() == ["trial t0 stopped by asha after epoch 2 (2/3 epochs): best val_top1 25 at epoch 2"]
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    setup_console(quiet=True)  # what the CLI's --quiet sets up, for train and tune alike
+    try:
+        capsys.readouterr()
+        feed(console, trial, result(2, 25.0))
+        console.on_trial_complete(0, [trial], trial)
+        shown = capsys.readouterr().out.splitlines()
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+    assert shown == ["dyrep-ray: trial t0 stopped by asha after epoch 2 (2/3 epochs): best val_top1 25 at epoch 2"]
 
 
 def test_completed_and_stopped_trials(spec, lines):
@@ -198,9 +210,9 @@ def test_pbt_exploit_is_named_once(spec, lines):
 def test_console_survives_pickling_into_tuner_state(spec):
     import pickle
 
-    console = SweepConsole(spec, 45.0, quiet=True)
+    console = SweepConsole(spec, 45.0)
     copy = pickle.loads(pickle.dumps(console))
-    assert copy.status_interval_s == 45.0 and copy.quiet and copy.spec.metric == spec.metric
+    assert copy.status_interval_s == 45.0 and copy.spec.metric == spec.metric
 
 
 def test_sweep_mlflow_file_store_is_made_absolute_before_trials_see_it(tmp_path, monkeypatch):

@@ -73,7 +73,7 @@ def cmd_tune(args) -> int:
     from ..engine.layout import SWEEP_FILE, TUNE_LOG
     from .console import SweepConsole
 
-    console = None if args.verbose else SweepConsole(status_interval_s=args.status_interval, quiet=args.quiet)
+    console = None if args.verbose else SweepConsole(status_interval_s=args.status_interval)
     run_log = add_run_log(Path(args.output) / name, marker=SWEEP_FILE, log_name=TUNE_LOG)
     try:
         outcome = run_sweep(spec, args.output, name, resume=args.resume, address=args.address,

@@ -7,7 +7,8 @@ logger as ``dyrep-ray train`` does, and its :class:`StatusReporter` is Tune's pr
 custom reporter and prints its boxes whatever the verbosity):
 
 * ``trial <id> started: <searched values>`` when a trial (re)starts;
-* ``trial <id> epoch 3/10  loss ...  top-1 ...  [grow ...]`` per result (``--quiet`` hides these);
+* ``trial <id> epoch 3/10  loss ...  top-1 ...  [grow ...]`` per result, marked as an epoch line (``--quiet``'s
+  console filter hides those, as for ``dyrep-ray train``);
 * ``trial <id> completed|stopped by <scheduler> ...`` and ``trial <id> failed ...`` (one line each);
 * every ``status_interval_s`` seconds, when anything changed since the last one, Tune's status table: trials per
   state, elapsed time, the best trial so far, and one row per trial (searched values, epoch, last and best metric).
@@ -53,10 +54,10 @@ class SweepConsole(Callback):
     """
 
     def __init__(self, spec: SweepSpec | None = None, status_interval_s: float = DEFAULT_STATUS_INTERVAL_S,
-                 quiet: bool = False, clock=time.monotonic):
+                 clock=time.monotonic):
         if status_interval_s < 0:
             raise ValueError(f"status_interval_s must be >= 0, got {status_interval_s}")
-        self.spec, self.status_interval_s, self.quiet, self._clock = spec, status_interval_s, quiet, clock
+        self.spec, self.status_interval_s, self._clock = spec, status_interval_s, clock
         self._started = clock()
         self._last_status = self._started
         self._changed = False
@@ -100,7 +101,7 @@ class SweepConsole(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         self._changed = True
         self._record(trial, result)
-        if self.quiet or "epoch" not in result:
+        if "epoch" not in result:
             return
         donor = result.get("pbt_donor")
         exploit = ""

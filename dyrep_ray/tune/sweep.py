@@ -251,7 +251,7 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
     if console is not None:
         from ..distributed.console import QUIET_RAY_TRAIN_LOG_LEVEL, WorkerConsole, quiet_ray_driver
 
-        console.spec, verbose, train_log_level = spec, 0, QUIET_RAY_TRAIN_LOG_LEVEL
+        console.spec, train_log_level = spec, QUIET_RAY_TRAIN_LOG_LEVEL
         callbacks = [WorkerConsole(verbose=False), *callbacks]
         quiet_ray_driver()
     started = connect(address, num_cpus=local_ray_cpus())  # num_cpus only matters for a new local Ray
@@ -271,6 +271,7 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
     trainable = make_trainable(spec, sweep_uri, callbacks, train_log_level=train_log_level)
     tune_callbacks = [SignSweepCallback(), *([console] if console is not None else [])]
     reporter = console.reporter() if console is not None else None
+    tune_verbose = 1 if reporter is not None else verbose  # 1: Tune consults the reporter (it prints nothing else)
     fs, fs_path = resolve_filesystem(sweep_uri)
     tune_path = f"{fs_path}/{TUNE_DIR}"
     if resume:
@@ -282,7 +283,7 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
                            name, root.root, spec.metric, spec.mode)
         tuner = Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                               storage_filesystem=None if root.local else fs)
-        _use_console_of_this_command(tuner, tune_callbacks, reporter, verbose)
+        _use_console_of_this_command(tuner, tune_callbacks, reporter, tune_verbose)
     else:
         console_lines.info("tune %s: %d trial(s) of %s on %s (%s scheduler, %s search, %d at a time, %s %s "
                            "worker(s) each), metric %s (%s), sweep dir %s", name, population_size(spec),
@@ -304,7 +305,7 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=TUNE_CHECKPOINTS_TO_KEEP if spec.scheduler_type == "pbt" else None),
-                progress_reporter=reporter, verbose=1 if reporter is not None else verbose),
+                progress_reporter=reporter, verbose=tune_verbose),
         )
     # Signed while Ray writes (SignSweepCallback, from the first step on) and after fit, also when it raises or
     # is interrupted: --resume unpickles nothing that this user's dyrep-ray did not sign.
@@ -327,7 +328,7 @@ def _use_console_of_this_command(tuner, callbacks: list, reporter, verbose: int)
         return
     run_config.callbacks = list(callbacks)
     run_config.progress_reporter = reporter
-    run_config.verbose = 1 if reporter is not None else verbose
+    run_config.verbose = verbose
 
 
 #: Ray Tune's switch between its new output engine (default) and the one that takes a custom progress reporter.
