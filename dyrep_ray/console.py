@@ -54,6 +54,33 @@ def is_harmless_batch(actor_name: str, lines: list[str]) -> bool:
                for actor, line in HARMLESS_BATCHES)
 
 
+# A process Ray ends with SIGTERM while a finalizer runs (often an ``ActorHandle.__del__`` during garbage
+# collection): Ray's SIGTERM handler raises ``SystemExit`` inside the finalizer and Python prints it as an
+# "Exception ignored in" traceback.  It is the process ending as asked, not an error.
+_FINALIZER_START = re.compile(r"^Exception ignored in: <function \S+\.__del__ at ")
+_TRACEBACK_BODY = re.compile(r"^(Traceback \(most recent call last\):|\s)")
+_SYSTEM_EXIT = re.compile(r"^SystemExit(: .*)?$")
+
+
+def drop_exit_in_finalizers(lines: list[str]) -> list[str]:
+    """``lines`` without the whole "Exception ignored in ...__del__" tracebacks that end in ``SystemExit``.
+
+    A traceback not whole in ``lines`` (no ``SystemExit`` line after its body) and any other error stay.
+    """
+    kept, i = [], 0
+    while i < len(lines):
+        if _FINALIZER_START.match(lines[i]):
+            end = i + 1
+            while end < len(lines) and _TRACEBACK_BODY.match(lines[end]):
+                end += 1
+            if end < len(lines) and _SYSTEM_EXIT.match(lines[end]):
+                i = end + 1
+                continue
+        kept.append(lines[i])
+        i += 1
+    return kept
+
+
 def is_harmless(text: str) -> bool:
     return any(p.search(text) for p in HARMLESS_PATTERNS)
 

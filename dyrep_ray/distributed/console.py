@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
-from ..console import is_harmless, is_harmless_batch, is_routine
+from ..console import drop_exit_in_finalizers, is_harmless, is_harmless_batch, is_routine
 from ..engine.callbacks import TrainerCallback
 from ..engine.layout import METRICS_FILE
 from ..engine.progress import EPOCH_LINE, console, epoch_line
@@ -57,10 +58,33 @@ class WorkerConsole(TrainerCallback):
         """Called by the worker entry point before the trainer is built."""
         if self.verbose:
             return
+        quiet_exit_in_finalizers()
         for name in ("", "ray.train"):  # the root logger and Ray Train's (which does not propagate)
             for handler in logging.getLogger(name).handlers:
                 if _is_console_handler(handler):
                     handler.setLevel(logging.WARNING)
+
+
+def quiet_exit_in_finalizers() -> None:
+    """This process (a worker or a trial actor): a ``SystemExit`` raised inside a finalizer is logged at DEBUG.
+
+    Ray ends a worker process with SIGTERM, and its handler raises ``SystemExit`` wherever the process is -- in a
+    garbage-collected ``ActorHandle.__del__`` now and then, which Python prints as an "Exception ignored in"
+    traceback.  Python drops that exception either way (the process ends when Ray kills it); only the traceback
+    goes.  Every other exception in a finalizer still reaches the hook installed before (Python's: stderr).
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_dyrep_quiet_exit", False):
+        return
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, SystemExit):
+            logger.debug("SystemExit in a finalizer (%r): the process is ending", unraisable.object)
+            return
+        previous(unraisable)
+
+    hook._dyrep_quiet_exit = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def quiet_ray_driver() -> None:
@@ -88,7 +112,8 @@ def filter_forwarded_output() -> None:
     def filtered(data: dict) -> None:
         if is_harmless_batch(str(data.get("actor_name") or data.get("task_name") or ""), data.get("lines", [])):
             return
-        lines = [line for line in data.get("lines", []) if not (is_harmless(line) or is_routine(line))]
+        lines = [line for line in drop_exit_in_finalizers(list(data.get("lines", [])))
+                 if not (is_harmless(line) or is_routine(line))]
         if lines:
             printer({**data, "lines": lines})
 

@@ -114,9 +114,10 @@ class DyRepTrial(tune.Trainable):
               train_log_level: str | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         if train_log_level is not None:  # read where this actor builds the trial's RunConfig (run_config_for)
-            from ..distributed.console import RAY_TRAIN_LOG_LEVEL_ENV
+            from ..distributed.console import RAY_TRAIN_LOG_LEVEL_ENV, quiet_exit_in_finalizers
 
             os.environ[RAY_TRAIN_LOG_LEVEL_ENV] = train_log_level
+            quiet_exit_in_finalizers()  # Tune ends a stopped trial's actor with SIGTERM
         self.spec, self.sweep_uri, self.callbacks = spec, sweep_uri, tuple(callbacks)
         self.cfg = spec.trial_config(config)
         from ..engine.data_source import PARQUET
@@ -245,6 +246,8 @@ class DyRepTrial(tune.Trainable):
         if self._latest_export:
             shutil.rmtree(self._latest_export, ignore_errors=True)
             self._latest_export = None
+        # Our actor handles are released here, not in a finalizer when Ray ends this actor with SIGTERM.
+        self._controller = self._queue = None
 
 
 def make_trainable(spec: SweepSpec, sweep_uri: str, callbacks: Sequence = (), train_log_level: str | None = None):
