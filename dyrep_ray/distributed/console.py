@@ -112,7 +112,7 @@ def filter_forwarded_output() -> None:
     def filtered(data: dict) -> None:
         if is_harmless_batch(str(data.get("actor_name") or data.get("task_name") or ""), data.get("lines", [])):
             return
-        lines = [line for line in drop_exit_in_finalizers(list(data.get("lines", [])))
+        lines = [line for line in drop_exit_in_finalizers(data.get("lines", []))
                  if not (is_harmless(line) or is_routine(line))]
         if lines:
             printer({**data, "lines": lines})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,7 @@ def cmd_tune(args) -> int:
     spec = outcome.spec
     print(f"\ndyrep-ray tune: sweep {name}: {len(outcome.records)} trial(s), metric {spec.metric} ({spec.mode})")
     print(format_table(outcome.table, spec))
-    counts = {}
-    for record in outcome.records:
-        counts[record.status] = counts.get(record.status, 0) + 1
+    counts = Counter(record.status for record in outcome.records)
     print("trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     if outcome.best:
         best = outcome.best

@@ -20,6 +20,7 @@ Tune's ``result.json`` under ``<sweep>/tune/``; the sweep's own ``tune.log`` get
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 from ray.tune import Callback, ProgressReporter
@@ -146,9 +147,7 @@ class SweepConsole(Callback):
     # -- the status table ------------------------------------------------------------------------------------
     def status_text(self, trials: list, now: float | None = None, *sys_args: str) -> str:
         now = self._clock() if now is None else now
-        counts: dict[str, int] = {}
-        for trial in trials:
-            counts[str(trial.status)] = counts.get(str(trial.status), 0) + 1
+        counts = Counter(str(trial.status) for trial in trials)
         ordered = [s for s in STATES if s in counts] + sorted(s for s in counts if s not in STATES)
         states = " | ".join(f"{counts[s]} {s}" for s in ordered)
         lines = [f"status after {_elapsed(now - self._started)}: {len(trials)} trial(s): {states}"]
