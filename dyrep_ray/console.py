@@ -40,18 +40,28 @@ ROUTINE_PATTERNS = (
 )
 
 
-# Whole forwarded batches (a traceback) known to be harmless: (actor-name pattern, pattern of one of its lines).
-# Train V2's placement-group cleaner asks the state API for "the" cluster; on a machine running several Ray
-# instances (a driver-started local instance beside another one) that lookup raises, the cleaner logs the
-# traceback and stops; the driver-started instance and its placement groups end with the driver anyway.
-HARMLESS_BATCHES = (
-    (re.compile(r"PlacementGroupCleaner"), re.compile(r"Found multiple active Ray instances")),
+#: Ray retrying, or one of its safety nets failing, while the cluster is slow (a busy head, a congested network):
+#: not the run's problem, so not the console's. Each pattern starts a record (with the traceback that follows it);
+#: :mod:`dyrep_ray.distributed.console` writes these to the run's log and says once on the console if they persist.
+TRANSIENT_PATTERNS = (
+    # the Train controller's resource request to Ray's autoscaling coordinator timed out (GetTimeoutError)
+    re.compile(r"Failed to (send|cancel) resource request for "),
+    # Tune: a trial actor's setup took long (a busy machine) -- a hint to reuse actors, not an error
+    re.compile(r"Trainable\.setup took [\d.]+ seconds.*reuse_actors"),
+    re.compile(r"Consider boosting PBT performance by enabling `reuse_actors`"),
 )
 
+#: Actors whose tracebacks are transient as a whole: Train V2's PlacementGroupCleaner is a best-effort safety net
+#: (it removes a run's placement group if the controller dies ungracefully) that polls Ray's state API; a slow
+#: API (``requests`` timeouts) or several Ray instances on one machine ("Found multiple active Ray instances")
+#: make it log a traceback or end its monitor thread. The run it watches is not affected.
+TRANSIENT_ACTORS = re.compile(r"PlacementGroupCleaner")
+_TRANSIENT_ACTOR_LINE = re.compile(r"Traceback \(most recent call last\)|Exception in thread |Failed to query ")
 
-def is_harmless_batch(actor_name: str, lines: list[str]) -> bool:
-    return any(actor.search(actor_name or "") and any(line.search(text) for text in lines)
-               for actor, line in HARMLESS_BATCHES)
+
+def is_transient_batch(actor_name: str, lines: list[str]) -> bool:
+    """A forwarded batch of an actor in :data:`TRANSIENT_ACTORS` that holds a traceback or a failed query."""
+    return bool(TRANSIENT_ACTORS.search(actor_name or "")) and any(_TRANSIENT_ACTOR_LINE.search(t) for t in lines)
 
 
 # A process Ray ends with SIGTERM while a finalizer runs (often an ``ActorHandle.__del__`` during garbage
@@ -60,6 +70,47 @@ def is_harmless_batch(actor_name: str, lines: list[str]) -> bool:
 _FINALIZER_START = re.compile(r"^Exception ignored in: <function \S+\.__del__ at ")
 _TRACEBACK_BODY = re.compile(r"^(Traceback \(most recent call last\):|\s)")
 _SYSTEM_EXIT = re.compile(r"^SystemExit(: .*)?$")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Timeout|Exit|Interrupt)\b(: .*)?$")
+_CHAINED = re.compile(r"^(|During handling of the above exception.*|The above exception was the direct cause.*)$")
+
+
+def _body_end(lines: list[str], i: int) -> int:
+    """The index after the traceback body (header and indented lines) that starts at ``lines[i]``."""
+    while i < len(lines) and _TRACEBACK_BODY.match(lines[i]):
+        i += 1
+    return i
+
+
+def record_end(lines: list[str], start: int) -> int:
+    """The index after the log record at ``lines[start]``: the line, then any traceback that follows it (chained
+    tracebacks included) up to and with its exception line."""
+    end = _body_end(lines, start + 1)
+    while end > start + 1 and end < len(lines) and _EXCEPTION_LINE.match(lines[end]):
+        end += 1
+        chained = end
+        while chained < len(lines) and _CHAINED.match(lines[chained]):
+            chained += 1
+        if chained == end or chained >= len(lines) or not lines[chained].startswith("Traceback"):
+            break
+        end = _body_end(lines, chained)
+    return end
+
+
+def split_transient(lines: list[str]) -> tuple[list[str], list[str]]:
+    """``lines`` as (kept, transient): each record a :data:`TRANSIENT_PATTERNS` pattern starts, with its traceback,
+    goes to the second list; every other line stays, in order."""
+    kept: list[str] = []
+    transient: list[str] = []
+    i = 0
+    while i < len(lines):
+        if any(p.search(lines[i]) for p in TRANSIENT_PATTERNS):
+            end = record_end(lines, i)
+            transient.extend(lines[i:end])
+            i = end
+        else:
+            kept.append(lines[i])
+            i += 1
+    return kept, transient
 
 
 def drop_exit_in_finalizers(lines: list[str]) -> list[str]:
@@ -70,9 +121,7 @@ def drop_exit_in_finalizers(lines: list[str]) -> list[str]:
     kept, i = [], 0
     while i < len(lines):
         if _FINALIZER_START.match(lines[i]):
-            end = i + 1
-            while end < len(lines) and _TRACEBACK_BODY.match(lines[end]):
-                end += 1
+            end = _body_end(lines, i + 1)
             if end < len(lines) and _SYSTEM_EXIT.match(lines[end]):
                 i = end + 1
                 continue

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
 import torch
+
+from dyrep_ray.engine.progress import CONSOLE_LOGGER
 
 # Sweep-signing secret of the tests: never the real ~/.config/dyrep-ray/secret of whoever runs them
 # (a session-wide temp file; subprocesses and Ray workers inherit it).
@@ -25,6 +28,36 @@ TINY_RUN = [
 ]
 
 
+# --cpu-load N: N busy processes compete with the suite for the cores (a busy CI machine, a loaded head node).
+# Each spins until its parent (this pytest) is gone, so none outlives an interrupted run.
+_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    sum(range(1_000_000))\n"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-load", type=int, default=0, metavar="N",
+                     help="run the suite against N busy processes (e.g. 4 = twice the cores of a 2-core machine)")
+
+
+def pytest_configure(config):
+    import subprocess
+    import sys
+
+    count = config.getoption("--cpu-load")
+    config._cpu_load = [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(count)]
+
+
+def pytest_unconfigure(config):
+    for process in getattr(config, "_cpu_load", []):
+        process.kill()
+        process.wait()
+
+
+def pytest_report_header(config):
+    if getattr(config, "_cpu_load", None):
+        return f"cpu load: {len(config._cpu_load)} busy processes (--cpu-load)"
+    return None
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
@@ -39,3 +72,36 @@ def ray_session():
 @pytest.fixture()
 def tiny_overrides():
     return list(TINY_RUN)
+
+
+class RecordList(logging.Handler):
+    """Keeps every record it is given; attached by a test to the logger it asserts on."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int = logging.NOTSET) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+@pytest.fixture()
+def console_records():
+    """The console logger's records (INFO and up), read through a handler on that logger itself.
+
+    Not pytest's ``caplog``: that reads the root logger through propagation, which depends on how each pytest
+    version and whatever the code under test does to the root's handlers.
+    """
+    logger = logging.getLogger(CONSOLE_LOGGER)
+    handler, level = RecordList(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -58,11 +58,21 @@ def free_ports(n: int) -> list[int]:
 
 
 def cli_env(extra: dict | None = None) -> dict:
-    """Environment for ``ray`` CLI calls and drivers of a test cluster: token auth, no inherited address."""
+    """Environment for ``ray`` CLI calls and drivers of a test cluster: token auth, no inherited address.
+
+    The running interpreter's scripts directory comes first on PATH: the ``ray`` and ``dyrep-ray`` commands of
+    the environment under test are found even when its venv was not activated (``/venv/bin/python -m pytest``).
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
     env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     env.update(extra or {})
     return env
+
+
+def find_command(name: str) -> str | None:
+    """``name`` as :func:`cli_env`'s PATH finds it (the running interpreter's environment first)."""
+    return shutil.which(name, path=cli_env()["PATH"])
 
 
 def ensure_token(env: dict) -> None:
@@ -171,8 +181,8 @@ class LocalRayCluster:
     """A head and worker nodes on this machine; talk to it only through subprocesses (CLI or drivers)."""
 
     def __init__(self, head_cpus: int = 1, env: dict | None = None):
-        if shutil.which("ray") is None:
-            raise RuntimeError("needs the `ray` command (ray[default]) on PATH")
+        if find_command("ray") is None:
+            raise RuntimeError(f"needs the `ray` command (ray[default]) beside {sys.executable} or on PATH")
         self.env = cli_env(env)
         ensure_token(self.env)
         self.head_cpus = head_cpus

@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import pathspec
 import pytest
+import ray
+import ray.autoscaler._private.util as autoscaler_util
 import yaml
-
-ray = pytest.importorskip("ray")
-jsonschema = pytest.importorskip("jsonschema")
+from ray.runtime_env import RuntimeEnv
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -136,9 +138,8 @@ def test_launcher_config_validates_against_ray_schema(name):
 
 @pytest.mark.parametrize("name", LAUNCHER_FILES)
 def test_launcher_config_passes_ray_validate_config(name):
-    util = pytest.importorskip("ray.autoscaler._private.util")
-    prepared = util.prepare_config(copy.deepcopy(_load(name)))  # merges Ray's provider defaults
-    util.validate_config(prepared)
+    prepared = autoscaler_util.prepare_config(copy.deepcopy(_load(name)))  # merges Ray's provider defaults
+    autoscaler_util.validate_config(prepared)
     assert prepared["head_node_type"] in prepared["available_node_types"]
 
 
@@ -301,7 +302,6 @@ def test_rayjob_entrypoint_and_lifecycle():
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert isinstance(runtime_env, dict)
     assert runtime_env["working_dir"] == "/home/ray/dyrep-ray"  # WORKDIR of cluster/Dockerfile
-    RuntimeEnv = pytest.importorskip("ray.runtime_env").RuntimeEnv
     # Ray accepts the field names and types (working_dir exists only in the image: check with the repo).
     RuntimeEnv(**{**runtime_env, "working_dir": str(REPO)})
     spec_excl = _pathspec(runtime_env.get("excludes", []))
@@ -324,7 +324,6 @@ def test_rayjob_entrypoint_names_an_existing_experiment():
 def test_runtime_env_file():
     env = _load("runtime_env.yaml")
     assert isinstance(env, dict) and env.get("working_dir")
-    RuntimeEnv = pytest.importorskip("ray.runtime_env").RuntimeEnv
     RuntimeEnv(**env)
     assert all(isinstance(v, str) for v in env.get("env_vars", {}).values())
     assert env["env_vars"].get("RAY_TRAIN_V2_ENABLED") == "1"
@@ -339,7 +338,7 @@ def _pathspec(patterns):
     try:
         from ray._private.thirdparty.pathspec import PathSpec  # what Ray uses for `excludes`
     except ImportError:  # pragma: no cover - Ray moved it
-        PathSpec = pytest.importorskip("pathspec").PathSpec
+        PathSpec = pathspec.PathSpec
     return PathSpec.from_lines("gitwildmatch", patterns)
 
 

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from dyrep_ray.console import HARMLESS_PATTERNS, drop_exit_in_finalizers, is_harmless, is_harmless_batch, is_routine
+from dyrep_ray.console import (
+    HARMLESS_PATTERNS,
+    drop_exit_in_finalizers,
+    is_harmless,
+    is_routine,
+    is_transient_batch,
+    record_end,
+    split_transient,
+)
 from dyrep_ray.engine.layout import TRAIN_LOG
 from dyrep_ray.engine.progress import epoch_line
 
@@ -100,14 +108,111 @@ def test_epoch_line_and_harmless_patterns():
     logging.getLogger(__name__).debug("patterns checked")
 
 
-def test_harmless_batches_are_whole_tracebacks_of_one_actor_only():
+def test_placement_group_cleaner_tracebacks_are_transient_and_nothing_else_of_it():
     traceback_lines = ["Traceback (most recent call last):", '  File "placement_group_cleaner.py", line 80',
                        "ConnectionError: Found multiple active Ray instances: {'a', 'b'}."]
-    assert is_harmless_batch("PlacementGroupCleaner", traceback_lines)
+    assert is_transient_batch("PlacementGroupCleaner", traceback_lines)
+    thread_died = ["Exception in thread PlacementGroupCleanerMonitor:", *traceback_lines[:2],
+                   "requests.exceptions.ReadTimeout: HTTPConnectionPool(host='127.0.0.1', port=8265): Read timed out."]
+    assert is_transient_batch("PlacementGroupCleaner", thread_died)
     # the same error from any other actor (e.g. a training worker) is shown
-    assert not is_harmless_batch("RayTrainWorker", traceback_lines)
+    assert not is_transient_batch("RayTrainWorker", traceback_lines)
     # and the cleaner's other output is shown
-    assert not is_harmless_batch("PlacementGroupCleaner", ["Detected that the Ray Train controller actor is dead."])
+    assert not is_transient_batch("PlacementGroupCleaner", ["Detected that the Ray Train controller actor is dead."])
+
+
+def ray_formatted_warning_with_traceback(message: str) -> list[str]:
+    """What a Ray actor prints for ``logger.warning(message, exc_info=True)`` after a real ``ray.get`` timeout:
+    Ray's own log format, a real chained traceback."""
+    import ray.exceptions
+    from ray._private.ray_constants import LOGGER_FORMAT
+
+    def get_with_timeout():
+        try:
+            raise TimeoutError("the object was not ready")
+        except TimeoutError as exc:
+            raise ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready.") from exc
+
+    try:
+        get_with_timeout()
+    except ray.exceptions.GetTimeoutError:
+        record = logging.LogRecord("ray.train", logging.WARNING, "autoscaling_coordinator_client.py", 76, message,
+                                   None, sys.exc_info())
+    return logging.Formatter(LOGGER_FORMAT).format(record).splitlines()
+
+
+def test_a_resource_request_timeout_is_transient_with_its_whole_traceback():
+    warning = ray_formatted_warning_with_traceback(
+        "Failed to send resource request for train-abc. If this only happens transiently during network partition "
+        "or CPU being overloaded, it's safe to ignore this error. If this error persists, file a GitHub issue.")
+    assert warning[-1].startswith("ray.exceptions.GetTimeoutError") and len(warning) > 8  # a chained traceback
+    assert record_end(warning, 0) == len(warning)
+    kept, transient = split_transient(["epoch 1 starts", *warning, "Traceback (most recent call last):",
+                                       "  File 'loop.py'", "ValueError: a real error"])
+    assert transient == warning
+    assert kept == ["epoch 1 starts", "Traceback (most recent call last):", "  File 'loop.py'",
+                    "ValueError: a real error"]
+    setup_hint = ("2026-12-07 02:10:00,123\tINFO trainable.py:155 -- Trainable.setup took 10.712 seconds. If your "
+                  "trainable is slow to initialize, consider setting reuse_actors=True to reduce actor creation "
+                  "overheads.")
+    assert split_transient([setup_hint, "trial result"]) == (["trial result"], [setup_hint])
+    # the same words inside a real error message are not Ray's retry: a line that merely mentions them stays
+    assert split_transient(["ValueError: my resource request failed"])[1] == []
+
+
+def test_slow_cluster_notice_logs_every_line_and_warns_once_only_when_it_persists(console_records):
+    from dyrep_ray.distributed.console import RAY_OUTPUT_LOGGER, SlowClusterNotice
+    from tests.conftest import RecordList
+
+    clock = [100.0]
+    notice = SlowClusterNotice(after_s=60, clock=lambda: clock[0])
+    run_log, ray_output = RecordList(), logging.getLogger(RAY_OUTPUT_LOGGER)
+    ray_output.addHandler(run_log)
+    ray_output.setLevel(logging.INFO)  # what the CLI's console set-up gives every logger (root at INFO)
+    try:
+        notice.record("(TrainController pid=1)", ["Failed to send resource request for x.", "Traceback ..."])
+        clock[0] += 59
+        notice.record("(TrainController pid=1)", ["Failed to send resource request for x."])
+        assert console_records.messages() == []  # slow for under a minute: nothing on the console
+        clock[0] += 2
+        notice.record("(PlacementGroupCleaner pid=2)", ["Exception in thread PlacementGroupCleanerMonitor:"])
+        clock[0] += 100
+        notice.record("(TrainController pid=1)", ["Failed to send resource request for x."])
+    finally:
+        ray_output.removeHandler(run_log)
+        ray_output.setLevel(logging.NOTSET)
+    assert len(run_log.messages()) == 5 and run_log.messages()[0].startswith("(TrainController pid=1) Failed")
+    warnings = console_records.messages(logging.WARNING)
+    assert len(warnings) == 1 and "slow to answer" in warnings[0] and "3 time(s) in 61 s" in warnings[0]
+
+
+def test_forwarded_output_filter_on_rays_dispatcher(console_records):
+    """Ray's own dispatcher of forwarded worker output, with the driver's filter installed over its printer."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from dyrep_ray.distributed import console as ray_console
+
+    printed: list[dict] = []
+    previous = dict(dispatcher.handlers).get(ray_console.RAY_PRINTER)
+    if previous is not None:
+        dispatcher.remove_handler(ray_console.RAY_PRINTER)
+    dispatcher.add_handler(ray_console.RAY_PRINTER, printed.append)
+    notice = ray_console.SlowClusterNotice(after_s=0)
+    try:
+        ray_console.filter_forwarded_output(notice)
+        warning = ray_formatted_warning_with_traceback("Failed to send resource request for train-abc.")
+        dispatcher.emit({"actor_name": "TrainController", "pid": 7, "lines": [*warning, "a real line"]})
+        dispatcher.emit({"actor_name": "PlacementGroupCleaner", "pid": 8,
+                         "lines": ["Exception in thread PlacementGroupCleanerMonitor:", "Traceback (most recent "
+                                   "call last):", "  File 'x.py'", "requests.exceptions.ReadTimeout: timed out"]})
+        dispatcher.emit({"actor_name": "RayTrainWorker", "pid": 9, "lines": ["Reporting training result 1: {}"]})
+    finally:
+        dispatcher.remove_handler(ray_console.RAY_PRINTER)
+        if previous is not None:
+            dispatcher.add_handler(ray_console.RAY_PRINTER, previous)
+    assert [batch["lines"] for batch in printed] == [["a real line"]]
+    assert notice.records == 2
+    assert len(console_records.messages(logging.WARNING)) == 1
 
 
 # What a trial actor printed in CI when Ray's SIGTERM arrived during a garbage-collected ActorHandle.__del__.

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -109,7 +108,6 @@ def test_torchrun_ddp_example_grows_keeps_replicas_equal_and_resumes(tmp_path):
 
 
 def test_lightning_callback_ddp_grows_keeps_replicas_equal_and_resumes_from_ckpt_path(tmp_path):
-    pytest.importorskip("lightning", reason="needs the lightning extra: pip install -e .[lightning]")
     from dyrep_ray.integrations.lightning import GRAPH_KEY
 
     script = str(EXAMPLES / "lightning_dyrep.py")
@@ -131,7 +129,6 @@ def test_lightning_callback_ddp_grows_keeps_replicas_equal_and_resumes_from_ckpt
 
 
 def test_lightning_restore_structure_is_idempotent_and_ignores_plain_checkpoints():
-    pytest.importorskip("lightning", reason="needs the lightning extra: pip install -e .[lightning]")
     from dyrep_ray.integrations.lightning import GRAPH_KEY, restore_structure
 
     grown = build_model("small_cnn", 10)
@@ -148,7 +145,8 @@ def test_lightning_restore_structure_is_idempotent_and_ignores_plain_checkpoints
 
 def test_lightning_single_device_weights_only_checkpoint_still_carries_the_graph(tmp_path):
     """Lightning skips callbacks' on_save_checkpoint for weights-only checkpoints; the graph must still be there."""
-    pl = pytest.importorskip("lightning.pytorch", reason="needs the lightning extra: pip install -e .[lightning]")
+    import lightning.pytorch as pl
+
     from dyrep_ray.integrations.lightning import GRAPH_KEY, DyRepCallback, restore_structure  # noqa: I001
 
     spec = importlib.util.spec_from_file_location("lightning_dyrep_example", EXAMPLES / "lightning_dyrep.py")

@@ -25,6 +25,7 @@ import pytest
 from tests.multinode import alive as _alive
 from tests.multinode import cli_env as _cli_env
 from tests.multinode import ensure_token as _ensure_token
+from tests.multinode import find_command as _find_command
 from tests.multinode import free_ports as _free_ports
 from tests.multinode import proc_text as _proc_text
 
@@ -73,8 +74,8 @@ def _kill_head(temp_dir: str, gcs_port: int) -> list[int]:
 @pytest.fixture(scope="module")
 def ray_head():
     """A token-authenticated single-node head on free ports; yields (dashboard address, cli env)."""
-    if shutil.which("ray") is None or shutil.which("dyrep-ray") is None:
-        pytest.skip("needs the `ray` (ray[default]) and `dyrep-ray` commands on PATH")
+    missing = [name for name in ("ray", "dyrep-ray") if _find_command(name) is None]
+    assert not missing, f"the {missing} command(s) of this environment are missing (pip install -e .)"
     env = _cli_env()
     _ensure_token(env)
     # short path: Ray's unix socket paths (<temp>/session_.../sockets/...) must stay under 108 bytes

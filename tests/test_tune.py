@@ -9,7 +9,6 @@ weights, optimizer state and epoch with its mutated learning rate, and a sweep i
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +20,6 @@ from dyrep_ray.engine.checkpoint import load_checkpoint_dir, write_checkpoint_di
 from dyrep_ray.engine.config import ConfigError, load_config
 from dyrep_ray.engine.faults import RaiseAt
 from dyrep_ray.engine.layout import CONFIG_FILE, STRUCTURE_FILE
-from dyrep_ray.engine.progress import CONSOLE_LOGGER
 from dyrep_ray.tune.bridge import (
     BRIDGE_FILE,
     ORIGIN_FILE,
@@ -40,15 +38,6 @@ TINY = {"synthetic_train_size": 256, "synthetic_val_size": 128, "batch_size": 32
         "dyrep_recal_bn_iters": 2, "log_interval": 1000, "max_failures": 0}
 
 
-
-
-def console_messages(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == CONSOLE_LOGGER]
-
-
-@pytest.fixture(autouse=True)
-def _console_records(caplog):
-    caplog.set_level(logging.INFO, logger=CONSOLE_LOGGER)
 
 
 def _sweep(raw: dict, tmp_path: Path, name: str = "sweep.yaml") -> Path:
@@ -283,7 +272,7 @@ def test_demo_sweep(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path, caplog):
+def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path, console_records):
     """lr=1e-4 cannot keep up with lr=0.05: at epoch 2 PBT (synch) clones the strong trial into the weak one."""
     from dyrep_ray.tune.sweep import run_sweep
 
@@ -340,13 +329,13 @@ def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path, caplo
     table = pd.read_csv(sweep / "trials.csv").set_index("trial_id")
     assert table.loc[weak.trial_id, "exploits"] == 1 and table.loc[weak.trial_id, "last_donor"] == donor
     # The console said so once, on the weak trial's first result after the exploit.
-    exploit_lines = [m for m in console_messages(caplog) if "[PBT: continues" in m]
+    exploit_lines = [m for m in console_records.messages() if "[PBT: continues" in m]
     assert exploit_lines == [m for m in exploit_lines if m.startswith(f"trial {weak.trial_id} epoch {k + 1}/")]
     assert len(exploit_lines) == 1 and f"continues {donor} epoch {k}" in exploit_lines[0]
 
 
 @pytest.mark.ray
-def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path, caplog):
+def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path, console_records):
     """A worker of one trial raises mid-epoch (fault injection, no Train retries): the other trial finishes and
     the table marks the errored one; resuming the sweep re-runs the errored trial to completion."""
     from dyrep_ray.tune.sweep import run_sweep
@@ -367,18 +356,18 @@ def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path, caplog):
     good = next(r for r in out.records if r.status == "completed")
     assert out.best["trial_id"] == good.trial_id and (tmp_path / "faulty" / "best_config.yaml").is_file()
     # The console: one warning line for the failure, naming the cause; one line per result of the good trial.
-    failed = [m for m in console_messages(caplog) if m.startswith(f"trial {errored.trial_id} failed")]
+    failed = [m for m in console_records.messages() if m.startswith(f"trial {errored.trial_id} failed")]
     assert len(failed) == 1 and "injected fault" in failed[0] and "\n" not in failed[0], failed
-    good_lines = [m for m in console_messages(caplog) if m.startswith(f"trial {good.trial_id} epoch ")]
+    good_lines = [m for m in console_records.messages() if m.startswith(f"trial {good.trial_id} epoch ")]
     assert [int(m.split()[3].split("/")[0]) for m in good_lines] == [1, 2]
-    caplog.clear()
+    console_records.clear()
     # --resume (Tuner.restore with resume_errored): the errored trial runs again (the fault fired once) and
     # finishes; the completed one is not re-run.  The resumed sweep shows this command's console (not the
     # pickled one of the first start): its lines name the re-run trial's epochs.
     resumed = run_sweep(None, str(tmp_path), "faulty", resume=True, console=SweepConsole(status_interval_s=0))
-    rerun = [m for m in console_messages(caplog) if m.startswith(f"trial {errored.trial_id} epoch ")]
-    assert [int(m.split()[3].split("/")[0]) for m in rerun] == [1, 2], console_messages(caplog)
-    assert not [m for m in console_messages(caplog) if m.startswith(f"trial {good.trial_id} epoch ")]
+    rerun = [m for m in console_records.messages() if m.startswith(f"trial {errored.trial_id} epoch ")]
+    assert [int(m.split()[3].split("/")[0]) for m in rerun] == [1, 2], console_records.messages()
+    assert not [m for m in console_records.messages() if m.startswith(f"trial {good.trial_id} epoch ")]
     by_id = {r.trial_id: r for r in resumed.records}
     assert by_id[errored.trial_id].status == "completed" and by_id[good.trial_id].status == "completed"
     table = pd.read_csv(tmp_path / "faulty" / "trials.csv").set_index("trial_id")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dyrep_ray.engine.progress import CONSOLE_LOGGER, EPOCH_LINE
+from dyrep_ray.engine.progress import EPOCH_LINE
 from dyrep_ray.tune.commands import DEFAULT_STATUS_INTERVAL_S as CLI_DEFAULT_INTERVAL
 from dyrep_ray.tune.console import DEFAULT_STATUS_INTERVAL_S, SweepConsole
 from dyrep_ray.tune.spec import load_sweep
@@ -49,13 +49,8 @@ def spec():
 
 
 @pytest.fixture()
-def lines(caplog):
-    caplog.set_level(logging.INFO, logger=CONSOLE_LOGGER)
-
-    def messages() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name == CONSOLE_LOGGER]
-
-    return messages
+def lines(console_records):
+    return console_records.messages
 
 
 def heartbeat(console: SweepConsole, trials: list, *usage: str, done: bool = False) -> None:
@@ -84,14 +79,13 @@ def test_one_line_per_result_with_structure_events(spec, lines):
     assert len(shown) == 3
 
 
-def test_result_lines_are_marked_as_epoch_lines_and_quiet_hides_them(spec, caplog, capsys):
+def test_result_lines_are_marked_as_epoch_lines_and_quiet_hides_them(spec, console_records, capsys):
     from dyrep_ray.console import setup_console
 
-    caplog.set_level(logging.INFO, logger=CONSOLE_LOGGER)
     console = SweepConsole(spec, 0)
     trial = TrialRecord("t0", {"dyrep_cut_threshold": 0.2, "lr": 0.05}, "RUNNING")
     feed(console, trial, result(1, 20.0))
-    assert [getattr(r, EPOCH_LINE, False) for r in caplog.records if r.name == CONSOLE_LOGGER] == [True]
+    assert [getattr(r, EPOCH_LINE, False) for r in console_records.records] == [True]
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     setup_console(quiet=True)  # what the CLI's --quiet sets up, for train and tune alike
@@ -129,7 +123,7 @@ def test_mode_min_tracks_the_lowest(spec, lines):
     assert lines()[-1] == "trial a completed (3/3 epochs): best val_loss 1 at epoch 2"
 
 
-def test_failure_is_one_warning_naming_the_cause(spec, tmp_path, caplog, lines):
+def test_failure_is_one_warning_naming_the_cause(spec, tmp_path, console_records, lines):
     error_file = tmp_path / "error.txt"
     error_file.write_text("Traceback (most recent call last):\n  File ...\n"
                           "dyrep_ray.tune.trainable.TrialError: trial a failed: ValueError: injected fault\n")
@@ -137,11 +131,11 @@ def test_failure_is_one_warning_naming_the_cause(spec, tmp_path, caplog, lines):
     trial = TrialRecord("a", {}, "ERROR", error_file=str(error_file))
     feed(console, trial, result(1, 10.0))
     console.on_trial_error(0, [trial], trial)
-    warnings = [r for r in caplog.records if r.name == CONSOLE_LOGGER and r.levelno == logging.WARNING]
+    warnings = [r for r in console_records.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert warnings[0].getMessage() == (f"trial a failed after epoch 1: trial a failed: ValueError: injected fault "
                                         f"({error_file})")
-    caplog.clear()
+    console_records.clear()
     console.on_trial_recover(0, [trial], trial)
     assert lines()[-1] == "trial a will be retried from its latest checkpoint"
 

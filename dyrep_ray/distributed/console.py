@@ -10,6 +10,9 @@ Ray forwards every worker's and the Train controller's stdout/stderr to the driv
   :data:`RAY_TRAIN_LOG_LEVEL_ENV` (Ray's system log files keep every level);
 * the driver drops forwarded lines known to be harmless (:data:`dyrep_ray.console.HARMLESS_PATTERNS`); Ray's
   own per-process ``.out``/``.err`` files keep them;
+* Ray's transient retry noise on a slow cluster (:data:`dyrep_ray.console.TRANSIENT_PATTERNS`,
+  :data:`~dyrep_ray.console.TRANSIENT_ACTORS`) goes to the run's log (``train.log``/``tune.log``) instead of the
+  console; if it goes on for :data:`SLOW_CLUSTER_AFTER_S`, one console warning says so (:class:`SlowClusterNotice`);
 * the epoch lines come from the run's ``metrics.jsonl`` (:class:`EpochFollower`), read by the driver, so they
   carry no worker prefix and appear once however many workers there are.
 """
@@ -20,8 +23,10 @@ import logging
 import os
 import sys
 import threading
+import time
+from collections.abc import Callable
 
-from ..console import drop_exit_in_finalizers, is_harmless, is_harmless_batch, is_routine
+from ..console import drop_exit_in_finalizers, is_harmless, is_routine, is_transient_batch, split_transient
 from ..engine.callbacks import TrainerCallback
 from ..engine.layout import METRICS_FILE
 from ..engine.progress import EPOCH_LINE, console, epoch_line
@@ -38,6 +43,10 @@ QUIET_RAY_TRAIN_LOG_LEVEL = "WARNING"
 FOLLOW_INTERVAL_S = 1.0
 #: Name under which ``ray.init(log_to_driver=True)`` registers the printer of forwarded worker output.
 RAY_PRINTER = "ray_print_logs"
+#: Ray's transient retry noise going on this long (seconds from the first such line) is worth one console line.
+SLOW_CLUSTER_AFTER_S = 60.0
+#: Forwarded lines kept off the console but written to the run's log (INFO: the run log's level, not the console's).
+RAY_OUTPUT_LOGGER = "dyrep_ray.ray_output"
 
 
 def ray_train_log_level() -> str:
@@ -97,8 +106,34 @@ def quiet_ray_driver() -> None:
             handler.addFilter(lambda record: not is_harmless(record.getMessage()))
 
 
-def filter_forwarded_output() -> None:
-    """Driver, after ``ray.init``: drop forwarded worker/controller/trial lines known to be harmless or routine."""
+class SlowClusterNotice:
+    """Takes Ray's transient retry noise: every line to the run's log, and once it has gone on for ``after_s``
+    seconds, one console warning (a cluster that is slow for a moment says nothing; one that stays slow, once)."""
+
+    def __init__(self, after_s: float = SLOW_CLUSTER_AFTER_S, clock: Callable[[], float] = time.monotonic):
+        self.after_s, self.clock = after_s, clock
+        self.first: float | None = None
+        self.records = 0
+        self.warned = False
+
+    def record(self, source: str, lines: list[str]) -> None:
+        log = logging.getLogger(RAY_OUTPUT_LOGGER)
+        for line in lines:
+            log.info("%s %s", source, line)
+        now = self.clock()
+        self.first = now if self.first is None else self.first
+        self.records += 1
+        if not self.warned and now - self.first >= self.after_s:
+            self.warned = True
+            console.warning("the Ray cluster is slow to answer: Ray has retried or timed out %d time(s) in %.0f s "
+                            "(resource requests, state queries); training goes on. Ray's lines are in the run's "
+                            "log and Ray's session logs", self.records, now - self.first)
+
+
+def filter_forwarded_output(notice: SlowClusterNotice | None = None) -> None:
+    """Driver, after ``ray.init``: drop forwarded worker/controller/trial lines known to be harmless or routine;
+    Ray's transient retry noise goes to ``notice`` (the run's log; one console line if it persists)."""
+    notice = notice or SlowClusterNotice()
     try:  # Ray has no public hook for forwarded worker output: wrap its printer (absent: nothing filtered)
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
@@ -110,12 +145,18 @@ def filter_forwarded_output() -> None:
         return
 
     def filtered(data: dict) -> None:
-        if is_harmless_batch(str(data.get("actor_name") or data.get("task_name") or ""), data.get("lines", [])):
+        name = str(data.get("actor_name") or data.get("task_name") or "")
+        source = f"({name or 'ray'} pid={data.get('pid', '?')})"
+        lines = data.get("lines", [])
+        if is_transient_batch(name, lines):
+            notice.record(source, lines)
             return
-        lines = [line for line in drop_exit_in_finalizers(data.get("lines", []))
-                 if not (is_harmless(line) or is_routine(line))]
-        if lines:
-            printer({**data, "lines": lines})
+        kept, transient = split_transient(drop_exit_in_finalizers(lines))
+        if transient:
+            notice.record(source, transient)
+        kept = [line for line in kept if not (is_harmless(line) or is_routine(line))]
+        if kept:
+            printer({**data, "lines": kept})
 
     dispatcher.remove_handler(RAY_PRINTER)
     dispatcher.add_handler(RAY_PRINTER, filtered)

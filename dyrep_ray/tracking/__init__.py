@@ -1,9 +1,9 @@
 """Experiment tracking: TensorBoard event files in the run directory and MLflow runs, as training-loop callbacks.
 
-Both backends run on rank 0 only (every other rank's callbacks do nothing) and are optional dependencies
-(``pip install 'dyrep-ray[tracking]'``). A tracking problem -- a missing package, an unreachable MLflow server,
-an unwritable TensorBoard directory, a failure mid-run -- is logged as ONE warning line and switches that
-backend off for the rest of the run; training never fails because of tracking.
+Both backends run on rank 0 only (every other rank's callbacks do nothing). TensorBoard (on by default) is a
+base requirement; MLflow is optional (``pip install 'dyrep-ray[tracking]'``). A tracking problem -- a missing
+package, an unreachable MLflow server, an unwritable TensorBoard directory, a failure mid-run -- is logged as ONE
+warning line and switches that backend off for the rest of the run; training never fails because of tracking.
 
 This module imports neither torch, mlflow nor tensorboard: the CLI may import it at start.
 """

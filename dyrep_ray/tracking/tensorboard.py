@@ -56,7 +56,7 @@ class TensorBoardCallback(TrackingCallback):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            self.disable("the tensorboard package is not installed (pip install 'dyrep-ray[tracking]')", exc)
+            self.disable("the tensorboard package is not installed (pip install tensorboard)", exc)
             return
         if self.storage.local:
             self.log_dir = self.storage.path(TENSORBOARD_DIR)
