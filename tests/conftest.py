@@ -17,6 +17,11 @@ if "DYREP_RAY_SECRET_FILE" not in os.environ:
 
     os.environ["DYREP_RAY_SECRET_FILE"] = os.path.join(tempfile.mkdtemp(prefix="dyrep-test-secret-"), "secret")
 
+# Ray Train's controller polls its workers every 2 s by default: a tiny test run ends (and starts) up to a poll
+# later than its work. Polled 4x as often here -- the shared instance, the CLI subprocesses and the multi-node
+# clusters all inherit this environment. (Missed polls are tolerated for Ray's 10-minute worker health timeout.)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 # Small test workloads run faster single-threaded, and Ray workers share the 2 cores with the driver.
 torch.set_num_threads(1)
 
@@ -28,22 +33,29 @@ TINY_RUN = [
 ]
 
 
-# --cpu-load N: N busy processes compete with the suite for the cores (a busy CI machine, a loaded head node).
+# --cpu-load N: N busy processes compete with the suite for the cores (a machine busy with other Ray work: other
+# suites, other trials). They run at the niceness Ray gives its worker processes (15), so Ray's workers and they
+# share the cores evenly, while the driver, GCS and raylets keep their priority as on any machine; at niceness 0
+# they would leave each Ray worker ~2% of a core (a starved machine, not a busy one). --cpu-load-nice sets it.
 # Each spins until its parent (this pytest) is gone, so none outlives an interrupted run.
-_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    sum(range(1_000_000))\n"
+_SPIN = ("import os, sys\nos.nice(int(sys.argv[1]))\nparent = os.getppid()\nwhile os.getppid() == parent:\n"
+         "    sum(range(1_000_000))\n")
+RAY_WORKER_NICENESS = 15
 
 
 def pytest_addoption(parser):
     parser.addoption("--cpu-load", type=int, default=0, metavar="N",
                      help="run the suite against N busy processes (e.g. 4 = twice the cores of a 2-core machine)")
+    parser.addoption("--cpu-load-nice", type=int, default=RAY_WORKER_NICENESS, metavar="K",
+                     help=f"niceness of the --cpu-load processes (default {RAY_WORKER_NICENESS}: Ray's workers')")
 
 
 def pytest_configure(config):
     import subprocess
     import sys
 
-    count = config.getoption("--cpu-load")
-    config._cpu_load = [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(count)]
+    count, nice = config.getoption("--cpu-load"), config.getoption("--cpu-load-nice")
+    config._cpu_load = [subprocess.Popen([sys.executable, "-c", _SPIN, str(nice)]) for _ in range(count)]
 
 
 def pytest_unconfigure(config):
@@ -54,7 +66,8 @@ def pytest_unconfigure(config):
 
 def pytest_report_header(config):
     if getattr(config, "_cpu_load", None):
-        return f"cpu load: {len(config._cpu_load)} busy processes (--cpu-load)"
+        return (f"cpu load: {len(config._cpu_load)} busy processes at niceness "
+                f"{config.getoption('--cpu-load-nice')} (--cpu-load)")
     return None
 
 
@@ -67,6 +80,19 @@ def ray_session():
         ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)
     yield ray
     # left running for the remaining tests; Ray shuts down at interpreter exit
+
+
+@pytest.fixture(scope="session")
+def ray_reference(ray_session, tmp_path_factory):
+    """One uninterrupted 2-worker Ray run of :data:`TINY_RUN` (read-only): what every fault-and-resume test on the
+    shared Ray instance must end with. Returns ``(output dir, config, summary)``; the run is ``<output>/ref``."""
+    from dyrep_ray.distributed.trainer import run_distributed
+    from dyrep_ray.engine.config import load_config
+
+    out = tmp_path_factory.mktemp("ray_reference")
+    cfg = load_config(None, TINY_RUN)
+    summary = run_distributed(cfg, out, "ref")
+    return out, cfg, summary
 
 
 @pytest.fixture()

@@ -79,8 +79,10 @@ def test_default_command_console_on_ray(tmp_path):
 
 
 @pytest.mark.ray
-def test_verbose_shows_rays_lines(tmp_path):
-    done = run_cli([*DEFAULT_COMMAND, "--set", "epochs=1", "--verbose"], tmp_path)
+def test_verbose_shows_rays_lines(ray_session, tmp_path):
+    # on the shared Ray instance (--address): the worker lines reach this driver as they would a local start's
+    address = ray_session.get_runtime_context().gcs_address
+    done = run_cli([*DEFAULT_COMMAND, "--set", "epochs=1", "--verbose", "--address", address], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
     assert all(r in out for r in RAY_ROUTINE), out[-3000:]
@@ -141,6 +143,33 @@ def ray_formatted_warning_with_traceback(message: str) -> list[str]:
     return logging.Formatter(LOGGER_FORMAT).format(record).splitlines()
 
 
+# What the Train controller printed (its .err file) while its workers were starved of CPU: a real record.
+RESOURCE_REQUEST_TIMEOUT = [
+    ("Failed to send resource request for train-d77e21afb78745e6bc8768ada567677b. If this only happens "
+     "transiently during network partition or CPU being overloaded, it's safe to ignore this error. If this error "
+     "persists, file a GitHub issue."),
+    'Traceback (most recent call last):',
+    ('  File "/venv/lib/python3.11/site-packages/ray/train/v2/_internal/execution/scaling_policy/'
+     'autoscaling_coordinator_client.py", line 58, in send_resource_request'),
+    '    ray.get(',
+    '  File "/venv/lib/python3.11/site-packages/ray/_private/auto_init_hook.py", line 22, in auto_init_wrapper',
+    '    return fn(*args, **kwargs)',
+    '           ^^^^^^^^^^^^^^^^^^^',
+    '  File "/venv/lib/python3.11/site-packages/ray/_private/client_mode_hook.py", line 134, in wrapper',
+    '    return func(*args, **kwargs)',
+    '           ^^^^^^^^^^^^^^^^^^^^^',
+    '  File "/venv/lib/python3.11/site-packages/ray/_private/worker.py", line 3009, in get',
+    '    values, debugger_breakpoint = worker.get_objects(',
+    '                                  ^^^^^^^^^^^^^^^^^^^',
+    '  File "/venv/lib/python3.11/site-packages/ray/_private/worker.py", line 1007, in get_objects',
+    '    ] = self.core_worker.get_objects(',
+    '        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
+    '  File "python/ray/_raylet.pyx", line 3471, in ray._raylet.CoreWorker.get_objects',
+    '  File "python/ray/includes/common.pxi", line 107, in ray._raylet.check_status',
+    'ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.',
+]
+
+
 def test_a_resource_request_timeout_is_transient_with_its_whole_traceback():
     warning = ray_formatted_warning_with_traceback(
         "Failed to send resource request for train-abc. If this only happens transiently during network partition "
@@ -158,6 +187,8 @@ def test_a_resource_request_timeout_is_transient_with_its_whole_traceback():
     assert split_transient([setup_hint, "trial result"]) == (["trial result"], [setup_hint])
     # the same words inside a real error message are not Ray's retry: a line that merely mentions them stays
     assert split_transient(["ValueError: my resource request failed"])[1] == []
+    assert split_transient([*RESOURCE_REQUEST_TIMEOUT, *RESOURCE_REQUEST_TIMEOUT, "next"]) == (
+        ["next"], RESOURCE_REQUEST_TIMEOUT * 2)
 
 
 def test_slow_cluster_notice_logs_every_line_and_warns_once_only_when_it_persists(console_records):
@@ -358,3 +389,38 @@ def test_tune_console(tmp_path):
     assert len(final) == 1 and lines[final[0] + 1].split()[:2] == ["trial_id", "status"], lines
     log = (tmp_path / "demo" / "tune.log").read_text()
     assert "Started a local Ray instance" in log and "tune demo: 2 trial(s)" in log  # hidden + shown lines
+    check_demo_sweep_results(tmp_path / "demo", results)
+
+
+def check_demo_sweep_results(sweep: Path, reported: dict[str, list[int]]) -> None:
+    """What the demo sweep leaves: a run directory per trial (as ``dyrep-ray train``'s) whose epochs are the ones
+    the console reported, its searched lr in effect, the tables, the best config and the plot."""
+    import json
+
+    import pandas as pd
+
+    from dyrep_ray.engine.checkpoint import load_checkpoint_dir
+    from dyrep_ray.engine.config import load_config
+    from dyrep_ray.engine.layout import CONFIG_FILE, STRUCTURE_FILE
+    from tests.helpers import run_metrics
+
+    table = pd.read_csv(sweep / "trials.csv")
+    assert len(table) == 2 and set(table["trial_id"]) == set(reported)
+    for column in ("status", "dyrep_cut_threshold", "lr", "best_val_top1", "grows", "cuts", "final_train_params"):
+        assert column in table.columns
+    assert set(table["status"]) <= {"completed", "stopped"} and (table["grows"] >= 1).all()
+    for row in table.itertuples():
+        run_dir = sweep / row.trial_id
+        assert [m["epoch"] for m in run_metrics(run_dir)] == reported[row.trial_id]
+        cfg = json.loads((run_dir / CONFIG_FILE).read_text())
+        assert cfg["lr"] == pytest.approx(row.lr) and cfg["workers"] == 1
+        ckpt = load_checkpoint_dir(sorted(run_dir.glob("checkpoint_epoch*"))[-1])
+        assert ckpt.graph == json.loads((run_dir / STRUCTURE_FILE).read_text())
+    parquet = pd.read_parquet(sweep / "trials.parquet")
+    assert len(parquet) == 2 and list(parquet.columns) == list(table.columns)
+    best_row = table.loc[table["best_val_top1"].idxmax()]
+    best = load_config(sweep / "best_config.yaml")
+    assert best.lr == pytest.approx(best_row["lr"])
+    assert best.dyrep_cut_threshold == pytest.approx(best_row["dyrep_cut_threshold"])
+    png = (sweep / "val_top1_vs_epoch.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from dyrep_ray.distributed.trainer import run_distributed
-from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.faults import KillAt
 from dyrep_ray.engine.layout import STRUCTURE_FILE
 from dyrep_ray.engine.loop import model_digest
@@ -18,18 +17,8 @@ pytestmark = pytest.mark.ray
 
 
 
-@pytest.fixture(scope="module")
-def reference(ray_session, tmp_path_factory, request):
-    out = tmp_path_factory.mktemp("ray_runs")
-    from tests.conftest import TINY_RUN
-
-    cfg = load_config(None, TINY_RUN)
-    summary = run_distributed(cfg, out, "ref")
-    return out, cfg, summary
-
-
-def test_two_workers_grow_and_replicas_identical(reference):
-    out, cfg, summary = reference
+def test_two_workers_grow_and_replicas_identical(ray_reference):
+    out, cfg, summary = ray_reference
     run_dir = out / "ref"
     lines = run_metrics(run_dir)
     assert [m["epoch"] for m in lines] == [1, 2, 3]
@@ -47,10 +36,10 @@ def test_two_workers_grow_and_replicas_identical(reference):
     assert ckpt.meta["epoch"] == 3
 
 
-def test_worker_killed_mid_epoch_resumes_exactly(reference, tmp_path):
+def test_worker_killed_mid_epoch_resumes_exactly(ray_reference, tmp_path):
     """A real SIGKILL of rank 1 in epoch 3 (after two growths): Ray restarts the workers from the
     epoch-2 checkpoint and the run ends with the same weights and structure as the uninterrupted one."""
-    out, cfg, _ = reference
+    out, cfg, _ = ray_reference
     marker = tmp_path / "fault-fired"
     run_distributed(cfg, tmp_path, "killed", callbacks=[KillAt(epoch=2, rank=1, marker=str(marker))])
     assert marker.exists(), "the fault was not injected"
@@ -64,7 +53,7 @@ def test_worker_killed_mid_epoch_resumes_exactly(reference, tmp_path):
     assert model_digest(reference_model) == model_digest(resumed_model)
 
 
-def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(reference, tmp_path):
+def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(ray_reference, tmp_path):
     """SIGKILL the `dyrep-ray train` process mid-epoch 3, truncate the newest checkpoint, re-run the same
     command: Ray restores the run, the workers skip the corrupt checkpoint (warning), resume from the previous
     valid one and end with the uninterrupted run's weights and structure."""
@@ -78,7 +67,7 @@ def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(reference, t
 
     from tests.conftest import TINY_RUN
 
-    out, cfg, _ = reference
+    out, cfg, _ = ray_reference
     address = ray.get_runtime_context().gcs_address
     run_args = ["--address", address, "--output", str(tmp_path), "--name", "drv",
                 *sum((["--set", kv] for kv in TINY_RUN), [])]

@@ -1,9 +1,10 @@
 """dyrep-ray tune: sweep files, the PBT checkpoint bridge, and real sweeps on the shared Ray instance.
 
 Fast tests (no Ray) check the sweep format, its one-line errors and the segment logic of the bridge.
-Ray tests run real sweeps (one TorchTrainer per trial, 1 CPU worker, tiny synthetic data): the demo sweep,
-a PBT sweep that forces an exploit and checks that the weak trial continues from the donor's structure,
+Ray tests run real sweeps (one TorchTrainer per trial, 1 CPU worker, tiny synthetic data): a PBT sweep
+that forces an exploit and checks that the weak trial continues from the donor's structure,
 weights, optimizer state and epoch with its mutated learning rate, and a sweep in which one trial raises.
+The demo sweep runs once, through the CLI, in tests/test_console.py (its console and its result files).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import yaml
 
 from dyrep_ray.engine.checkpoint import load_checkpoint_dir, write_checkpoint_dir
-from dyrep_ray.engine.config import ConfigError, load_config
+from dyrep_ray.engine.config import ConfigError
 from dyrep_ray.engine.faults import RaiseAt
 from dyrep_ray.engine.layout import CONFIG_FILE, STRUCTURE_FILE
 from dyrep_ray.tune.bridge import (
@@ -236,39 +237,6 @@ def test_plan_segment_rejects_tampered_donor(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ real sweeps (Ray)
-
-
-@pytest.mark.ray
-def test_demo_sweep(ray_session, tmp_path):
-    from dyrep_ray.tune.sweep import run_sweep
-
-    spec = load_sweep(SWEEPS / "demo.yaml", ["synthetic_train_size=256", "epochs=2"])
-    out = run_sweep(spec, str(tmp_path), "demo", verbose=0)
-    sweep = tmp_path / "demo"
-    assert len(out.records) == 2
-    for record in out.records:
-        assert record.status in ("completed", "stopped") and not record.error
-        assert record.reported and record.reported[0]["epoch"] == 1 and record.best_value is not None
-        run_dir = sweep / record.trial_id  # the same run directory as dyrep-ray train
-        assert [m["epoch"] for m in run_metrics(run_dir)] == [r["epoch"] for r in record.reported]
-        assert (run_dir / STRUCTURE_FILE).is_file() and (run_dir / CONFIG_FILE).is_file()
-        cfg = json.loads((run_dir / CONFIG_FILE).read_text())
-        assert cfg["lr"] == pytest.approx(record.config["lr"]) and cfg["workers"] == 1
-        ckpt = load_checkpoint_dir(sorted(run_dir.glob("checkpoint_epoch*"))[-1])
-        assert ckpt.graph == json.loads((run_dir / STRUCTURE_FILE).read_text())
-    table = pd.read_csv(sweep / "trials.csv")
-    assert len(table) == 2 and set(table["trial_id"]) == {r.trial_id for r in out.records}
-    for column in ("status", "dyrep_cut_threshold", "lr", "best_val_top1", "grows", "cuts", "final_train_params"):
-        assert column in table.columns
-    assert (table["grows"] >= 1).all()  # dyrep_adjust_interval=1: the structure grew
-    parquet = pd.read_parquet(sweep / "trials.parquet")
-    assert len(parquet) == 2 and list(parquet.columns) == list(table.columns)
-    best = load_config(sweep / "best_config.yaml")
-    assert best.lr == pytest.approx(out.best["config"]["lr"])
-    assert best.dyrep_cut_threshold == pytest.approx(out.best["config"]["dyrep_cut_threshold"])
-    assert out.best["value"] == max(r.best_value for r in out.records)
-    png = (sweep / "val_top1_vs_epoch.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
 @pytest.mark.ray
