@@ -61,6 +61,16 @@ def _report_loop(config: dict) -> dict:
     return {"blocked_s": blocked, "async_commit_wait_s": commit_wait}
 
 
+def test_server_filesystem(endpoint: str, env: dict[str, str]):
+    """The test server's filesystem with its credentials in the object itself: pickled to Ray's workers with the
+    run config, it needs nothing from their environment -- which was fixed when their Ray instance started,
+    perhaps by another benchmark, before any variable this process sets now."""
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                             region=env["AWS_DEFAULT_REGION"], endpoint_override=endpoint, scheme="http")
+
+
 def run(device: torch.device | None = None, quick: bool = False, checkpoint_mb: int | None = None,
         pairs: int | None = None, step_gap_s: float | None = None, shutdown: bool = True) -> dict:
     """``device`` is unused (uploads are host work); ``shutdown=False`` leaves a Ray instance started here."""
@@ -77,17 +87,13 @@ def run(device: torch.device | None = None, quick: bool = False, checkpoint_mb: 
     checkpoint_mb = checkpoint_mb or (8 if quick else 64)
     pairs = pairs or (2 if quick else 4)
     step_gap_s = step_gap_s if step_gap_s is not None else (1.0 if quick else 3.0)
-    os.environ.update(S3_TEST_ENV)  # fake credentials of the local test server, inherited by Ray processes
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import bench/
     try:
         with s3_server(BUCKET) as endpoint:
-            storage = f"s3://{BUCKET}/upload-bench?endpoint_override={endpoint}&scheme=http"
-            from dyrep_ray.engine.storage import resolve_filesystem
-
-            fs, fs_path = resolve_filesystem(storage)
+            fs, fs_path = test_server_filesystem(endpoint, S3_TEST_ENV), f"{BUCKET}/upload-bench"
             trainer = TorchTrainer(
                 _report_loop,
                 train_loop_config={"checkpoint_mb": checkpoint_mb, "pairs": pairs, "step_gap_s": step_gap_s},

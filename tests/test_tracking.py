@@ -380,3 +380,23 @@ def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path):
         assert metric_history(client, info["run_id"], key) == {r["epoch"]: pytest.approx(r[key], rel=1e-6)
                                                               for r in rows}, key
     assert STRUCTURE_FILE in artifact_paths(client, info["run_id"])
+
+
+@pytest.mark.ray
+def test_mlflow_settings_set_in_the_driver_reach_the_worker_that_logs(ray_session, monkeypatch):
+    """MLflow reads its client settings (a token, TLS paths, ...) from the environment of the process that logs:
+    a Ray worker, whose environment was fixed when the (already running) Ray instance started."""
+    token_env = "MLFLOW_TRACKING_TOKEN"
+    monkeypatch.setenv(token_env, "driver-token")  # set after ray.init, as a user attaching to a cluster would
+
+    @ray_session.remote(num_cpus=0, max_calls=1)  # a fresh worker process each call, gone after it
+    def worker_view(callback, apply: bool):
+        import os
+
+        if apply:
+            callback.apply_client_env()
+        return os.environ.get(token_env)
+
+    callback = MLflowCallback("http://127.0.0.1:1")  # built in the driver, as build_tracking_callbacks does
+    assert ray_session.get(worker_view.remote(callback, False)) is None  # the worker's own environment lacks it
+    assert ray_session.get(worker_view.remote(callback, True)) == "driver-token"
