@@ -353,10 +353,14 @@ def test_tracking_to_a_real_mlflow_server(tracked_run, mlflow_server, tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path):
-    """``run_distributed`` with 2 workers: one event file, one MLflow run, both equal to metrics.jsonl."""
+def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path, monkeypatch):
+    """``run_distributed`` with 2 workers: one event file, one MLflow run, both equal to metrics.jsonl; the MLflow
+    settings of the driver's environment (here the experiment name, set after Ray started, as a user attaching
+    to a running cluster would) are what rank 0's worker logs with."""
     from dyrep_ray.distributed.trainer import run_distributed
     from tests.conftest import TINY_RUN
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "set-in-the-driver")
 
     store = f"sqlite:///{tmp_path / 'ray-mlflow.db'}"
     cfg = load_config(None, [*TINY_RUN, "epochs=2", f"mlflow_tracking_uri={store}"])
@@ -373,6 +377,7 @@ def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path):
     assert grown and set(grown) <= set(texts["structure_events/text_summary"])
     info = json.loads((run_dir / TRACKING_FILE).read_text())["mlflow"]
     client = MlflowClient(tracking_uri=store)
+    assert client.get_experiment(info["experiment_id"]).name == "set-in-the-driver"
     runs = client.search_runs([info["experiment_id"]])
     assert [r.info.run_id for r in runs] == [info["run_id"]]  # one run: rank 0's
     assert runs[0].info.status == "FINISHED"
@@ -382,21 +387,20 @@ def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path):
     assert STRUCTURE_FILE in artifact_paths(client, info["run_id"])
 
 
-@pytest.mark.ray
-def test_mlflow_settings_set_in_the_driver_reach_the_worker_that_logs(ray_session, monkeypatch):
-    """MLflow reads its client settings (a token, TLS paths, ...) from the environment of the process that logs:
-    a Ray worker, whose environment was fixed when the (already running) Ray instance started."""
-    token_env = "MLFLOW_TRACKING_TOKEN"
-    monkeypatch.setenv(token_env, "driver-token")  # set after ray.init, as a user attaching to a cluster would
 
-    @ray_session.remote(num_cpus=0, max_calls=1)  # a fresh worker process each call, gone after it
-    def worker_view(callback, apply: bool):
-        import os
+def test_driver_tracking_environment_carries_mlflow_settings_only_when_tracking(monkeypatch):
+    from dyrep_ray.tracking import DriverTrackingEnvironment
 
-        if apply:
-            callback.apply_client_env()
-        return os.environ.get(token_env)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "driver-token")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "driver-user")
+    assert DriverTrackingEnvironment(None).values == {}  # no MLflow tracking: nothing captured
+    carried = DriverTrackingEnvironment("http://mlflow:5000")
+    assert carried.values == {"MLFLOW_TRACKING_TOKEN": "driver-token", "MLFLOW_TRACKING_USERNAME": "driver-user"}
+    # in a worker: what it lacks is set, what its cluster set stays
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "cluster-user")
+    carried.configure()
+    import os
 
-    callback = MLflowCallback("http://127.0.0.1:1")  # built in the driver, as build_tracking_callbacks does
-    assert ray_session.get(worker_view.remote(callback, False)) is None  # the worker's own environment lacks it
-    assert ray_session.get(worker_view.remote(callback, True)) == "driver-token"
+    assert os.environ["MLFLOW_TRACKING_TOKEN"] == "driver-token"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "cluster-user"

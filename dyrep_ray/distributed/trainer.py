@@ -24,6 +24,7 @@ from ..engine.loop import Trainer, check_resume_config, summarize
 from ..engine.runfiles import plain_params_from, read_metrics
 from ..engine.storage import RunStorage, resolve_filesystem
 from ..errors import UserError
+from ..tracking import DriverTrackingEnvironment
 from .console import WorkerConsole, ray_train_log_level
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     callbacks = list(loop_config.get("callbacks", ()))
-    for callback in callbacks:
-        if isinstance(callback, WorkerConsole):  # before anything logs: what this worker shows on the terminal
+    for callback in callbacks:  # before anything logs or tracks: the terminal output, the driver's settings
+        if isinstance(callback, WorkerConsole | DriverTrackingEnvironment):
             callback.configure()
     cfg = TrainConfig.from_dict(loop_config["config"])
     ctx = RayTrainContext(loop_config["storage_uri"], loop_config["name"],
@@ -289,7 +290,8 @@ def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address
     newest = load_newest_valid(storage)
     if newest is not None:  # a resume: refuse a structural config change before any worker starts
         check_resume_config(newest.meta, cfg)
-    trainer = build_torch_trainer(cfg, launch, callbacks=callbacks)
+    driver_env = DriverTrackingEnvironment(cfg.mlflow_tracking_uri)
+    trainer = build_torch_trainer(cfg, launch, callbacks=[driver_env, *callbacks])
     logger.info("launching %s %s worker(s)%s; run directory %s",
                 f"{cfg.min_workers}-{cfg.max_workers}" if cfg.elastic else cfg.min_workers,
                 "GPU" if use_gpu else "CPU", " (elastic)" if cfg.elastic else "", storage.root)

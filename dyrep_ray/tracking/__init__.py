@@ -10,13 +10,16 @@ This module imports neither torch, mlflow nor tensorboard: the CLI may import it
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from ..engine.callbacks import TrainerCallback
 from ..engine.layout import TENSORBOARD_DIR, TRACKING_FILE
 from ..engine.storage import RunStorage
 from .base import TrackingCallback
 
 __all__ = [
+    "DriverTrackingEnvironment",
     "TENSORBOARD_DIR",
     "TRACKING_FILE",
     "TrackingCallback",
@@ -43,6 +46,29 @@ def resolve_tracking_uri(uri: str | None, base: str | Path | None = None) -> str
     if not path.is_absolute():
         path = Path(base or Path.cwd()) / path
     return path.resolve().as_uri()
+
+
+#: MLflow reads its client settings from the environment of the process that logs (MLFLOW_TRACKING_TOKEN,
+#: _USERNAME/_PASSWORD, TLS paths, MLFLOW_EXPERIMENT_NAME, MLFLOW_S3_ENDPOINT_URL, ...).
+MLFLOW_ENV_PREFIX = "MLFLOW_"
+
+
+class DriverTrackingEnvironment(TrainerCallback):
+    """The driver's MLflow settings, carried to the Ray workers that log.
+
+    A Ray worker's environment was fixed when its Ray instance started -- by ``ray start`` on a cluster, or by an
+    earlier command -- not by the driver where the user exported the variables. Built in the driver (only when
+    the run tracks to MLflow: nothing is captured otherwise); :meth:`configure` runs in each worker before its
+    tracking callbacks are built and sets each variable the worker does not have itself (a cluster's own wins).
+    """
+
+    def __init__(self, mlflow_tracking_uri: str | None) -> None:
+        self.values = ({k: v for k, v in os.environ.items() if k.startswith(MLFLOW_ENV_PREFIX)}
+                       if mlflow_tracking_uri else {})
+
+    def configure(self) -> None:
+        for key, value in self.values.items():
+            os.environ.setdefault(key, value)
 
 
 def build_tracking_callbacks(cfg, run_dir: str | Path | RunStorage | None = None) -> list[TrackingCallback]:

@@ -38,10 +38,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "dyrep-ray"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"  # MLflow's own variable: respected when set
-# MLflow's client settings (MLFLOW_TRACKING_TOKEN, _USERNAME/_PASSWORD, TLS paths, MLFLOW_S3_ENDPOINT_URL, ...)
-# live in the environment of the process that logs. That is a Ray worker, whose environment was fixed when its
-# Ray instance started -- not the driver's, where the user set them: the callback carries them over.
-CLIENT_ENV_PREFIX = "MLFLOW_"
 # The reachability probe must fail in about a second on a closed port, not after MLflow's default
 # 7 retries with exponential backoff (minutes).
 PROBE_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
@@ -183,21 +179,13 @@ class MLflowCallback(TrackingCallback):
         super().__init__(run_dir)
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
-        # read where the callback is built (the driver); applied where it logs (rank 0's worker)
-        self.client_env = {k: v for k, v in os.environ.items() if k.startswith(CLIENT_ENV_PREFIX)}
         self.client = None
         self.run_id: str | None = None
         self.logged_through = 0  # last epoch this MLflow run holds metrics for
         self._pending_adjust: list | None = None
 
     # ------------------------------------------------------------------ start / resume
-    def apply_client_env(self) -> None:
-        """The driver's MLflow settings, in this process where it has none of its own (a cluster's win)."""
-        for key, value in self.client_env.items():
-            os.environ.setdefault(key, value)
-
     def _fit_start(self, trainer) -> None:
-        self.apply_client_env()
         try:
             self.client = connect(self.tracking_uri)
         except ImportError as exc:

@@ -247,6 +247,9 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
     else:
         load_secret(create=True)  # a sweep that could never be signed (unwritable key dir) fails now, not at the end
     spec_json = spec.to_json()  # as given (use_gpu may be "auto"): what --resume compares against
+    from ..tracking import DriverTrackingEnvironment
+
+    callbacks = [DriverTrackingEnvironment(spec.base_config.get("mlflow_tracking_uri")), *callbacks]
     train_log_level = None
     if console is not None:
         from ..distributed.console import QUIET_RAY_TRAIN_LOG_LEVEL, WorkerConsole, quiet_ray_driver
