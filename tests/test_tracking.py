@@ -389,8 +389,12 @@ def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path, monkeypatch):
 
 
 def test_driver_tracking_environment_carries_mlflow_settings_only_when_tracking(monkeypatch):
+    import os
+
     from dyrep_ray.tracking import DriverTrackingEnvironment
 
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:  # what earlier tests' MLflow clients set
+        monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "driver-token")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "driver-user")
     assert DriverTrackingEnvironment(None).values == {}  # no MLflow tracking: nothing captured
@@ -400,7 +404,5 @@ def test_driver_tracking_environment_carries_mlflow_settings_only_when_tracking(
     monkeypatch.delenv("MLFLOW_TRACKING_TOKEN")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "cluster-user")
     carried.configure()
-    import os
-
     assert os.environ["MLFLOW_TRACKING_TOKEN"] == "driver-token"
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "cluster-user"
