@@ -17,11 +17,6 @@ if "DYREP_RAY_SECRET_FILE" not in os.environ:
 
     os.environ["DYREP_RAY_SECRET_FILE"] = os.path.join(tempfile.mkdtemp(prefix="dyrep-test-secret-"), "secret")
 
-# Ray Train's controller polls its workers every 2 s by default: a tiny test run ends (and starts) up to a poll
-# later than its work. Polled 4x as often here -- the shared instance, the CLI subprocesses and the multi-node
-# clusters all inherit this environment. (Missed polls are tolerated for Ray's 10-minute worker health timeout.)
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
 # Small test workloads run faster single-threaded, and Ray workers share the 2 cores with the driver.
 torch.set_num_threads(1)
 
