@@ -1,0 +1,52 @@
+"""Run directories written by an earlier version of dyrep-ray still load and resume.
+
+``tests/data/legacy_runs/{bn,online}`` were written by commit 79ab219 (before the block contract and the config
+split): a 2-epoch ``--local --cpu`` run of the built-in config with ``dyrep_adjust_interval=1`` (two grown blocks),
+cut down to the newest checkpoint, plus the logits that version's rebuilt model gave on a seeded input
+(``reference_logits.pt``).  See ``tests/data/legacy_runs/README.md`` for the exact command.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyrep_ray.cli import main
+from dyrep_ray.engine.layout import METRICS_FILE
+from dyrep_ray.rep.blocks import is_block
+from tests.helpers import final_model
+
+LEGACY = Path(__file__).parent / "data" / "legacy_runs"
+#: The legacy run's own settings: resuming with different ones would be refused as a config change.
+LEGACY_SETTINGS = ["synthetic_train_size=128", "synthetic_val_size=64", "batch_size=32", "dyrep_recal_bn_iters=2",
+                   "dyrep_adjust_interval=1", "dyrep_grow_topk=2"]
+LOGITS_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("block", ["bn", "online"])
+def test_legacy_checkpoint_rebuilds_the_same_model(block):
+    model, ckpt = final_model(LEGACY / block)
+    assert ckpt.meta["epoch"] == 2
+    assert sum(1 for m in model.modules() if is_block(m)) == 2
+    reference = torch.load(LEGACY / block / "reference_logits.pt", weights_only=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(reference["input"])
+    torch.testing.assert_close(logits, reference["logits"], atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("block", ["bn", "online"])
+def test_legacy_run_directory_resumes_past_its_last_epoch(block, tmp_path):
+    shutil.copytree(LEGACY / block, tmp_path / block)
+    argv = ["train", "--local", "--cpu", "--quiet", "--output", str(tmp_path), "--name", block]
+    for setting in [*LEGACY_SETTINGS, f"dyrep_block={block}", "epochs=3"]:
+        argv += ["--set", setting]
+    assert main(argv) == 0
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / block / METRICS_FILE).read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    _, ckpt = final_model(tmp_path / block)
+    assert ckpt.meta["epoch"] == 3
