@@ -49,6 +49,8 @@ def pytest_configure(config):
     import subprocess
     import sys
 
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller keeps the load for the whole run
+        return
     count, nice = config.getoption("--cpu-load"), config.getoption("--cpu-load-nice")
     config._cpu_load = [subprocess.Popen([sys.executable, "-c", _SPIN, str(nice)]) for _ in range(count)]
 
@@ -64,6 +66,24 @@ def pytest_report_header(config):
         return (f"cpu load: {len(config._cpu_load)} busy processes at niceness "
                 f"{config.getoption('--cpu-load-nice')} (--cpu-load)")
     return None
+
+
+# The suite runs on two pytest-xdist workers (pyproject addopts: -n 2 --dist loadgroup): the unit tests, each
+# single-threaded, fill the core that a Ray integration test leaves idle while it waits on Ray. Tests that share one
+# resource go to one worker, in collection order, through an xdist group:
+#   "ray-shared": every test on this process's Ray instance (the ray_session fixture): one instance, not one a worker;
+#   "ray-cluster-<module>": a module whose tests share a module-scoped cluster of their own (tests/multinode.py).
+RAY_SHARED_GROUP = "ray-shared"
+OWN_CLUSTER_FIXTURES = ("cluster",)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group(RAY_SHARED_GROUP))
+        elif any(name in item.fixturenames for name in OWN_CLUSTER_FIXTURES):
+            item.add_marker(pytest.mark.xdist_group(f"ray-cluster-{item.module.__name__}"))
 
 
 @pytest.fixture(scope="session")
