@@ -25,7 +25,8 @@ from dyrep_ray.rep import (
     param_groups_for,
     recalibrate_bn,
 )
-from dyrep_ray.rep.dyrep import grow_conv, iter_blocks
+from dyrep_ray.rep.grow_cut import grow_conv
+from dyrep_ray.rep.paths import iter_blocks
 from tests.helpers import rel_err as _rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}

@@ -17,7 +17,8 @@ from timm.utils import reparameterize_model
 from dyrep_ray.models import build_model
 from dyrep_ray.rep import deploy
 from dyrep_ray.rep.dbb import DiverseBranchBlock
-from dyrep_ray.rep.dyrep import eligible_convs, grow_conv
+from dyrep_ray.rep.grow_cut import grow_conv
+from dyrep_ray.rep.paths import eligible_convs
 from tests.helpers import randomize_bn
 
 NAME, NUM_CLASSES = "resnet10t", 7
