@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyrep_ray.models import build_model
-from dyrep_ray.rep.dyrep import eligible_convs, get_submodule, grow_conv, set_submodule
+from dyrep_ray.rep.grow_cut import grow_conv
 from dyrep_ray.rep.online import grow_online_block
+from dyrep_ray.rep.paths import eligible_convs, get_submodule, set_submodule
 
 from .common import interleaved_ratios, machine_info, single_process_group, synchronize
 

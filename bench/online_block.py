@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyrep_ray.models import build_model
-from dyrep_ray.rep.dbb import DiverseBranchBlock
-from dyrep_ray.rep.dyrep import eligible_convs, get_submodule, grow_conv, set_submodule
-from dyrep_ray.rep.online import OnlineBlock, grow_online_block
+from dyrep_ray.rep.blocks import is_block
+from dyrep_ray.rep.grow_cut import grow_conv
+from dyrep_ray.rep.online import grow_online_block
+from dyrep_ray.rep.paths import eligible_convs, get_submodule, set_submodule
 
 from .common import interleaved_ratios, machine_info, peak_memory, pick_device
 
@@ -120,7 +121,7 @@ def measure_models(device, batch: int, reps: int, models=MODELS, count: int = GR
             m.train()
             peak[v] = _fwd_bwd_peak(m, lambda m=m: F.cross_entropy(m(images), targets), device)
             saved[v] = saved_activation_bytes(m, lambda m=m: m(images))
-        blocks = {v: sum(isinstance(x, (OnlineBlock, DiverseBranchBlock)) for x in m.modules())
+        blocks = {v: sum(is_block(x) for x in m.modules())
                   for v, m in variants.items()}
         out[name] = {
             "grown": paths, "blocks": blocks, "batch": batch, "reps": reps,

@@ -18,9 +18,10 @@ from torch import nn
 
 from dyrep_ray.models import build_model, count_params
 from dyrep_ray.rep import DyRep
-from dyrep_ray.rep.dbb import DiverseBranchBlock
+from dyrep_ray.rep.blocks import is_block
 from dyrep_ray.rep.deploy import deploy
-from dyrep_ray.rep.dyrep import eligible_convs, grow_conv, iter_blocks
+from dyrep_ray.rep.grow_cut import grow_conv
+from dyrep_ray.rep.paths import eligible_convs, iter_blocks
 
 from .common import interleaved_ratios
 
@@ -153,5 +154,5 @@ def deploy_latency(trained: nn.Module, plain_reference: nn.Module, device, quick
         "latency_ratio": ratio, "latency_cpu_ratio": timing["deployed"]["cpu_ratio"],
         "goal": "params equal, ratio 1.00 +- 0.03",
         "met": params_plain == params_deployed and abs(ratio - 1.0) <= 0.03,
-        "no_blocks_left": not any(isinstance(m, DiverseBranchBlock) for m in deployed.modules()),
+        "no_blocks_left": not any(is_block(m) for m in deployed.modules()),
     }

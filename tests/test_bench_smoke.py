@@ -23,7 +23,7 @@ from bench.common import LiveTensorMemory, single_process_group
 from bench.report import ROW_BUILDERS, markdown_table
 from bench.sync_counter import SyncCounter
 from dyrep_ray.rep.dbb import BRANCH_NAMES, DiverseBranchBlock, allowed_branches
-from dyrep_ray.rep.dyrep import grow_conv
+from dyrep_ray.rep.grow_cut import grow_conv
 
 
 # ---------------------------------------------------------------------------------------------------------------

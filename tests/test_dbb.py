@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyrep_ray.rep import BRANCH_NAMES, DiverseBranchBlock, allowed_branches
-from dyrep_ray.rep.dyrep import grow_conv
+from dyrep_ray.rep.grow_cut import grow_conv
 from tests.helpers import rel_err
 
 ALL = set(BRANCH_NAMES)

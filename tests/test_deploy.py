@@ -25,7 +25,9 @@ from dyrep_ray.rep import (
     param_groups_for,
     recalibrate_bn,
 )
-from dyrep_ray.rep.dyrep import grow_conv, iter_blocks
+from dyrep_ray.rep.blocks import BLOCK_TYPE_NAMES
+from dyrep_ray.rep.grow_cut import grow_conv
+from dyrep_ray.rep.paths import iter_blocks
 from tests.helpers import rel_err as _rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -368,23 +370,6 @@ def timm_grown_model(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_timm_reparameterize_model_folds_every_block(dtype):
-    from timm.utils import reparameterize_model
-
-    model = timm_grown_model(dtype).eval()
-    x = torch.randn(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = model(x)
-        fused = reparameterize_model(model)  # timm's own function (a deep copy by default)
-        after = fused(x)
-    assert not any(isinstance(m, DiverseBranchBlock) for m in fused.modules())
-    assert len(iter_blocks(model)) == 5  # the original is untouched
-    torch.testing.assert_close(after, before, atol=1e-12 if dtype == torch.float64 else 1e-5,
-                               rtol=TOL[dtype])
-    assert rel_err(after, before) <= TOL[dtype]
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_block_reparameterize_in_place(dtype):
     """The other timm contract (``m.reparameterize()`` returns nothing): the block folds itself."""
     model = timm_grown_model(dtype).eval()
@@ -401,6 +386,37 @@ def test_block_reparameterize_in_place(dtype):
     assert not any(isinstance(m, DiverseBranchBlock) for m in deployed.modules())
     with torch.no_grad():
         assert rel_err(deployed(x), before) <= TOL[dtype]
+    with pytest.raises(ValueError):
+        blocks[0].describe()
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPE_NAMES)
+def test_reparameterize_means_the_same_on_every_block_type(block_type):
+    """``reparameterize()`` folds in place and returns nothing, ``fuse()`` returns the replacing conv and leaves
+    the block as it was: on every registered type, with the user's bias layout kept by both."""
+    torch.manual_seed(5)
+    model = vgg_net().double().eval()
+    d = DyRep(model, block_type=block_type)
+    for path in d.eligible_names[:2]:
+        d.grow(path)
+    d.grow(f"{iter_blocks(model)[0][0]}.branches.kxk.conv")
+    randomize_bns(model, 18)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    blocks = [b for _, b in iter_blocks(model)]
+    assert len(blocks) == 3
+    with torch.no_grad():
+        before = model(x)
+        fused = [b.fuse() for b in blocks]
+        assert all(type(c) is nn.Conv2d and not b.is_fused and b.branch_names for b, c in zip(blocks, fused))
+        for block in reversed(blocks):  # innermost first
+            assert block.reparameterize() is None
+        after = model(x)
+    assert all(b.is_fused and not b.branch_names for b in blocks)
+    assert rel_err(after, before) <= TOL[torch.float64]
+    with torch.no_grad():
+        assert rel_err(deploy(model)(x), before) <= TOL[torch.float64]
+        conv = blocks[0].to_conv()  # a folded block still converts, with the same bias layout as before
+    assert (conv.bias is None) == (fused[0].bias is None)
     with pytest.raises(ValueError):
         blocks[0].describe()
 

@@ -28,7 +28,7 @@ from dyrep_ray.rep import (
     restore_graph,
     structure_graph,
 )
-from dyrep_ray.rep.dyrep import grow_conv
+from dyrep_ray.rep.grow_cut import grow_conv
 from tests.helpers import rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -914,7 +914,7 @@ def test_controller_load_state_dict_refuses_unknown_accumulators(caplog):
         other.load_state_dict(bad)
     assert other.adjust_count == 0 and all(float(v) == 0.0 for v in other.state_dict()["sums"].values())
     partial = {**state, "sums": {k: v for k, v in state["sums"].items() if k != "0"}}
-    with caplog.at_level("WARNING", logger="dyrep_ray.rep.dyrep"):
+    with caplog.at_level("WARNING", logger="dyrep_ray.rep.controller"):
         other.load_state_dict(partial)
     assert "restart from zero" in caplog.text
     assert other.metric_scores()["3"] == ctrl.metric_scores()["3"] and other.metric_scores()["0"] == 0.0

@@ -63,7 +63,8 @@ def checkpoint(tmp_path_factory) -> Path:
     from dyrep_ray.engine.checkpoint import write_checkpoint_dir
     from dyrep_ray.engine.config import load_config
     from dyrep_ray.models import build_model
-    from dyrep_ray.rep.dyrep import grow_conv, structure_graph
+    from dyrep_ray.rep.graph import structure_graph
+    from dyrep_ray.rep.grow_cut import grow_conv
 
     model = build_model("small_cnn", 10)
     grow_conv(model, "features.1.0", seed=0)

@@ -308,9 +308,9 @@ def test_cut_keeps_the_function(groups, dtype):
     x = torch.randn(2, c, 9, 9, generator=torch.Generator().manual_seed(0), dtype=dtype)
     with torch.no_grad():
         before = block(x)
-    block.cut(["1x1", "identity", "1x1_kxk"])
+    block.cut(["1x1", "identity", "1x1_kxk"], mode="absorb")
     assert block.branch_names == ["1x1_avg", "kxk", "1xk", "kx1"]
-    block.cut(["1x1_avg", "1xk", "kx1"])
+    block.cut(["1x1_avg", "1xk", "kx1"], mode="absorb")
     assert block.branch_names == [KXK]
     with torch.no_grad():
         after = block(x)
@@ -328,7 +328,7 @@ def test_cut_refuses_a_zero_kxk_scale():
     with torch.no_grad():
         block.kxk_scale()[1] = 0.0
     with pytest.raises(ValueError, match="zero scale"):
-        block.cut(["1x1"])
+        block.cut(["1x1"], mode="absorb")
     assert "1x1" in block.branch_names
 
 
@@ -363,8 +363,8 @@ def test_nested_growth_cut_and_deploy_are_exact(dtype, bias):
     randomize(outer, seed=14)
     with torch.no_grad():
         trained = outer(x)
-    outer.cut(["1x1", "kx1"])  # absorbed through the nested block's kxk branch
-    inner.cut(["identity", "1x1_avg"])
+    outer.cut(["1x1", "kx1"], mode="absorb")  # absorbed through the nested block's kxk branch
+    inner.cut(["identity", "1x1_avg"], mode="absorb")
     with torch.no_grad():
         after = outer(x)
         deployed = outer.to_conv()(x)
@@ -405,8 +405,8 @@ def test_describe_and_state_dict_round_trip(bias):
     model = base()
     model[0] = grow_online_block(model[0], seed=1)
     model[0].kxk_branch.conv = grow_online_block(model[0].kxk_branch.conv, seed=2)
-    model[0].cut(["1x1"])
-    model[0].kxk_branch.conv.cut(["identity", "1xk"])
+    model[0].cut(["1x1"], mode="absorb")
+    model[0].kxk_branch.conv.cut(["identity", "1xk"], mode="absorb")
     randomize(model, seed=3)
     entries = [{"path": name, **m.describe()} for name, m in model.named_modules() if isinstance(m, OnlineBlock)]
     entries = json.loads(json.dumps(entries))  # the graph is JSON
@@ -429,8 +429,8 @@ def test_describe_and_state_dict_round_trip(bias):
 def test_collapsed_block_keeps_the_users_bias_layout():
     for bias in (False, True):
         block = grow_online_block(nn.Conv2d(4, 4, 3, padding=1, bias=bias), seed=0)
-        block.cut([n for n in block.branch_names if n != KXK])
-        conv = block.reparameterize()
+        block.cut([n for n in block.branch_names if n != KXK], mode="absorb")
+        conv = block.fuse()
         assert (conv.bias is not None) is bias and conv.dyrep_orig_bias is bias
         regrown = online_block_from_conv(conv)  # a collapsed conv may grow again
         assert (regrown.bias is not None) is bias and regrown.dyrep_orig_bias is bias

@@ -33,8 +33,8 @@ from dyrep_ray.rep import (
     structure_graph,
 )
 from dyrep_ray.rep.dbb import KXK
-from dyrep_ray.rep.dyrep import iter_blocks
 from dyrep_ray.rep.optim import param_groups_for
+from dyrep_ray.rep.paths import iter_blocks
 from tests.helpers import LOCAL_TINY, RESUME_ATOL, final_model, max_abs_diff, rel_err, run_local, run_metrics
 from tests.test_dyrep import ELIGIBLE, batch, eval_out, make_net
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..rep.online import OnlineBlock
+from ..rep.blocks import is_block
 
 DEFAULT_FLOPS_INPUT_SIZE = (3, 32, 32)
 
@@ -45,8 +45,9 @@ def _reference_tensor(model: nn.Module) -> torch.Tensor | None:
 def count_flops(model: nn.Module, input_size: Sequence[int] = DEFAULT_FLOPS_INPUT_SIZE) -> int:
     """Multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` for one sample of shape ``input_size``.
 
-    An online block does not call its branch convs as modules: it counts what its forward ran on the
-    activations (:meth:`OnlineBlock.activation_macs`: one kxk conv on the assembled-kernel path).
+    A block whose branch convs do not run as modules counts what its forward ran on the activations
+    (:meth:`~dyrep_ray.rep.block_base.RepBlock.forward_macs`; an online block: one kxk conv on the
+    assembled-kernel path).
     Runs one dummy forward (batch 1) in eval mode under ``torch.no_grad`` on the model's device and dtype,
     then restores every module's training flag. Bias additions are not counted (the usual MAC convention).
     """
@@ -57,8 +58,8 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = DEFAULT_FLOPS_INPU
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(module, OnlineBlock):
-            total += module.activation_macs(inputs[0])
+        if is_block(module):
+            total += module.forward_macs(inputs[0]) or 0  # None: its convs run as modules and count themselves
         elif isinstance(module, nn.Conv2d):
             total += _conv_macs(module, output)
         elif isinstance(module, nn.Linear):
@@ -68,7 +69,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = DEFAULT_FLOPS_INPU
     handles = [
         module.register_forward_hook(hook)
         for module in model.modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear, OnlineBlock))
+        if isinstance(module, (nn.Conv2d, nn.Linear)) or is_block(module)
     ]
     try:
         model.eval()

@@ -5,23 +5,22 @@ Public API::
     from dyrep_ray.rep import DyRep, DiverseBranchBlock, deploy
 """
 
-from .blocks import BLOCK_TYPE_NAMES, BLOCK_TYPES, is_block
+from .block_base import RepBlock
+from .blocks import BLOCK_CLASSES, BLOCK_TYPE_NAMES, BLOCK_TYPES, is_block, register_block_type
 from .bn import recalibrate_bn
-from .dbb import BRANCH_NAMES, DiverseBranchBlock, allowed_branches
+from .controller import DyRep
+from .dbb import DiverseBranchBlock
 from .deploy import DeployError, deploy, max_output_difference
-from .dyrep import (
-    DyRep,
-    apply_plan,
-    convert_to_dbb,
-    eligible_convs,
-    restore_graph,
-    structure_graph,
-)
+from .geometry import BRANCH_NAMES, allowed_branches
+from .graph import restore_graph, structure_graph
+from .grow_cut import apply_plan, convert_to_dbb
 from .online import OnlineBlock
 from .optim import param_groups_for, update_optimizer
+from .paths import eligible_convs
 from .plan import CutEvent, CutOp, GrowEvent, GrowOp, Plan, event_from_json
 
 __all__ = [
+    "BLOCK_CLASSES",
     "BLOCK_TYPES",
     "BLOCK_TYPE_NAMES",
     "BRANCH_NAMES",
@@ -34,6 +33,7 @@ __all__ = [
     "GrowOp",
     "OnlineBlock",
     "Plan",
+    "RepBlock",
     "allowed_branches",
     "apply_plan",
     "convert_to_dbb",
@@ -44,6 +44,7 @@ __all__ = [
     "max_output_difference",
     "param_groups_for",
     "recalibrate_bn",
+    "register_block_type",
     "restore_graph",
     "structure_graph",
     "update_optimizer",

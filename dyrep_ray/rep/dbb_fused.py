@@ -8,7 +8,7 @@ fast path would bypass); otherwise the block runs its branches one by one.
 
 from __future__ import annotations
 
-from typing import TypeGuard, cast
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +17,12 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from . import transforms as T
-from .dbb import (
-    KXK,
-    BNAndPad,
-    ConvBN,
-    DiverseBranchBlock,
-    IdentityBN,
-    OneByOneAvg,
-    OneByOneKxk,
-)
+from .block_base import RepBlock
+from .dbb_branches import BNAndPad, ConvBN, IdentityBN, OneByOneAvg, OneByOneKxk
+from .geometry import KXK
+
+if TYPE_CHECKING:  # the block module imports this one
+    from .dbb import DiverseBranchBlock
 
 
 def fusable(block: DiverseBranchBlock) -> bool:
@@ -119,7 +116,7 @@ def _fusable_parts(name: str, branch: nn.Module, k: int, s: int) -> list[nn.Modu
         if type(branch) is not ConvBN or type(sub["bn"]) is not nn.BatchNorm2d:
             return None
         conv = sub["conv"]
-        if name == KXK and isinstance(conv, DiverseBranchBlock):
+        if name == KXK and isinstance(conv, RepBlock):
             return [branch, conv, sub["bn"]]  # called as a module: the nested block decides for itself
         if not _plain_conv(conv) or (name == KXK and conv.bias is not None):
             return None

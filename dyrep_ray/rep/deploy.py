@@ -20,8 +20,8 @@ from torch import Tensor, fx, nn
 
 from ..errors import UserError
 from .blocks import is_block
-from .dbb import ORIG_BIAS_ATTR
-from .dyrep import get_submodule, set_submodule
+from .geometry import ORIG_BIAS_ATTR
+from .paths import get_submodule, set_submodule
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ hooks on them do not fire; hooks on the block itself do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol, cast
+from collections.abc import Sequence
+from typing import ClassVar, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +33,11 @@ from torch import Tensor, nn
 
 from . import online_kernels as OK
 from . import transforms as T
-from .dbb import BRANCH_NAMES, CUT_MODES, KXK, ORIG_BIAS_ATTR, block_branch_names, conv_geometry, mid_channels_1x1_kxk
+from .block_base import RepBlock, plain_conv_like, take_conv
+from .geometry import BRANCH_NAMES, DEFAULT_INIT_GAMMA, KXK, ORIG_BIAS_ATTR, mid_channels_1x1_kxk
 
 BLOCK_TYPE = "online"
-DEFAULT_INIT_GAMMA = 0.01
+GRAPH_ENTRY_TYPE = "online"  # structure-graph entry type
 # Below this |scale| the kxk branch cannot absorb a cut branch without blowing up (same bound as the bn block).
 MIN_ABSORB_SCALE = 1e-8
 # Cost model of the forward-path choice (OnlineBlock._cheaper_on_activations), in multiply-accumulates:
@@ -150,7 +151,7 @@ def _branch_convs(branch: nn.Module) -> list[nn.Conv2d]:
     return [m for m in branch.children() if isinstance(m, nn.Conv2d)]
 
 
-class OnlineBlock(nn.Module):
+class OnlineBlock(RepBlock):
     """A kxk conv as a sum of scaled branch kernels; see the module docstring.
 
     ``branches`` selects which branches exist (default: every branch the geometry allows).  ``kxk_conv``
@@ -158,6 +159,9 @@ class OnlineBlock(nn.Module):
     Parameter, or None) the block's bias.  New branch parameters are left at PyTorch defaults and every
     scale at 1: :meth:`init_new_branches` applies DyRep's initialization.
     """
+
+    block_type: ClassVar[str] = BLOCK_TYPE
+    graph_entry_type: ClassVar[str] = GRAPH_ENTRY_TYPE
 
     def __init__(
         self,
@@ -175,17 +179,14 @@ class OnlineBlock(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        padding, names = block_branch_names(in_channels, out_channels, kernel_size, stride, padding, branches,
-                                            type(self).__name__)
+        names = self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, groups, branches)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
         # "kernel": always one conv with the assembled kernel; "branches": always every branch on the
         # activations; "auto": whichever _cheaper_on_activations estimates cheaper.  Not state: a speed
         # knob, the function is the same.
         self.forward_path = AUTO_PATH
-        k, s, p, g = kernel_size, stride, padding, groups
+        k, s, p, g = kernel_size, stride, self.padding, groups
         kw = dict(device=device, dtype=dtype)
         if kxk_conv is None:
             kxk_conv = nn.Conv2d(in_channels, out_channels, k, s, p, groups=g, bias=False, **kw)
@@ -197,7 +198,6 @@ class OnlineBlock(nn.Module):
         else:
             self.register_parameter("bias", None)
         setattr(self, ORIG_BIAS_ATTR, self.bias is not None if orig_bias is None else bool(orig_bias))
-        self.branches = nn.ModuleDict()
         branch: nn.Module
         for name in BRANCH_NAMES:  # canonical order keeps state_dict order stable
             if name not in names:
@@ -228,6 +228,8 @@ class OnlineBlock(nn.Module):
     # ------------------------------------------------------------------ forward
     def assembled_kernel(self) -> Tensor:
         """Σ branches' kernel contributions (differentiable): the one kernel :meth:`forward` applies."""
+        if self.fused_conv is not None:  # folded in place by reparameterize()
+            return self.fused_conv.weight
         kxk = cast(OnlineBranch, self.branches[KXK])
         acc = kxk.contribution()  # a fresh tensor (a product): safe to add into in place
         smaller: dict[tuple[int, ...], Tensor] = {}  # 1x1 / 1xk / kx1 contributions, summed per shape
@@ -245,7 +247,7 @@ class OnlineBlock(nn.Module):
             acc.add_(T.pad_kernel_to(part, self.kernel_size))
         return acc
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_branches(self, x: Tensor) -> Tensor:
         if not self.takes_kernel_path(x):
             return self._forward_on_activations(x)
         return F.conv2d(x, self.assembled_kernel(), self.bias, self.stride, self.padding, 1, self.groups)
@@ -323,22 +325,18 @@ class OnlineBlock(nn.Module):
 
     # ------------------------------------------------------------- the algebra
     @property
-    def branch_names(self) -> list[str]:
-        return list(self.branches.keys())
-
-    @property
     def kxk_branch(self) -> ScaledConv:
         return cast(ScaledConv, self.branches[KXK])
 
-    def kxk_scale(self) -> Tensor:
-        """Per-channel scale of the kxk branch (what absorbing a cut branch divides by)."""
-        return self.kxk_branch.scale
+    def branch_gate(self, name: str) -> Tensor:
+        """Branch ``name``'s per-channel scale."""
+        return cast(OnlineBranch, self.branches[name]).scale
 
     def _bias_or_zeros(self, like: Tensor) -> Tensor:
         return self.bias if self.bias is not None else torch.zeros(self.out_channels, dtype=like.dtype,
                                                                    device=like.device)
 
-    def equivalent_kernel(self) -> tuple[Tensor, Tensor]:
+    def branches_equivalent_kernel(self) -> tuple[Tensor, Tensor]:
         """Kernel and bias of the single conv this block equals (in train and eval mode)."""
         kernel = self.assembled_kernel()
         return kernel, self._bias_or_zeros(kernel)
@@ -347,11 +345,6 @@ class OnlineBlock(nn.Module):
         """Branch ``name``'s contribution to :meth:`equivalent_kernel` (its bias part is zero)."""
         kernel = T.pad_kernel_to(cast(OnlineBranch, self.branches[name]).contribution(), self.kernel_size).contiguous()
         return kernel, torch.zeros_like(kernel[:, 0, 0, 0])
-
-    def branch_importance(self) -> dict[str, Tensor]:
-        """mean|scale| of each branch relative to the kxk branch's (kxk == 1)."""
-        ref = self.kxk_scale().detach().abs().mean()
-        return {n: cast(OnlineBranch, b).scale.detach().abs().mean() / ref for n, b in self.branches.items()}
 
     @torch.no_grad()
     def absorb(self, kernel: Tensor, bias: Tensor) -> None:
@@ -371,54 +364,18 @@ class OnlineBlock(nn.Module):
         elif bool((bias != 0).any()):
             raise ValueError("this block has no bias; it cannot absorb a nonzero bias")
 
-    @torch.no_grad()
-    def cut(self, names: Iterable[str], mode: str = "absorb", seed: int = 0,
-            init_gamma: float = DEFAULT_INIT_GAMMA) -> None:
-        """Remove branches; the block's function is unchanged.
+    def deploy_has_bias(self) -> bool:
+        """The conv keeps the bias layout of the conv this block replaced (branches carry no shifts, so unlike
+        the bn block no bias ever has to be folded elsewhere)."""
+        return self.bias is not None
 
-        ``mode="absorb"`` (this method's default): each cut branch's kernel is folded into the kxk branch
-        (divided by the kxk scale, which is kept).  ``mode="reset"`` (the DyRep controller's default, the
-        bn block's "reset" without BNs): the kxk scale is reset to 1 and its kernel set to the assembled
-        kernel minus the surviving branches; a nested block in the kxk slot has its non-kxk branches
-        re-initialised (seeded by ``seed``, scales ``init_gamma``) and its own kxk compensated.
-        """
-        names = list(names)
-        if mode not in CUT_MODES:
-            raise ValueError(f"unknown cut mode {mode!r}; choose one of {list(CUT_MODES)}")
-        for name in names:
-            if name == KXK:
-                raise ValueError("the 'kxk' branch cannot be cut")
-            if name not in self.branches:
-                raise ValueError(f"branch {name!r} is not in this block (branches: {self.branch_names})")
-        if mode == "reset":
-            target_kernel, target_bias = (t.detach().clone() for t in self.equivalent_kernel())
-            for name in names:
-                del self.branches[name]
-            self.compensate_kxk(target_kernel, target_bias, torch.Generator().manual_seed(int(seed)), init_gamma)
-            return
-        for name in names:
-            kernel, bias = self.branch_kernel(name)
-            self.absorb(kernel, bias)
-            del self.branches[name]
+    def drop_branches(self) -> None:
+        super().drop_branches()
+        self.register_parameter("bias", None)  # now the fused conv's
 
-    @torch.no_grad()
-    def to_conv(self) -> nn.Conv2d:
-        """One ``nn.Conv2d`` computing this block's function, with the bias layout of the conv it replaced.
-
-        Branches carry no shifts, so (unlike the bn block) no bias ever has to be folded elsewhere.
-        """
-        kernel = self.assembled_kernel()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         groups=self.groups, bias=self.bias is not None, device=kernel.device, dtype=kernel.dtype)
-        conv.weight.copy_(kernel)
-        if self.bias is not None:
-            cast(Tensor, conv.bias).copy_(self.bias)  # built with bias=True here
-        setattr(conv, ORIG_BIAS_ATTR, getattr(self, ORIG_BIAS_ATTR))
-        return conv
-
-    def reparameterize(self) -> nn.Conv2d:
-        """timm-style alias of :meth:`to_conv`."""
-        return self.to_conv()
+    def forward_macs(self, x: Tensor) -> int | None:
+        """:meth:`activation_macs` (the branch convs never run as modules); None once folded in place."""
+        return None if self.fused_conv is not None else self.activation_macs(x)
 
     @torch.no_grad()
     def compensate_kxk(self, target_kernel: Tensor, target_bias: Tensor, generator: torch.Generator | None = None,
@@ -464,30 +421,13 @@ class OnlineBlock(nn.Module):
                 conv.weight.copy_(cpu.to(conv.weight.dtype))
             cast(OnlineBranch, branch).scale.fill_(init_gamma)
 
-    def new_branch_batchnorms(self) -> list[nn.BatchNorm2d]:
-        """None: the branches hold no BatchNorm, so growth needs no BN recalibration."""
-        return []
-
     # ---------------------------------------------------------- description
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, "
-                f"branches={self.branch_names}")
+    def describe_extra(self) -> dict:
+        return {"bias": self.bias is not None}
 
     def describe(self) -> dict:
         """JSON-serializable block type + geometry + branch set: enough for :meth:`from_description`."""
-        return {
-            "type": BLOCK_TYPE,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": self.kernel_size,
-            "stride": self.stride,
-            "padding": self.padding,
-            "groups": self.groups,
-            "branches": self.branch_names,
-            "bias": self.bias is not None,
-            "orig_bias": bool(getattr(self, ORIG_BIAS_ATTR)),
-        }
+        return {"type": BLOCK_TYPE, **super().describe()}
 
     @classmethod
     def from_description(cls, entry: dict, like: nn.Conv2d) -> OnlineBlock:
@@ -499,39 +439,28 @@ class OnlineBlock(nn.Module):
         if geometry != (like.in_channels, like.out_channels, like.groups):
             raise ValueError(f"online block geometry {geometry} does not match the model's conv "
                              f"{(like.in_channels, like.out_channels, like.groups)}")
-        w = like.weight
-        # torch's stubs type a conv's kernel_size/stride/padding attributes as tuple[int, ...], the constructor
-        # takes tuple[int, int]
-        kxk = nn.Conv2d(like.in_channels, like.out_channels, like.kernel_size, like.stride,  # type: ignore[arg-type]
-                        like.padding, groups=like.groups, bias=False, device=w.device,  # type: ignore[arg-type]
-                        dtype=w.dtype)
+        w, kxk = like.weight, plain_conv_like(like)
         return cls(entry["in_channels"], entry["out_channels"], entry["kernel_size"], entry["stride"],
                    entry["padding"], entry["groups"], branches=entry["branches"], kxk_conv=kxk,
                    bias=bool(entry["bias"]), orig_bias=bool(entry["orig_bias"]), device=w.device, dtype=w.dtype)
 
 
-# ---------------------------------------------------------------------------
-# Construction from a plain conv (mirrors dbb.block_from_conv / dyrep.grow_conv)
-# ---------------------------------------------------------------------------
-def online_block_from_conv(conv: nn.Conv2d, branches: Sequence[str] | None = None) -> OnlineBlock:
-    """A block whose kxk branch reuses ``conv`` and whose bias is ``conv``'s bias Parameter.
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, branches: Sequence[str] | None = None) -> OnlineBlock:
+        """A block whose kxk branch reuses ``conv`` and whose bias is ``conv``'s bias Parameter.
 
-    Reusing the Parameter objects (weight, bias) keeps their optimizer state.  The kernel values are
-    whatever :meth:`OnlineBlock.compensate_kxk` sets next.
-    """
-    geom = conv_geometry(conv)
-    if geom is None:
-        raise ValueError(f"conv {conv} is not eligible for growth (needs square k>1, no dilation, zero padding)")
-    k, s, p = geom
-    orig_bias = getattr(conv, ORIG_BIAS_ATTR, conv.bias is not None)
-    bias = cast("nn.Parameter | None", conv.bias)  # a conv's bias is a Parameter
-    if bias is not None:
-        conv.register_parameter("bias", None)
-    if hasattr(conv, ORIG_BIAS_ATTR):
-        delattr(conv, ORIG_BIAS_ATTR)
-    w = conv.weight
-    return OnlineBlock(conv.in_channels, conv.out_channels, k, s, p, conv.groups, branches=branches,
-                       kxk_conv=conv, bias=bias, orig_bias=orig_bias, device=w.device, dtype=w.dtype)
+        Reusing the Parameter objects (weight, bias) keeps their optimizer state.  The kernel values are
+        whatever :meth:`compensate_kxk` sets next.
+        """
+        k, s, p, orig_bias, bias = take_conv(conv)
+        w = conv.weight
+        return cls(conv.in_channels, conv.out_channels, k, s, p, conv.groups, branches=branches,
+                   kxk_conv=conv, bias=bias, orig_bias=orig_bias, device=w.device, dtype=w.dtype)
+
+
+def online_block_from_conv(conv: nn.Conv2d, branches: Sequence[str] | None = None) -> OnlineBlock:
+    """:meth:`OnlineBlock.from_conv`."""
+    return OnlineBlock.from_conv(conv, branches)
 
 
 def grow_online_block(conv: nn.Conv2d, seed: int, init_gamma: float = DEFAULT_INIT_GAMMA,
@@ -540,12 +469,4 @@ def grow_online_block(conv: nn.Conv2d, seed: int, init_gamma: float = DEFAULT_IN
 
     The caller puts it where ``conv`` was; ``conv`` itself becomes the kxk branch's conv.
     """
-    with torch.no_grad():
-        target_kernel = conv.weight.detach().clone()
-        target_bias = (conv.bias.detach().clone() if conv.bias is not None
-                       else torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
-    block = online_block_from_conv(conv, branches)
-    block.train(conv.training)
-    block.init_new_branches(init_gamma, torch.Generator().manual_seed(int(seed)))
-    block.compensate_kxk(target_kernel, target_bias)
-    return block
+    return cast(OnlineBlock, OnlineBlock.grow_from_conv(conv, seed, init_gamma, branches))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .blocks import BLOCK_TYPE_NAMES, BN_BLOCK
-from .dbb import CUT_MODES, DEFAULT_INIT_GAMMA
+from .geometry import CUT_MODES, DEFAULT_INIT_GAMMA
 
 PLAN_VERSION = 1
 
