@@ -77,13 +77,8 @@ def anchors(path: Path) -> set[str]:
 
 
 def relative_links(path: Path) -> list[str]:
-    targets = []
-    for line in _prose_lines(path.read_text(encoding="utf-8")):
-        for target in _LINK.findall(line):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto: ...
-                continue
-            targets.append(target)
-    return targets
+    prose = "\n".join(_prose_lines(path.read_text(encoding="utf-8")))  # a link's text may wrap onto a new line
+    return [t for t in _LINK.findall(prose) if not re.match(r"^[a-z][a-z0-9+.-]*:", t, re.I)]  # not http: etc.
 
 
 def _resolve(page: Path, target: str) -> tuple[Path, str]:
