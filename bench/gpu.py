@@ -182,7 +182,7 @@ def run(device: torch.device, dry_run: bool = False) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """The README table of one run."""
+    """The docs/benchmarks.md table of one run."""
     lines = [f"{result['model']}, batch {result['batch']}, {result['image_size']}², bf16 autocast, channels_last"
              f"{' — DRY RUN on CPU, numbers meaningless' if result['dry_run'] else ''}", "",
              "| model | eager img/s | eager vs plain | compiled img/s | compiled vs plain | compile 1st step |",

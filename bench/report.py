@@ -1,4 +1,4 @@
-"""Turn benchmark results into table rows (markdown, pasteable into the README)."""
+"""Turn benchmark results into table rows (markdown, pasteable into docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """The command the README documents, end to end, in a subprocess (its own torch and dynamo state)."""
+    """The command docs/benchmarks.md documents, end to end, in a subprocess (its own torch and dynamo state)."""
     out = tmp_path_factory.mktemp("gpu") / "gpu.json"
     proc = subprocess.run([sys.executable, "-m", "bench", "--gpu", "--dry-run", "--threads", "1", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
