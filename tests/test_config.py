@@ -143,7 +143,7 @@ def test_required_field_names_exist() -> None:
     channels_last model_ema model_ema_decay aa reprob remode color_jitter cutout_length interpolation dyrep
     dyrep_adjust_interval dyrep_max_adjust_epochs dyrep_recal_bn_iters dyrep_recal_bn_every_epoch dyrep_metric
     dyrep_grow_topk dyrep_cut_threshold dyrep_cut_std_gate dyrep_init_gamma dyrep_max_depth workers use_gpu
-    num_data_workers log_interval checkpoint_every keep_checkpoints max_failures storage_path on_nonfinite""".split()
+    num_data_workers checkpoint_every keep_checkpoints max_failures storage_path on_nonfinite""".split()
     assert set(required) <= names, set(required) - names
 
 
