@@ -7,7 +7,7 @@ the keys and the fix; its docstring is its line in the configuration reference.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .config_rules import ConfigError
 from .config_values import (
@@ -21,14 +21,16 @@ from .config_values import (
     Opt,
 )
 
-if TYPE_CHECKING:  # annotations only: config_schema applies these rules, so it imports this module
-    from .config_schema import TrainConfig
+#: A :class:`~dyrep_ray.engine.config_schema.TrainConfig`, read by attribute. Not imported, not even for typing:
+#: config_schema applies these rules, so this module stays below it in the import graph.
+Config = Any
 
 __all__ = ["CROSS_FIELD_RULES"]
 
 
-def _synthetic_fits_memory(cfg: TrainConfig) -> None:
-    """Synthetic data (train + val images of image_size) fits in MAX_SYNTHETIC_BYTES of memory."""
+def _synthetic_fits_memory(cfg: Config) -> None:
+    """dataset synthetic: its train + val images of image_size (SYNTHETIC_BYTES_PER_VALUE bytes per value) fit in
+    MAX_SYNTHETIC_BYTES of memory."""
     if cfg.dataset != Dataset.SYNTHETIC:
         return
     images = cfg.synthetic_train_size + cfg.synthetic_val_size
@@ -39,8 +41,8 @@ def _synthetic_fits_memory(cfg: TrainConfig) -> None:
                           "synthetic_train_size / synthetic_val_size / image_size")
 
 
-def _data_dir_given(cfg: TrainConfig) -> None:
-    """dataset cifar10, cifar100 and imagenet need data_dir."""
+def _data_dir_given(cfg: Config) -> None:
+    """a dataset read from files (DATASETS_WITH_DIR) needs data_dir."""
     if cfg.dataset in DATASETS_WITH_DIR and cfg.data_dir is None:
         place = {
             "cifar10": "the directory holding cifar-10-batches-py",
@@ -52,7 +54,7 @@ def _data_dir_given(cfg: TrainConfig) -> None:
         )
 
 
-def _parquet_train_given(cfg: TrainConfig) -> None:
+def _parquet_train_given(cfg: Config) -> None:
     """dataset parquet needs parquet_train."""
     if cfg.dataset == Dataset.PARQUET and cfg.parquet_train is None:
         raise ConfigError(
@@ -61,8 +63,8 @@ def _parquet_train_given(cfg: TrainConfig) -> None:
         )
 
 
-def _num_classes_match(cfg: TrainConfig) -> None:
-    """num_classes, when given, matches the class count of cifar10 (10) and cifar100 (100)."""
+def _num_classes_match(cfg: Config) -> None:
+    """num_classes, when given, matches the class count of a dataset with a fixed label set (DATASET_NUM_CLASSES)."""
     expected = DATASET_NUM_CLASSES.get(cfg.dataset)
     if expected is not None and cfg.num_classes is not None and cfg.num_classes != expected:
         raise ConfigError(
@@ -71,7 +73,7 @@ def _num_classes_match(cfg: TrainConfig) -> None:
         )
 
 
-def _nesterov_needs_momentum(cfg: TrainConfig) -> None:
+def _nesterov_needs_momentum(cfg: Config) -> None:
     """nesterov with opt sgd needs momentum > 0."""
     if cfg.opt == Opt.SGD and cfg.nesterov and cfg.momentum == 0:
         raise ConfigError(
@@ -80,7 +82,7 @@ def _nesterov_needs_momentum(cfg: TrainConfig) -> None:
         )
 
 
-def _dbb_is_not_dyrep(cfg: TrainConfig) -> None:
+def _dbb_is_not_dyrep(cfg: Config) -> None:
     """dbb (the static DBB baseline) and dyrep are not both true."""
     if cfg.dbb and cfg.dyrep:
         raise ConfigError(
@@ -89,8 +91,8 @@ def _dbb_is_not_dyrep(cfg: TrainConfig) -> None:
         )
 
 
-def _metric_safe_under_amp(cfg: TrainConfig) -> None:
-    """With dyrep and amp other than none, dyrep_metric is neither synflow nor snip (their sign flips)."""
+def _metric_safe_under_amp(cfg: Config) -> None:
+    """dyrep with amp other than none: dyrep_metric is not one of AMP_UNSAFE_METRICS (their values flip sign)."""
     # synflow/snip of a conv before train-mode BN is eps-scale; bf16/fp16 flips its sign
     if cfg.dyrep and cfg.amp != Amp.NONE and cfg.dyrep_metric in AMP_UNSAFE_METRICS:
         raise ConfigError(
@@ -101,7 +103,7 @@ def _metric_safe_under_amp(cfg: TrainConfig) -> None:
 
 
 #: Rules over several keys, applied in order after every key passed its own rules.
-CROSS_FIELD_RULES: tuple[Callable[[TrainConfig], None], ...] = (
+CROSS_FIELD_RULES: tuple[Callable[[Config], None], ...] = (
     _data_dir_given,
     _parquet_train_given,
     _num_classes_match,

@@ -210,7 +210,8 @@ class TrainConfig:
     keep_checkpoints: int = option(2, ge=1, help="checkpoints kept (the newest)")
     max_failures: int = option(2, ge=-1, help="restarts after a worker failure; -1 = retry forever")
     storage_path: str | None = option(None, non_empty=True, example="/mnt/runs",
-                                      help="where run directories go (a path or URI); null = the default")
+                                      help="where run directories go (a path or URI, e.g. s3://...); "
+                                           "null = the --output directory")
     on_nonfinite: OnNonfinite = option(OnNonfinite.SKIP,
                                        help="a non-finite loss or gradient: skip the step, stop, or ignore it")
 
