@@ -11,9 +11,11 @@ The configuration is split by job, each module importing only those listed befor
 * :mod:`~dyrep_ray.engine.config_rules` -- the rule language: :func:`option`, :func:`check_field`, messages;
 * :mod:`~dyrep_ray.engine.config_values` -- enum-like choices and size limits;
 * :mod:`~dyrep_ray.engine.config_checks` -- the rules over several keys;
+* :mod:`~dyrep_ray.engine.original_keys` -- the keys of original DyRep strategy files (pure data);
 * :mod:`~dyrep_ray.engine.config_schema` -- :class:`TrainConfig`, every key with its rules and help;
 * :mod:`~dyrep_ray.engine.original_format` -- original DyRep strategy files (detection, translation);
-* this module -- reading YAML files and ``--set`` overrides, choosing the file's format, resume changes.
+* this module -- reading YAML files and ``--set`` overrides, choosing the file's format, resume changes;
+* :mod:`~dyrep_ray.engine.config_reference` -- docs/configuration.md, generated from the schema.
 
 Every name callers use is importable from here. Docs: ``docs/configuration.md`` is generated from the schema by
 ``python -m dyrep_ray.engine.config_reference``.
