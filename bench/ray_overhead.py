@@ -22,7 +22,7 @@ from dyrep_ray.engine.loop import METRICS_FILE, train
 # like (DyRep's own costs are benchmarks 1 and 5; with 1 worker its adjust involves no Ray call).
 DEFAULT_OVERRIDES = ("model=small_cnn", "dataset=synthetic", "synthetic_train_size=1024", "synthetic_val_size=256",
                      "batch_size=64", "epochs=4", "workers=1", "use_gpu=false", "dyrep=false",
-                     "log_interval=1000", "num_data_workers=0")
+                     "num_data_workers=0")
 
 
 def _epochs(run_dir: Path) -> list[dict]:

@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 RAY_TEST_CPUS = 4
 TINY_RUN = [
     "synthetic_train_size=256", "synthetic_val_size=128", "batch_size=32", "dyrep_recal_bn_iters=2",
-    "dyrep_adjust_interval=1", "epochs=3", "workers=2", "log_interval=1000",
+    "dyrep_adjust_interval=1", "epochs=3", "workers=2",
 ]
 
 

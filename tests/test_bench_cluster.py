@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_OVERHEAD = ["model=small_cnn", "dataset=synthetic", "synthetic_train_size=64", "synthetic_val_size=32",
-                 "batch_size=32", "epochs=1", "workers=1", "use_gpu=false", "dyrep=false", "log_interval=1000"]
+                 "batch_size=32", "epochs=1", "workers=1", "use_gpu=false", "dyrep=false"]
 IN_ORDER = """
 import json, sys, torch
 from bench import checkpoint_upload, ray_overhead

@@ -143,7 +143,7 @@ def test_required_field_names_exist() -> None:
     channels_last model_ema model_ema_decay aa reprob remode color_jitter cutout_length interpolation dyrep
     dyrep_adjust_interval dyrep_max_adjust_epochs dyrep_recal_bn_iters dyrep_recal_bn_every_epoch dyrep_metric
     dyrep_grow_topk dyrep_cut_threshold dyrep_cut_std_gate dyrep_init_gamma dyrep_max_depth workers use_gpu
-    num_data_workers log_interval checkpoint_every keep_checkpoints max_failures storage_path on_nonfinite""".split()
+    num_data_workers checkpoint_every keep_checkpoints max_failures storage_path on_nonfinite""".split()
     assert set(required) <= names, set(required) - names
 
 
@@ -151,7 +151,7 @@ def test_config_module_imports_neither_torch_nor_ray() -> None:
     import subprocess
 
     code = (
-        "import sys, dyrep_ray.engine.config as c; "
+        "import sys, dyrep_ray.engine.config as c, dyrep_ray.engine.config_reference as r; "
         "bad = [m for m in ('torch', 'ray') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -915,3 +915,110 @@ def test_deeply_nested_yaml_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert_one_line(err, "deep.yaml", "too deeply")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# removed keys
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_removed_key_in_a_yaml_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "old.yaml", "epochs: 3\nlog_interval: 50\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = assert_one_line(err, "old.yaml", "'log_interval'", "removed", "delete it")
+    assert "unknown" not in message and "original" not in message
+
+
+def test_removed_key_as_set_or_base_or_dict_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["log_interval=1000"])
+    assert_one_line(err, "--set 'log_interval=1000'", "'log_interval'", "removed", "delete it")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, base={"log_interval": 10})
+    assert_one_line(err, "base config", "'log_interval'", "removed")
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({"log_interval": 10})
+    assert_one_line(err, "'log_interval'", "removed")
+    assert "log_interval" not in TrainConfig().to_dict()
+
+
+def test_removed_key_does_not_make_a_file_original_format(tmp_path: Path) -> None:
+    assert detect_format({"lr": 0.1, "log_interval": 50})[0] == "dyrep-ray"
+    assert "log_interval" not in ORIGINAL_ONLY_KEYS
+
+
+def test_original_strategy_file_log_interval_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert "log_interval:" in ORIGINAL_CIFAR_YAML
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(write(tmp_path, "cifar.yaml", ORIGINAL_CIFAR_YAML), ["model=vgg16_cifar"])
+    assert cfg.epochs == 600
+    ignored = [r.getMessage() for r in caplog.records if "ignoring original DyRep keys" in r.getMessage()]
+    assert len(ignored) == 1 and "log_interval" in ignored[0], ignored
+
+
+@pytest.mark.parametrize("how", ["yaml", "set"])
+def test_cli_refuses_removed_key_with_one_line_and_exit_2(tmp_path: Path, how: str) -> None:
+    import subprocess
+
+    path = write(tmp_path, "old.yaml", "log_interval: 50\n")
+    extra = ["-c", str(path)] if how == "yaml" else ["--set", "log_interval=50"]
+    done = subprocess.run([sys.executable, "-m", "dyrep_ray.cli", "train", "--output", str(tmp_path), *extra],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("dyrep-ray: error:")]
+    assert len(errors) == 1 and "'log_interval' was removed" in errors[0] and "delete it" in errors[0], done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# module layering: each config module imports only those below it; original_format sits above the schema
+# ----------------------------------------------------------------------------------------------------------------
+
+ENGINE = Path(__file__).resolve().parents[1] / "dyrep_ray" / "engine"
+# bottom to top: a module may import (at any level of its code) only modules listed before it
+CONFIG_LAYERS = ("config_rules", "config_values", "config_checks", "original_keys", "config_schema",
+                 "original_format", "config", "config_reference")
+
+
+def _engine_imports(module: str) -> set[str]:
+    """The dyrep_ray.engine modules ``module`` imports anywhere in its code (type-checking blocks included)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse((ENGINE / f"{module}.py").read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level == 1:
+                found |= {base} if base else {alias.name for alias in node.names}
+            elif base.startswith("dyrep_ray.engine."):
+                found.add(base.split(".")[2])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("dyrep_ray.engine.")}
+    return found
+
+
+def test_config_modules_import_only_modules_below_them() -> None:
+    for i, module in enumerate(CONFIG_LAYERS):
+        above = set(CONFIG_LAYERS[i:])
+        assert not _engine_imports(module) & above, f"{module} imports {_engine_imports(module) & above}"
+    # the format dispatch is the entry point's: nothing the schema builds on knows the original format
+    for module in ("config_rules", "config_values", "config_checks", "config_schema"):
+        assert "original_format" not in _engine_imports(module)
+    assert "config" not in _engine_imports("original_format")
+
+
+def test_original_format_imports_first_in_a_fresh_interpreter() -> None:
+    import subprocess
+
+    code = ("import dyrep_ray.engine.original_format as o, dyrep_ray.engine.config as c; "
+            "assert c.translate_original is o.translate_original and c.ORIGINAL_KEY_MAP is o.ORIGINAL_KEY_MAP")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_every_key_has_one_line_of_help() -> None:
+    from dyrep_ray.engine.config import field_names, field_rule
+
+    for f in dataclasses.fields(TrainConfig):
+        text = field_rule(f).help
+        assert text.strip() and "\n" not in text and len(text) <= 160, f"{f.name}: help {text!r}"
+    assert len(field_names()) == len(dataclasses.fields(TrainConfig))

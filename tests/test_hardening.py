@@ -444,7 +444,7 @@ def test_real_sweep_resume_refuses_replaced_tuner_pkl_and_resumes_untouched(ray_
     from dyrep_ray.tune.sweep import run_sweep
 
     raw = {"config": {"synthetic_train_size": 64, "synthetic_val_size": 32, "batch_size": 32, "epochs": 1,
-                      "dyrep_recal_bn_iters": 2, "log_interval": 1000, "max_failures": 0},
+                      "dyrep_recal_bn_iters": 2, "max_failures": 0},
            "search_space": {"lr": {"grid": [0.05]}}, "resources": {"workers": 1, "use_gpu": False}}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     first = run_sweep(load_sweep(tmp_path / "s.yaml"), str(tmp_path), "sw", verbose=0)

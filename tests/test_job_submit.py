@@ -34,7 +34,7 @@ pytestmark = pytest.mark.ray
 JOB_TIMEOUT_S = 180
 CLI_TIMEOUT_S = 60
 TRAIN_ARGS = ["--set", "epochs=2", "--set", "synthetic_train_size=256", "--set", "synthetic_val_size=128",
-              "--set", "batch_size=32", "--set", "dyrep_recal_bn_iters=2", "--set", "log_interval=1000"]
+              "--set", "batch_size=32", "--set", "dyrep_recal_bn_iters=2"]
 
 
 def _head_pids(temp_dir: str, gcs_port: int) -> list[int]:

@@ -24,7 +24,7 @@ WAIT_TIMEOUT_S = 300
 POLL_S = 0.5
 # 128 images / 2 workers / batch 32 = 2 steps per epoch (4 on one worker); adjust after every epoch.
 BASE = ["synthetic_train_size=128", "synthetic_val_size=64", "batch_size=32", "dyrep_recal_bn_iters=2",
-        "dyrep_adjust_interval=1", "log_interval=1000", "checkpoint_every_steps=1", "max_failures=3"]
+        "dyrep_adjust_interval=1", "checkpoint_every_steps=1", "max_failures=3"]
 RESIZE_INTERVAL_S = "3"  # elastic: Ray looks for capacity this often (default 60 s)
 WORKER_START_TIMEOUT_S = "40"  # Ray's default 60 s
 ELASTIC_EPOCHS = 12  # long enough (with 1 s per step) for a node to join while the run is on one worker

@@ -31,7 +31,7 @@ os.environ.update(S3_TEST_ENV)
 
 BUCKET = "dyrep-test"
 LOCAL_TINY = ["synthetic_train_size=128", "synthetic_val_size=64", "batch_size=32", "dyrep_recal_bn_iters=2",
-              "epochs=3", "dyrep_grow_topk=2", "log_interval=1000"]
+              "epochs=3", "dyrep_grow_topk=2"]
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from tests.helpers import run_metrics
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "experiments" / "tune"
 TINY = {"synthetic_train_size": 256, "synthetic_val_size": 128, "batch_size": 32, "dyrep_adjust_interval": 1,
-        "dyrep_recal_bn_iters": 2, "log_interval": 1000, "max_failures": 0}
+        "dyrep_recal_bn_iters": 2, "max_failures": 0}
 
 
 
