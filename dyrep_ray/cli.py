@@ -102,7 +102,7 @@ def _resolve_train_config(args):
 
 
 def cmd_train(args) -> int:
-    from .engine.storage import RunStorage
+    from .rundir.storage import RunStorage
 
     cfg = _resolve_train_config(args)
     if not args.local:
@@ -112,7 +112,7 @@ def cmd_train(args) -> int:
     if cfg.data_dir and Path(cfg.data_dir).exists():  # Ray workers run in other directories
         cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()))
     name = args.name or f"{cfg.model.replace('/', '_')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from .engine.rundir import open_run_dir, validate_run_name
+    from .rundir.lock import open_run_dir, validate_run_name
 
     validate_run_name(name)
     if cfg.dataset == "parquet":
@@ -135,7 +135,7 @@ def _data_description(cfg) -> str:
 def _train_locked(args, cfg, name: str) -> int:
     from .console import add_run_log, remove_run_log
     from .engine.progress import console
-    from .engine.storage import RunStorage
+    from .rundir.storage import RunStorage
     from .tracking import build_tracking_callbacks, resolve_tracking_uri
 
     # A relative MLflow file store means "here": resolved before any worker (in another directory) sees it.

@@ -15,8 +15,8 @@ import re
 import sys
 from pathlib import Path
 
-from .engine.layout import CONFIG_FILE, TRAIN_LOG
 from .engine.progress import CONSOLE_LOGGER, EPOCH_LINE
+from .rundir.layout import CONFIG_FILE, TRAIN_LOG
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

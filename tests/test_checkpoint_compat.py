@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dyrep_ray.cli import main
-from dyrep_ray.engine.layout import METRICS_FILE
 from dyrep_ray.rep.blocks import is_block
+from dyrep_ray.rundir.layout import METRICS_FILE
 from tests.helpers import final_model
 
 LEGACY = Path(__file__).parent / "data" / "legacy_runs"

@@ -16,9 +16,9 @@ import torch
 from dyrep_ray.cli import main
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.context import LocalContext
-from dyrep_ray.engine.layout import CONFIG_FILE, DEPLOYED_SIDECAR, METRICS_FILE
 from dyrep_ray.engine.loop import train
 from dyrep_ray.report.compare import COMPARE_CSV, COMPARE_MD, COMPARE_PNG, compare_runs
+from dyrep_ray.rundir.layout import CONFIG_FILE, DEPLOYED_SIDECAR, METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["epochs=2", "synthetic_train_size=128", "synthetic_val_size=64", "batch_size=32", "dyrep_recal_bn_iters=2",

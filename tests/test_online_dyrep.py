@@ -18,7 +18,6 @@ from torch import nn
 
 from dyrep_ray.engine.ema import ModelEma
 from dyrep_ray.engine.faults import RaiseAt
-from dyrep_ray.engine.layout import STRUCTURE_FILE
 from dyrep_ray.engine.loop import model_digest
 from dyrep_ray.integrations.common import canonical_param_order
 from dyrep_ray.models import build_model, count_flops
@@ -35,6 +34,7 @@ from dyrep_ray.rep import (
 from dyrep_ray.rep.dbb import KXK
 from dyrep_ray.rep.dyrep import iter_blocks
 from dyrep_ray.rep.optim import param_groups_for
+from dyrep_ray.rundir.layout import STRUCTURE_FILE
 from tests.helpers import LOCAL_TINY, RESUME_ATOL, final_model, max_abs_diff, rel_err, run_local, run_metrics
 from tests.test_dyrep import ELIGIBLE, batch, eval_out, make_net
 

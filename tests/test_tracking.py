@@ -23,8 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import (
 
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.context import LocalContext
-from dyrep_ray.engine.layout import METRICS_FILE, STRUCTURE_FILE
 from dyrep_ray.engine.loop import Trainer
+from dyrep_ray.rundir.layout import METRICS_FILE, STRUCTURE_FILE
 from dyrep_ray.tracking import (
     TENSORBOARD_DIR,
     TRACKING_FILE,

@@ -21,9 +21,9 @@ from ..engine.config import TrainConfig
 from ..engine.context import load_newest_valid
 from ..engine.data_source import PARQUET, aug_options
 from ..engine.loop import Trainer, check_resume_config, summarize
-from ..engine.runfiles import plain_params_from, read_metrics
-from ..engine.storage import RunStorage, resolve_filesystem
 from ..errors import UserError
+from ..rundir.files import plain_params_from, read_metrics
+from ..rundir.storage import RunStorage, resolve_filesystem
 from ..tracking import DriverTrackingEnvironment
 from .console import WorkerConsole, ray_train_log_level
 

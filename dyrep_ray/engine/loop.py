@@ -28,6 +28,8 @@ from ..models.limits import check_model_size
 from ..rep import DyRep, apply_plan, convert_to_dbb, recalibrate_bn, restore_graph, structure_graph
 from ..rep.blocks import is_block
 from ..rep.optim import param_groups_for
+from ..rundir.files import VAL_KEYS, CheckpointMeta, EpochMetrics
+from ..rundir.layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
 from .callbacks import CallbackList, TrainerCallback
 from .checkpoint import (
     LoadedCheckpoint,
@@ -40,7 +42,6 @@ from .checkpoint import (
 from .config import TrainConfig, resume_changes
 from .data_source import PARQUET, RECAL_SEED_OFFSET, EpochPosition, aug_options, torch_data_source
 from .ema import ModelEma
-from .layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
 from .midepoch import (
     MID_EPOCH_KEY,
     STEP_IN_EPOCH_KEY,
@@ -49,7 +50,6 @@ from .midepoch import (
     write_mid_epoch_checkpoint,
 )
 from .protocols import DataFactory, DataSource, TrainContext
-from .runfiles import VAL_KEYS, CheckpointMeta, EpochMetrics
 from .schedule import LRSchedule
 
 logger = logging.getLogger(__name__)

@@ -51,11 +51,11 @@ from ..engine.checkpoint import (
     verify_checkpoint_dir,
 )
 from ..engine.config import ConfigError, TrainConfig
-from ..engine.layout import DEPLOYED_WEIGHTS as DEFAULT_WEIGHTS_NAME
 from ..models import build_model, count_flops, count_params
 from ..models.limits import check_model_size
 from ..rep import deploy
 from ..rep.blocks import is_block
+from ..rundir.layout import DEPLOYED_WEIGHTS as DEFAULT_WEIGHTS_NAME
 from .evaluate import compare_models, validation_loader
 
 logger = logging.getLogger(__name__)

@@ -26,11 +26,11 @@ logger = logging.getLogger(__name__)
 def check_checkpoint_model_size(ckpt_dir) -> None:
     """Refuse (one line) a checkpoint whose meta names a model too large to build, before its state is loaded or
     anything is built: the model is counted on the meta device (:mod:`dyrep_ray.models.limits`)."""
-    from ..engine.layout import META_FILE
     from ..engine.loop import model_kwargs
-    from ..engine.rundir import read_meta
-    from ..engine.storage import RunStorage
     from ..models.limits import check_model_size
+    from ..rundir.checkpoints import read_meta
+    from ..rundir.layout import META_FILE
+    from ..rundir.storage import RunStorage
     from .convert import config_from_dict, num_classes_of
 
     where = f"{ckpt_dir}/{META_FILE}"

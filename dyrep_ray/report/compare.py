@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine.layout import CONFIG_FILE, DEPLOYED_SIDECAR, METRICS_FILE, STRUCTURE_FILE
+from ..rundir.layout import CONFIG_FILE, DEPLOYED_SIDECAR, METRICS_FILE, STRUCTURE_FILE
 from .figures import (
     ReportError,
     RunData,

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..engine.layout import METRICS_FILE, TRACKING_FILE
-from ..engine.storage import RunStorage, as_storage
+from ..rundir.layout import METRICS_FILE, TRACKING_FILE
+from ..rundir.storage import RunStorage, as_storage
 from .base import (
     TrackingCallback,
     epoch_scalars,

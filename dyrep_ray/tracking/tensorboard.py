@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 
-from ..engine.layout import TENSORBOARD_DIR
+from ..rundir.layout import TENSORBOARD_DIR
 from .base import (
     TrackingCallback,
     completed_epochs,

@@ -34,7 +34,7 @@ from typing import Any
 from ray import tune
 
 from ..engine.config import TrainConfig
-from ..engine.storage import RunStorage
+from ..rundir.storage import RunStorage
 from .bridge import (
     BRIDGE_FILE,
     BridgeCallback,
@@ -189,7 +189,7 @@ class DyRepTrial(tune.Trainable):
         self._thread.start()
 
     def _final_metrics_from_run(self) -> dict:
-        from ..engine.runfiles import read_metrics
+        from ..rundir.files import read_metrics
 
         lines = read_metrics(RunStorage(self.segment.storage_uri, self.segment.name))
         if not lines:

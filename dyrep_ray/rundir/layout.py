@@ -39,7 +39,7 @@ META_FILE = "meta.json"
 GRAPH_FILE = "structure.json"
 MANIFEST_FILE = "MANIFEST.json"
 
-# The writer lock of a run or sweep directory (see engine/rundir.py): a flock'ed file on local file systems,
+# The writer lock of a run or sweep directory (see rundir/lock.py): a flock'ed file on local file systems,
 # a lease marker on object stores.
 LOCK_FILE = ".dyrep-ray.lock"
 LEASE_FILE = ".dyrep-ray.lease.json"
