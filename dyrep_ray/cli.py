@@ -17,7 +17,6 @@ logger = logging.getLogger("dyrep_ray.cli")
 
 EXIT_USAGE = 2
 DEFAULT_OUTPUT = "runs"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -204,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if args.command in ("train", "tune"):
-        from .console import setup_console
+    from .console import LOG_FORMAT, setup_console
 
+    if args.command in ("train", "tune"):
         setup_console(verbose=args.verbose, quiet=args.quiet)
     else:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)

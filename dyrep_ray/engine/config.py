@@ -398,7 +398,7 @@ AMP_UNSAFE_METRICS = (DyRepMetric.SYNFLOW, DyRepMetric.SNIP)
 
 _ELASTIC_LEN = 2
 # Caps on what a few bytes of config could make the trainer allocate (issue 17, item 8).
-MAX_NUM_CLASSES = 100_000  # ImageNet-21k has 21,841; as export.convert caps a checkpoint's num_classes
+from ..limits import MAX_NUM_CLASSES  # noqa: E402, I001  (also caps a checkpoint's num_classes in export.convert)
 MAX_IMAGE_SIZE = 4096  # one 4096^2 RGB float32 image is 200 MB; 20000^2 would be 4.8 GB per image
 MAX_SYNTHETIC_SIZE = 10_000_000  # images per synthetic split; what they occupy is capped by the next one
 MAX_SYNTHETIC_BYTES = 8 * 2**30  # the synthetic splits live in memory: uint8 pixels + normalized float32 copy

@@ -33,6 +33,7 @@ from typing import Any
 
 from ray import tune
 
+from ..console import LOG_FORMAT
 from ..engine.config import TrainConfig
 from ..rundir.storage import RunStorage
 from .bridge import (
@@ -55,7 +56,6 @@ ABORT_TIMEOUT_S = 60
 #: Seconds a finished trial waits for its Train run to end by itself before aborting it.
 FINISH_TIMEOUT_S = 30
 _DONE = "__dyrep_fit_done__"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class TrialError(RuntimeError):
