@@ -85,7 +85,7 @@ def _remanifest(directory: Path) -> None:
 def _load_and_rebuild(directory: Path) -> None:
     """What convert/eval/resume do with a checkpoint: verify and load it, rebuild the model, load strictly."""
     from dyrep_ray.engine.checkpoint import load_checkpoint_dir
-    from dyrep_ray.export.convert import rebuild_trained_model
+    from dyrep_ray.export.weights import rebuild_trained_model
 
     rebuild_trained_model(load_checkpoint_dir(directory))
 

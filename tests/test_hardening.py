@@ -305,7 +305,7 @@ def test_cli_refuses_traversal_and_foreign_dirs(tmp_path):
 # ------------------------------------------------------------------ 6. dtypes and labels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.bool, torch.complex64])
 def test_strict_load_refuses_dtype_mismatch(dtype):
-    from dyrep_ray.export.convert import strict_load
+    from dyrep_ray.export.weights import strict_load
 
     model = torch.nn.Linear(2, 2)
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
@@ -562,7 +562,7 @@ def test_huge_model_named_in_meta_is_counted_on_meta_device_and_refused(tmp_path
 def test_huge_model_is_refused_by_train_local_and_the_library_loaders(tmp_path):
     """``train --local`` (no driver preflight), ``rebuild_trained_model`` and ``load_deployed`` count first too."""
     from dyrep_ray.engine.checkpoint import LoadedCheckpoint
-    from dyrep_ray.export.convert import SIDECAR_FORMAT, load_deployed, rebuild_trained_model, sidecar_path
+    from dyrep_ray.export.weights import SIDECAR_FORMAT, load_deployed, rebuild_trained_model, sidecar_path
     from dyrep_ray.models.limits import ModelTooLargeError
 
     huge = "timm/vit_gigantic_patch14_clip_224"

@@ -28,6 +28,10 @@ DEPLOYED_SIDECAR = "deployed.json"
 REPORT_DIR = "report"
 #: The key of the report every rank makes after a preemption checkpoint (not an epoch's result: Tune skips it).
 PREEMPTED_METRIC = "preempted_at_step"
+#: The key of multiply-accumulates per image (``deployed.json``: trained/deployed/plain; a metrics row).
+MACS_KEY = "macs"
+#: The same count under the name run directories written before it was called MACs use (read, never written).
+LEGACY_MACS_KEY = "flops"
 TRAIN_LOG = "train.log"  # the driver's (or --local process's) log of the run, console filtering aside
 TRACKING_FILE = "tracking.json"  # {"mlflow": {"tracking_uri", "experiment_id", "run_id"}}: resume + convert
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files

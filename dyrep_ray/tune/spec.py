@@ -420,7 +420,8 @@ def _resolve_base_path(base: Any, sweep_path: Path | None) -> Path:
     if shipped is not None:  # e.g. ``base: experiments/cifar10_vgg16.yaml`` from a sweep file anywhere
         return shipped
     raise ConfigError(f"sweep file {sweep_path}: base config {str(base)!r} not found (looked in "
-                      f"{', '.join(str(p.parent) for p in places)}); give a path relative to the sweep file")
+                      f"{', '.join(str(p.parent) for p in places)} and the package's experiments/); give a path "
+                      "relative to the sweep file")
 
 
 def _apply_override(raw: dict, text: str, source: str) -> None:
