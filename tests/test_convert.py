@@ -349,3 +349,16 @@ def test_exported_files_get_the_processes_umask(tiny_run, tmp_path):
     assert got["umask"] == 0o027 and got["mode"] == 0o640
     assert (got["weights"], got["sidecar"]) == (0o640, 0o640)
     assert got["left"] == ["model.json", "model.safetensors"]  # no probe or temp file left behind
+
+
+def test_convert_never_sets_the_umask(tiny_run, tmp_path, monkeypatch):
+    """Reading the umask by setting it would race with other threads creating files: convert must not call it."""
+    import os
+
+    def refuse(mask):
+        raise AssertionError(f"os.umask({mask:#o}) called")
+
+    monkeypatch.setattr(os, "umask", refuse)
+    run_dir, _ = tiny_run
+    result = convert_checkpoint(run_dir, tmp_path / "model.safetensors", evaluate=False)
+    assert result.weights.is_file() and not list(tmp_path.glob(".dyrep-ray-mode-probe-*"))

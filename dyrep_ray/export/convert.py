@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import stat
-import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,7 +131,7 @@ def new_file_mode(directory: Path) -> int:
     Asks the kernel by creating a probe file: reading the umask with ``os.umask`` means setting it, which races
     with every other thread creating files meanwhile.
     """
-    probe = directory / f".dyrep-ray-mode-probe-{os.getpid()}-{threading.get_ident()}"
+    probe = directory / f".dyrep-ray-mode-probe-{uuid.uuid4().hex}"
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         return stat.S_IMODE(os.fstat(fd).st_mode)
