@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,13 +92,17 @@ def _register_commands(sub, requested: str | None) -> None:
 
 def _resolve_train_config(args):
     from .engine.config import load_config
+    from .package_data import shipped_experiment
 
     overrides = list(args.overrides)
     if args.workers is not None:
         overrides.append(f"workers={args.workers}")
     if args.use_gpu is not None:
         overrides.append(f"use_gpu={str(args.use_gpu).lower()}")
-    return load_config(args.config, overrides)
+    config = args.config
+    if config is not None and not os.path.exists(config):  # ``-c experiments/...`` outside a checkout
+        config = shipped_experiment(config) or config
+    return load_config(config, overrides)
 
 
 def cmd_train(args) -> int:

@@ -24,16 +24,24 @@ REPO = Path(__file__).resolve().parents[1]
 PIP_TIMEOUT_S = 240
 
 _PROBE = """
-import json, sys
+import contextlib, io, json, sys
 from pathlib import Path
 import dyrep_ray
+from dyrep_ray import cli
 from dyrep_ray.package_data import shipped_experiment
 from dyrep_ray.tune.spec import load_sweep
 
 demo = load_sweep("experiments/tune/demo.yaml", ["config.epochs=2"])
 Path("mine.yaml").write_text("base: experiments/cifar10_vgg16.yaml\\nsearch_space: {lr: {uniform: [0.01, 0.1]}}\\n")
 mine = load_sweep("mine.yaml")
-print(json.dumps({"package": dyrep_ray.__file__, "default": str(shipped_experiment("experiments/default.yaml")),
+errors = {}
+for name in ("experiments/default.yaml", "experiments/nope.yaml"):  # a config error stops train before any work
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["train", "-c", name, "--set", "bogus_key=1"])
+    errors[name] = [rc, err.getvalue()]
+print(json.dumps({"train": errors, "package": dyrep_ray.__file__,
+                  "default": str(shipped_experiment("experiments/default.yaml")),
                   "name": demo.name, "epochs": demo.base_config["epochs"], "model": demo.base_config["model"],
                   "lr": repr(demo.search_space["lr"]), "mine_dataset": mine.base_config["dataset"],
                   "heavy": [m for m in ("torch", "ray") if m in sys.modules]}))
@@ -92,3 +100,8 @@ def test_installed_wheel_loads_the_shipped_default_config_and_sweep(tmp_path):
     assert got["lr"] == repr(demo.search_space["lr"])
     assert got["mine_dataset"] == load_config(REPO / "experiments/cifar10_vgg16.yaml").dataset
     assert got["heavy"] == []
+    # dyrep-ray train -c experiments/default.yaml reads the shipped file (it gets as far as the bad --set key) ...
+    rc, err = got["train"]["experiments/default.yaml"]
+    assert rc == 2 and "unknown config key 'bogus_key'" in err
+    rc, err = got["train"]["experiments/nope.yaml"]  # ... where a name that is not shipped stops at the file
+    assert rc == 2 and "'experiments/nope.yaml' does not exist" in err
