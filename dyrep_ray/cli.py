@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,6 @@ logger = logging.getLogger("dyrep_ray.cli")
 
 EXIT_USAGE = 2
 DEFAULT_OUTPUT = "runs"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -92,17 +92,21 @@ def _register_commands(sub, requested: str | None) -> None:
 
 def _resolve_train_config(args):
     from .engine.config import load_config
+    from .package_data import shipped_experiment
 
     overrides = list(args.overrides)
     if args.workers is not None:
         overrides.append(f"workers={args.workers}")
     if args.use_gpu is not None:
         overrides.append(f"use_gpu={str(args.use_gpu).lower()}")
-    return load_config(args.config, overrides)
+    config = args.config
+    if config is not None and not os.path.exists(config):  # ``-c experiments/...`` outside a checkout
+        config = shipped_experiment(config) or config
+    return load_config(config, overrides)
 
 
 def cmd_train(args) -> int:
-    from .engine.storage import RunStorage
+    from .rundir.storage import RunStorage
 
     cfg = _resolve_train_config(args)
     if not args.local:
@@ -112,7 +116,7 @@ def cmd_train(args) -> int:
     if cfg.data_dir and Path(cfg.data_dir).exists():  # Ray workers run in other directories
         cfg = cfg.replace(data_dir=str(Path(cfg.data_dir).resolve()))
     name = args.name or f"{cfg.model.replace('/', '_')}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from .engine.rundir import open_run_dir, validate_run_name
+    from .rundir.lock import open_run_dir, validate_run_name
 
     validate_run_name(name)
     if cfg.dataset == "parquet":
@@ -135,7 +139,7 @@ def _data_description(cfg) -> str:
 def _train_locked(args, cfg, name: str) -> int:
     from .console import add_run_log, remove_run_log
     from .engine.progress import console
-    from .engine.storage import RunStorage
+    from .rundir.storage import RunStorage
     from .tracking import build_tracking_callbacks, resolve_tracking_uri
 
     # A relative MLflow file store means "here": resolved before any worker (in another directory) sees it.
@@ -204,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if args.command in ("train", "tune"):
-        from .console import setup_console
+    from .console import LOG_FORMAT, setup_console
 
+    if args.command in ("train", "tune"):
         setup_console(verbose=args.verbose, quiet=args.quiet)
     else:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)

@@ -15,9 +15,10 @@ import re
 import sys
 from pathlib import Path
 
-from .engine.layout import CONFIG_FILE, TRAIN_LOG
 from .engine.progress import CONSOLE_LOGGER, EPOCH_LINE
+from .rundir.layout import CONFIG_FILE, TRAIN_LOG
 
+#: The one format of dyrep-ray log lines: console, run logs, Ray workers and Tune trial actors.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 #: Warnings known to be harmless here, hidden from the console (kept in the logs): Ray's token-auth notice on

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from dyrep_ray.engine.checkpoint import find_valid_checkpoints, load_checkpoint_dir
-from dyrep_ray.engine.layout import METRICS_FILE
-from dyrep_ray.export.convert import rebuild_trained_model
+from dyrep_ray.export.weights import rebuild_trained_model
+from dyrep_ray.rundir.layout import METRICS_FILE
 
 #: Largest weight difference accepted between a resumed run and the uninterrupted one (CPU, same world size).
 RESUME_ATOL = 1e-6

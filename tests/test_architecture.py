@@ -12,11 +12,11 @@ from dyrep_ray.engine.callbacks import TrainerCallback
 from dyrep_ray.engine.config import TrainConfig, load_config
 from dyrep_ray.engine.context import LocalContext
 from dyrep_ray.engine.data_source import TorchDataSource
-from dyrep_ray.engine.layout import CHECKPOINT_PREFIX, META_FILE
 from dyrep_ray.engine.loop import Trainer
 from dyrep_ray.engine.protocols import DataSource, TrainContext
-from dyrep_ray.engine.runfiles import CheckpointMeta, EpochMetrics, parse_metrics, plain_params_from
-from dyrep_ray.engine.storage import RunStorage
+from dyrep_ray.rundir.files import CheckpointMeta, EpochMetrics, parse_metrics, plain_params_from
+from dyrep_ray.rundir.layout import CHECKPOINT_PREFIX, META_FILE
+from dyrep_ray.rundir.storage import RunStorage
 from tests.helpers import run_metrics
 
 MICRO = ["synthetic_train_size=96", "synthetic_val_size=32", "batch_size=32", "dyrep_recal_bn_iters=1", "epochs=2"]

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dyrep_ray.cli import main
-from dyrep_ray.engine.layout import METRICS_FILE
 from dyrep_ray.rep.blocks import is_block
+from dyrep_ray.rundir.layout import METRICS_FILE, TRAIN_LOG
 from tests.helpers import final_model
 
 LEGACY = Path(__file__).parent / "data" / "legacy_runs"
@@ -50,3 +50,6 @@ def test_legacy_run_directory_resumes_past_its_last_epoch(block, tmp_path):
     assert epochs == [1, 2, 3]
     _, ckpt = final_model(tmp_path / block)
     assert ckpt.meta["epoch"] == 3
+    # The resume appends to the old train.log; what it logs names multiply-accumulates MACs.
+    appended = (tmp_path / block / TRAIN_LOG).read_text()[len((LEGACY / block / TRAIN_LOG).read_text()):]
+    assert " MMACs" in appended and "FLOPs" not in appended

@@ -16,9 +16,9 @@ import torch
 from dyrep_ray.cli import main
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.context import LocalContext
-from dyrep_ray.engine.layout import CONFIG_FILE, DEPLOYED_SIDECAR, METRICS_FILE
 from dyrep_ray.engine.loop import train
-from dyrep_ray.report.compare import COMPARE_CSV, COMPARE_MD, COMPARE_PNG, compare_runs
+from dyrep_ray.report.compare import COMPARE_CSV, COMPARE_MD, COMPARE_PNG, compare_markdown, compare_runs
+from dyrep_ray.rundir.layout import CONFIG_FILE, DEPLOYED_SIDECAR, METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["epochs=2", "synthetic_train_size=128", "synthetic_val_size=64", "batch_size=32", "dyrep_recal_bn_iters=2",
@@ -59,7 +59,7 @@ def test_table_numbers_equal_what_the_runs_recorded(runs, tmp_path):
         expected = _expected(run_dir)
         actual = {k: getattr(row, k) for k in expected}
         assert actual == pytest.approx(expected), run_dir.name
-        assert row.train_flops is None  # neither the metrics rows nor a deployed.json hold it yet
+        assert row.train_macs is None  # neither the metrics rows nor a deployed.json hold it yet
     # DyRep grew blocks: more parameters while training than deployed; the plain run trains what it deploys
     assert dyrep.train_params > dyrep.deployed_params == plain.deployed_params == plain.train_params
     assert [p.name for p in result["files"]] == [COMPARE_MD, COMPARE_CSV, COMPARE_PNG]
@@ -73,10 +73,10 @@ def test_table_numbers_equal_what_the_runs_recorded(runs, tmp_path):
     parsed = list(csv.DictReader(io.StringIO((tmp_path / "out" / COMPARE_CSV).read_text())))
     assert [r["mode"] for r in parsed] == ["plain", "DyRep"]
     assert float(parsed[1]["best_top1"]) == pytest.approx(dyrep.best_top1)
-    assert int(parsed[1]["train_params"]) == dyrep.train_params and parsed[1]["train_flops"] == ""
+    assert int(parsed[1]["train_params"]) == dyrep.train_params and parsed[1]["train_macs"] == ""
 
 
-def test_deployed_json_supplies_flops_and_deployed_params(runs, tmp_path):
+def test_deployed_json_supplies_macs_and_deployed_params(runs, tmp_path):
     run_dir = tmp_path / "converted"
     shutil.copytree(runs["dyrep"], run_dir)
     from dyrep_ray.export.convert import convert_checkpoint
@@ -84,8 +84,25 @@ def test_deployed_json_supplies_flops_and_deployed_params(runs, tmp_path):
     convert_checkpoint(run_dir, evaluate=False)
     sidecar = json.loads((run_dir / DEPLOYED_SIDECAR).read_text())
     row = compare_runs([run_dir], tmp_path / "out")["rows"][0]
-    assert row.train_flops == sidecar["flops"]["trained"] > sidecar["flops"]["deployed"]
+    assert row.train_macs == sidecar["macs"]["trained"] > sidecar["macs"]["deployed"]
     assert row.deployed_params == sidecar["params"]["deployed"]
+    assert "flops" not in sidecar and "MMACs" in compare_markdown([row])
+
+    # A deployed.json written before the count was called MACs holds it under "flops": still read.
+    legacy = {("flops" if key == "macs" else key): value for key, value in sidecar.items() if key != "macs_unit"}
+    (run_dir / DEPLOYED_SIDECAR).write_text(json.dumps(legacy))
+    assert compare_runs([run_dir], tmp_path / "legacy")["rows"][0].train_macs == sidecar["macs"]["trained"]
+
+
+def test_metrics_row_macs_win_over_deployed_json_under_either_name(runs, tmp_path):
+    run_dir = tmp_path / "recorded"
+    shutil.copytree(runs["plain"], run_dir)
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    (run_dir / DEPLOYED_SIDECAR).write_text(json.dumps({"macs": {"trained": 1}, "params": {"deployed": 2}}))
+    for key, value in (("macs", 14_600_000), ("flops", 7_300_000)):  # "flops": older run directories' name
+        rows[-1] = {k: v for k, v in rows[-1].items() if k not in ("macs", "flops")} | {key: value}
+        (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert compare_runs([run_dir], tmp_path / key)["rows"][0].train_macs == value
 
 
 def test_mode_column_reads_the_dbb_key(runs, tmp_path):
@@ -118,7 +135,7 @@ def test_bad_run_dir_is_one_line_and_exit_2_with_nothing_written(runs, tmp_path,
 
 
 def test_module_entry_imports_neither_torch_nor_ray(runs, tmp_path):
-    code = ("import sys; from dyrep_ray.report.commands import compare_main; "
+    code = ("import sys; from dyrep_ray.report.compare import compare_main; "
             f"rc = compare_main([{str(runs['plain'])!r}, {str(runs['dyrep'])!r}, '--out', {str(tmp_path)!r}]); "
             "bad = [m for m in ('torch', 'ray') if m in sys.modules]; "
             "assert not bad, bad; sys.exit(rc)")

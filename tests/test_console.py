@@ -23,8 +23,8 @@ from dyrep_ray.console import (
     record_end,
     split_transient,
 )
-from dyrep_ray.engine.layout import TRAIN_LOG
 from dyrep_ray.engine.progress import epoch_line
+from dyrep_ray.rundir.layout import TRAIN_LOG
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -401,7 +401,7 @@ def check_demo_sweep_results(sweep: Path, reported: dict[str, list[int]]) -> Non
 
     from dyrep_ray.engine.checkpoint import load_checkpoint_dir
     from dyrep_ray.engine.config import load_config
-    from dyrep_ray.engine.layout import CONFIG_FILE, STRUCTURE_FILE
+    from dyrep_ray.rundir.layout import CONFIG_FILE, STRUCTURE_FILE
     from tests.helpers import run_metrics
 
     table = pd.read_csv(sweep / "trials.csv")

@@ -24,7 +24,7 @@ from dyrep_ray.engine.config import TrainConfig, load_config
 from dyrep_ray.engine.context import LocalContext
 from dyrep_ray.engine.loop import train
 from dyrep_ray.export import ATOL, RTOL, convert_checkpoint, validation_loader
-from dyrep_ray.models import build_model, count_flops, count_params
+from dyrep_ray.models import build_model, count_macs, count_params
 from dyrep_ray.rep import DiverseBranchBlock, DyRep, restore_graph, structure_graph
 from tests.helpers import LOCAL_TINY, randomize_bn
 
@@ -88,7 +88,7 @@ def test_convert_run_keeps_accuracy_and_writes_sidecar(tiny_run, converted):
     assert info["config"] == cfg.to_dict() and info["epoch"] == 3
     assert info["blocks_folded"] == sum(isinstance(m, DiverseBranchBlock) for m in trained.modules()) >= 2
     assert info["params"]["deployed"] == info["params"]["plain"] == meta["plain_params"] < info["params"]["trained"]
-    assert info["flops"]["deployed"] == info["flops"]["plain"] < info["flops"]["trained"]
+    assert info["macs"]["deployed"] == info["macs"]["plain"] < info["macs"]["trained"]
     assert info["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert f"top-1 before {info['top1_before']:.2f}%" in stdout
 
@@ -101,7 +101,7 @@ def test_deployed_weights_load_strictly_into_untouched_architecture(tiny_run, co
     plain.eval()
     untouched = build_model("small_cnn", 10)
     assert count_params(plain) == count_params(untouched)
-    assert count_flops(plain, (3, 32, 32)) == count_flops(untouched, (3, 32, 32))
+    assert count_macs(plain, (3, 32, 32)) == count_macs(untouched, (3, 32, 32))
     trained, _ = _trained_model(find_valid_checkpoints(run_dir)[0])
     assert count_params(trained) > count_params(plain)
     loader, _ = validation_loader(cfg)
@@ -228,7 +228,7 @@ def test_convert_each_model_family(name, tmp_path):
     assert info == result.info
     assert info["blocks_folded"] == blocks and info["architecture"] == name
     assert info["params"]["deployed"] == info["params"]["plain"] == meta["plain_params"] < info["params"]["trained"]
-    assert info["flops"]["deployed"] == info["flops"]["plain"]
+    assert info["macs"]["deployed"] == info["macs"]["plain"]
     if evaluate:
         assert info["val_images"] == 16 and abs(info["top1_after"] - info["top1_before"]) <= 0.01
     else:
@@ -313,3 +313,52 @@ def test_convert_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("dyrep-ray: error:") for line in err)
     assert "no valid checkpoint" in err[1]
+
+
+# ---------------------------------------------------------------------------
+# File permissions: the umask, read without changing it
+# ---------------------------------------------------------------------------
+_UMASK_PROBE = """
+import json, os, stat, sys
+from pathlib import Path
+os.umask(0o027)
+from dyrep_ray.export import convert_checkpoint
+from dyrep_ray.export.convert import new_file_mode
+run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+before = os.umask(0o027)  # unchanged by anything above
+mode = new_file_mode(out.parent)
+convert_checkpoint(run_dir, out, evaluate=False)
+print(json.dumps({"umask": before, "mode": mode, "left": sorted(p.name for p in out.parent.iterdir()),
+                  "weights": stat.S_IMODE(out.stat().st_mode),
+                  "sidecar": stat.S_IMODE(out.with_suffix(".json").stat().st_mode)}))
+"""
+
+
+def test_exported_files_get_the_processes_umask(tiny_run, tmp_path):
+    """safetensors writes 0600 files; convert gives them the mode any new file gets (here 0640 from umask 027)."""
+    import subprocess
+    import sys
+
+    run_dir, _ = tiny_run
+    out = tmp_path / "export" / "model.safetensors"
+    out.parent.mkdir()
+    done = subprocess.run([sys.executable, "-c", _UMASK_PROBE, str(run_dir), str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["umask"] == 0o027 and got["mode"] == 0o640
+    assert (got["weights"], got["sidecar"]) == (0o640, 0o640)
+    assert got["left"] == ["model.json", "model.safetensors"]  # no probe or temp file left behind
+
+
+def test_convert_never_sets_the_umask(tiny_run, tmp_path, monkeypatch):
+    """Reading the umask by setting it would race with other threads creating files: convert must not call it."""
+    import os
+
+    def refuse(mask):
+        raise AssertionError(f"os.umask({mask:#o}) called")
+
+    monkeypatch.setattr(os, "umask", refuse)
+    run_dir, _ = tiny_run
+    result = convert_checkpoint(run_dir, tmp_path / "model.safetensors", evaluate=False)
+    assert result.weights.is_file() and not list(tmp_path.glob(".dyrep-ray-mode-probe-*"))

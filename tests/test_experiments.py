@@ -15,8 +15,8 @@ from PIL import Image
 
 from dyrep_ray.engine.config import TrainConfig, load_config
 from dyrep_ray.engine.context import LocalContext
-from dyrep_ray.engine.layout import METRICS_FILE
 from dyrep_ray.engine.loop import train
+from dyrep_ray.rundir.layout import METRICS_FILE
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 PAPER_DIR = EXPERIMENTS_DIR / "paper"

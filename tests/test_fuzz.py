@@ -86,7 +86,7 @@ def _remanifest(directory: Path) -> None:
 def _load_and_rebuild(directory: Path) -> None:
     """What convert/eval/resume do with a checkpoint: verify and load it, rebuild the model, load strictly."""
     from dyrep_ray.engine.checkpoint import load_checkpoint_dir
-    from dyrep_ray.export.convert import rebuild_trained_model
+    from dyrep_ray.export.weights import rebuild_trained_model
 
     rebuild_trained_model(load_checkpoint_dir(directory))
 
@@ -135,7 +135,7 @@ def test_structure_json_with_arbitrary_values(checkpoint, value, key, field):
 @given(lines=st.lists(json_values.map(json.dumps) | st.text(max_size=40), max_size=6))
 @example(lines=['0\x1e0', '{"epoch": Infinity}', '{"epoch": 1e400}', '[' * 5000, '{"epoch": [1]}'])
 def test_metrics_reader(lines):
-    from dyrep_ray.engine.runfiles import parse_metrics
+    from dyrep_ray.rundir.files import parse_metrics
 
     text = "\n".join(lines)
     records, skipped = parse_metrics(text, strict=False)  # lenient mode (report): never raises

@@ -24,18 +24,18 @@ from dyrep_ray.engine.checkpoint import (
     write_checkpoint_dir,
 )
 from dyrep_ray.engine.context import LocalContext, load_newest_valid
-from dyrep_ray.engine.layout import LEASE_FILE, LOCK_FILE
-from dyrep_ray.engine.rundir import (
+from dyrep_ray.errors import UserError
+from dyrep_ray.rundir.checkpoints import list_checkpoints
+from dyrep_ray.rundir.layout import LEASE_FILE, LOCK_FILE
+from dyrep_ray.rundir.lock import (
     RunDirError,
     RunLock,
     RunLockedError,
     check_run_dir,
-    list_checkpoints,
     open_run_dir,
     validate_run_name,
 )
-from dyrep_ray.engine.storage import RunStorage
-from dyrep_ray.errors import UserError
+from dyrep_ray.rundir.storage import RunStorage
 
 REPO = Path(__file__).resolve().parents[1]
 EMPTY_GRAPH = {"version": 1, "blocks": []}
@@ -104,7 +104,7 @@ def test_prune_never_deletes_foreign_dirs_and_keeps_newest(tmp_path):
 
 
 def test_plain_params_from_newest_recorded_checkpoint_not_by_name(tmp_path):
-    from dyrep_ray.engine.runfiles import plain_params_from
+    from dyrep_ray.rundir.files import plain_params_from
 
     run = tmp_path / "run"
     for name, epoch, params in [("checkpoint_epoch9999", 9999, 1), ("checkpoint_epoch10000", 10000, 2),
@@ -118,8 +118,8 @@ def test_plain_params_from_newest_recorded_checkpoint_not_by_name(tmp_path):
 # ------------------------------------------------------------------ 2. run-directory lock (two processes)
 HOLD_LOCK = """
 import sys, time
-from dyrep_ray.engine.rundir import RunLock
-from dyrep_ray.engine.storage import RunStorage
+from dyrep_ray.rundir.lock import RunLock
+from dyrep_ray.rundir.storage import RunStorage
 lock = RunLock(RunStorage(sys.argv[1], sys.argv[2])).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -149,7 +149,7 @@ def test_second_writer_is_refused_with_one_line_naming_the_holder(tmp_path):
 def test_lease_marker_on_object_storage(monkeypatch):
     """On S3 (the suite's moto server) a second writer is refused while the lease is fresh; a marker not renewed
     for LEASE_STALE_S (a dead writer's) is taken over; release removes only our own marker."""
-    from dyrep_ray.engine import rundir
+    from dyrep_ray.rundir import lock as rundir_lock
     from tests.s3server import S3_TEST_ENV, list_keys, moto_version_problem, s3_server
 
     problem = moto_version_problem()
@@ -174,7 +174,7 @@ def test_lease_marker_on_object_storage(monkeypatch):
         assert objects(endpoint) == []  # released: the marker is gone
         # A writer that died long ago: its marker is stale and taken over, and the new owner's token replaces it.
         dead = {"host": "gone", "pid": 1, "started": "2000-01-01T00:00:00", "token": "dead",
-                "renewed": time.time() - rundir.LEASE_STALE_S - 1}
+                "renewed": time.time() - rundir_lock.LEASE_STALE_S - 1}
         RunStorage(uri, "exp").write_text(LEASE_FILE, json.dumps(dead))
         second = RunLock(RunStorage(uri, "exp")).acquire()
         try:
@@ -305,7 +305,7 @@ def test_cli_refuses_traversal_and_foreign_dirs(tmp_path):
 # ------------------------------------------------------------------ 6. dtypes and labels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.bool, torch.complex64])
 def test_strict_load_refuses_dtype_mismatch(dtype):
-    from dyrep_ray.export.convert import strict_load
+    from dyrep_ray.export.weights import strict_load
 
     model = torch.nn.Linear(2, 2)
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
@@ -363,7 +363,7 @@ def _fake_tune_dir(sweep: Path) -> None:
 
 
 def test_sweep_signature_detects_replaced_added_and_foreign_files(tmp_path, secret):
-    from dyrep_ray.engine.layout import SWEEP_SIGNATURE
+    from dyrep_ray.rundir.layout import SWEEP_SIGNATURE
     from dyrep_ray.tune.signing import SweepSignatureError, sign_sweep, verify_sweep
 
     sweep, root = tmp_path / "sw", RunStorage(str(tmp_path), "sw")
@@ -415,7 +415,7 @@ def test_sweep_signature_detects_replaced_added_and_foreign_files(tmp_path, secr
 
 
 def test_cli_resume_of_tampered_sweep_exits_2_before_unpickling(tmp_path, secret):
-    from dyrep_ray.engine.layout import SWEEP_FILE
+    from dyrep_ray.rundir.layout import SWEEP_FILE
     from dyrep_ray.tune.signing import sign_sweep
     from dyrep_ray.tune.spec import load_sweep
 
@@ -438,7 +438,7 @@ def test_cli_resume_of_tampered_sweep_exits_2_before_unpickling(tmp_path, secret
 def test_real_sweep_resume_refuses_replaced_tuner_pkl_and_resumes_untouched(ray_session, tmp_path, secret):
     import yaml
 
-    from dyrep_ray.engine.layout import SWEEP_SIGNATURE
+    from dyrep_ray.rundir.layout import SWEEP_SIGNATURE
     from dyrep_ray.tune.signing import SweepSignatureError
     from dyrep_ray.tune.spec import load_sweep
     from dyrep_ray.tune.sweep import run_sweep
@@ -562,7 +562,7 @@ def test_huge_model_named_in_meta_is_counted_on_meta_device_and_refused(tmp_path
 def test_huge_model_is_refused_by_train_local_and_the_library_loaders(tmp_path):
     """``train --local`` (no driver preflight), ``rebuild_trained_model`` and ``load_deployed`` count first too."""
     from dyrep_ray.engine.checkpoint import LoadedCheckpoint
-    from dyrep_ray.export.convert import SIDECAR_FORMAT, load_deployed, rebuild_trained_model, sidecar_path
+    from dyrep_ray.export.weights import SIDECAR_FORMAT, load_deployed, rebuild_trained_model, sidecar_path
     from dyrep_ray.models.limits import ModelTooLargeError
 
     huge = "timm/vit_gigantic_patch14_clip_224"
@@ -664,7 +664,7 @@ import logging, resource, signal, sys, torch
 from pathlib import Path
 from dyrep_ray.engine.context import LocalContext
 from dyrep_ray.engine.checkpoint import write_checkpoint_dir
-from dyrep_ray.engine.storage import RunStorage
+from dyrep_ray.rundir.storage import RunStorage
 logging.basicConfig(level=logging.ERROR)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)            # writes past the limit fail with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a "disk" that fills after 4 KB per file

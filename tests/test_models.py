@@ -1,4 +1,4 @@
-"""Model builders: every model builds and runs, parameter counts, errors, FLOP counting."""
+"""Model builders: every model builds and runs, parameter counts, errors, MAC counting."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn as nn
 from dyrep_ray.models import (
     UnknownModelError,
     build_model,
-    count_flops,
+    count_macs,
     count_params,
     default_input_size,
     list_models,
@@ -184,28 +184,28 @@ class _Tiny(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def test_count_flops_matches_hand_computation():
+def test_count_macs_matches_hand_computation():
     model = _Tiny()
     # conv: 4x4x4 outputs x (3*3*3) ; grouped: 8x4x4 outputs x (4/2*3*3) ; fc: 5 outputs x 128 inputs
     expected = 4 * 4 * 4 * 27 + 8 * 4 * 4 * 18 + 5 * 128
-    assert count_flops(model, input_size=(3, 8, 8)) == expected
+    assert count_macs(model, input_size=(3, 8, 8)) == expected
     assert count_params(model) == (4 * 27 + 4) + 8 + 8 * 18 + (128 * 5 + 5)
 
 
-def test_count_flops_restores_modes_and_follows_dtype():
+def test_count_macs_restores_modes_and_follows_dtype():
     model = _Tiny().double()
     model.train()
     model.bn.eval()  # mixed modes must come back exactly
     running_mean = model.bn.running_mean.clone()
-    flops = count_flops(model, input_size=(3, 8, 8))
-    assert flops > 0
+    macs = count_macs(model, input_size=(3, 8, 8))
+    assert macs > 0
     assert model.training and model.conv.training and not model.bn.training
     torch.testing.assert_close(model.bn.running_mean, running_mean)  # eval forward: stats untouched
     assert not any(m._forward_hooks for m in model.modules())
 
 
-def test_count_flops_small_cnn_is_cheap():
-    macs = count_flops(build_model("small_cnn", 10))
+def test_count_macs_small_cnn_is_cheap():
+    macs = count_macs(build_model("small_cnn", 10))
     assert 1_000_000 < macs < 50_000_000
 
 

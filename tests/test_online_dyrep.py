@@ -18,10 +18,9 @@ from torch import nn
 
 from dyrep_ray.engine.ema import ModelEma
 from dyrep_ray.engine.faults import RaiseAt
-from dyrep_ray.engine.layout import STRUCTURE_FILE
 from dyrep_ray.engine.loop import model_digest
 from dyrep_ray.integrations.common import canonical_param_order
-from dyrep_ray.models import build_model, count_flops
+from dyrep_ray.models import build_model, count_macs
 from dyrep_ray.rep import (
     DiverseBranchBlock,
     DyRep,
@@ -35,6 +34,7 @@ from dyrep_ray.rep import (
 from dyrep_ray.rep.dbb import KXK
 from dyrep_ray.rep.optim import param_groups_for
 from dyrep_ray.rep.paths import iter_blocks
+from dyrep_ray.rundir.layout import STRUCTURE_FILE
 from tests.helpers import LOCAL_TINY, RESUME_ATOL, final_model, max_abs_diff, rel_err, run_local, run_metrics
 from tests.test_dyrep import ELIGIBLE, batch, eval_out, make_net
 
@@ -310,13 +310,13 @@ def test_surgery_keeps_module_order_so_positional_optimizer_state_lands_on_the_r
         assert torch.equal(optimizer2.state[p]["momentum_buffer"], optimizer.state[by_name[name]]["momentum_buffer"])
 
 
-def test_count_flops_of_an_assembled_online_model_equals_the_plain_models():
+def test_count_macs_of_an_assembled_online_model_equals_the_plain_models():
     plain = make_net()
     size = (3, 12, 12)
     online, _ = grown_online_net()
     for _, block in iter_blocks(online):
         block.forward_path = "kernel"
-    assert count_flops(online, size) == count_flops(plain, size)
+    assert count_macs(online, size) == count_macs(plain, size)
     # on the branches path it counts what runs: the same convs a bn block of the same branches runs
     grown_paths = ("0", "3", "6")
     on_branches, as_bn = make_net(), make_net()
@@ -325,7 +325,7 @@ def test_count_flops_of_an_assembled_online_model_equals_the_plain_models():
         DyRep(as_bn).grow(path)
     for _, block in iter_blocks(on_branches):
         block.forward_path = "branches"
-    assert count_flops(on_branches, size) == count_flops(as_bn, size) > count_flops(plain, size)
+    assert count_macs(on_branches, size) == count_macs(as_bn, size) > count_macs(plain, size)
 
 
 def test_grown_models_compile_without_graph_breaks():
@@ -394,7 +394,7 @@ def test_convert_folds_the_online_run_with_top1_unchanged(online_run, tmp_path):
     assert info["blocks_folded"] >= 2 and info["strict_load"] is True
     assert info["top1_after"] == info["top1_before"] == pytest.approx(run_metrics(run_dir)[-1]["val_top1"])
     assert info["params"]["deployed"] == info["params"]["plain"] < info["params"]["trained"]
-    assert info["flops"]["deployed"] == info["flops"]["plain"]
+    assert info["macs"]["deployed"] == info["macs"]["plain"]
 
 
 def test_static_baseline_with_online_blocks(tmp_path):

@@ -23,9 +23,9 @@ from dyrep_ray.engine.checkpoint import (
 )
 from dyrep_ray.engine.context import load_newest_valid
 from dyrep_ray.engine.faults import NanLoss, RaiseAt
-from dyrep_ray.engine.layout import METRICS_FILE
 from dyrep_ray.engine.loop import NonFiniteLossError
-from dyrep_ray.engine.storage import RunStorage
+from dyrep_ray.rundir.layout import METRICS_FILE
+from dyrep_ray.rundir.storage import RunStorage
 from tests.helpers import RESUME_ATOL, run_local
 
 TINY = ["synthetic_train_size=256", "synthetic_val_size=128", "batch_size=32", "dyrep_recal_bn_iters=2",

@@ -21,9 +21,9 @@ import torch
 from dyrep_ray.engine.config import TrainConfig, load_config
 from dyrep_ray.engine.context import LocalContext, load_newest_valid
 from dyrep_ray.engine.faults import RaiseAt
-from dyrep_ray.engine.layout import CHECKPOINT_PREFIX, CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
 from dyrep_ray.engine.loop import train
-from dyrep_ray.engine.storage import RunStorage
+from dyrep_ray.rundir.layout import CHECKPOINT_PREFIX, CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
+from dyrep_ray.rundir.storage import RunStorage
 from tests.helpers import RESUME_ATOL, max_abs_diff
 from tests.s3server import S3_TEST_ENV, list_keys, moto_version_problem, s3_server
 

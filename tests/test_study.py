@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dyrep_ray.engine.config import TrainConfig
-from dyrep_ray.engine.layout import CONFIG_FILE, METRICS_FILE
+from dyrep_ray.rundir.layout import CONFIG_FILE, METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "study" / "run.py"

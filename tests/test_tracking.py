@@ -23,8 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import (
 
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.context import LocalContext
-from dyrep_ray.engine.layout import METRICS_FILE, STRUCTURE_FILE
 from dyrep_ray.engine.loop import Trainer
+from dyrep_ray.rundir.layout import METRICS_FILE, STRUCTURE_FILE
 from dyrep_ray.tracking import (
     TENSORBOARD_DIR,
     TRACKING_FILE,
@@ -113,7 +113,7 @@ def test_tensorboard_scalars_events_and_model_size_read_back(tracked_run):
         for step, value in expected.items():
             assert scalars[key][step] == pytest.approx(value, rel=1e-6), (key, step)  # float32 in event files
     assert scalars["model/plain_params"] == {0: run.trainer.plain_params}
-    assert scalars["model/plain_flops"][0] == pytest.approx(run.trainer.plain_flops, rel=1e-6)
+    assert scalars["model/plain_macs"][0] == pytest.approx(run.trainer.plain_macs, rel=1e-6)
     # one text entry per adjust (after epochs 1 and 2; none after the last), naming every grow/cut event
     adjust_texts = texts["structure_events/text_summary"]
     adjusted = {r["epoch"]: r["events"] for r in run.rows if r["events"]}
@@ -198,7 +198,7 @@ def _replay_trainer(tracked_run, run_dir: Path, cfg=None, completed: int = 0, is
         ctx = types.SimpleNamespace(is_main=False, rank=1, storage=ctx.storage)
     source = tracked_run.trainer
     return types.SimpleNamespace(cfg=cfg or tracked_run.cfg, ctx=ctx, model=source.model,
-                                 plain_params=source.plain_params, plain_flops=source.plain_flops,
+                                 plain_params=source.plain_params, plain_macs=source.plain_macs,
                                  state=types.SimpleNamespace(epoch=completed))
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dyrep_ray.engine.faults import RaiseAt
-from dyrep_ray.engine.layout import METRICS_FILE, STRUCTURE_FILE
 from dyrep_ray.engine.loop import model_digest
+from dyrep_ray.rundir.layout import METRICS_FILE, STRUCTURE_FILE
 from tests.helpers import LOCAL_TINY, RESUME_ATOL, final_model, max_abs_diff, run_local
 
 REQUIRED_KEYS = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "params", "n_blocks",

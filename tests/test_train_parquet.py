@@ -10,8 +10,8 @@ import torch
 from dyrep_ray.data.parquet import export_parquet, parquet_row_count
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.context import LocalContext
-from dyrep_ray.engine.layout import METRICS_FILE
 from dyrep_ray.engine.loop import train
+from dyrep_ray.rundir.layout import METRICS_FILE
 
 SIZES = dict(synthetic_train_size=192, synthetic_val_size=64)
 

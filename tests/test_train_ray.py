@@ -8,8 +8,8 @@ import pytest
 
 from dyrep_ray.distributed.trainer import run_distributed
 from dyrep_ray.engine.faults import KillAt
-from dyrep_ray.engine.layout import STRUCTURE_FILE
 from dyrep_ray.engine.loop import model_digest
+from dyrep_ray.rundir.layout import STRUCTURE_FILE
 from tests.helpers import RESUME_ATOL, final_model, max_abs_diff, run_metrics
 
 pytestmark = pytest.mark.ray

@@ -20,7 +20,7 @@ import yaml
 from dyrep_ray.engine.checkpoint import load_checkpoint_dir, write_checkpoint_dir
 from dyrep_ray.engine.config import ConfigError
 from dyrep_ray.engine.faults import RaiseAt
-from dyrep_ray.engine.layout import CONFIG_FILE, STRUCTURE_FILE
+from dyrep_ray.rundir.layout import CONFIG_FILE, STRUCTURE_FILE
 from dyrep_ray.tune.bridge import (
     BRIDGE_FILE,
     ORIGIN_FILE,
@@ -162,7 +162,7 @@ def test_unknown_model_in_search_space_fails_before_anything_runs(tmp_path, caps
 
 
 def test_sweep_directory_rules(tmp_path):
-    from dyrep_ray.engine.layout import SWEEP_FILE, TUNE_DIR
+    from dyrep_ray.rundir.layout import SWEEP_FILE, TUNE_DIR
     from dyrep_ray.tune.sweep import prepare_sweep
 
     spec = load_sweep(SWEEPS / "demo.yaml")

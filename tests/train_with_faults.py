@@ -12,7 +12,8 @@ import argparse
 import logging
 import sys
 
-from dyrep_ray.distributed.trainer import LOG_FORMAT, run_distributed
+from dyrep_ray.console import LOG_FORMAT
+from dyrep_ray.distributed.trainer import run_distributed
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.faults import SleepAt
 

@@ -28,10 +28,10 @@ from collections.abc import Callable
 
 from ..console import drop_exit_in_finalizers, is_harmless, is_routine, is_transient_batch, split_transient
 from ..engine.callbacks import TrainerCallback
-from ..engine.layout import METRICS_FILE
 from ..engine.progress import EPOCH_LINE, console, epoch_line
-from ..engine.runfiles import parse_metrics
-from ..engine.storage import RunStorage
+from ..rundir.files import parse_metrics
+from ..rundir.layout import METRICS_FILE
+from ..rundir.storage import RunStorage
 
 logger = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..engine.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
 from ..engine.context import load_newest_valid
-from ..engine.layout import checkpoint_dir_name
 from ..engine.midepoch import newer_mid_epoch_checkpoint
 from ..engine.progress import EVENTS_TEXT, event_labels
 from ..engine.protocols import CheckpointWriter
-from ..engine.storage import RunStorage
+from ..rundir.layout import checkpoint_dir_name
+from ..rundir.storage import RunStorage
 
 logger = logging.getLogger(__name__)
 

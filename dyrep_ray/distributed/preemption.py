@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..engine.callbacks import TrainerCallback
-from ..engine.layout import PREEMPTED_METRIC
+from ..rundir.layout import PREEMPTED_METRIC
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.loop import Trainer

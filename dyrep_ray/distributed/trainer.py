@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..console import LOG_FORMAT
 from ..engine.callbacks import TrainerCallback
 from ..engine.config import TrainConfig
 from ..engine.context import load_newest_valid
 from ..engine.data_source import PARQUET, aug_options
 from ..engine.loop import Trainer, check_resume_config, summarize
-from ..engine.runfiles import plain_params_from, read_metrics
-from ..engine.storage import RunStorage, resolve_filesystem
 from ..errors import UserError
+from ..rundir.files import plain_params_from, read_metrics
+from ..rundir.storage import RunStorage, resolve_filesystem
 from ..tracking import DriverTrackingEnvironment
 from .console import WorkerConsole, ray_train_log_level
 
@@ -33,7 +34,6 @@ __all__ = ["ClusterError", "build_torch_trainer", "connect", "preflight", "read_
            "run_distributed", "train_loop_per_worker"]
 
 CPUS_PER_WORKER = 1
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Ray Train scores checkpoints by this metric when it keeps the best N.
 CHECKPOINT_SCORE = "val_top1"
 #: A worker count, or (min, max) for elastic training (``workers: [min, max]``; ScalingConfig takes either).

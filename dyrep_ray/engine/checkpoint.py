@@ -30,7 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..errors import UserError
-from .layout import GRAPH_FILE, MANIFEST_FILE, META_FILE, STATE_FILE
+from ..rundir.layout import GRAPH_FILE, MANIFEST_FILE, META_FILE, STATE_FILE
 
 # Marks the sibling temp dir a checkpoint is written into (removed on the next run if a kill left it).
 TEMP_MARK = ".tmp-"
@@ -339,8 +339,8 @@ def find_valid_checkpoints(root: str | Path) -> list[Path]:
     """The run's own checkpoint dirs (``checkpoint_epochNNNN[_stepS]``) whose manifest verifies, newest first
     by the ``(epoch, global_step)`` their meta records.  Invalid ones are skipped with a warning naming the reason.
     """
-    from .rundir import list_checkpoints
-    from .storage import RunStorage
+    from ..rundir.checkpoints import list_checkpoints
+    from ..rundir.storage import RunStorage
 
     root = Path(root)
     if not root.is_dir():

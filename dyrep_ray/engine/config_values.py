@@ -5,6 +5,7 @@ Below :mod:`~dyrep_ray.engine.config_checks` and :mod:`~dyrep_ray.engine.config_
 
 from __future__ import annotations
 
+from ..limits import MAX_NUM_CLASSES
 from .config_rules import ConfigEnum
 
 __all__ = [
@@ -98,7 +99,6 @@ DATASETS_WITH_DIR = (Dataset.CIFAR10, Dataset.CIFAR100, Dataset.IMAGENET)
 AMP_UNSAFE_METRICS = (DyRepMetric.SYNFLOW, DyRepMetric.SNIP)
 
 # Caps on what a few bytes of config could make the trainer allocate.
-MAX_NUM_CLASSES = 100_000  # ImageNet-21k has 21,841; as export.convert caps a checkpoint's num_classes
 MAX_IMAGE_SIZE = 4096  # one 4096^2 RGB float32 image is 200 MB; 20000^2 would be 4.8 GB per image
 MAX_SYNTHETIC_SIZE = 10_000_000  # images per synthetic split; what they occupy is capped by the next one
 MAX_SYNTHETIC_BYTES = 8 * 2**30  # the synthetic splits live in memory: uint8 pixels + normalized float32 copy

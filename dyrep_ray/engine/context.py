@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..rundir.checkpoints import list_checkpoints, metric_score, read_meta
+from ..rundir.layout import checkpoint_dir_name
+from ..rundir.storage import RunStorage, as_storage
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
-from .layout import CHECKPOINT_PREFIX, checkpoint_dir_name  # noqa: F401  (re-exported)
 from .protocols import CheckpointWriter, TrainContext
-from .rundir import list_checkpoints, metric_score, read_meta
-from .storage import RunStorage, as_storage
 
 logger = logging.getLogger(__name__)
 

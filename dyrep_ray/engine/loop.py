@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import build_model, count_flops, count_params
+from ..models import build_model, count_macs, count_params
 from ..models.limits import check_model_size
 from ..rep import DyRep, apply_plan, convert_to_dbb, recalibrate_bn, restore_graph, structure_graph
 from ..rep.blocks import is_block
 from ..rep.optim import param_groups_for
+from ..rundir.files import VAL_KEYS, CheckpointMeta, EpochMetrics
+from ..rundir.layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
 from .callbacks import CallbackList, TrainerCallback
 from .checkpoint import (
     LoadedCheckpoint,
@@ -40,7 +42,6 @@ from .checkpoint import (
 from .config import TrainConfig, resume_changes
 from .data_source import PARQUET, RECAL_SEED_OFFSET, EpochPosition, aug_options, torch_data_source
 from .ema import ModelEma
-from .layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
 from .midepoch import (
     MID_EPOCH_KEY,
     STEP_IN_EPOCH_KEY,
@@ -49,7 +50,6 @@ from .midepoch import (
     write_mid_epoch_checkpoint,
 )
 from .protocols import DataFactory, DataSource, TrainContext
-from .runfiles import VAL_KEYS, CheckpointMeta, EpochMetrics
 from .schedule import LRSchedule
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class Trainer:
         check_model_size(cfg.model, self.num_classes, "the config", **model_kwargs(cfg))
         self.model = build_model(cfg.model, self.num_classes, **model_kwargs(cfg))
         self.plain_params = count_params(self.model)
-        self.plain_flops = count_flops(self.model, (3, cfg.image_size, cfg.image_size))
+        self.plain_macs = count_macs(self.model, (3, cfg.image_size, cfg.image_size))
         self.state = TrainState()
         self._resume_progress: EpochProgress | None = None  # set by a mid-epoch checkpoint
         self.running: RunningEpoch | None = None
@@ -266,8 +266,8 @@ class Trainer:
         cfg = self.cfg
         if self.ctx.is_main:
             self._write_run_files()
-            logger.info("model %s: %d params, %.1f MFLOPs, %d DyRep-eligible convs; %d train / %d val images, "
-                        "%d worker(s)", cfg.model, self.plain_params, self.plain_flops / 1e6,
+            logger.info("model %s: %d params, %.1f MMACs, %d DyRep-eligible convs; %d train / %d val images, "
+                        "%d worker(s)", cfg.model, self.plain_params, self.plain_macs / 1e6,
                         len(self.dyrep.eligible_names) if self.dyrep else 0, *self.data.sizes,
                         self.ctx.world_size)
         self._start_record = self._placement_record(start=True)
@@ -435,10 +435,10 @@ class Trainer:
         for note in plan.notes:
             logger.warning("DyRep: %s", note)
         if events and self.ctx.is_main:
-            logger.info("after adjust: %d params, %.1f MFLOPs (plain model: %d params, %.1f MFLOPs)",
-                        count_params(self.model), count_flops(self.model, (3, self.cfg.image_size,
+            logger.info("after adjust: %d params, %.1f MMACs (plain model: %d params, %.1f MMACs)",
+                        count_params(self.model), count_macs(self.model, (3, self.cfg.image_size,
                                                                           self.cfg.image_size)) / 1e6,
-                        self.plain_params, self.plain_flops / 1e6)
+                        self.plain_params, self.plain_macs / 1e6)
         return events
 
     @torch.no_grad()

@@ -20,11 +20,11 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
+from ..rundir.checkpoints import list_checkpoints, parse_checkpoint_name
+from ..rundir.layout import CHECKPOINT_PREFIX
+from ..rundir.storage import RunStorage
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
-from .layout import CHECKPOINT_PREFIX
 from .protocols import CheckpointWriter
-from .rundir import list_checkpoints, parse_checkpoint_name
-from .storage import RunStorage
 
 logger = logging.getLogger(__name__)
 

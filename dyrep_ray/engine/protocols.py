@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import nn
 
+from ..rundir.storage import RunStorage
 from .checkpoint import LoadedCheckpoint
-from .storage import RunStorage
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import TrainConfig

@@ -36,7 +36,7 @@ def register(subparsers, add_common) -> None:
         "convert", help="fold a DyRep checkpoint into the plain model (safetensors), proving nothing changed",
         description="Rebuild the trained model from a checkpoint, fold every Diverse Branch Block into one conv, "
                     "verify the folded model loads strict=True into the untouched architecture with the same "
-                    "params/FLOPs and gives the same outputs and top-1, then write safetensors + a JSON summary. "
+                    "params/MACs and gives the same outputs and top-1, then write safetensors + a JSON summary. "
                     "Exit code 1 if the check fails (nothing is written).")
     c.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run directory (newest valid checkpoint is used) or checkpoint directory")
@@ -73,8 +73,9 @@ def register(subparsers, add_common) -> None:
 
 
 def cmd_convert(args) -> int:
-    from .convert import ConversionCheckError, convert_checkpoint, resolve_checkpoint
+    from .convert import ConversionCheckError, convert_checkpoint
     from .evaluate import check_checkpoint_model_size
+    from .weights import resolve_checkpoint
 
     _check_batch_size(args.batch_size)
     check_checkpoint_model_size(resolve_checkpoint(args.source))  # a huge model named in meta: refused, not built
@@ -101,7 +102,7 @@ def cmd_convert(args) -> int:
 def _log_deployed_to_tracking(source, result) -> None:
     """Attach the written weights to the run's MLflow run, if it has one (a failure is one warning line)."""
     from ..tracking.mlflow import log_deployed_artifacts
-    from .convert import resolve_checkpoint
+    from .weights import resolve_checkpoint
 
     log_deployed_artifacts(resolve_checkpoint(source).parent, result.weights, result.sidecar)
 

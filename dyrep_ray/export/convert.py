@@ -8,7 +8,7 @@
    ``load_state_dict(strict=True)``;
 3. fold every Diverse Branch Block (:func:`dyrep_ray.rep.deploy`) and load the result with
    ``strict=True`` into a freshly built, never-grown model of the same architecture; its
-   parameter count and FLOPs must equal the never-grown model's;
+   parameter count and MACs must equal the never-grown model's;
 4. write that state dict as safetensors, read the file back into another fresh model, and run the
    trained model and the reloaded one on the same validation batches (random inputs with
    ``evaluate=False``);
@@ -24,39 +24,36 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
 import os
-from contextlib import contextmanager
+import stat
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..engine.checkpoint import (
-    GRAPH_FILE,
-    MANIFEST_FILE,
-    META_FILE,
-    STATE_FILE,
-    CheckpointError,
-    LoadedCheckpoint,
-    check_zip_records,
-    find_valid_checkpoints,
-    read_json_strict,
-    sha256_file,
-    validate_checkpoint_content,
-    verify_checkpoint_dir,
-)
-from ..engine.config import ConfigError, TrainConfig
-from ..engine.layout import DEPLOYED_WEIGHTS as DEFAULT_WEIGHTS_NAME
-from ..models import build_model, count_flops, count_params
-from ..models.limits import check_model_size
+from ..engine.checkpoint import sha256_file
+from ..engine.config import ConfigError
+from ..models import build_model, count_macs, count_params
 from ..rep import deploy
 from ..rep.blocks import is_block
-from .evaluate import compare_models, validation_loader
+from ..rundir.layout import DEPLOYED_WEIGHTS as DEFAULT_WEIGHTS_NAME
+from ..rundir.layout import MACS_KEY
+from .evaluate import compare_models, exact_float32, resolve_device, validation_loader
+from .weights import (
+    SIDECAR_FORMAT,
+    SIDECAR_VERSION,
+    load_checkpoint_safely,
+    load_safetensors_state,
+    rebuild_trained_model,
+    resolve_checkpoint,
+    sidecar_path,
+    strict_load,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,201 +61,12 @@ RTOL = 1e-4
 ATOL = 1e-5
 TOP1_TOLERANCE = 0.01  # percentage points
 TOLERANCE_RULE = "per batch: max|trained - deployed| <= rtol * max|trained| + atol; |top1 change| <= top1_points"
-SIDECAR_FORMAT = "dyrep-ray-deployed"
-SIDECAR_VERSION = 1
 RANDOM_BATCHES = 2  # with evaluate=False: batches of random inputs for the equivalence check
 RANDOM_BATCH_SIZE = 8
-# Class counts of datasets whose size is fixed (for checkpoints whose meta lacks num_classes).
-KNOWN_NUM_CLASSES = {"synthetic": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
-# More classes than this in a meta/sidecar is refused before a classifier head is built (1e7 classes x 2048
-# features would be 80 GB); the largest public label sets (ImageNet-21k) are well below it.
-MAX_NUM_CLASSES = 100_000
 
 
 class ConversionCheckError(RuntimeError):
     """The folded model is not equivalent to the trained one (or cannot take the plain layout)."""
-
-
-# ---------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------
-def resolve_checkpoint(source: str | os.PathLike) -> Path:
-    """The checkpoint directory named by ``source``: itself, the directory of a file in it,
-    or the newest valid ``checkpoint_*`` of a run directory."""
-    path = Path(source)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if path.is_file():
-        if path.name not in (STATE_FILE, META_FILE, GRAPH_FILE, MANIFEST_FILE):
-            raise CheckpointError(f"{path}: not a checkpoint directory, run directory or file of a checkpoint")
-        path = path.parent
-    if (path / MANIFEST_FILE).exists() or (path / STATE_FILE).exists():
-        return path
-    found = find_valid_checkpoints(path)
-    if not found:
-        raise CheckpointError(f"{path}: no valid checkpoint_* directory in it (is it a run directory?)")
-    return found[0]
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = read_json_strict(path)  # NaN/Infinity refused: not JSON, and no count/metric may be one
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({exc})".splitlines()[0]) from exc
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
-
-
-def load_checkpoint_safely(directory: str | os.PathLike) -> LoadedCheckpoint:
-    """Verify the manifest, read the JSON files, then the tensors with ``weights_only=True`` on the CPU.
-
-    A ``state.pt`` carrying pickled objects is refused with a one-line :class:`CheckpointError`;
-    nothing in it runs.
-    """
-    directory = Path(directory)
-    verify_checkpoint_dir(directory)
-    meta = _read_json_object(directory / META_FILE)
-    graph = _read_json_object(directory / GRAPH_FILE)
-    state_path = directory / STATE_FILE
-    check_zip_records(state_path)
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for pickled code; anything else = not ours either
-        raise CheckpointError(f"{state_path}: refused to load: it is not a plain tensor file (it may carry pickled "
-                              f"code, which dyrep-ray never runs) [{type(exc).__name__}]") from exc
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"{state_path}: no 'model' state dict in it")
-    validate_checkpoint_content(directory, meta, graph, state)
-    return LoadedCheckpoint(directory, meta, graph, state)
-
-
-def config_from_dict(data: object, source: str) -> TrainConfig:
-    """A :class:`TrainConfig` from a stored config dict; keys this version does not know are dropped
-    with a warning (a checkpoint written by a newer dyrep-ray still converts)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: no config dict stored")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        logger.warning("%s: ignoring config keys this version does not know: %s", source, unknown)
-    return TrainConfig.from_dict({k: v for k, v in data.items() if k in known})
-
-
-def check_num_classes(value, source: str) -> int:
-    """``value`` if it is an int in ``[1, MAX_NUM_CLASSES]``, else a one-line :class:`CheckpointError`."""
-    if type(value) is not int or not 1 <= value <= MAX_NUM_CLASSES:
-        raise CheckpointError(f"{source}: num_classes must be an integer in [1, {MAX_NUM_CLASSES}], "
-                              f"got {value!r}"[:200])
-    return value
-
-
-def num_classes_of(meta: dict, cfg: TrainConfig) -> int:
-    value = meta.get("num_classes") or cfg.num_classes or KNOWN_NUM_CLASSES.get(cfg.dataset)
-    if value is None:
-        raise CheckpointError(f"cannot tell the number of classes (meta has no num_classes, dataset {cfg.dataset!r})")
-    return check_num_classes(value, "checkpoint meta")
-
-
-def strict_load(model: nn.Module, state: dict, what: str, error: type[Exception] = CheckpointError) -> None:
-    """``load_state_dict(strict=True)`` raising ``error`` with a one-line message that names the keys."""
-    expected = model.state_dict()
-    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise error(f"{what}: entries that are not tensors: {not_tensors[:4]}")
-    # Strict means strict: load_state_dict would cast f64/int8/bool/complex weights silently (bool weights
-    # reported a loss of 5.6e9), so a dtype that differs from the model's is refused like a shape.
-    dtypes = [f"{k} {state[k].dtype} vs {v.dtype}" for k, v in expected.items()
-              if k in state and state[k].dtype != v.dtype]
-    if dtypes:
-        raise error(f"{what}: dtype mismatch {dtypes[:3]}{' ...' if len(dtypes) > 3 else ''}")
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:3]}")
-        raise error(f"{what}: {'; '.join(parts)}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError) as exc:
-        raise error(f"{what}: {str(exc).strip().splitlines()[-1].strip()}") from exc
-
-
-def rebuild_trained_model(ckpt: LoadedCheckpoint, use_ema: bool = False) -> tuple[nn.Module, TrainConfig, int]:
-    """(trained model in eval mode on the CPU, its config, num_classes) from a loaded checkpoint."""
-    from ..engine.loop import model_kwargs
-    from ..rep import restore_graph
-
-    cfg = config_from_dict(ckpt.meta.get("config"), f"{ckpt.path}/{META_FILE}")
-    num_classes = num_classes_of(ckpt.meta, cfg)
-    check_model_size(cfg.model, num_classes, f"{ckpt.path}/{META_FILE}", **model_kwargs(cfg))  # meta device
-    model = build_model(cfg.model, num_classes, **model_kwargs(cfg))  # as the loop built it (dropout etc.)
-    try:
-        restore_graph(model, ckpt.graph)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{ckpt.path}/{GRAPH_FILE}: {exc}") from exc
-    key = "ema" if use_ema else "model"
-    if key not in ckpt.state:
-        raise CheckpointError(f"{ckpt.path}: no EMA weights in this checkpoint (trained without model_ema)")
-    strict_load(model, ckpt.state[key], f"{ckpt.path}: {key} weights do not fit the rebuilt {cfg.model}")
-    return model.eval(), cfg, num_classes
-
-
-# ---------------------------------------------------------------------------
-# Deployed weights (safetensors + JSON sidecar)
-# ---------------------------------------------------------------------------
-def sidecar_path(weights: str | os.PathLike) -> Path:
-    weights = Path(weights)
-    return weights.with_name(weights.stem + ".json")
-
-
-def read_sidecar(weights: str | os.PathLike) -> dict | None:
-    """The JSON written beside ``weights`` by convert, or None if there is none."""
-    path = sidecar_path(weights)
-    if not path.is_file():
-        return None
-    info = _read_json_object(path)
-    if info.get("format") != SIDECAR_FORMAT:
-        logger.warning("%s is not a dyrep-ray deployed-model description; ignoring it", path)
-        return None
-    if not isinstance(info.get("architecture"), str) or not info["architecture"]:
-        raise CheckpointError(f"{path}: 'architecture' must be a model name (a string)")
-    check_num_classes(info.get("num_classes"), str(path))
-    if "config" in info and not isinstance(info["config"], dict):
-        raise CheckpointError(f"{path}: 'config' must be an object")
-    return info
-
-
-def load_safetensors_state(path: str | os.PathLike) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})".splitlines()[0]) from exc
-
-
-def load_deployed(weights: str | os.PathLike, architecture: str | None = None,
-                  num_classes: int | None = None) -> nn.Module:
-    """The plain model of ``architecture`` (default: from the JSON sidecar) with ``weights`` loaded strictly."""
-    info = read_sidecar(weights) or {}
-    architecture = architecture or info.get("architecture")
-    num_classes = num_classes or info.get("num_classes")
-    if not architecture or not num_classes:
-        raise CheckpointError(f"{weights}: no {sidecar_path(weights).name} beside it naming the architecture; "
-                              "pass the architecture and num_classes")
-    check_model_size(architecture, int(num_classes), str(sidecar_path(weights)))  # meta device: nothing allocated
-    model = build_model(architecture, int(num_classes))
-    strict_load(model, load_safetensors_state(weights), f"{weights} does not load into {architecture}")
-    return model.eval()
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -270,33 +78,6 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 # ---------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------
-@contextmanager
-def exact_float32(device: torch.device):
-    """No TF32 on CUDA while verifying (TF32 convs alone drift ~1e-3 relative)."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but no CUDA device is visible; use --device cpu")
-    return device
-
-
 @dataclass
 class ConversionResult:
     weights: Path
@@ -317,7 +98,7 @@ class ConversionResult:
             lines.append("accuracy not measured (--no-eval); outputs compared on random inputs")
         lines.append(f"max output difference {i['max_output_diff']:.3g} (allowed {i['allowed_output_diff']:.3g} "
                      f"= {RTOL:g} x max|logit| {i['max_abs_logit']:.3g} + {ATOL:g})")
-        p, f = i["params"], i["flops"]
+        p, f = i["params"], i[MACS_KEY]
         lines.append(f"params: plain {p['plain']:,} | trained {p['trained']:,} | deployed {p['deployed']:,}; "
                      f"MACs: plain {f['plain']:,} | trained {f['trained']:,} | deployed {f['deployed']:,}")
         lines.append(f"{i['blocks_folded']} block(s) folded; weights load strict=True into untouched "
@@ -344,9 +125,24 @@ def fold_to_plain(model: nn.Module, architecture: str, num_classes: int) -> tupl
     return deployed, plain.eval()
 
 
+def new_file_mode(directory: Path) -> int:
+    """The permission bits a file created in ``directory`` gets (0o666 less the umask, or a default ACL's).
+
+    Asks the kernel by creating a probe file: reading the umask with ``os.umask`` means setting it, which races
+    with every other thread creating files meanwhile.
+    """
+    probe = directory / f".dyrep-ray-mode-probe-{uuid.uuid4().hex}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
 def _complexity(models: dict[str, nn.Module], image_size: int) -> tuple[dict, dict]:
     size = (3, image_size, image_size)
-    return ({k: count_params(m) for k, m in models.items()}, {k: count_flops(m, size) for k, m in models.items()})
+    return ({k: count_params(m) for k, m in models.items()}, {k: count_macs(m, size) for k, m in models.items()})
 
 
 def convert_checkpoint(
@@ -383,11 +179,11 @@ def convert_checkpoint(
     blocks_folded = sum(is_block(m) for m in trained.modules())
     deployed, plain = fold_to_plain(trained, cfg.model, num_classes)
     # ``plain`` is a freshly built (never-grown) model; loading weights does not change its size.
-    params, flops = _complexity({"trained": trained, "deployed": deployed, "plain": plain}, cfg.image_size)
-    if params["deployed"] != params["plain"] or flops["deployed"] != flops["plain"]:
+    params, macs = _complexity({"trained": trained, "deployed": deployed, "plain": plain}, cfg.image_size)
+    if params["deployed"] != params["plain"] or macs["deployed"] != macs["plain"]:
         raise ConversionCheckError(
             f"folded model differs in size from a never-grown {cfg.model}: params {params['deployed']:,} vs "
-            f"{params['plain']:,}, MACs {flops['deployed']:,} vs {flops['plain']:,}")
+            f"{params['plain']:,}, MACs {macs['deployed']:,} vs {macs['plain']:,}")
     recorded_plain = ckpt.meta.get("plain_params")
     if isinstance(recorded_plain, int) and recorded_plain != params["plain"]:
         raise ConversionCheckError(f"checkpoint records {recorded_plain:,} plain params but {cfg.model} now has "
@@ -403,9 +199,7 @@ def convert_checkpoint(
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "dyrep-ray convert",
                                                "architecture": cfg.model, "num_classes": str(num_classes)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files
+        os.chmod(tmp, new_file_mode(out.parent))  # safetensors creates 0600 files
         reloaded = build_model(cfg.model, num_classes)
         strict_load(reloaded, load_safetensors_state(tmp), f"{tmp} does not load back", ConversionCheckError)
         reloaded.eval()
@@ -437,7 +231,7 @@ def convert_checkpoint(
             "max_output_diff": cmp.max_output_diff, "max_abs_logit": cmp.max_abs_logit,
             "allowed_output_diff": RTOL * cmp.max_abs_logit + ATOL, "compared_batches": cmp.batches,
             "tolerance": {"rtol": RTOL, "atol": ATOL, "top1_points": TOP1_TOLERANCE, "rule": TOLERANCE_RULE},
-            "params": params, "flops": flops, "flops_unit": "MACs per image (conv + linear)",
+            "params": params, MACS_KEY: macs, "macs_unit": "multiply-accumulates per image (conv + linear)",
             "blocks_folded": blocks_folded, "strict_load": True,
         }
         _check(info, cmp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -17,21 +18,49 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..data import build_datasets
-from ..engine.config import TrainConfig
+from ..engine.config import ConfigError, TrainConfig
 from ..engine.loop import PARQUET, aug_options
 
 logger = logging.getLogger(__name__)
 
 
+@contextmanager
+def exact_float32(device: torch.device):
+    """No TF32 on CUDA while verifying (TF32 convs alone drift ~1e-3 relative)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but no CUDA device is visible; use --device cpu")
+    return device
+
+
+
 def check_checkpoint_model_size(ckpt_dir) -> None:
     """Refuse (one line) a checkpoint whose meta names a model too large to build, before its state is loaded or
     anything is built: the model is counted on the meta device (:mod:`dyrep_ray.models.limits`)."""
-    from ..engine.layout import META_FILE
     from ..engine.loop import model_kwargs
-    from ..engine.rundir import read_meta
-    from ..engine.storage import RunStorage
     from ..models.limits import check_model_size
-    from .convert import config_from_dict, num_classes_of
+    from ..rundir.checkpoints import read_meta
+    from ..rundir.layout import META_FILE
+    from ..rundir.storage import RunStorage
+    from .weights import config_from_dict, num_classes_of
 
     where = f"{ckpt_dir}/{META_FILE}"
     meta = read_meta(RunStorage(str(ckpt_dir.parent.parent), ckpt_dir.parent.name), ckpt_dir.name)
@@ -201,19 +230,16 @@ def evaluate_weights(
     """
     from pathlib import Path
 
-    from ..engine.checkpoint import CheckpointError, load_state_file
+    from ..engine.checkpoint import STATE_FILE, CheckpointError, load_state_file
     from ..engine.config import ConfigError, load_config
     from ..models import build_model
-    from .convert import (
-        STATE_FILE,
+    from .weights import (
         config_from_dict,
-        exact_float32,
         load_checkpoint_safely,
         load_safetensors_state,
         read_sidecar,
         rebuild_trained_model,
         resolve_checkpoint,
-        resolve_device,
         sidecar_path,
         strict_load,
     )

@@ -1,7 +1,7 @@
 """Model builders by name: small_cnn, vgg16_cifar, resnet18/34/50 (torchvision), mobilenet_v1, timm/<name>."""
 
 from . import mobilenet, resnet, small_cnn, vgg  # noqa: F401  (register the built-in models)
-from .complexity import count_flops, count_params
+from .complexity import count_macs, count_params
 from .mobilenet import MobileNetV1
 from .registry import (
     CIFAR_INPUT_SIZE,
@@ -25,7 +25,7 @@ __all__ = [
     "UnknownModelError",
     "VGGCifar",
     "build_model",
-    "count_flops",
+    "count_macs",
     "count_params",
     "default_input_size",
     "list_models",

@@ -42,7 +42,7 @@ def _reference_tensor(model: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def count_flops(model: nn.Module, input_size: Sequence[int] = DEFAULT_FLOPS_INPUT_SIZE) -> int:
+def count_macs(model: nn.Module, input_size: Sequence[int] = DEFAULT_FLOPS_INPUT_SIZE) -> int:
     """Multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` for one sample of shape ``input_size``.
 
     A block whose branch convs do not run as modules counts what its forward ran on the activations

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-EXIT_USER_ERROR = 2  # as dyrep_ray.cli.EXIT_USAGE
+from .arguments import add_compare_arguments
 
 
 def register(subparsers, add_common) -> None:
@@ -21,7 +19,7 @@ def register(subparsers, add_common) -> None:
 
     c = subparsers.add_parser(
         "compare", help="the paper-style table of several runs (plain / DBB / DyRep): Markdown, CSV, top-1 curves",
-        description="One row per run: mode, best and final val top-1, training params and FLOPs at the end, "
+        description="One row per run: mode, best and final val top-1, training params and MACs at the end, "
                     "training time, images/s, deployed params. Prints Markdown; writes compare.md, compare.csv "
                     "and a PNG of the val top-1 curves. Reads JSON files only (torch-free: python -m "
                     "dyrep_ray.report.compare).")
@@ -46,35 +44,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-def add_compare_arguments(parser) -> None:
-    # (kept here, not in .compare, so building the CLI parser does not import matplotlib)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with metrics.jsonl)")
-    parser.add_argument("--out", help="output directory (default: ./compare)")
-
-
 def cmd_compare(args) -> int:
-    from .compare import compare_runs
+    from .compare import print_comparison
 
-    result = compare_runs(args.run_dirs, args.out)  # ReportError: one line, exit 2
-    print(result["markdown"], end="")
-    print(f"\ndyrep-ray: compare: {len(result['rows'])} run(s); wrote {', '.join(str(f) for f in result['files'])}")
-    return 0
-
-
-def compare_main(argv=None) -> int:
-    """``python -m dyrep_ray.report.compare``: the compare command without the CLI (which loads torch)."""
-    import argparse
-    import logging
-
-    from ..errors import UserError
-
-    parser = argparse.ArgumentParser(prog="python -m dyrep_ray.report.compare",
-                                     description="the paper-style comparison table of dyrep-ray runs")
-    add_compare_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        return cmd_compare(args)
-    except UserError as exc:
-        print(f"dyrep-ray: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return print_comparison(args.run_dirs, args.out)  # ReportError: one line, exit 2

@@ -1,7 +1,8 @@
 """The paper's comparison table for several runs: ``dyrep-ray compare RUN_DIR... [--out DIR]``.
 
 One row per run: mode (plain / DBB / DyRep, from ``config.json``), best and final val top-1, the parameters and
-FLOPs of the trained network at the end, training time, throughput and the deployed model's parameters.
+multiply-accumulates (MACs) of the trained network at the end, training time, throughput and the deployed model's
+parameters.
 Printed as Markdown; ``compare.md``, ``compare.csv`` and one PNG of the val top-1 curves (one panel per run,
 side by side, shared y axis) are written to ``--out``.
 
@@ -9,8 +10,9 @@ Reads JSON files only, with :mod:`.figures`' readers, and imports neither torch 
 dyrep_ray.report.compare`` runs without either; the ``dyrep-ray`` CLI itself loads torch for other commands).
 Where a number is not in the run directory the cell says ``n/a``:
 
-* training FLOPs at the end come from the last ``metrics.jsonl`` row's ``flops`` when the loop records it,
-  else from ``deployed.json`` (``flops.trained``, written by ``dyrep-ray convert``);
+* training MACs at the end come from the last ``metrics.jsonl`` row's ``macs`` when the loop records it,
+  else from ``deployed.json`` (``macs.trained``, written by ``dyrep-ray convert``); both are also read under
+  the name ``flops`` that older run directories used for the same count;
 * deployed parameters come from ``deployed.json`` (``params.deployed``), else from the checkpoint meta's
   ``plain_params``: folding every block gives back the plain architecture, so the two counts are equal.
 """
@@ -28,7 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..engine.layout import CONFIG_FILE, DEPLOYED_SIDECAR, METRICS_FILE, STRUCTURE_FILE
+from ..errors import UserError
+from ..rundir.layout import (
+    CONFIG_FILE,
+    DEPLOYED_SIDECAR,
+    LEGACY_MACS_KEY,
+    MACS_KEY,
+    METRICS_FILE,
+    STRUCTURE_FILE,
+)
+from .arguments import add_compare_arguments
 from .figures import (
     ReportError,
     RunData,
@@ -48,6 +59,7 @@ DEFAULT_OUT = "compare"
 PANEL_WIDTH_IN = 3.6
 PANEL_HEIGHT_IN = 3.2
 MEGA = 1e6
+EXIT_USER_ERROR = 2  # as dyrep_ray.cli.EXIT_USAGE
 
 MODE_PLAIN, MODE_DBB, MODE_DYREP = "plain", "DBB", "DyRep"
 
@@ -93,6 +105,10 @@ def _number(value: Any) -> float | None:
     return value
 
 
+def _first_number(*values: Any) -> float | None:
+    return next((n for v in values if (n := _number(v)) is not None), None)
+
+
 def _nested(data: dict | None, *keys: str) -> Any:
     for key in keys:
         if not isinstance(data, dict):
@@ -114,7 +130,7 @@ class CompareRow:
     best_epoch: int | None
     final_top1: float | None
     train_params: int | None  # of the trained network (blocks included) after the last epoch
-    train_flops: int | None  # MACs per image of the trained network at the end
+    train_macs: int | None  # MACs per image of the trained network at the end
     train_time_s: float | None  # sum of epoch_time_s: training, adjusts and evaluation
     images_per_s: float | None  # mean over epochs of the training throughput
     deployed_params: int | None
@@ -127,9 +143,8 @@ def compare_row(run: RunData) -> CompareRow:
     last = m[-1]
     times = [t for r in m if (t := _number(r.get("epoch_time_s"))) is not None]
     speeds = [s for r in m if (s := _number(r.get("images_per_s"))) is not None]
-    flops = _number(last.get("flops"))
-    if flops is None:
-        flops = _number(_nested(run.deployed, "flops", "trained"))
+    macs = _first_number(last.get(MACS_KEY), last.get(LEGACY_MACS_KEY),
+                         _nested(run.deployed, MACS_KEY, "trained"), _nested(run.deployed, LEGACY_MACS_KEY, "trained"))
     deployed = _number(_nested(run.deployed, "params", "deployed"))
     if deployed is None:
         deployed = run.plain_params
@@ -138,7 +153,7 @@ def compare_row(run: RunData) -> CompareRow:
         run=run.name, mode=run_mode(run.config), model=(run.config or {}).get("model"),
         dataset=(run.config or {}).get("dataset"), epochs=len(m), best_top1=best[0], best_epoch=best[1],
         final_top1=_number(last.get("val_top1")), train_params=None if params is None else int(params),
-        train_flops=None if flops is None else int(flops), train_time_s=sum(times) if times else None,
+        train_macs=None if macs is None else int(macs), train_time_s=sum(times) if times else None,
         images_per_s=sum(speeds) / len(speeds) if speeds else None,
         deployed_params=None if deployed is None else int(deployed),
     )
@@ -179,7 +194,7 @@ COLUMNS: tuple[tuple[str, str, Callable[[CompareRow], str]], ...] = (
      + (f" (ep {r.best_epoch})" if r.best_epoch is not None else "")),
     ("final top-1 (%)", "final_top1", lambda r: fmt(r.final_top1, ".2f")),
     ("train params (end)", "train_params", lambda r: fmt(r.train_params, ",")),
-    ("train MMACs (end)", "train_flops", lambda r: fmt(None if r.train_flops is None else r.train_flops / MEGA, ".1f")),
+    ("train MMACs (end)", "train_macs", lambda r: fmt(None if r.train_macs is None else r.train_macs / MEGA, ".1f")),
     ("train time (s)", "train_time_s", lambda r: fmt(r.train_time_s, ".1f")),
     ("images/s", "images_per_s", lambda r: fmt(r.images_per_s, ".1f")),
     ("deployed params", "deployed_params", lambda r: fmt(r.deployed_params, ",")),
@@ -246,7 +261,32 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
             "files": [out / COMPARE_MD, out / COMPARE_CSV, out / COMPARE_PNG]}
 
 
-if __name__ == "__main__":  # python -m dyrep_ray.report.compare RUN_DIR... (no torch, no Ray)
-    from .commands import compare_main
+# ---------------------------------------------------------------------------
+# The command: ``dyrep-ray compare`` and ``python -m dyrep_ray.report.compare``
+# ---------------------------------------------------------------------------
+def print_comparison(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None) -> int:
+    """What the compare command prints (the Markdown table, then the files written); 0."""
+    result = compare_runs(run_dirs, out_dir)
+    print(result["markdown"], end="")
+    print(f"\ndyrep-ray: compare: {len(result['rows'])} run(s); wrote {', '.join(str(f) for f in result['files'])}")
+    return 0
 
+
+def compare_main(argv=None) -> int:
+    """``python -m dyrep_ray.report.compare``: the compare command without the CLI (which loads torch)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dyrep_ray.report.compare",
+                                     description="the paper-style comparison table of dyrep-ray runs")
+    add_compare_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return print_comparison(args.run_dirs, args.out)
+    except UserError as exc:
+        print(f"dyrep-ray: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":  # python -m dyrep_ray.report.compare RUN_DIR... (no torch, no Ray)
     sys.exit(compare_main())

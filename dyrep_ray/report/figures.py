@@ -23,7 +23,9 @@ from urllib.parse import quote
 
 from matplotlib.ticker import MaxNLocator
 
-from ..engine.layout import (
+from ..errors import UserError
+from ..rundir.files import parse_metrics, plain_params_from
+from ..rundir.layout import (
     CHECKPOINT_PREFIX,
     CONFIG_FILE,
     DEPLOYED_SIDECAR,
@@ -32,9 +34,7 @@ from ..engine.layout import (
     SEGMENT_PREFIX,
     STRUCTURE_FILE,
 )
-from ..engine.runfiles import parse_metrics, plain_params_from
-from ..engine.storage import RunStorage
-from ..errors import UserError
+from ..rundir.storage import RunStorage
 
 logger = logging.getLogger(__name__)
 

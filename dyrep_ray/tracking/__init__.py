@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 from ..engine.callbacks import TrainerCallback
-from ..engine.layout import TENSORBOARD_DIR, TRACKING_FILE
-from ..engine.storage import RunStorage
+from ..rundir.layout import TENSORBOARD_DIR, TRACKING_FILE
+from ..rundir.storage import RunStorage
 from .base import TrackingCallback
 
 __all__ = [

@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 
 from ..engine.callbacks import TrainerCallback
-from ..engine.layout import TENSORBOARD_DIR, TRACKING_FILE
-from ..engine.storage import RunStorage, as_storage
+from ..rundir.layout import TENSORBOARD_DIR, TRACKING_FILE
+from ..rundir.storage import RunStorage, as_storage
 
 logger = logging.getLogger("dyrep_ray.tracking")
 
-__all__ = ["TENSORBOARD_DIR", "TRACKING_FILE", "TrackingCallback"]  # the names live in engine.layout
+__all__ = ["TENSORBOARD_DIR", "TRACKING_FILE", "TrackingCallback"]  # the names live in rundir.layout
 
 # A warning stays one readable line even when a backend's exception carries a page of text.
 WARNING_DETAIL_CHARS = 300

@@ -4,7 +4,7 @@
 (``sqlite:////abs/path/mlflow.db``) or a tracking server (``http(s)://host:port``). What is logged:
 
 * params: the resolved config, flattened (lists/dicts as JSON, values cut to MLflow's length limit; the full
-  config is also the artifact ``config.json``), plus the plain model's params/FLOPs;
+  config is also the artifact ``config.json``), plus the plain model's params/MACs;
 * metrics, ``step = epoch``: every number of the metrics.jsonl row, and ``grows``/``cuts`` (events that epoch);
 * artifacts: ``structure_events/epoch_NNNN.json`` (the grow/cut events) and ``structure/epoch_NNNN.json``
   (the structure graph after that adjust) at every adjust, ``structure.json`` and ``metrics.jsonl`` at the end,
@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..engine.layout import METRICS_FILE, TRACKING_FILE
-from ..engine.storage import RunStorage, as_storage
+from ..rundir.layout import METRICS_FILE, TRACKING_FILE
+from ..rundir.storage import RunStorage, as_storage
 from .base import (
     TrackingCallback,
     epoch_scalars,
@@ -238,7 +238,7 @@ class MLflowCallback(TrackingCallback):
 
         params = flatten_params(trainer.cfg.to_dict(), MAX_PARAM_VAL_LENGTH)
         params.update(flatten_params({"model": {"plain_params": trainer.plain_params,
-                                                "plain_flops": trainer.plain_flops}}, MAX_PARAM_VAL_LENGTH))
+                                                "plain_macs": trainer.plain_macs}}, MAX_PARAM_VAL_LENGTH))
         new = [Param(k, v) for k, v in params.items() if k not in existing]
         # MLflow params are immutable: a value changed on resume (e.g. more epochs) is recorded as a tag.
         changed = [RunTag(RESUMED_PARAM_TAG + k, v) for k, v in params.items() if k in existing and existing[k] != v]

@@ -1,4 +1,4 @@
-"""TensorBoard event files in ``<run_dir>/tensorboard/``: per-epoch scalars, structure events, params/FLOPs.
+"""TensorBoard event files in ``<run_dir>/tensorboard/``: per-epoch scalars, structure events, params/MACs.
 
 Written with :class:`torch.utils.tensorboard.SummaryWriter` (needs the ``tensorboard`` package) and flushed
 after every epoch, so ``tensorboard --logdir <run_dir>`` shows a run while it trains. On an object-store run
@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 
-from ..engine.layout import TENSORBOARD_DIR
+from ..rundir.layout import TENSORBOARD_DIR
 from .base import (
     TrackingCallback,
     completed_epochs,
@@ -76,7 +76,7 @@ class TensorBoardCallback(TrackingCallback):
 
         step = done if done else START_STEP
         self.writer.add_scalar("model/plain_params", trainer.plain_params, step)
-        self.writer.add_scalar("model/plain_flops", trainer.plain_flops, step)
+        self.writer.add_scalar("model/plain_macs", trainer.plain_macs, step)
         self.writer.add_scalar("model/train_params", count_params(trainer.model), step)
         if not done:
             self.writer.add_text("config", "```\n" + json.dumps(trainer.cfg.to_dict(), indent=1, sort_keys=True)

@@ -39,7 +39,7 @@ from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
-from ..engine.layout import (
+from ..rundir.layout import (
     BRIDGE_FILE,
     GRAPH_FILE,
     MANIFEST_FILE,
@@ -49,8 +49,8 @@ from ..engine.layout import (
     START_CHECKPOINT_DIR,
     STATE_FILE,
 )
-from ..engine.layout import PBT_ORIGIN_FILE as ORIGIN_FILE
-from ..engine.storage import RunStorage, resolve_filesystem
+from ..rundir.layout import PBT_ORIGIN_FILE as ORIGIN_FILE
+from ..rundir.storage import RunStorage, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 

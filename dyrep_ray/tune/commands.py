@@ -71,7 +71,7 @@ def cmd_tune(args) -> int:
     if spec is not None:
         resolve_sweep_tracking_uri(spec)
     from ..console import add_run_log, remove_run_log
-    from ..engine.layout import SWEEP_FILE, TUNE_LOG
+    from ..rundir.layout import SWEEP_FILE, TUNE_LOG
     from .console import SweepConsole
 
     console = None if args.verbose else SweepConsole(status_interval_s=args.status_interval)

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine.layout import BEST_CONFIG, SWEEP_SUMMARY, TRIALS_PARQUET
-from ..engine.layout import TRIALS_CSV as TABLE_CSV
 from ..engine.loop import summarize
-from ..engine.runfiles import plain_params_from, read_metrics
 from ..errors import UserError
+from ..rundir.files import plain_params_from, read_metrics
+from ..rundir.layout import BEST_CONFIG, SWEEP_SUMMARY, TRIALS_PARQUET
+from ..rundir.layout import TRIALS_CSV as TABLE_CSV
 from .bridge import existing_segments, latest_origin, segment_storage
 from .spec import TIME_ATTR, SweepSpec
 

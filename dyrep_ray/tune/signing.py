@@ -31,9 +31,9 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from ..engine.layout import SWEEP_SIGNATURE, TUNE_DIR
-from ..engine.storage import RunStorage
 from ..errors import UserError
+from ..rundir.layout import SWEEP_SIGNATURE, TUNE_DIR
+from ..rundir.storage import RunStorage
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A sweep file::
 
     name: cifar10-vgg16-asha            # default sweep name (``--name`` wins); the sweep dir is <output>/<name>
-    base: ../cifar10_vgg16.yaml         # experiment config: relative to this file, the cwd or the repo root
+    base: ../cifar10_vgg16.yaml         # experiment config: relative to this file or the cwd, or shipped
     config:                             # overrides of the base config (TrainConfig keys), applied to every trial
       epochs: 120
     search_space:                       # any TrainConfig key -> one distribution
@@ -62,6 +62,7 @@ from ..engine.config import (
     short_repr,
     type_text,
 )
+from ..package_data import shipped_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,6 @@ TOP_KEYS = ("name", "description", "base", "config", "search_space", "metric", "
             "max_concurrent_trials", "resources", "scheduler", "search_alg", "max_failures")
 #: The time axis of ASHA / PBT: the 1-based epoch every report carries (continues across PBT exploits).
 TIME_ATTR = "epoch"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _closest(key: Any, valid: Sequence[str]) -> str:
@@ -412,12 +412,16 @@ def _resolve_base_path(base: Any, sweep_path: Path | None) -> Path:
                           f"got {short_repr(base)}")
     candidate = Path(base).expanduser()
     places = [candidate] if candidate.is_absolute() else [
-        *([sweep_path.parent / candidate] if sweep_path else []), Path.cwd() / candidate, REPO_ROOT / candidate]
+        *([sweep_path.parent / candidate] if sweep_path else []), Path.cwd() / candidate]
     for place in places:
         if place.is_file():
             return place
+    shipped = None if candidate.is_absolute() else shipped_experiment(candidate.as_posix())
+    if shipped is not None:  # e.g. ``base: experiments/cifar10_vgg16.yaml`` from a sweep file anywhere
+        return shipped
     raise ConfigError(f"sweep file {sweep_path}: base config {str(base)!r} not found (looked in "
-                      f"{', '.join(str(p.parent) for p in places)}); give a path relative to the sweep file")
+                      f"{', '.join(str(p.parent) for p in places)} and the package's experiments/); give a path "
+                      "relative to the sweep file")
 
 
 def _apply_override(raw: dict, text: str, source: str) -> None:
@@ -594,6 +598,9 @@ def load_sweep(path: str | os.PathLike | None = None, overrides: Sequence[str] =
     """Parse and validate a sweep YAML (or an already-parsed mapping ``raw``), with ``--set`` overrides."""
     sweep_path = Path(path) if path is not None else None
     source = str(sweep_path) if sweep_path is not None else "<inline>"
+    if raw is None and sweep_path is not None and not sweep_path.is_file() and not sweep_path.is_absolute():
+        # ``-c experiments/tune/demo.yaml`` outside a checkout: the sweep the package ships under that name
+        sweep_path = shipped_experiment(sweep_path.as_posix()) or sweep_path
     if raw is None:
         raw = _read_sweep_file(sweep_path, source)
     if not isinstance(raw, Mapping):

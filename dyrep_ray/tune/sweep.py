@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 from ..distributed.trainer import ClusterError, check_resources, connect, preflight, resolve_use_gpu
 from ..engine.config import ConfigError, TrainConfig
-from ..engine.layout import LEASE_FILE, LOCK_FILE, SWEEP_FILE, TUNE_DIR
 from ..engine.progress import console as console_lines
-from ..engine.storage import RunStorage, resolve_filesystem
+from ..rundir.layout import LEASE_FILE, LOCK_FILE, SWEEP_FILE, TUNE_DIR
+from ..rundir.storage import RunStorage, resolve_filesystem
 from .console import SweepConsole
 from .spec import TIME_ATTR, Distribution, SweepSpec
 
@@ -53,7 +53,7 @@ class ClampMutations:
 
 
 def trial_dirname(trial) -> str:
-    from ..engine.rundir import validate_run_name
+    from ..rundir.lock import validate_run_name
 
     return validate_run_name(trial.trial_id, "trial")  # becomes a directory: one safe path component
 
@@ -165,7 +165,7 @@ def _probe_config(spec: SweepSpec) -> TrainConfig:
 
 def prepare_sweep(spec: SweepSpec | None, output: str, name: str, resume: bool) -> tuple[SweepSpec, RunStorage]:
     """Check the sweep directory (``resume``: read back the sweep as it was started); writes nothing."""
-    from ..engine.rundir import RunDirError, validate_run_name
+    from ..rundir.lock import RunDirError, validate_run_name
 
     validate_run_name(name, "sweep")
     root = RunStorage(output, name)
@@ -219,7 +219,7 @@ def run_sweep(spec: SweepSpec | None, output: str, name: str, *, resume: bool = 
     (:class:`~dyrep_ray.tune.console.SweepConsole`: Tune's reporter, Ray's routine lines and every trial's
     worker and controller INFO lines off the terminal; they stay in Ray's logs).
     """
-    from ..engine.rundir import RunLock, validate_run_name
+    from ..rundir.lock import RunLock, validate_run_name
 
     if spec is not None:
         preflight_sweep(spec)

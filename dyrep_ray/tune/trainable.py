@@ -33,8 +33,9 @@ from typing import Any
 
 from ray import tune
 
+from ..console import LOG_FORMAT
 from ..engine.config import TrainConfig
-from ..engine.storage import RunStorage
+from ..rundir.storage import RunStorage
 from .bridge import (
     BRIDGE_FILE,
     BridgeCallback,
@@ -55,7 +56,6 @@ ABORT_TIMEOUT_S = 60
 #: Seconds a finished trial waits for its Train run to end by itself before aborting it.
 FINISH_TIMEOUT_S = 30
 _DONE = "__dyrep_fit_done__"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class TrialError(RuntimeError):
@@ -189,7 +189,7 @@ class DyRepTrial(tune.Trainable):
         self._thread.start()
 
     def _final_metrics_from_run(self) -> dict:
-        from ..engine.runfiles import read_metrics
+        from ..rundir.files import read_metrics
 
         lines = read_metrics(RunStorage(self.segment.storage_uri, self.segment.name))
         if not lines:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .checkpoints import list_checkpoints, read_meta
 from .layout import META_FILE, METRICS_FILE
 from .storage import RunStorage
 
@@ -127,8 +128,6 @@ def plain_params_from(storage: RunStorage) -> int | None:
 
     None when no checkpoint does (no checkpoint yet, or all unreadable): the caller decides what that means.
     """
-    from .rundir import list_checkpoints, read_meta
-
     # Newest first by the (epoch, step) meta records, only the project's own checkpoint directories: a user's
     # ``checkpoint_saved_best`` or ``checkpoint_epoch10000`` vs ``...9999`` must not change the answer.
     for entry in list_checkpoints(storage):

@@ -28,6 +28,10 @@ DEPLOYED_SIDECAR = "deployed.json"
 REPORT_DIR = "report"
 #: The key of the report every rank makes after a preemption checkpoint (not an epoch's result: Tune skips it).
 PREEMPTED_METRIC = "preempted_at_step"
+#: The key of multiply-accumulates per image (``deployed.json``: trained/deployed/plain; a metrics row).
+MACS_KEY = "macs"
+#: The same count under the name run directories written before it was called MACs use (read, never written).
+LEGACY_MACS_KEY = "flops"
 TRAIN_LOG = "train.log"  # the driver's (or --local process's) log of the run, console filtering aside
 TRACKING_FILE = "tracking.json"  # {"mlflow": {"tracking_uri", "experiment_id", "run_id"}}: resume + convert
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files
@@ -39,7 +43,7 @@ META_FILE = "meta.json"
 GRAPH_FILE = "structure.json"
 MANIFEST_FILE = "MANIFEST.json"
 
-# The writer lock of a run or sweep directory (see engine/rundir.py): a flock'ed file on local file systems,
+# The writer lock of a run or sweep directory (see rundir/lock.py): a flock'ed file on local file systems,
 # a lease marker on object stores.
 LOCK_FILE = ".dyrep-ray.lock"
 LEASE_FILE = ".dyrep-ray.lease.json"
