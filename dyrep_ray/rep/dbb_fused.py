@@ -8,7 +8,7 @@ fast path would bypass); otherwise the block runs its branches one by one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeGuard, cast
+from typing import TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,8 @@ from .block_base import RepBlock
 from .dbb_branches import BNAndPad, ConvBN, IdentityBN, OneByOneAvg, OneByOneKxk
 from .geometry import KXK
 
-if TYPE_CHECKING:  # the block module imports this one
-    from .dbb import DiverseBranchBlock
 
-
-def fusable(block: DiverseBranchBlock) -> bool:
+def fusable(block: RepBlock) -> bool:
     """True if :func:`forward_fused` computes exactly what the branch modules would.
 
     It needs ``groups == 1``, the branch modules this class builds (exact types, plain
@@ -43,7 +40,7 @@ def fusable(block: DiverseBranchBlock) -> bool:
     return True
 
 
-def forward_fused(block: DiverseBranchBlock, x: Tensor) -> Tensor:
+def forward_fused(block: RepBlock, x: Tensor) -> Tensor:
     """The same function (and the same BN running-stat updates) as the block's per-branch forward, faster.
 
     * the 1x1 convs that read ``x`` at stride 1 (``1x1`` when stride is 1, and the first conv of
