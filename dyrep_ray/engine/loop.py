@@ -192,8 +192,7 @@ class Trainer:
             self.dyrep.load_state_dict(state["dyrep"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and "ema" in state:
-            restore_graph(self.ema.module, ckpt.graph)
+        if self.ema is not None and "ema" in state:  # a copy of the restored model: its structure is right
             self.ema.module.load_state_dict(state["ema"], strict=True)
         set_rng_state(state["rng"])
         meta = CheckpointMeta.from_json(ckpt.meta)
