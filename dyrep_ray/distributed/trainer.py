@@ -73,7 +73,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         from .ray_data import RayDataSource
 
         data = RayDataSource.from_ray_train
-    Trainer(cfg, ctx, data=data, callbacks=callbacks).fit()
+    Trainer.from_config(cfg, ctx, data=data, callbacks=callbacks).fit()
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:
