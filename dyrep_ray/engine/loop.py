@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import count_flops, count_params
-from ..rep import apply_plan, recalibrate_bn, structure_graph
+from ..rep import recalibrate_bn, structure_graph
+from .adjust import AdjustHooks, adjust_structure
 from .assembly import (  # noqa: F401  (build_optimizer, check_resume_config, model_kwargs: re-exported)
     RunParts,
     build_optimizer,
@@ -355,18 +356,22 @@ class Trainer:
         return float(totals[0] / max(float(totals[1]), 1.0)), running.images * ctx.world_size, lr
 
     def _adjust(self, epoch: int) -> list[dict]:
-        """All ranks: reduce metrics once, rank 0's plan broadcast, apply, re-wrap DDP, optimizer surgery."""
+        """All ranks: reduce metrics once, rank 0's plan broadcast, apply, re-wrap DDP, optimizer surgery, EMA."""
         dyrep = self.dyrep
         assert dyrep is not None, "adjust epochs exist only with dyrep on"
-        plan = dyrep.plan()  # every rank joins the metric all-reduce inside
-        plan = self.ctx.broadcast_object(plan)
-        self.wrapped = self.model  # drop the old DDP (and its autograd hooks) before the structure changes
-        recal_salt = dyrep.adjust_count
-        events = [e.to_json() for e in dyrep.apply(plan, self.optimizer, self._recal_fn(recal_salt))]
-        if self.ema is not None:
-            apply_plan(self.ema.module, plan, self._recal_fn(recal_salt))
-        self._place_model()
-        self.wrapped = self.ctx.wrap_model(self.model)  # DDP broadcasts rank 0's weights and buffers
+
+        def unwrap() -> None:  # drop the old DDP (and its autograd hooks) before the structure changes
+            self.wrapped = self.model
+
+        def rewrap() -> None:  # DDP broadcasts rank 0's weights and buffers
+            self.wrapped = self.ctx.wrap_model(self.model)
+
+        hooks = AdjustHooks(broadcast=self.ctx.broadcast_object, place=self._place_model, unwrap=unwrap,
+                            rewrap=rewrap)
+        # one recalibration salt for the model and its EMA copy: the adjust's index, before apply counts it
+        adjustment = adjust_structure(dyrep, self.optimizer, self._recal_fn(dyrep.adjust_count), hooks,
+                                      ema=self.ema.module if self.ema is not None else None)
+        plan, events = adjustment.plan, adjustment.events
         for note in plan.notes:
             logger.warning("DyRep: %s", note)
         if events and self.ctx.is_main:
