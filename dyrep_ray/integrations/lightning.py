@@ -151,8 +151,9 @@ class DyRepCallback(pl.Callback):
             restore_structure(pl_module, checkpoint)
             own_load(checkpoint)
 
-        pl_module.on_save_checkpoint = save_graph_then_own_hook
-        pl_module.on_load_checkpoint = restore_then_own_hook
+        # per-instance hooks on purpose (see the module docstring); teardown deletes them again
+        pl_module.on_save_checkpoint = save_graph_then_own_hook  # type: ignore[method-assign]
+        pl_module.on_load_checkpoint = restore_then_own_hook  # type: ignore[method-assign]
         self._hooked = pl_module
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
