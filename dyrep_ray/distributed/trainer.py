@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..engine.assembly import check_resume_config
 from ..engine.callbacks import TrainerCallback
 from ..engine.config import TrainConfig
 from ..engine.context import load_newest_valid
 from ..engine.data_source import PARQUET, aug_options
-from ..engine.loop import Trainer, check_resume_config, summarize
+from ..engine.loop import Trainer, summarize
 from ..engine.runfiles import plain_params_from, read_metrics
 from ..engine.storage import RunStorage, resolve_filesystem
 from ..errors import UserError
