@@ -77,7 +77,7 @@ def run(device: torch.device, quick: bool = False, batch: int | None = None, rep
     cfg = load_config(None, overrides)
     with tempfile.TemporaryDirectory(prefix="dyrep-bench-adjust-") as tmp, single_process_group(device):
         ctx = DDPLocalContext(device, f"{tmp}/run")
-        trainer = Trainer(cfg, ctx)
+        trainer = Trainer.from_config(cfg, ctx)
         trainer.model.train()
         images, targets = next(iter(trainer.data.train_batches(0)))
         images, targets = trainer._to_device(images), targets.to(device)

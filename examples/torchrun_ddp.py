@@ -13,6 +13,8 @@ What DyRep needs from a loop, step by step (search for "DyRep:" below):
 3. Drop the DDP wrapper, ``dyrep.apply(plan, optimizer, recal_fn)`` (structure change, seeded
    init, BN recalibration, optimizer surgery), re-wrap in a new DDP (DDP cannot see new
    parameters; its constructor broadcasts rank 0's weights and buffers).
+   Steps 2 and 3 are ``adjust_structure`` (the dyrep-ray trainer's own sequence); this script
+   gives it the three things that are its own: the broadcast, the placement and the DDP wrapper.
 4. Checkpoint the structure graph next to the state_dict; on resume rebuild the structure on a
    fresh model with ``restore_graph`` *before* ``load_state_dict``.
 
@@ -34,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dyrep_ray.data.synthetic import build_synthetic
+from dyrep_ray.engine.adjust import AdjustHooks, adjust_structure, broadcast_from_rank0
 from dyrep_ray.integrations.common import (
     canonical_param_order,
     optimizer_state_digest,
@@ -121,6 +124,20 @@ def main() -> None:
         batches = (images.to(device) for images, _ in loader)
         recalibrate_bn(net, batches, bns, RECAL_BATCHES)  # averages the statistics across ranks
 
+    def unwrap() -> None:  # drop the old wrapper and its gradient hooks before the structure changes
+        nonlocal ddp
+        ddp = None
+
+    def place() -> None:
+        canonical_param_order(optimizer, model)
+        model.to(device)
+
+    def rewrap() -> None:
+        nonlocal ddp
+        ddp = wrap(model, device)
+
+    hooks = AdjustHooks(broadcast=broadcast_from_rank0, place=place, unwrap=unwrap, rewrap=rewrap)
+
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         model.train()
@@ -139,15 +156,8 @@ def main() -> None:
         report["epochs"].append({"epoch": epoch + 1, "train_loss": float(loss_sum) / (steps * world)})
 
         if (epoch + 1) % args.adjust_every == 0 and epoch + 1 < args.epochs:
-            plan = dyrep.plan()  # DyRep: every rank (metric all-reduce inside)
-            box = [plan if rank == 0 else None]
-            dist.broadcast_object_list(box, src=0)  # rank 0 decides for everyone
-            plan = box[0]
-            ddp = None  # drop the old wrapper and its gradient hooks before the structure changes
-            events = [e.to_json() for e in dyrep.apply(plan, optimizer, recal)]  # typed events -> JSON dicts
-            canonical_param_order(optimizer, model)
-            model.to(device)
-            ddp = wrap(model, device)
+            # DyRep: every rank; rank 0 decides for everyone
+            events = adjust_structure(dyrep, optimizer, recal, hooks).events  # typed events -> JSON dicts
             report["adjusts"].append({"epoch": epoch + 1, "events": events,
                                       "digests": gather(replica_digest(model), world)})
             if rank == 0:

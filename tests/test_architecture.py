@@ -52,7 +52,7 @@ def micro_run(tmp_path_factory):
     cfg = load_config(None, MICRO)
     recorder = Recorder()
     ctx = LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints)
-    trainer = Trainer(cfg, ctx, callbacks=[recorder])
+    trainer = Trainer.from_config(cfg, ctx, callbacks=[recorder])
     summary = trainer.fit()
     return run_dir, trainer, recorder.calls, summary
 
@@ -86,7 +86,7 @@ def test_a_given_data_source_is_used_as_is(tmp_path):
     cfg = load_config(None, MICRO)
     ctx = LocalContext(torch.device("cpu"), tmp_path / "run")
     data = TorchDataSource.from_config(cfg, ctx)
-    trainer = Trainer(cfg, ctx, data=data)
+    trainer = Trainer.from_config(cfg, ctx, data=data)
     assert trainer.data is data and trainer.num_classes == data.num_classes
 
 
@@ -147,4 +147,22 @@ def test_a_command_module_that_fails_to_import_is_not_hidden(monkeypatch):
 def test_callbacks_must_be_trainer_callbacks(tmp_path):
     cfg = load_config(None, MICRO)
     with pytest.raises(TypeError, match="TrainerCallback"):
-        Trainer(cfg, LocalContext(torch.device("cpu"), tmp_path / "run"), callbacks=[object()])
+        Trainer.from_config(cfg, LocalContext(torch.device("cpu"), tmp_path / "run"), callbacks=[object()])
+
+
+def test_no_engine_module_imports_the_loop():
+    """The loop is the engine's top: its callbacks, assembly and adjust sequence never import it back (not even
+    for annotations; callbacks name the trainer through protocols.TrainerView)."""
+    import ast
+    from pathlib import Path
+
+    import dyrep_ray.engine as engine
+
+    importers = []
+    for path in sorted(Path(engine.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module == "loop":
+                importers.append(path.name)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").endswith("engine.loop"):
+                importers.append(path.name)
+    assert importers == []

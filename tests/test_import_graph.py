@@ -17,11 +17,6 @@ import pytest
 PACKAGE = "dyrep_ray"
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 
-#: Circles other changes remove; each entry must still be a circle here (so the list cannot outlive them).
-#: Empty this set once those changes are merged: then no circle at all is allowed.
-KNOWN_CIRCLES_BEING_REMOVED = frozenset({
-    frozenset({"dyrep_ray.engine.loop", "dyrep_ray.engine.callbacks"}),
-})
 
 
 def package_modules(root: Path, package: str) -> dict[str, Path]:
@@ -118,14 +113,11 @@ def _text(components: Iterable[frozenset[str]]) -> str:
     return "; ".join(" <-> ".join(sorted(c)) for c in sorted(components, key=sorted)) or "none"
 
 
-def test_no_import_circles_but_the_known_ones():
+def test_the_package_has_no_import_circle():
     modules = package_modules(PACKAGE_DIR, PACKAGE)
     assert {"dyrep_ray", "dyrep_ray.cli", "dyrep_ray.rundir.lock", "dyrep_ray.export.convert"} <= set(modules)
-    found = set(circles(import_graph(modules, PACKAGE)))
-    new = found - KNOWN_CIRCLES_BEING_REMOVED
-    assert not new, f"import circles: {_text(new)}; move the shared piece into a module both can import"
-    gone = KNOWN_CIRCLES_BEING_REMOVED - found
-    assert not gone, f"no longer circles: {_text(gone)}; remove them from KNOWN_CIRCLES_BEING_REMOVED"
+    found = circles(import_graph(modules, PACKAGE))
+    assert not found, f"import circles: {_text(found)}; move the shared piece into a module both can import"
 
 
 @pytest.mark.parametrize("how", ["module level", "in a function", "relative", "self"])

@@ -96,7 +96,8 @@ def tracked_run(tmp_path_factory, stores):
     run_dir = tmp_path_factory.mktemp("tracked") / "tiny-run"
     cfg = load_config(None, LOCAL_TINY)
     callbacks = [TensorBoardCallback(), MLflowCallback(stores["sqlite"]), MLflowCallback(stores["file"])]
-    trainer = Trainer(cfg, LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints), callbacks=callbacks)
+    trainer = Trainer.from_config(cfg, LocalContext(torch.device("cpu"), run_dir, cfg.keep_checkpoints),
+                                  callbacks=callbacks)
     summary = trainer.fit()
     assert all(cb.enabled for cb in callbacks)
     return types.SimpleNamespace(run_dir=run_dir, cfg=cfg, trainer=trainer, summary=summary, rows=read_rows(run_dir),

@@ -10,10 +10,12 @@ import torch
 from dyrep_ray.engine.faults import RaiseAt
 from dyrep_ray.engine.loop import model_digest
 from dyrep_ray.rundir.layout import METRICS_FILE, STRUCTURE_FILE
-from tests.helpers import LOCAL_TINY, RESUME_ATOL, final_model, max_abs_diff, run_local
+from tests.helpers import LOCAL_TINY, RESUME_ATOL, final_model, max_abs_diff, run_local, run_metrics
 
 REQUIRED_KEYS = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "params", "n_blocks",
                  "epoch_time_s", "images_per_s", "events"}
+EMA_MICRO = ["synthetic_train_size=96", "synthetic_val_size=32", "batch_size=32", "dyrep_recal_bn_iters=1",
+             "epochs=3", "model_ema=true", "model_ema_decay=0.9"]
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +75,17 @@ def test_interrupted_local_run_resumes_exactly(reference_run, tmp_path):
     assert model_digest(reference) == model_digest(resumed)
     epochs = [json.loads(x)["epoch"] for x in (run_dir / METRICS_FILE).read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+def test_ema_run_resumes_from_a_checkpoint_with_grown_blocks(tmp_path):
+    """The EMA copy is built from the restored model, so it has the checkpoint's blocks before its state loads."""
+    run_local(tmp_path / "ref", EMA_MICRO)
+    run_dir = tmp_path / "interrupted"
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_local(run_dir, EMA_MICRO, [RaiseAt(epoch=2, marker=str(tmp_path / "fired"))])
+    run_local(run_dir, EMA_MICRO)  # resumes from epoch 2, whose checkpoint holds the blocks grown after epoch 1
+    reference, resumed = run_metrics(tmp_path / "ref"), run_metrics(run_dir)
+    assert reference[1]["n_blocks"] > 0 and [m["epoch"] for m in resumed] == [1, 2, 3]
+    assert [m["n_blocks"] for m in resumed] == [m["n_blocks"] for m in reference]
+    ema_keys = ("ema_val_loss", "ema_val_top1", "ema_val_top5")
+    assert [resumed[2][k] for k in ema_keys] == pytest.approx([reference[2][k] for k in ema_keys], abs=1e-6)

@@ -26,7 +26,7 @@ from ..engine.callbacks import TrainerCallback
 from ..rundir.layout import PREEMPTED_METRIC
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..engine.loop import Trainer
+    from ..engine.protocols import TrainerView
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class PreemptionCheckpoint(TrainerCallback):
         self.check_every_steps, self.wait_poll_s = check_every_steps, wait_poll_s
         self.steps_seen = 0  # per process: every rank counts the same steps
 
-    def on_step_end(self, trainer: Trainer, epoch: int, step: int, loss: torch.Tensor) -> None:
+    def on_step_end(self, trainer: TrainerView, epoch: int, step: int, loss: torch.Tensor) -> None:
         import ray.train
 
         self.steps_seen += 1

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ..console import LOG_FORMAT
+from ..engine.assembly import check_resume_config
 from ..engine.callbacks import TrainerCallback
 from ..engine.config import TrainConfig
 from ..engine.context import load_newest_valid
 from ..engine.data_source import PARQUET, aug_options
-from ..engine.loop import Trainer, check_resume_config, summarize
+from ..engine.loop import Trainer, summarize
 from ..errors import UserError
 from ..rundir.files import plain_params_from, read_metrics
 from ..rundir.storage import RunStorage, resolve_filesystem
@@ -73,7 +74,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         from .ray_data import RayDataSource
 
         data = RayDataSource.from_ray_train
-    Trainer(cfg, ctx, data=data, callbacks=callbacks).fit()
+    Trainer.from_config(cfg, ctx, data=data, callbacks=callbacks).fit()
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:

@@ -22,7 +22,7 @@ import torch
 from .callbacks import TrainerCallback
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .loop import Trainer
+    from .protocols import TrainerView
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class _MidEpochFault(TrainerCallback):
     rank: int | None = 0
     marker: str | None = None
 
-    def on_step_end(self, trainer: Trainer, epoch: int, step: int, loss: torch.Tensor) -> None:
+    def on_step_end(self, trainer: TrainerView, epoch: int, step: int, loss: torch.Tensor) -> None:
         if epoch != self.epoch or step != trainer.data.steps_per_epoch // 2:
             return
         rank = trainer.ctx.rank
@@ -99,7 +99,7 @@ class NanLoss(TrainerCallback):
     epoch: int
     steps: int = 1
 
-    def transform_loss(self, trainer: Trainer, epoch: int, step: int, loss: torch.Tensor) -> torch.Tensor:
+    def transform_loss(self, trainer: TrainerView, epoch: int, step: int, loss: torch.Tensor) -> torch.Tensor:
         if epoch == self.epoch and step < self.steps:
             return loss * float("nan")
         return loss

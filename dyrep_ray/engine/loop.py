@@ -1,5 +1,8 @@
 """The DyRep training loop: one implementation for Ray Train workers and ``--local``.
 
+:func:`~dyrep_ray.engine.assembly.build_run` builds the run's parts; :class:`Trainer` only runs them (train,
+evaluate, adjust, checkpoint).
+
 :class:`Trainer` meets its runtime only through a :class:`~dyrep_ray.engine.protocols.TrainContext` (DDP
 wrapping, rank 0's plan broadcast, reductions, checkpoint persistence) and its data only through a
 :class:`~dyrep_ray.engine.protocols.DataSource`; anything else that watches or steers training (console output,
@@ -12,36 +15,34 @@ import hashlib
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import build_model, count_macs, count_params
-from ..models.limits import check_model_size
-from ..rep import DyRep, apply_plan, convert_to_dbb, recalibrate_bn, restore_graph, structure_graph
-from ..rep.blocks import is_block
-from ..rep.optim import param_groups_for
+from ..models import count_macs, count_params
+from ..rep import recalibrate_bn, structure_graph
 from ..rundir.files import VAL_KEYS, CheckpointMeta, EpochMetrics
 from ..rundir.layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
-from .callbacks import CallbackList, TrainerCallback
-from .checkpoint import (
-    LoadedCheckpoint,
-    load_optimizer_state_by_name,
-    optimizer_state_by_name,
-    rng_state,
-    set_rng_state,
-    write_checkpoint_dir,
+from .adjust import AdjustHooks, adjust_structure
+from .assembly import (  # noqa: F401  (build_optimizer, check_resume_config, model_kwargs: re-exported)
+    RunParts,
+    build_optimizer,
+    build_run,
+    check_resume_config,
+    count_blocks,
+    model_kwargs,
+    place_model,
 )
-from .config import TrainConfig, resume_changes
-from .data_source import PARQUET, RECAL_SEED_OFFSET, EpochPosition, aug_options, torch_data_source
-from .ema import ModelEma
+from .callbacks import CallbackList, TrainerCallback
+from .checkpoint import optimizer_state_by_name, rng_state, write_checkpoint_dir
+from .config import TrainConfig
+from .data_source import PARQUET, RECAL_SEED_OFFSET, EpochPosition, aug_options
 from .midepoch import (
     MID_EPOCH_KEY,
     STEP_IN_EPOCH_KEY,
@@ -50,26 +51,19 @@ from .midepoch import (
     write_mid_epoch_checkpoint,
 )
 from .protocols import DataFactory, DataSource, TrainContext
-from .schedule import LRSchedule
+from .state import TrainState
 
 logger = logging.getLogger(__name__)
 
 # Re-exported for callers that imported them from here.
-__all__ = ["PARQUET", "RECAL_SEED_OFFSET", "NonFiniteLossError", "Trainer", "aug_options", "summarize", "train"]
+__all__ = ["PARQUET", "RECAL_SEED_OFFSET", "NonFiniteLossError", "TrainState", "Trainer", "aug_options",
+           "summarize", "train"]
 # Salt of the per-epoch BN recalibration (dyrep_recal_bn_every_epoch), apart from the adjust salts.
 EPOCH_RECAL_SALT = 10_000
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised with ``on_nonfinite: stop`` when a step produces a non-finite loss/gradient."""
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # epochs completed
-    global_step: int = 0
-    history: list = field(default_factory=list)
-    skipped_steps: int = 0
 
 
 @dataclass
@@ -85,28 +79,6 @@ class RunningEpoch:
     steps_done: int = 0
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups_for(model, cfg.weight_decay, filter_bias_and_bn=not cfg.opt_no_filter)
-    if cfg.opt == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    betas = (cfg.opt_betas[0], cfg.opt_betas[1]) if cfg.opt_betas else (0.9, 0.999)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.opt_eps)
-
-
-def model_kwargs(cfg: TrainConfig) -> dict:
-    """Regularization options for builders that take them (timm models); omitted when off."""
-    return {k: getattr(cfg, k) for k in ("drop_rate", "drop_path_rate") if getattr(cfg, k)}
-
-
-def count_blocks(model: nn.Module) -> int:
-    return sum(is_block(m) for m in model.modules())
-
-
 def _autocast(cfg: TrainConfig, device: torch.device):
     if cfg.amp == "none":
         return nullcontext()
@@ -115,56 +87,41 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 class Trainer:
-    """Holds everything one rank needs; :meth:`fit` runs all epochs.
+    """Runs one rank's finished :class:`RunParts` in ``ctx``; :meth:`fit` runs all epochs.
 
-    ``data``: a :class:`DataSource`, or a factory ``(cfg, ctx) -> DataSource`` called after seeding (default:
-    torch DataLoaders over the configured dataset).  ``callbacks``: :class:`TrainerCallback` instances.
+    ``callbacks``: :class:`TrainerCallback` instances.  :meth:`from_config` assembles the parts first.
     """
 
-    def __init__(self, cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactory | None = None,
-                 callbacks: Iterable[TrainerCallback] = ()):
-        self.cfg, self.ctx = cfg, ctx
-        self.device = ctx.device
+    def __init__(self, parts: RunParts, ctx: TrainContext, callbacks: Iterable[TrainerCallback] = ()):
         self.callbacks = CallbackList(callbacks)
-        seed_everything(cfg.seed)
-        self.data: DataSource = _resolve_data(data, cfg, ctx)
-        self.num_classes = cfg.num_classes or self.data.num_classes
-        # Counted on the meta device first: a model too large to build is one line, not an out-of-memory kill.
-        check_model_size(cfg.model, self.num_classes, "the config", **model_kwargs(cfg))
-        self.model = build_model(cfg.model, self.num_classes, **model_kwargs(cfg))
-        self.plain_params = count_params(self.model)
-        self.plain_macs = count_macs(self.model, (3, cfg.image_size, cfg.image_size))
-        self.state = TrainState()
-        self._resume_progress: EpochProgress | None = None  # set by a mid-epoch checkpoint
+        self.cfg, self.ctx = parts.cfg, ctx
+        self.device = parts.device
+        self.data: DataSource = parts.data
+        self.num_classes = parts.num_classes
+        self.model = parts.model
+        self.plain_params, self.plain_macs = parts.plain_params, parts.plain_macs
+        self.channels_last = parts.channels_last
+        self.dyrep = parts.dyrep
+        self.optimizer = parts.optimizer
+        self.schedule = parts.schedule
+        self.scaler = parts.scaler
+        self.ema = parts.ema
+        self.state: TrainState = parts.state
+        self._resume_progress: EpochProgress | None = parts.resume_progress  # set by a mid-epoch checkpoint
         self.running: RunningEpoch | None = None
         self._start_record: dict | None = None  # placement + digests of this (re)start, for the next epoch
         self._rank_nodes: list = []
-        resume = ctx.resume_checkpoint()
-        if resume is not None:
-            check_resume_config(resume.meta, cfg)
-            restore_graph(self.model, resume.graph)
-        elif cfg.dbb:  # the static DBB baseline: every eligible conv a block from the start
-            convert_to_dbb(self.model, seed=cfg.seed, block_type=cfg.dyrep_block.value)
-        self.channels_last = cfg.channels_last and self.device.type == "cuda"
-        self._place_model()
-        self.dyrep = None
-        if cfg.dyrep:
-            self.dyrep = DyRep(self.model, metric=cfg.dyrep_metric, grow_topk=cfg.dyrep_grow_topk,
-                               cut_threshold=cfg.dyrep_cut_threshold, cut_std_gate=cfg.dyrep_cut_std_gate,
-                               init_gamma=cfg.dyrep_init_gamma, max_depth=cfg.dyrep_max_depth, seed=cfg.seed,
-                               cut_lone_branch=cfg.dyrep_cut_lone_branch, cut_mode=cfg.dyrep_cut_mode,
-                               block_type=cfg.dyrep_block)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.schedule = LRSchedule.from_config(cfg)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
-        self.ema = ModelEma(self.model, cfg.model_ema_decay) if cfg.model_ema else None
-        if resume is not None:
-            self._load(resume)
         self.wrapped = ctx.wrap_model(self.model)
 
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactory | None = None,
+                    callbacks: Iterable[TrainerCallback] = ()) -> Trainer:
+        """Assemble the run ``cfg`` describes (:func:`~dyrep_ray.engine.assembly.build_run`), ready to fit."""
+        callbacks = CallbackList(callbacks).callbacks  # a wrong callback fails before the data and model are built
+        return cls(build_run(cfg, ctx, data), ctx, callbacks)
+
     def _place_model(self) -> None:
-        fmt = torch.channels_last if self.channels_last else torch.preserve_format
-        self.model.to(self.device, memory_format=fmt)  # type: ignore[call-overload]  # torch's stubs lack this
+        place_model(self.model, self.device, self.channels_last)
 
     # ---------------------------------------------------------------- data
     def _recal_batches(self, salt: int) -> Iterator[torch.Tensor]:
@@ -183,28 +140,7 @@ class Trainer:
                 recalibrate_bn(model, self._recal_batches(salt), bns, iters)
         return recal
 
-    # ------------------------------------------------------------- resume
-    def _load(self, ckpt: LoadedCheckpoint) -> None:
-        state = ckpt.state
-        self.model.load_state_dict(state["model"], strict=True)
-        load_optimizer_state_by_name(self.optimizer, self.model, state["optimizer"])
-        if self.dyrep is not None and "dyrep" in state:
-            self.dyrep.load_state_dict(state["dyrep"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and "ema" in state:
-            restore_graph(self.ema.module, ckpt.graph)
-            self.ema.module.load_state_dict(state["ema"], strict=True)
-        set_rng_state(state["rng"])
-        meta = CheckpointMeta.from_json(ckpt.meta)
-        self.state = TrainState(epoch=int(meta.epoch), global_step=int(meta.global_step),
-                                history=list(meta.history), skipped_steps=int(meta.skipped_steps))
-        if MID_EPOCH_KEY in meta.extra:
-            self._resume_progress = EpochProgress.from_json(meta.extra[MID_EPOCH_KEY])
-        logger.info("resumed from %s (epoch %d%s, %d blocks)", ckpt.path, self.state.epoch,
-                    f" + {self._resume_progress.step} steps" if self._resume_progress else "",
-                    count_blocks(self.model))
-
+    # ------------------------------------------------------------- checkpoints
     def _checkpoint_writer(self, metrics: dict, extra: dict | None = None):
         # Snapshot now (tensors cloned to CPU) so later training cannot alter what is written.
         state = {
@@ -420,18 +356,22 @@ class Trainer:
         return float(totals[0] / max(float(totals[1]), 1.0)), running.images * ctx.world_size, lr
 
     def _adjust(self, epoch: int) -> list[dict]:
-        """All ranks: reduce metrics once, rank 0's plan broadcast, apply, re-wrap DDP, optimizer surgery."""
+        """All ranks: reduce metrics once, rank 0's plan broadcast, apply, re-wrap DDP, optimizer surgery, EMA."""
         dyrep = self.dyrep
         assert dyrep is not None, "adjust epochs exist only with dyrep on"
-        plan = dyrep.plan()  # every rank joins the metric all-reduce inside
-        plan = self.ctx.broadcast_object(plan)
-        self.wrapped = self.model  # drop the old DDP (and its autograd hooks) before the structure changes
-        recal_salt = dyrep.adjust_count
-        events = [e.to_json() for e in dyrep.apply(plan, self.optimizer, self._recal_fn(recal_salt))]
-        if self.ema is not None:
-            apply_plan(self.ema.module, plan, self._recal_fn(recal_salt))
-        self._place_model()
-        self.wrapped = self.ctx.wrap_model(self.model)  # DDP broadcasts rank 0's weights and buffers
+
+        def unwrap() -> None:  # drop the old DDP (and its autograd hooks) before the structure changes
+            self.wrapped = self.model
+
+        def rewrap() -> None:  # DDP broadcasts rank 0's weights and buffers
+            self.wrapped = self.ctx.wrap_model(self.model)
+
+        hooks = AdjustHooks(broadcast=self.ctx.broadcast_object, place=self._place_model, unwrap=unwrap,
+                            rewrap=rewrap)
+        # one recalibration salt for the model and its EMA copy: the adjust's index, before apply counts it
+        adjustment = adjust_structure(dyrep, self.optimizer, self._recal_fn(dyrep.adjust_count), hooks,
+                                      ema=self.ema.module if self.ema is not None else None)
+        plan, events = adjustment.plan, adjustment.events
         for note in plan.notes:
             logger.warning("DyRep: %s", note)
         if events and self.ctx.is_main:
@@ -475,12 +415,6 @@ class Trainer:
         return summarize(self.state.history, self.plain_params)
 
 
-def check_resume_config(meta: dict, cfg: TrainConfig) -> None:
-    """Refuse (ConfigError naming the key) a resume that changes a structural key; log the allowed changes."""
-    for change in resume_changes(meta.get("config", {}), cfg):
-        logger.info("resume: config changed: %s", change)
-
-
 def model_digest(model: nn.Module) -> str:
     """sha256 over the structure graph and every state tensor's bytes."""
     h = hashlib.sha256(json.dumps(structure_graph(model), sort_keys=True).encode())
@@ -519,15 +453,7 @@ def _count(value: int | None) -> str:
     return "unknown" if value is None else f"{value:,}"
 
 
-def _resolve_data(data: DataSource | DataFactory | None, cfg: TrainConfig, ctx: TrainContext) -> DataSource:
-    if data is None:
-        return torch_data_source(cfg, ctx)
-    if isinstance(data, DataSource):
-        return data
-    return data(cfg, ctx)
-
-
 def train(cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactory | None = None,
           callbacks: Iterable[TrainerCallback] = ()) -> dict:
     """Run (or resume) training described by ``cfg`` in ``ctx``; returns the summary dict."""
-    return Trainer(cfg, ctx, data=data, callbacks=callbacks).fit()
+    return Trainer.from_config(cfg, ctx, data=data, callbacks=callbacks).fit()

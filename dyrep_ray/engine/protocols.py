@@ -21,6 +21,7 @@ from .checkpoint import LoadedCheckpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import TrainConfig
+    from .state import TrainState
 
 CheckpointWriter = Callable[[Path], None]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -98,3 +99,22 @@ class DataSource(Protocol):
 
 
 DataFactory = Callable[["TrainConfig", TrainContext], DataSource]
+
+
+class TrainerView(Protocol):
+    """What a :class:`~dyrep_ray.engine.callbacks.TrainerCallback` may read of the running trainer (the callbacks
+    name this rather than :class:`~dyrep_ray.engine.loop.Trainer`, so the loop and its hooks do not import each
+    other)."""
+
+    cfg: TrainConfig
+    ctx: TrainContext
+    data: DataSource
+    model: nn.Module
+    num_classes: int
+    plain_params: int
+    plain_macs: int
+    state: TrainState
+
+    def save_mid_epoch_checkpoint(self) -> str | None:
+        """Every rank, between two steps: rank 0 writes a checkpoint of the epoch in progress."""
+        ...

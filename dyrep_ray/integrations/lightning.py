@@ -12,7 +12,8 @@ What the callback does, and where in Lightning's sequence:
 
 * ``on_before_optimizer_step``: records the DyRep metric.  Lightning calls it after backward and,
   under AMP, after the precision plugin unscaled the gradients, so no loss scale is involved.
-* ``on_train_epoch_end`` at an adjust point, on every rank: ``DyRep.plan()`` (all-reduces the
+* ``on_train_epoch_end`` at an adjust point, on every rank, the trainer's own adjust sequence
+  (:func:`dyrep_ray.engine.adjust.adjust_structure`): ``DyRep.plan()`` (all-reduces the
   metric), rank 0's plan broadcast with ``trainer.strategy.broadcast``, the DDP wrapper dropped,
   the plan applied (seeded init + BN recalibration + optimizer surgery on the Lightning-held
   optimizer), then ``DDPStrategy.configure_ddp()`` re-wraps the changed module (DDP cannot see new
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -46,6 +48,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..engine.adjust import AdjustHooks, adjust_structure
 from ..errors import UserError
 from ..rep import DyRep, recalibrate_bn, restore_graph, structure_graph
 
@@ -148,8 +151,9 @@ class DyRepCallback(pl.Callback):
             restore_structure(pl_module, checkpoint)
             own_load(checkpoint)
 
-        pl_module.on_save_checkpoint = save_graph_then_own_hook
-        pl_module.on_load_checkpoint = restore_then_own_hook
+        # per-instance hooks on purpose (see the module docstring); teardown deletes them again
+        pl_module.on_save_checkpoint = save_graph_then_own_hook  # type: ignore[method-assign]
+        pl_module.on_load_checkpoint = restore_then_own_hook  # type: ignore[method-assign]
         self._hooked = pl_module
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -173,21 +177,26 @@ class DyRepCallback(pl.Callback):
         if self.dyrep is None or not self.is_adjust_epoch(trainer):
             return
         strategy = trainer.strategy
-        plan = self.dyrep.plan()  # every rank: the metric all-reduce is inside
-        plan = strategy.broadcast(plan, src=0)
-        rewrap = isinstance(strategy.model, DistributedDataParallel)
-        if rewrap:
-            strategy.model = strategy.lightning_module  # drop the old DDP and its gradient hooks
-        optimizer = trainer.optimizers[0]
+        rewrap = isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel)
+
+        def unwrap() -> None:  # drop the old DDP and its gradient hooks
+            if rewrap:
+                strategy.model = strategy.lightning_module
+
+        def place() -> None:
+            pl_module.to(strategy.root_device)
+
+        def configure_ddp() -> None:  # DDP cannot see new parameters; its constructor broadcasts rank 0's weights
+            if rewrap:
+                cast(DDPStrategy, strategy).configure_ddp()
 
         def recal(model: nn.Module, bns: list) -> None:
             recalibrate_bn(model, self.recal_batches(trainer, pl_module), bns, self.recal_bn_batches)
 
-        # typed events -> JSON dicts; surgery keeps module order, so positional optimizer state stays right
-        events = [e.to_json() for e in self.dyrep.apply(plan, optimizer, recal)]
-        pl_module.to(strategy.root_device)
-        if rewrap:
-            strategy.configure_ddp()
+        hooks = AdjustHooks(broadcast=lambda plan: strategy.broadcast(plan, src=0), place=place, unwrap=unwrap,
+                            rewrap=configure_ddp)
+        # surgery keeps module order, so positional optimizer state stays right
+        events = adjust_structure(self.dyrep, trainer.optimizers[0], recal, hooks).events
         epoch = trainer.current_epoch + 1
         self.events.extend({**event, "epoch": epoch} for event in events)
         for event in events:
