@@ -468,7 +468,7 @@ def test_prepare_command_exports_both_splits(tmp_path, capsys):
     code = main(["prepare", "synthetic", "--out", str(out), "--synthetic-train-size", "40",
                  "--synthetic-val-size", "20", "--rows-per-shard", "25"])
     assert code == 0
-    # One split per directory (issue 17 item 3): <out>/train and <out>/val, never mixed.
+    # One split per directory: <out>/train and <out>/val, never mixed.
     assert sorted(p.name for p in out.iterdir()) == ["train", "val"]
     assert sorted(p.name for p in (out / "train").iterdir()) == ["train-00000.parquet", "train-00001.parquet"]
     assert sorted(p.name for p in (out / "val").iterdir()) == ["val-00000.parquet"]

@@ -25,7 +25,7 @@ TARGET_COMMENT = "%"  # each file's first line names the paper number it targets
 PAPER_ROWS = ("cifar10_vgg16", "cifar100_vgg16", "imagenet_resnet18")
 PAPER_MODES = {"plain": {"dyrep": False}, "dbb": {"dyrep": False, "dbb": True}, "dyrep": {"dyrep": True}}
 HAS_DBB_KEY = "dbb" in {f.name for f in dataclasses.fields(TrainConfig)}
-NO_DBB_REASON = "TrainConfig has no `dbb` field yet (static-DBB baseline, issue 12 item 11, lands separately)"
+NO_DBB_REASON = "TrainConfig has no `dbb` field yet (the static-DBB baseline)"
 
 
 def _needs_dbb(path: Path) -> bool:
@@ -103,7 +103,7 @@ def test_experiment_parses_and_starts(path, data_dirs, tmp_path):
     assert summary["grows"] == cfg.dyrep_grow_topk * (1 if cfg.dyrep else 0)
 
 
-# Issue 12 item 8: the original's values (image_classification_sota configs/strategies/DyRep/*.yaml).
+# The original's values (image_classification_sota configs/strategies/DyRep/*.yaml).
 ORIGINAL_RECIPE_VALUES = {
     "imagenet_mobilenet_v1.yaml": {"epochs": 90},
     "imagenet_repvgg_a2.yaml": {"color_jitter": 0.0},

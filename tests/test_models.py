@@ -210,7 +210,7 @@ def test_count_macs_small_cnn_is_cheap():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The original's TF-style init (issue 12, item 7) for vgg16_cifar and mobilenet_v1
+# The original's TF-style init for vgg16_cifar and mobilenet_v1
 # ---------------------------------------------------------------------------------------------------------------
 STANDARD_ERRORS = 5  # a correct init fails a 5-sigma check with probability < 1e-6 per tensor
 UNIFORM_EDGE_SAMPLES = 10  # max|w| of n uniform samples falls below bound*(1 - 10/n) with probability ~e^-10

@@ -1,4 +1,5 @@
-"""Issue 17 (hardening): each case with real files and, where it matters, real processes."""
+"""Untrusted input (run directories, data, checkpoints, sweeps): each case with real files and, where it
+matters, real processes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fuzz pass (issue 17): arbitrary bytes / JSON into the readers a user's files reach.
+"""Fuzzing: arbitrary bytes / JSON into the readers a user's files reach.
 
 Each reader must either succeed or raise a :class:`~dyrep_ray.errors.UserError` (what the CLI prints as one line
 with exit 2) -- never another exception type.  Bounded and reproducible: ``derandomize=True`` (the same examples
