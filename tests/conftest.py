@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dyrep_ray.engine.progress import CONSOLE_LOGGER
+from tests.scheduling import check_groups, claim_ray_session, make_scheduler
 
 # Sweep-signing secret of the tests: never the real ~/.config/dyrep-ray/secret of whoever runs them
 # (a session-wide temp file; subprocesses and Ray workers inherit it).
@@ -68,28 +69,21 @@ def pytest_report_header(config):
     return None
 
 
-# The suite runs on two pytest-xdist workers (pyproject addopts: -n 2 --dist loadgroup): the unit tests, each
-# single-threaded, fill the core that a Ray integration test leaves idle while it waits on Ray. Tests that share one
-# resource go to one worker, in collection order, through an xdist group:
-#   "ray-shared": every test on this process's Ray instance (the ray_session fixture): one instance, not one a worker;
-#   "ray-cluster-<module>": a module whose tests share a module-scoped cluster of their own (tests/multinode.py).
-RAY_SHARED_GROUP = "ray-shared"
-OWN_CLUSTER_FIXTURES = ("cluster",)
-
-
+# Two xdist workers; tests that share a Ray instance or a cluster run on one of them (tests/scheduling.py).
 @pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    return make_scheduler(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "ray_session" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group(RAY_SHARED_GROUP))
-        elif any(name in item.fixturenames for name in OWN_CLUSTER_FIXTURES):
-            item.add_marker(pytest.mark.xdist_group(f"ray-cluster-{item.module.__name__}"))
+    check_groups(items)
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(tmp_path_factory):
     import ray
 
+    claim_ray_session(tmp_path_factory.getbasetemp())
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)

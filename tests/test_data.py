@@ -32,7 +32,6 @@ from dyrep_ray.data.parquet import (
     export_parquet,
     read_parquet_metadata,
 )
-from dyrep_ray.data.synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD
 from dyrep_ray.distributed.ray_data import build_batch_decoder
 
 CIFAR_ROW = 3 * 32 * 32
@@ -478,34 +477,3 @@ def test_prepare_command_exports_both_splits(tmp_path, capsys):
     assert main(["prepare", "cifar10", "--data-dir", str(tmp_path / "nope"), "--out", str(missing)]) == 2
     assert "no download" in capsys.readouterr().err
     assert not missing.exists()
-
-
-@pytest.mark.ray
-def test_ray_data_reads_exported_shards(tmp_path):
-    import ray
-
-    from dyrep_ray.distributed.ray_data import iter_decoded_batches, read_parquet_dataset
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    _, val, _ = _small_synthetic()
-    export_parquet("synthetic", None, tmp_path, split="val", rows_per_shard=20,
-                   synthetic_train_size=SMALL_TRAIN, synthetic_val_size=SMALL_VAL)
-    dataset = read_parquet_dataset(tmp_path)
-    assert dataset.count() == SMALL_VAL
-    decoder = build_batch_decoder("synthetic", train=False)
-    seen_images, seen_labels = [], []
-    for images, labels in iter_decoded_batches(dataset, decoder, batch_size=16):
-        assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.float32
-        seen_images.append(images)
-        seen_labels.append(labels)
-    labels = torch.cat(seen_labels)
-    assert labels.numel() == SMALL_VAL
-    assert sorted(labels.tolist()) == sorted(val.targets)
-    # order may differ across blocks: compare multisets of (label, exact integer pixel checksum)
-    images = torch.cat(seen_images)
-    mean, std = SYNTHETIC_MEAN[0], SYNTHETIC_STD[0]
-    checksums = ((images * std + mean) * 255).round().long().sum(dim=(1, 2, 3))
-    got = sorted(zip(labels.tolist(), checksums.tolist()))
-    want = sorted(zip(val.targets, val.pixels.long().sum(dim=(1, 2, 3)).tolist()))
-    assert got == want

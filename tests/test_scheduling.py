@@ -1,0 +1,52 @@
+"""tests/scheduling.py: the xdist grouping of the suite itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.scheduling import (
+    OWN_CLUSTER_MODULES,
+    RAY_SHARED_GROUP,
+    RAY_SHARED_MODULES,
+    claim_ray_session,
+    group_errors,
+    group_of,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shared_ray_tests_are_one_unit_and_other_tests_their_own():
+    assert group_of("tests/test_train_ray.py::test_a") == group_of("tests/test_tune.py::test_b[x]") == RAY_SHARED_GROUP
+    assert group_of("tests/test_multinode.py::test_c") == "cluster:tests/test_multinode.py"
+    assert group_of("tests/test_dbb.py::test_d[1-2]") == "tests/test_dbb.py::test_d[1-2]"
+
+
+def test_a_ray_test_outside_the_listed_modules_is_named():
+    errors = group_errors([("tests/test_dbb.py::test_x", ["tmp_path", "ray_session"]),
+                           ("tests/test_dbb.py::test_y", ["cluster"]),
+                           ("tests/test_train_ray.py::test_z", ["ray_session"]),
+                           ("tests/test_dbb.py::test_plain", ["tmp_path"])])
+    assert len(errors) == 2
+    assert "test_x uses ray_session" in errors[0] and "RAY_SHARED_MODULES" in errors[0]
+    assert "test_y uses a module cluster" in errors[1] and "OWN_CLUSTER_MODULES" in errors[1]
+
+
+@pytest.mark.parametrize("module", sorted(RAY_SHARED_MODULES | OWN_CLUSTER_MODULES))
+def test_every_listed_module_exists_and_uses_what_it_is_listed_for(module):
+    text = (ROOT / module).read_text()
+    uses = ("ray_session", "ray_reference") if module in RAY_SHARED_MODULES else ("def cluster(",)
+    assert any(fixture in text for fixture in uses), (module, uses)
+
+
+def test_a_second_worker_claiming_the_ray_session_fails(tmp_path, monkeypatch):
+    for worker in ("gw0", "gw0", "gw1"):
+        (tmp_path / f"popen-{worker}").mkdir(exist_ok=True)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    claim_ray_session(tmp_path / "popen-gw0")
+    claim_ray_session(tmp_path / "popen-gw0")  # the same worker again: fine
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    with pytest.raises(pytest.UsageError, match="workers gw0 and gw1"):
+        claim_ray_session(tmp_path / "popen-gw1")
