@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.synthetic import SYNTHETIC_NUM_CLASSES
 from ..engine.checkpoint import (
     GRAPH_FILE,
     MANIFEST_FILE,
@@ -27,7 +28,7 @@ from ..engine.checkpoint import (
     validate_checkpoint_content,
     verify_checkpoint_dir,
 )
-from ..engine.config import ConfigError, TrainConfig
+from ..engine.config import DATASET_NUM_CLASSES, ConfigError, TrainConfig
 from ..limits import MAX_NUM_CLASSES
 from ..models import build_model
 from ..models.limits import check_model_size
@@ -37,8 +38,9 @@ logger = logging.getLogger(__name__)
 #: The ``format`` and ``version`` of the JSON sidecar convert writes beside deployed weights.
 SIDECAR_FORMAT = "dyrep-ray-deployed"
 SIDECAR_VERSION = 1
+IMAGENET_NUM_CLASSES = 1000
 # Class counts of datasets whose size is fixed (for checkpoints whose meta lacks num_classes).
-KNOWN_NUM_CLASSES = {"synthetic": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+KNOWN_NUM_CLASSES = {**DATASET_NUM_CLASSES, "synthetic": SYNTHETIC_NUM_CLASSES, "imagenet": IMAGENET_NUM_CLASSES}
 
 
 # ---------------------------------------------------------------------------
