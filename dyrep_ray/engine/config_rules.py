@@ -3,7 +3,7 @@
 A key is a dataclass field declared with :func:`option` (``field(metadata=...)``): its bounds, example value for
 messages, whether it must be a non-empty string, its resume policy and its one-line ``help``. :func:`check_field`
 coerces and checks one value against its type hint and :class:`Rule`; a broken rule is a :class:`FieldProblem`,
-worded for a config key by :func:`field_message` (tune/spec.py words it for sweep files its own way).
+worded for a config key by :func:`field_message` (tune/sections.py words it for sweep files its own way).
 Enum-like keys are typed with a :class:`ConfigEnum` (a ``str`` Enum: equal to its string, written as a plain
 string to JSON/YAML).
 

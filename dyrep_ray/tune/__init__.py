@@ -11,8 +11,10 @@ Python::
     outcome.table            # pandas DataFrame, one row per trial (also trials.csv / trials.parquet)
     outcome.best             # {"trial_id", "value", "epoch", "config", "run_dir"}; best_config.yaml
 
-Modules: :mod:`.spec` (sweep YAML format and validation), :mod:`.trainable` (one ``TorchTrainer`` per trial),
-:mod:`.bridge` (Train checkpoints <-> Tune checkpoints, PBT segments), :mod:`.sweep` (the Tuner),
+Modules: :mod:`.spec` (sweep YAML format, validated into a ``SweepSpec``) with :mod:`.sweep_file` (reading the YAML,
+``--set``, the base config), :mod:`.space` (distributions) and :mod:`.sections` (resources, scheduler, search_alg
+rules); :mod:`.trainable` (one ``TorchTrainer`` per trial), :mod:`.bridge` (Train checkpoints <-> Tune
+checkpoints, PBT segments), :mod:`.sweep` (the Tuner),
 :mod:`.results` / :mod:`.plots` (table, best config, metric plot), :mod:`.commands` (CLI).
 
 This package is imported by Ray Train controllers and trial actors: it stays light (no torch at import).

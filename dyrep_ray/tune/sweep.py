@@ -26,7 +26,8 @@ from ..engine.progress import console as console_lines
 from ..rundir.layout import LEASE_FILE, LOCK_FILE, SWEEP_FILE, TUNE_DIR
 from ..rundir.storage import RunStorage, resolve_filesystem
 from .console import SweepConsole
-from .spec import TIME_ATTR, Distribution, SweepSpec
+from .space import Distribution
+from .spec import TIME_ATTR, SweepSpec
 
 logger = logging.getLogger(__name__)
 
