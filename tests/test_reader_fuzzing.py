@@ -151,7 +151,8 @@ def test_metrics_reader(lines):
 @given(data=st.binary(max_size=200) | st.lists(json_values.map(json.dumps), max_size=4).map(
     lambda lines: "\n".join(lines).encode()))
 def test_report_of_a_run_with_arbitrary_metrics_file(data):
-    from dyrep_ray.report.figures import load_run, run_summary
+    from dyrep_ray.report.history import run_summary
+    from dyrep_ray.report.runs import load_run
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "metrics.jsonl").write_bytes(data)

@@ -203,11 +203,22 @@ def test_load_run_tolerates_a_truncated_metrics_line(tmp_path):
     assert data.plain_params is None and data.plain_params_source is None
 
 
-def test_run_summary_lists_blocks_of_both_types():
+def test_report_copies_of_rep_tables_match_the_registry():
+    """report stays torch-free, so it keeps its own copies of two rep tables; they must not drift."""
+    from dyrep_ray.rep import BRANCH_NAMES
     from dyrep_ray.rep.blocks import GRAPH_ENTRY_TYPES
-    from dyrep_ray.report.figures import GRAPH_BLOCK_TYPES, RunData, run_summary
+    from dyrep_ray.report.figures import MAX_BRANCHES
+    from dyrep_ray.report.history import GRAPH_BLOCK_TYPES
 
     assert set(GRAPH_BLOCK_TYPES) == set(GRAPH_ENTRY_TYPES.values())  # report's torch-free copy
+    assert len(GRAPH_BLOCK_TYPES) == len(set(GRAPH_BLOCK_TYPES))
+    assert MAX_BRANCHES == len(BRANCH_NAMES)
+
+
+def test_run_summary_lists_blocks_of_both_types():
+    from dyrep_ray.report.history import GRAPH_BLOCK_TYPES, run_summary
+    from dyrep_ray.report.runs import RunData
+
     metrics = [_record(1, [{"op": "grow", "path": "a", "branches": ALL}])]
     for entry_type in GRAPH_BLOCK_TYPES:
         structure = {"blocks": [{"path": "a", "type": entry_type, "branches": ALL},

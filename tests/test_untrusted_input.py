@@ -615,7 +615,8 @@ def test_report_reads_json_only_and_survives_bad_trials_and_odd_names(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from dyrep_ray.report.figures import load_run, render_report
+    from dyrep_ray.report.render import render_report
+    from dyrep_ray.report.runs import load_run
 
     sweep = tmp_path / "sweep"
     good = _metrics_run(sweep / "t_good", [_epoch(1, 0, 1234), _epoch(2, 1, 1500)])

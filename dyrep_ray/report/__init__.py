@@ -9,18 +9,18 @@ import importlib
 
 # Lazy: the CLI imports this package to register its subcommands; torch/matplotlib load on first use.
 _EXPORTS = {
-    "ReportError": "figures",
-    "RunData": "figures",
-    "Timeline": "figures",
-    "adjust_epochs": "figures",
-    "find_runs": "figures",
-    "load_run": "figures",
-    "render_report": "figures",
-    "render_run_report": "figures",
-    "render_sweep_report": "figures",
-    "run_summary": "figures",
-    "timeline": "figures",
-    "timeline_rows": "figures",
+    "ReportError": "runs",
+    "RunData": "runs",
+    "Timeline": "history",
+    "adjust_epochs": "history",
+    "find_runs": "runs",
+    "load_run": "runs",
+    "render_report": "render",
+    "render_run_report": "render",
+    "render_sweep_report": "render",
+    "run_summary": "history",
+    "timeline": "history",
+    "timeline_rows": "history",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -29,7 +29,8 @@ def register(subparsers, add_common) -> None:
 
 
 def cmd_report(args) -> int:
-    from .figures import SUMMARY_MD, render_report
+    from .markdown import SUMMARY_MD
+    from .render import render_report
 
     result = render_report(args.run_dir, args.out)  # ReportError: one line, exit 2 (dyrep_ray.cli.main)
     out = result["out_dir"]

@@ -6,7 +6,7 @@ parameters.
 Printed as Markdown; ``compare.md``, ``compare.csv`` and one PNG of the val top-1 curves (one panel per run,
 side by side, shared y axis) are written to ``--out``.
 
-Reads JSON files only, with :mod:`.figures`' readers, and imports neither torch nor Ray (``python -m
+Reads JSON files only, with :mod:`.runs`' readers, and imports neither torch nor Ray (``python -m
 dyrep_ray.report.compare`` runs without either; the ``dyrep-ray`` CLI itself loads torch for other commands).
 Where a number is not in the run directory the cell says ``n/a``:
 
@@ -40,15 +40,8 @@ from ..rundir.layout import (
     STRUCTURE_FILE,
 )
 from .arguments import add_compare_arguments
-from .figures import (
-    ReportError,
-    RunData,
-    _plain_params_from_checkpoints,
-    _read_json,
-    new_figure,
-    read_metrics,
-    save_figure,
-)
+from .figures import new_figure, save_figure
+from .runs import ReportError, RunData, _plain_params_from_checkpoints, _read_json, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +61,8 @@ MODE_PLAIN, MODE_DBB, MODE_DYREP = "plain", "DBB", "DyRep"
 # Reading (JSON only)
 # ---------------------------------------------------------------------------
 def read_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
-    """A run directory's JSON files as :class:`RunData`; never builds a model (unlike ``figures.load_run``,
-    which falls back to building the architecture to count its parameters)."""
+    """A run directory's JSON files as :class:`RunData`; never builds a model.  Unlike ``runs.load_run``, the plain
+    parameter count comes from checkpoint meta only, and a run without a readable epoch record is an error."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a directory; pass dyrep-ray run directories (each with {METRICS_FILE})")
