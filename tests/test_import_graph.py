@@ -1,4 +1,4 @@
-"""The modules of dyrep_ray import each other without circles.
+"""The modules of dyrep_ray import each other without circles, and none is longer than one job needs.
 
 Every ``import`` / ``from ... import`` statement counts, wherever it stands (module level, inside a function,
 under ``if TYPE_CHECKING:``), relative or absolute: a function-level import that closes a circle still ties the
@@ -135,3 +135,15 @@ def test_circle_finder_sees_every_kind_of_import(tmp_path, how):
     expected = {"self": frozenset({"pkg.sub.a"})}.get(how, frozenset({"pkg.sub.a", "pkg.sub.b"}))
     assert circles(graph) == [expected]
     assert graph["pkg.c"] == {"pkg.sub.b"}  # os is not ours; ``from pkg.sub import b`` names the submodule
+
+
+#: One job per module: past this many lines a module is doing several (split it by job, as engine/config*.py).
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_is_longer_than_the_limit():
+    modules = package_modules(PACKAGE_DIR, PACKAGE)
+    lines = {name: len(path.read_text().splitlines()) for name, path in modules.items()}
+    too_long = {name: n for name, n in lines.items() if n > MAX_MODULE_LINES}
+    assert len(modules) > 50
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines: {too_long}; split them by job"
