@@ -3,9 +3,9 @@
 The suite runs on two pytest-xdist workers (pyproject addopts ``-n 2``): the single-threaded unit tests use the
 core a Ray integration test leaves idle while it waits on Ray. xdist's own ``--dist loadgroup`` cannot be used:
 it tags a test's group by rewriting ``item._nodeid``, which pytest 9.2 no longer reads, so its groups silently
-fall apart. The scheduler below groups by test module instead, a unit xdist's controller sees (it has node ids
-only, not fixtures); ``check_groups`` fails the run when a test's fixtures and its module's group disagree, so
-the module lists cannot go stale.
+fall apart. The scheduler below groups by node id instead (by module or test function: xdist's controller has
+node ids only, not fixtures); ``check_groups`` fails the run when a test's fixtures and its group disagree, so
+the lists cannot go stale.
 """
 
 from __future__ import annotations
@@ -16,12 +16,18 @@ from pathlib import Path
 
 import pytest
 
-#: Modules with tests on the pytest process's shared Ray instance (the ``ray_session`` fixture): one worker runs
-#: them all, so the suite starts one Ray instance and one ``ray_reference`` run, not one per worker.
-RAY_SHARED_MODULES = frozenset({
-    "tests/test_console.py", "tests/test_fault_handling.py", "tests/test_midepoch_ray.py",
-    "tests/test_ray_data_ingest.py", "tests/test_storage_s3.py", "tests/test_tracking.py",
-    "tests/test_train_parquet.py", "tests/test_train_ray.py", "tests/test_tune.py", "tests/test_untrusted_input.py",
+#: Tests on the pytest process's shared Ray instance (the ``ray_session`` fixture), by module or, in a module of
+#: mostly other tests, by test function: one worker runs them all, so the suite starts one Ray instance and one
+#: ``ray_reference`` run, not one per worker.
+RAY_SHARED_TESTS = frozenset({
+    "tests/test_midepoch_ray.py", "tests/test_ray_data_ingest.py", "tests/test_storage_s3.py",
+    "tests/test_train_parquet.py", "tests/test_train_ray.py",
+    "tests/test_console.py::test_verbose_shows_rays_lines",
+    "tests/test_fault_handling.py::test_more_workers_than_cluster_cpus",
+    "tests/test_tracking.py::test_ray_run_tracks_from_rank_0_only",
+    "tests/test_tune.py::test_pbt_exploit_continues_from_donor_structure",
+    "tests/test_tune.py::test_errored_trial_does_not_stop_the_sweep",
+    "tests/test_untrusted_input.py::test_real_sweep_resume_refuses_replaced_tuner_pkl_and_resumes_untouched",
 })
 RAY_SHARED_GROUP = "ray-shared"
 #: Modules whose tests share a module-scoped cluster of their own (``ray start`` processes): one group each.
@@ -31,8 +37,9 @@ OWN_CLUSTER_FIXTURE = "cluster"
 
 def group_of(nodeid: str) -> str:
     """The scheduling unit of a test: its group, or the test itself (any worker may run it)."""
-    module = nodeid.split("::", 1)[0]
-    if module in RAY_SHARED_MODULES:
+    module, _, rest = nodeid.partition("::")
+    function = rest.split("::")[-1].split("[")[0]
+    if module in RAY_SHARED_TESTS or f"{module}::{function}" in RAY_SHARED_TESTS:
         return RAY_SHARED_GROUP
     if module in OWN_CLUSTER_MODULES:
         return f"cluster:{module}"
@@ -45,7 +52,7 @@ def group_errors(tests: Iterable[tuple[str, Iterable[str]]]) -> list[str]:
     for nodeid, fixtures in tests:
         fixtures, group = set(fixtures), group_of(nodeid)
         if "ray_session" in fixtures and group != RAY_SHARED_GROUP:
-            errors.append(f"{nodeid} uses ray_session: add its module to RAY_SHARED_MODULES in {__name__}")
+            errors.append(f"{nodeid} uses ray_session: add it (or its module) to RAY_SHARED_TESTS in {__name__}")
         if OWN_CLUSTER_FIXTURE in fixtures and not group.startswith("cluster:"):
             errors.append(f"{nodeid} uses a module cluster: add its module to OWN_CLUSTER_MODULES in {__name__}")
     return errors

@@ -9,7 +9,7 @@ import pytest
 from tests.scheduling import (
     OWN_CLUSTER_MODULES,
     RAY_SHARED_GROUP,
-    RAY_SHARED_MODULES,
+    RAY_SHARED_TESTS,
     claim_ray_session,
     group_errors,
     group_of,
@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shared_ray_tests_are_one_unit_and_other_tests_their_own():
-    assert group_of("tests/test_train_ray.py::test_a") == group_of("tests/test_tune.py::test_b[x]") == RAY_SHARED_GROUP
+    assert group_of("tests/test_train_ray.py::test_a") == RAY_SHARED_GROUP
+    pbt = "tests/test_tune.py::test_pbt_exploit_continues_from_donor_structure"
+    assert group_of(pbt) == group_of(f"{pbt}[x-1]") == RAY_SHARED_GROUP
+    assert group_of("tests/test_tune.py::test_b") == "tests/test_tune.py::test_b"  # its other tests go anywhere
     assert group_of("tests/test_multinode.py::test_c") == "cluster:tests/test_multinode.py"
     assert group_of("tests/test_dbb.py::test_d[1-2]") == "tests/test_dbb.py::test_d[1-2]"
 
@@ -30,15 +33,20 @@ def test_a_ray_test_outside_the_listed_modules_is_named():
                            ("tests/test_train_ray.py::test_z", ["ray_session"]),
                            ("tests/test_dbb.py::test_plain", ["tmp_path"])])
     assert len(errors) == 2
-    assert "test_x uses ray_session" in errors[0] and "RAY_SHARED_MODULES" in errors[0]
+    assert "test_x uses ray_session" in errors[0] and "RAY_SHARED_TESTS" in errors[0]
     assert "test_y uses a module cluster" in errors[1] and "OWN_CLUSTER_MODULES" in errors[1]
 
 
-@pytest.mark.parametrize("module", sorted(RAY_SHARED_MODULES | OWN_CLUSTER_MODULES))
-def test_every_listed_module_exists_and_uses_what_it_is_listed_for(module):
+@pytest.mark.parametrize("entry", sorted(RAY_SHARED_TESTS | OWN_CLUSTER_MODULES))
+def test_every_listed_test_exists_and_uses_what_it_is_listed_for(entry):
+    module, _, function = entry.partition("::")
     text = (ROOT / module).read_text()
-    uses = ("ray_session", "ray_reference") if module in RAY_SHARED_MODULES else ("def cluster(",)
-    assert any(fixture in text for fixture in uses), (module, uses)
+    if function:  # the test's own signature names the fixture
+        signature = text[text.index(f"def {function}("):].split(")")[0]
+        assert "ray_session" in signature or "ray_reference" in signature, entry
+    else:
+        uses = ("ray_session", "ray_reference") if entry in RAY_SHARED_TESTS else ("def cluster(",)
+        assert any(fixture in text for fixture in uses), (entry, uses)
 
 
 def test_a_second_worker_claiming_the_ray_session_fails(tmp_path, monkeypatch):
