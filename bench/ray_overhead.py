@@ -16,7 +16,8 @@ import torch
 
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.context import LocalContext
-from dyrep_ray.engine.loop import METRICS_FILE, train
+from dyrep_ray.engine.loop import train
+from dyrep_ray.rundir.layout import METRICS_FILE
 
 # DyRep off: every epoch then has the same structure and cost, so per-epoch medians compare like with
 # like (DyRep's own costs are benchmarks 1 and 5; with 1 worker its adjust involves no Ray call).

@@ -22,7 +22,8 @@ from bench import adjust, data_path, dbb_block, dyrep_overhead, schedule
 from bench.common import LiveTensorMemory, single_process_group
 from bench.report import ROW_BUILDERS, markdown_table
 from bench.sync_counter import SyncCounter
-from dyrep_ray.rep.dbb import BRANCH_NAMES, DiverseBranchBlock, allowed_branches
+from dyrep_ray.rep.dbb import DiverseBranchBlock
+from dyrep_ray.rep.geometry import BRANCH_NAMES, allowed_branches
 from dyrep_ray.rep.grow_cut import grow_conv
 
 
@@ -261,7 +262,7 @@ def test_block_branch_names_and_state_dict_keys_unchanged():
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (3, 1, 2), (5, 2, 4), (3, 1, 0)])
 def test_avg_pool_paths_agree(k, stride, pad):
     """The CPU box-filter path and the avg_pool2d path (used on accelerators / under autocast)."""
-    from dyrep_ray.rep.dbb import _avg_pool_zero_padded
+    from dyrep_ray.rep.dbb_fused import _avg_pool_zero_padded
 
     gen = torch.Generator().manual_seed(k + pad)
     z = torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64)

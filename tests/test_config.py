@@ -847,8 +847,8 @@ def test_resume_returns_allowed_changes() -> None:
 def test_resumed_optimizer_keeps_new_hyperparameters_and_restores_buffers(opt: str) -> None:
     import torch
 
+    from dyrep_ray.engine.assembly import build_optimizer
     from dyrep_ray.engine.checkpoint import load_optimizer_state_by_name, optimizer_state_by_name
-    from dyrep_ray.engine.loop import build_optimizer
 
     def trained(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)

@@ -394,7 +394,7 @@ def test_depthwise_1x1_avg_branch_has_no_conv_and_stays_exact(k, stride, padding
 # The fused train-mode fast path (rep/dbb_fused.py) and the branch table
 # ---------------------------------------------------------------------------
 def test_branch_table_covers_every_branch_name():
-    from dyrep_ray.rep.dbb import BRANCH_BUILDERS
+    from dyrep_ray.rep.dbb_branches import BRANCH_BUILDERS
 
     assert set(BRANCH_BUILDERS) == ALL
     block = DiverseBranchBlock(4, 4, 3, 1, 1)

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyrep_ray.rep import online_kernels as OK
 from dyrep_ray.rep import transforms as T
-from dyrep_ray.rep.dbb import BRANCH_NAMES, KXK, allowed_branches
+from dyrep_ray.rep.geometry import BRANCH_NAMES, KXK, allowed_branches
 from dyrep_ray.rep.online import (
     AUTO_PATH,
     BLOCK_TYPE,

@@ -31,7 +31,7 @@ from dyrep_ray.rep import (
     restore_graph,
     structure_graph,
 )
-from dyrep_ray.rep.dbb import KXK
+from dyrep_ray.rep.geometry import KXK
 from dyrep_ray.rep.optim import param_groups_for
 from dyrep_ray.rep.paths import iter_blocks
 from dyrep_ray.rundir.layout import STRUCTURE_FILE

@@ -181,7 +181,7 @@ def validate_checkpoint_content(directory, meta, graph, state) -> None:
     (a tiny structure.json asking for 20000 channels), non-float weights.  Raises :class:`CheckpointError`.
     """
     from ..rep.blocks import GRAPH_ENTRY_TYPES
-    from ..rep.dbb import BRANCH_NAMES
+    from ..rep.geometry import BRANCH_NAMES
 
     block_entry_types = tuple(GRAPH_ENTRY_TYPES.values())  # "dbb", "online"
 

@@ -30,19 +30,11 @@ from ..rep import recalibrate_bn, structure_graph
 from ..rundir.files import VAL_KEYS, CheckpointMeta, EpochMetrics
 from ..rundir.layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
 from .adjust import AdjustHooks, adjust_structure
-from .assembly import (  # noqa: F401  (build_optimizer, check_resume_config, model_kwargs: re-exported)
-    RunParts,
-    build_optimizer,
-    build_run,
-    check_resume_config,
-    count_blocks,
-    model_kwargs,
-    place_model,
-)
+from .assembly import RunParts, build_run, count_blocks, place_model
 from .callbacks import CallbackList, TrainerCallback
 from .checkpoint import optimizer_state_by_name, rng_state, write_checkpoint_dir
 from .config import TrainConfig
-from .data_source import PARQUET, RECAL_SEED_OFFSET, EpochPosition, aug_options
+from .data_source import EpochPosition
 from .midepoch import (
     MID_EPOCH_KEY,
     STEP_IN_EPOCH_KEY,
@@ -55,9 +47,6 @@ from .state import TrainState
 
 logger = logging.getLogger(__name__)
 
-# Re-exported for callers that imported them from here.
-__all__ = ["PARQUET", "RECAL_SEED_OFFSET", "NonFiniteLossError", "TrainState", "Trainer", "aug_options",
-           "summarize", "train"]
 # Salt of the per-epoch BN recalibration (dyrep_recal_bn_every_epoch), apart from the adjust salts.
 EPOCH_RECAL_SALT = 10_000
 

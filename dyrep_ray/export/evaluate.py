@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..data import build_datasets
 from ..engine.config import ConfigError, TrainConfig
-from ..engine.loop import PARQUET, aug_options
+from ..engine.data_source import PARQUET, aug_options
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def resolve_device(name: str | None) -> torch.device:
 def check_checkpoint_model_size(ckpt_dir) -> None:
     """Refuse (one line) a checkpoint whose meta names a model too large to build, before its state is loaded or
     anything is built: the model is counted on the meta device (:mod:`dyrep_ray.models.limits`)."""
-    from ..engine.loop import model_kwargs
+    from ..engine.assembly import model_kwargs
     from ..models.limits import check_model_size
     from ..rundir.checkpoints import read_meta
     from ..rundir.layout import META_FILE

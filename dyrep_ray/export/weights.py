@@ -157,7 +157,7 @@ def strict_load(model: nn.Module, state: dict, what: str, error: type[Exception]
 
 def rebuild_trained_model(ckpt: LoadedCheckpoint, use_ema: bool = False) -> tuple[nn.Module, TrainConfig, int]:
     """(trained model in eval mode on the CPU, its config, num_classes) from a loaded checkpoint."""
-    from ..engine.loop import model_kwargs
+    from ..engine.assembly import model_kwargs
     from ..rep import restore_graph
 
     cfg = config_from_dict(ckpt.meta.get("config"), f"{ckpt.path}/{META_FILE}")

@@ -26,31 +26,17 @@ from torch import Tensor, nn
 from . import dbb_fused
 from . import transforms as T
 from .block_base import RepBlock, plain_conv_like, take_conv
-from .dbb_branches import (  # noqa: F401  (the branch modules stay importable from here)
+from .dbb_branches import (
     BRANCH_BUILDERS,
-    AvgBN,
     BlockGeometry,
-    BNAndPad,
     Branch,
     ConvBN,
-    IdentityBN,
-    OneByOneAvg,
-    OneByOneKxk,
-    conv_kernel_and_bias,
 )
-from .dbb_fused import _avg_pool_zero_padded  # noqa: F401  (kept importable from here)
-from .geometry import (  # noqa: F401  (the shared names stay importable from here)
+from .geometry import (
     BRANCH_NAMES,
-    CENTRED_BRANCHES,
-    CUT_MODES,
     DEFAULT_INIT_GAMMA,
     KXK,
     ORIG_BIAS_ATTR,
-    allowed_branches,
-    avg_branch_without_conv,
-    block_branch_names,
-    conv_geometry,
-    mid_channels_1x1_kxk,
 )
 
 BLOCK_TYPE = "bn"

@@ -3,7 +3,7 @@ scaled branch kernels, assembled differentiably on every step and applied as **o
 (unless running the branches on the activations is estimated cheaper: wide convs on tiny activations).
 
 Same branch set and geometry rules as :class:`~dyrep_ray.rep.dbb.DiverseBranchBlock`
-(:func:`~dyrep_ray.rep.dbb.allowed_branches`), but no branch has a BatchNorm: each holds raw kernels
+(:func:`~dyrep_ray.rep.geometry.allowed_branches`), but no branch has a BatchNorm: each holds raw kernels
 and a learnable per-output-channel ``scale``.  Branch ``b``'s kxk kernel contribution is
 
 * ``1x1``      ``s * pad(W)``              * ``kxk``   ``s * W`` (``W`` of a conv, or of a nested block)

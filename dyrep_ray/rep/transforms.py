@@ -58,7 +58,7 @@ def merge_1x1_kxk(
     """Merge ``conv_kxk(k2, b2) ∘ conv_1x1(k1, b1)`` (both with ``groups``) into one kxk conv.
 
     The 1x1 output must be padded with its own bias (not zero) for the identity to
-    be exact at the borders; :class:`~dyrep_ray.rep.dbb.BNAndPad` does that.
+    be exact at the borders; :class:`~dyrep_ray.rep.dbb_branches.BNAndPad` does that.
     ``k1``: (mid, in/g, 1, 1); ``k2``: (out, mid/g, k, k).
     """
     out_ch, mid_per_group = k2.shape[0], k2.shape[1]
