@@ -6,7 +6,7 @@
   trainer's ``DataLoader`` settings (batch 128, shuffled);
 * Parquet: the same images exported with ``data.parquet.export_parquet``; read back (a) through Ray Data
   with the consumer decoding every PNG (``iter_decoded_batches``), (a') through Ray Data with decode +
-  augmentation in ``map_batches(DecodeAugment)`` CPU actors (``decoded_dataset`` + ``iter_ready_batches``),
+  augmentation in ``map_batches`` tasks fused with the read (``decoded_dataset`` + ``iter_ready_batches``),
   (a) and (a') alternating round by round in one run, their ratio in ``ray_data_decode``; and (b) the
   pyarrow-only ``ParquetImageDataset`` through a DataLoader;
 * consumption: images/s of vgg16_cifar training steps at the recipe's batch size 128.
@@ -137,18 +137,18 @@ def _pass_rate(batches) -> tuple[float, int]:
     return n / (time.perf_counter() - t), n
 
 
-def _ray_data_rate(pq_dir: Path, decoder, rounds: int = RAY_ROUNDS, max_actors: int | None = None) -> dict:
+def _ray_data_rate(pq_dir: Path, decoder, rounds: int = RAY_ROUNDS, max_tasks: int | None = None) -> dict:
     """Images/s of the same shards through Ray Data, alternating round by round between
     ``consumer_decode`` (``iter_decoded_batches``: the consuming process decodes every PNG) and
-    ``map_batches_decode`` (``decoded_dataset``: decode + augmentation in a ``DecodeAugment`` actor pool, the
-    consumer only normalizes uint8 or takes float32).  A warm-up pass of each absorbs planning and actor start-up;
+    ``map_batches_decode`` (``decoded_dataset``: decode + augmentation in Ray tasks fused with the read, the
+    consumer only normalizes uint8 or takes float32).  A warm-up pass of each absorbs planning and worker start-up;
     ``ratio_map_batches_vs_consumer`` is the median of the per-round ratios."""
     import os
 
     import ray
 
     from dyrep_ray.distributed.ray_data import (
-        DECODE_MAX_ACTORS,
+        DECODE_MAX_TASKS,
         ReadyBatchCollate,
         decoded_dataset,
         iter_decoded_batches,
@@ -162,10 +162,10 @@ def _ray_data_rate(pq_dir: Path, decoder, rounds: int = RAY_ROUNDS, max_actors: 
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     init_s = time.perf_counter() - t0
-    actors = max_actors or min(DECODE_MAX_ACTORS, max(1, int(ray.cluster_resources().get("CPU", 1)) - 1))
+    tasks = max_tasks or min(DECODE_MAX_TASKS, max(1, int(ray.cluster_resources().get("CPU", 1)) - 1))
     try:
         raw = read_parquet_dataset(pq_dir)
-        ready = decoded_dataset(raw, "cifar10", train=True, aug=RECIPE_AUG, max_actors=actors)
+        ready = decoded_dataset(raw, "cifar10", train=True, aug=RECIPE_AUG, max_tasks=tasks)
         collate = ReadyBatchCollate.for_transform("cifar10", train=True, aug=RECIPE_AUG)
         variants = {
             "consumer_decode": lambda: iter_decoded_batches(raw, decoder, batch_size=RECIPE_BATCH),
@@ -182,7 +182,7 @@ def _ray_data_rate(pq_dir: Path, decoder, rounds: int = RAY_ROUNDS, max_actors: 
         per_round = sorted(m / c for m, c in zip(rates["map_batches_decode"], rates["consumer_decode"]))
         out = {name: {"images_per_s": statistics.median(v), "per_round": v, "images": n} for name, v in rates.items()}
         out["ratio_map_batches_vs_consumer"] = per_round[len(per_round) // 2]
-        out.update(ray_init_s=init_s, decode_actors=actors, cluster_cpus=ray.cluster_resources().get("CPU"))
+        out.update(ray_init_s=init_s, decode_tasks=tasks, cluster_cpus=ray.cluster_resources().get("CPU"))
         return out
     finally:
         if started:

@@ -63,7 +63,7 @@ def _local(shards, dataset: str, image_size: int, *, train: bool = False, aug=No
 def _pipeline(shards, dataset: str, image_size: int, *, train: bool = False, aug=None, seed: int = 0,
               epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     ds = decoded_dataset(read_parquet_dataset(shards), dataset, train=train, image_size=image_size, aug=aug,
-                         seed=seed, epoch=epoch, max_actors=2)
+                         seed=seed, epoch=epoch, max_tasks=2)
     collate = ReadyBatchCollate.for_transform(dataset, train=train, image_size=image_size, aug=aug)
     batches = list(iter_ready_batches(ds, collate, batch_size=12))
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
@@ -148,7 +148,7 @@ def test_pipeline_train_augmentation_per_epoch_and_reproducible(ray_session, sha
 @pytest.mark.ray
 def test_pipeline_names_corrupt_row(ray_session, tmp_path):
     path = _corrupt_shard(tmp_path)
-    ds = decoded_dataset(read_parquet_dataset(path.parent), "cifar10", train=False, max_actors=1)
+    ds = decoded_dataset(read_parquet_dataset(path.parent), "cifar10", train=False, max_tasks=1)
     with pytest.raises(Exception) as info:
         list(iter_ready_batches(ds, ReadyBatchCollate.for_transform("cifar10", train=False), batch_size=4))
     assert f"{path.name} row 2: not a decodable image" in str(info.value)
@@ -164,12 +164,12 @@ def test_bench_ray_data_decode_ratio_smoke(ray_session, tmp_path):
     root = data_path.write_tiny_cifar10(tmp_path / "cifar", per_batch=8, test=4)
     export_parquet("cifar10", root, tmp_path / "pq", split="train", rows_per_shard=16)
     decoder = build_batch_decoder("cifar10", train=True, aug=data_path.RECIPE_AUG)
-    out = data_path._ray_data_rate(tmp_path / "pq", decoder, rounds=1, max_actors=1)
+    out = data_path._ray_data_rate(tmp_path / "pq", decoder, rounds=1, max_tasks=1)
     for name in ("consumer_decode", "map_batches_decode"):
         assert out[name]["images"] == 40 and len(out[name]["per_round"]) == 1 and out[name]["images_per_s"] > 0
     ratio = out["map_batches_decode"]["images_per_s"] / out["consumer_decode"]["images_per_s"]
     assert out["ratio_map_batches_vs_consumer"] == pytest.approx(ratio)
-    assert out["decode_actors"] == 1
+    assert out["decode_tasks"] == 1
 
 
 @pytest.mark.ray

@@ -4,9 +4,12 @@ The writer side and the pyarrow-only reader (:class:`~dyrep_ray.data.parquet.Par
 ``--local``) stay in :mod:`dyrep_ray.data.parquet`; this module is the Ray adapter.
 
 Training path (``dataset: parquet`` under Ray Train): :func:`decoded_dataset` adds
-``map_batches(DecodeAugment)`` to :func:`read_parquet_dataset`, so PNG/JPEG decode and the per-image transform
-(the same :func:`~dyrep_ray.data.parquet.sample_transform` objects ``--local`` uses, cut by
-:func:`~dyrep_ray.data.parquet.split_transform`) run in an autoscaling pool of CPU actors, streamed.  Train
+``map_batches`` (a :class:`DecodeAugment` per process) to :func:`read_parquet_dataset`, so PNG/JPEG decode and
+the per-image transform (the same :func:`~dyrep_ray.data.parquet.sample_transform` objects ``--local`` uses, cut
+by :func:`~dyrep_ray.data.parquet.split_transform`) run in Ray tasks, streamed.  Tasks rather than an actor pool:
+Ray Data fuses them with the Parquet read (one task reads and decodes a block, so reads cannot starve behind
+decode actors holding every CPU), and they run in Ray's pooled worker processes, so a new epoch's pipeline starts
+no process (an actor pool would start, and import torch in, a new one per epoch).  Train
 workers receive ready batches: **uint8 CHW** when the transform has no step after ``Normalize`` (eval always;
 train without Cutout / random erasing) -- a quarter of float32's bytes through the object store -- and the
 worker's :class:`ReadyBatchCollate` normalizes them with exactly ``ToTensor`` + ``Normalize``'s float32 ops
@@ -66,9 +69,9 @@ SHUFFLE_BUFFER_BATCHES = 4
 PATH_COLUMN = "path"
 #: How a DatasetError raised in a decode actor reads inside Ray's re-raised traceback text.
 _DATASET_ERROR_LINE = re.compile(rf"\b{DatasetError.__name__}: (.+)")
-#: Decode actors: an autoscaling pool of 1..DECODE_MAX_ACTORS, each DECODE_CPUS_PER_ACTOR logical CPUs.
-DECODE_MAX_ACTORS = 8
-DECODE_CPUS_PER_ACTOR = 1.0
+#: Decode: at most DECODE_MAX_TASKS concurrent read+decode tasks, each DECODE_CPUS_PER_TASK logical CPUs.
+DECODE_MAX_TASKS = 8
+DECODE_CPUS_PER_TASK = 1.0
 #: Rows per ``DecodeAugment`` call (one Ray Data batch; independent of the training batch size).
 DECODE_ROWS_PER_CALL = 64
 
@@ -131,7 +134,7 @@ class DecodeAugment:
                  aug: Mapping[str, Any] | None = None, seed: int = 0, epoch: int = 0) -> None:
         self.split = split_transform(sample_transform(dataset, train=train, image_size=image_size, aug=aug))
         self.train, self.seed, self.epoch = train, seed, epoch
-        torch.set_num_threads(1)  # one image at a time per actor; parallelism comes from the actor pool
+        torch.set_num_threads(1)  # one image at a time per process; parallelism comes from concurrent tasks
 
     def _one(self, encoded: bytes, label: int, path: str | None) -> torch.Tensor:
         try:
@@ -153,6 +156,23 @@ class DecodeAugment:
         return {IMAGE_COLUMN: torch.stack(images).numpy(), LABEL_COLUMN: np.asarray(labels, dtype=np.int64)}
 
 
+#: This process's :class:`DecodeAugment` per option set: a pooled Ray worker builds each transform once, not
+#: once per batch.  Keyed by ``repr`` of the options (``aug`` is a dict); small: one entry per split and epoch.
+_DECODERS: dict[str, DecodeAugment] = {}
+_DECODERS_KEPT = 8
+
+
+def decode_augment_batch(batch: Mapping[str, Any], **options: Any) -> dict[str, np.ndarray]:
+    """``map_batches`` function: ``batch`` through this process's :class:`DecodeAugment` for ``options``."""
+    key = repr(sorted(options.items()))
+    decoder = _DECODERS.get(key)
+    if decoder is None:
+        if len(_DECODERS) >= _DECODERS_KEPT:
+            _DECODERS.pop(next(iter(_DECODERS)))
+        decoder = _DECODERS[key] = DecodeAugment(**options)
+    return decoder(batch)
+
+
 def decoded_dataset(
     ds: ray.data.Dataset,
     dataset: str,
@@ -162,20 +182,19 @@ def decoded_dataset(
     aug: Mapping[str, Any] | None = None,
     seed: int = 0,
     epoch: int = 0,
-    max_actors: int = DECODE_MAX_ACTORS,
-    cpus_per_actor: float = DECODE_CPUS_PER_ACTOR,
+    max_tasks: int = DECODE_MAX_TASKS,
+    cpus_per_task: float = DECODE_CPUS_PER_TASK,
     rows_per_call: int = DECODE_ROWS_PER_CALL,
 ) -> ray.data.Dataset:
-    """``ds`` (read with ``include_paths=True``) decoded and transformed by an autoscaling :class:`DecodeAugment`
-    actor pool of 1..``max_actors`` actors, ``cpus_per_actor`` each (streaming: batches flow as they are ready)."""
+    """``ds`` (read with ``include_paths=True``) decoded and transformed by :func:`decode_augment_batch` in at most
+    ``max_tasks`` concurrent tasks of ``cpus_per_task`` CPUs each (streaming: batches flow as they are ready)."""
     return ds.map_batches(
-        DecodeAugment,
-        fn_constructor_kwargs=dict(dataset=dataset, train=train, image_size=image_size, aug=aug, seed=seed,
-                                   epoch=epoch),
+        decode_augment_batch,
+        fn_kwargs=dict(dataset=dataset, train=train, image_size=image_size, aug=aug, seed=seed, epoch=epoch),
         batch_size=rows_per_call,
         batch_format="numpy",
-        concurrency=(1, max(1, max_actors)),
-        num_cpus=cpus_per_actor,
+        compute=ray.data.TaskPoolStrategy(size=max(1, max_tasks)),
+        num_cpus=cpus_per_task,
     )
 
 
