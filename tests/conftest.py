@@ -13,10 +13,15 @@ from tests.scheduling import check_groups, claim_ray_session, make_scheduler
 
 # Sweep-signing secret of the tests: never the real ~/.config/dyrep-ray/secret of whoever runs them
 # (a session-wide temp file; subprocesses and Ray workers inherit it).
+# The process that makes it removes it at exit (xdist workers and subprocesses inherit the variable).
 if "DYREP_RAY_SECRET_FILE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
-    os.environ["DYREP_RAY_SECRET_FILE"] = os.path.join(tempfile.mkdtemp(prefix="dyrep-test-secret-"), "secret")
+    _secret_dir = tempfile.mkdtemp(prefix="dyrep-test-secret-")
+    atexit.register(shutil.rmtree, _secret_dir, ignore_errors=True)
+    os.environ["DYREP_RAY_SECRET_FILE"] = os.path.join(_secret_dir, "secret")
 
 # Small test workloads run faster single-threaded, and Ray workers share the 2 cores with the driver.
 torch.set_num_threads(1)
