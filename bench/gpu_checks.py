@@ -194,7 +194,7 @@ def check_ema_resume(device: torch.device, work: Path) -> Result:
     from dyrep_ray.engine.callbacks import TrainerCallback
     from dyrep_ray.engine.checkpoint import find_valid_checkpoints, load_checkpoint_dir
 
-    overrides = [*TINY, "epochs=3", "model_ema=true", "model_ema_decay=0.9", "keep_checkpoints=5"]
+    overrides = [*TINY, "model_ema=true", "model_ema_decay=0.9", "keep_checkpoints=5"]
     ref, snapshot = work / "ref", work / "after_grow"
 
     class Snapshot(TrainerCallback):
