@@ -107,8 +107,12 @@ def _resolve_train_config(args):
 
 def cmd_train(args) -> int:
     from .rundir.storage import RunStorage
+    from .tracking import resolve_tracking_uri
 
     cfg = _resolve_train_config(args)
+    # A relative MLflow store means "here": resolved before any worker (in another directory) sees it, and
+    # before the run directory exists (an address this tool refuses leaves nothing behind).
+    cfg = cfg.replace(mlflow_tracking_uri=resolve_tracking_uri(cfg.mlflow_tracking_uri))
     if not args.local:
         from .distributed.trainer import preflight
 
@@ -140,10 +144,8 @@ def _train_locked(args, cfg, name: str) -> int:
     from .console import add_run_log, remove_run_log
     from .engine.progress import console
     from .rundir.storage import RunStorage
-    from .tracking import build_tracking_callbacks, resolve_tracking_uri
+    from .tracking import build_tracking_callbacks
 
-    # A relative MLflow file store means "here": resolved before any worker (in another directory) sees it.
-    cfg = cfg.replace(mlflow_tracking_uri=resolve_tracking_uri(cfg.mlflow_tracking_uri))
     storage = RunStorage(cfg.storage_path or args.output, name)
     run_log = add_run_log(storage.root)
     try:

@@ -615,6 +615,45 @@ def test_non_finite_metric_means_no_growth_and_a_note(bad):
     assert not any(isinstance(m, DiverseBranchBlock) for m in model.modules())
 
 
+@pytest.mark.parametrize("metric", ["synflow", "snip", "grad_norm"])
+def test_a_non_finite_step_adds_nothing_to_the_sums_and_needs_no_host_sync(metric, monkeypatch):
+    """An fp16 overflow step (recorded under on_nonfinite: ignore) must not poison the interval's decision."""
+    model = make_net()
+    x, y = batch(11)
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    clean, mixed = DyRep(model, metric=metric, grow_topk=2), DyRep(model, metric=metric, grow_topk=2)
+    clean.record_metrics()
+    finite_grad = model[3].weight.grad.clone()
+    mixed.record_metrics()
+    with torch.no_grad():
+        model[3].weight.grad[0, 0, 0, 0] = float("inf")
+    with monkeypatch.context() as mp:
+        for name in ("item", "tolist", "__float__", "__bool__", "cpu"):
+            mp.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host sync during record_metrics"))
+        mixed.record_metrics()
+    model[3].weight.grad.copy_(finite_grad)
+    assert mixed.metric_scores() == clean.metric_scores()  # averaged over the one finite step
+    assert all(math.isfinite(v) for v in mixed.metric_scores().values())
+    plan = mixed.plan()
+    assert plan.grow and plan.grow == clean.plan().grow and not plan.notes
+    restored = DyRep(model, metric=metric, grow_topk=2)
+    restored.load_state_dict(mixed.state_dict())  # the non-finite count survives a checkpoint
+    assert restored.metric_scores() == mixed.metric_scores()
+
+
+def test_metric_sums_follow_the_gradients_dtype():
+    model = make_net(dtype=torch.float32)
+    ctrl = DyRep(model, metric="synflow")
+    assert {t.dtype for t in ctrl._sums.values()} == {torch.float32}
+    model.double()  # as a framework may convert (or move) the module after the controller was built
+    x, y = batch(12)
+    F.cross_entropy(model(x), y).backward()
+    ctrl.record_metrics()
+    assert {t.dtype for t in ctrl._sums.values()} == {torch.float64}
+    assert all(math.isfinite(v) for v in ctrl.metric_scores().values())
+
+
 def test_topk_picks_largest_scores():
     model = make_net()
     ctrl = DyRep(model, grow_topk=2, metric="snip")

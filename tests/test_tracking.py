@@ -293,8 +293,64 @@ def test_factory_follows_config_and_long_params_respect_mlflow_limits(tracked_ru
 def test_resolve_tracking_uri_makes_file_stores_absolute(tmp_path):
     assert resolve_tracking_uri("mlruns", base=tmp_path) == (tmp_path / "mlruns").as_uri()
     assert resolve_tracking_uri(f"file://{tmp_path}/m") == (tmp_path / "m").as_uri()
-    for uri in ("http://host:5000", "sqlite:///rel.db", None):
+    for uri in ("http://host:5000", None):
         assert resolve_tracking_uri(uri) == uri
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("file:/a/b", "file:///a/b"),  # the form MLflow itself prints
+    ("file:///a/b", "file:///a/b"),
+    ("file://localhost/a/b", "file:///a/b"),
+    ("file:/a%20b", "file:///a%20b"),
+    ("/a/b", "file:///a/b"),
+    ("sqlite:////a/m.db", "sqlite:////a/m.db"),
+    ("http://host:5000", "http://host:5000"),
+    ("https://mlflow.example.com/path", "https://mlflow.example.com/path"),
+    ("databricks", "databricks"),
+    ("databricks://profile", "databricks://profile"),
+    ("postgresql://user@db/mlflow", "postgresql://user@db/mlflow"),
+    ("myplugin://store/x", "myplugin://store/x"),  # a plugin scheme: MLflow's to interpret
+])
+def test_resolve_tracking_uri_every_absolute_form(uri, expected):
+    assert resolve_tracking_uri(uri, base="/elsewhere") == expected
+
+
+def test_resolve_tracking_uri_relative_forms_follow_the_driver_directory(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    assert resolve_tracking_uri("mlruns", base=tmp_path) == (tmp_path / "mlruns").as_uri()
+    assert resolve_tracking_uri("file:mlruns", base=tmp_path) == (tmp_path / "mlruns").as_uri()
+    assert resolve_tracking_uri("~/mlruns", base=tmp_path) == (home / "mlruns").as_uri()
+    # sqlite:/// + a relative path: made absolute against the driver's directory, so every Ray worker agrees
+    assert resolve_tracking_uri("sqlite:///m.db", base=tmp_path) == f"sqlite:///{tmp_path / 'm.db'}"
+    assert resolve_tracking_uri("sqlite:///m.db?timeout=5", base=tmp_path) == f"sqlite:///{tmp_path}/m.db?timeout=5"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///m.db") == f"sqlite:///{tmp_path.resolve() / 'm.db'}"
+
+
+@pytest.mark.parametrize("uri, needle", [
+    ("C:\\mlruns", "Windows drive path"),
+    ("C:/mlruns", "Windows drive path"),
+    ("file://otherhost/a", "must be local"),
+    ("http:/nohost", "no host"),
+])
+def test_resolve_tracking_uri_refuses_unusable_forms_in_one_line(uri, needle):
+    from dyrep_ray.errors import UserError
+
+    with pytest.raises(UserError, match=needle) as info:
+        resolve_tracking_uri(uri)
+    assert "\n" not in str(info.value)
+
+
+def test_train_with_a_windows_tracking_path_exits_2_and_writes_nothing(tmp_path, capsys):
+    from dyrep_ray.cli import main
+
+    out = tmp_path / "out"
+    assert main(["train", "--local", "--cpu", "--output", str(out), "--name", "w",
+                 "--set", "mlflow_tracking_uri=C:/mlruns"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Windows drive path" in err[0]
+    assert not (out / "w").exists()
 
 
 @pytest.fixture()

@@ -51,6 +51,10 @@ def test_worker_killed_mid_epoch_resumes_exactly(ray_reference, tmp_path):
     assert worst <= RESUME_ATOL, worst
     assert [m["epoch"] for m in run_metrics(tmp_path / "killed")] == [1, 2, 3]
     assert model_digest(reference_model) == model_digest(resumed_model)
+    # the resume matrix's 2-worker case (bn blocks, no EMA, no AMP, after a grow): the losses agree too
+    for key in ("train_loss", "val_loss", "n_blocks"):
+        assert ([m[key] for m in run_metrics(tmp_path / "killed")]
+                == pytest.approx([m[key] for m in run_metrics(out / "ref")], rel=1e-6)), key
 
 
 def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(ray_reference, tmp_path):

@@ -181,6 +181,8 @@ class TrainConfig:
     dyrep_recal_bn_every_epoch_iters: int = option(200, ge=1,
                                                    help="iterations of that recalibration (original 200)")
     dyrep_metric: DyRepMetric = option(DyRepMetric.SYNFLOW, help="importance metric that picks the convs to grow")
+    dyrep_metric_fp32: bool = option(False, help="TF32 off (full fp32) in the training steps of the epochs that "
+                                                 "record the metric; CUDA only, see docs/algorithm.md")
     dyrep_grow_topk: int = option(1, ge=0, help="convs grown per adjustment")
     dyrep_cut_threshold: float = option(0.1, ge=0, help="λ: branches weaker than this are cut")
     dyrep_cut_std_gate: float = option(0.02, ge=0,

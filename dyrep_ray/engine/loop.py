@@ -42,6 +42,7 @@ from .midepoch import (
     mid_epoch_dir_name,
     write_mid_epoch_checkpoint,
 )
+from .precision import full_fp32, tf32_metric_warning
 from .protocols import DataFactory, DataSource, TrainContext
 from .state import TrainState
 
@@ -195,6 +196,9 @@ class Trainer:
                         "%d worker(s)", cfg.model, self.plain_params, self.plain_macs / 1e6,
                         len(self.dyrep.eligible_names) if self.dyrep else 0, *self.data.sizes,
                         self.ctx.world_size)
+            tf32_note = tf32_metric_warning(cfg, self.device.type)
+            if tf32_note:
+                logger.warning(tf32_note)
         self._start_record = self._placement_record(start=True)
         self.callbacks.on_fit_start(self)
         while self.state.epoch < cfg.epochs:
@@ -230,7 +234,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.perf_counter()
         record = self.dyrep is not None and epoch < cfg.dyrep_max_adjust_epochs
-        train_loss, n_images, lr = self._train_one_epoch(epoch, record)
+        with full_fp32(record and cfg.dyrep_metric_fp32):
+            train_loss, n_images, lr = self._train_one_epoch(epoch, record)
         train_time = time.perf_counter() - t0
         events, adjust_time = [], 0.0
         replica_digests = None
@@ -312,7 +317,7 @@ class Trainer:
             if cfg.clip_grad is not None or cfg.on_nonfinite != "ignore":
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             if cfg.on_nonfinite != "ignore" and not bool(torch.isfinite(grad_norm)):
-                if cfg.on_nonfinite == "stop":
+                if cfg.on_nonfinite == "stop" and not self._is_scaler_overflow(loss):
                     raise NonFiniteLossError(f"non-finite loss/gradient at epoch {epoch + 1} step {step}; "
                                              "lower the lr or set on_nonfinite=skip")
                 self.state.skipped_steps += 1
@@ -343,6 +348,14 @@ class Trainer:
             float(running.steps_done), device=self.device, dtype=torch.float64)]))
         self.running = None
         return float(totals[0] / max(float(totals[1]), 1.0)), running.images * ctx.world_size, lr
+
+    def _is_scaler_overflow(self, loss: torch.Tensor) -> bool:
+        """A non-finite gradient that fp16 loss scaling caused and the scaler handles (it skips the step and
+        halves the scale): the loss is finite and the scale of this step was above 1.  At a scale of 1 or less
+        the gradients overflow without any amplification, and a non-finite loss is the model's own failure.
+        Host syncs here happen only on a non-finite step."""
+        return (self.scaler is not None and bool(torch.isfinite(loss.detach()).all())
+                and self.scaler.get_scale() > 1.0)
 
     def _adjust(self, epoch: int) -> list[dict]:
         """All ranks: reduce metrics once, rank 0's plan broadcast, apply, re-wrap DDP, optimizer surgery, EMA."""

@@ -89,6 +89,15 @@ def train_loader_images(trainer: pl.Trainer, pl_module: pl.LightningModule) -> I
         yield images.to(pl_module.device)
 
 
+def as_param_dtype(batches: Iterable[Tensor], model: nn.Module) -> Iterator[Tensor]:
+    """Floating-point inputs cast to ``model``'s parameter dtype: under ``precision="bf16-true"`` (or "16-true",
+    "64-true") the module's weights are bf16 while a DataLoader yields float32 images, and the training step's
+    own cast (the precision plugin's) does not run around BN re-calibration."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    for images in batches:
+        yield images.to(dtype) if dtype is not None and images.is_floating_point() else images
+
+
 class DyRepCallback(pl.Callback):
     """Grows and cuts the LightningModule's convs with DyRep at epoch ends (see the module docstring).
 
@@ -191,7 +200,8 @@ class DyRepCallback(pl.Callback):
                 cast(DDPStrategy, strategy).configure_ddp()
 
         def recal(model: nn.Module, bns: list) -> None:
-            recalibrate_bn(model, self.recal_batches(trainer, pl_module), bns, self.recal_bn_batches)
+            recalibrate_bn(model, as_param_dtype(self.recal_batches(trainer, pl_module), model), bns,
+                           self.recal_bn_batches)
 
         hooks = AdjustHooks(broadcast=lambda plan: strategy.broadcast(plan, src=0), place=place, unwrap=unwrap,
                             rewrap=configure_ddp)

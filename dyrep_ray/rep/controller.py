@@ -108,9 +108,12 @@ class DyRep:
         self.reset_metrics()
 
     def reset_metrics(self) -> None:
+        # Created on the weights' device now; record_metrics moves them to the gradients' device and dtype
+        # (a Lightning module is moved to its device after the callback's setup built this controller).
         self._sums = {name: torch.zeros((), device=conv.weight.device, dtype=torch.float32)
                       for name, conv in self._eligible}
         self._steps = 0
+        self._nonfinite = torch.zeros((), dtype=torch.float64)  # recorded steps whose metric was not finite
 
     @property
     def eligible_names(self) -> list[str]:
@@ -122,14 +125,17 @@ class DyRep:
 
         Pure device work: no ``.item()``, no collective.  ``grad_scale`` is the AMP
         loss scale when gradients are still scaled (pass ``None`` after ``unscale_``).
-        The products are formed in float32 (bf16/fp16 gradients or weights would round the
-        eps-scale synflow/snip sums), and a step with non-finite gradients (an AMP overflow
-        step the scaler skips) poisons the sum on purpose: :meth:`plan` then refuses to grow.
+        The products are formed in float32 or wider (bf16/fp16 gradients or weights would round the
+        eps-scale synflow/snip sums); the sums follow the gradients' device and (at least float32) dtype.
+        A step whose metric is not finite for some conv (an fp16 overflow step the scaler skips) adds nothing
+        to any sum and is counted apart, on the device (a ``torch.where``, no host sync); if no recorded step
+        of the interval was finite, :meth:`plan` refuses to grow.
         """
         self._steps += 1
         if self.metric == "random":
             return
         inv = None if grad_scale is None else 1.0 / grad_scale
+        names, values = [], []
         for name, conv in self._eligible:
             grad = conv.weight.grad
             if grad is None:
@@ -144,10 +150,28 @@ class DyRep:
                 value = torch.linalg.vector_norm(grad)
             if inv is not None:
                 value = value * inv
-            self._sums[name].add_(value.float())
+            names.append(name)
+            values.append(value)
+        if not values:
+            return
+        dtype = values[0].dtype
+        for value in values[1:]:
+            dtype = torch.promote_types(dtype, value.dtype)
+        stacked = torch.stack([v.to(dtype) for v in values])
+        finite = torch.isfinite(stacked).all()
+        stacked = torch.where(finite, stacked, torch.zeros_like(stacked))
+        for name, value in zip(names, stacked):
+            total = self._sums[name]
+            if total.device != value.device or total.dtype != value.dtype:
+                total = self._sums[name] = total.to(device=value.device, dtype=value.dtype)
+            total.add_(value)
+        if self._nonfinite.device != finite.device:
+            self._nonfinite = self._nonfinite.to(finite.device)
+        self._nonfinite.add_((~finite).to(torch.float64))
 
     def metric_scores(self) -> dict[str, float]:
-        """Interval-averaged metric per eligible conv, reduced across ranks (one collective)."""
+        """Interval-averaged metric per eligible conv over the finite recorded steps, reduced across ranks (one
+        collective); NaN for every conv when steps were recorded but none was finite."""
         names = self.eligible_names
         if not names:
             return {}
@@ -155,13 +179,17 @@ class DyRep:
             gen = torch.Generator().manual_seed(self._decision_seed("random"))
             values = torch.rand(len(names), generator=gen, dtype=torch.float64)
             return dict(zip(names, values.tolist()))
-        sums = torch.stack([self._sums[n] for n in names])
-        steps = torch.tensor([float(self._steps)], device=sums.device)
-        packed = torch.cat([sums, steps])
+        sums = torch.stack([self._sums[n].to(torch.float64) for n in names])
+        counts = torch.stack([torch.tensor(float(self._steps), dtype=torch.float64),
+                              self._nonfinite.to(device="cpu", dtype=torch.float64)]).to(sums.device)
+        packed = torch.cat([sums, counts])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        total_steps = max(float(packed[-1]), 1.0)
-        return dict(zip(names, (packed[:-1].double() / total_steps).tolist()))
+        recorded = float(packed[-2])
+        finite_steps = recorded - float(packed[-1])
+        if recorded > 0 and finite_steps <= 0:
+            return dict.fromkeys(names, math.nan)
+        return dict(zip(names, (packed[:-2] / max(finite_steps, 1.0)).tolist()))
 
     def _decision_seed(self, salt: str) -> int:
         return zlib.crc32(f"{self.seed}:{self.adjust_count}:{salt}".encode())
@@ -264,6 +292,7 @@ class DyRep:
     def state_dict(self) -> dict:
         """Accumulators and counters (tensors + ints) for checkpoints."""
         return {"adjust_count": self.adjust_count, "steps": self._steps,
+                "nonfinite_steps": self._nonfinite.detach().clone(),
                 "sums": {n: t.detach().clone() for n, t in self._sums.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -286,8 +315,10 @@ class DyRep:
         self.adjust_count = int(state["adjust_count"])
         self.refresh()
         self._steps = int(state["steps"])
+        if "nonfinite_steps" in state:  # absent in checkpoints from versions that did not count them
+            self._nonfinite = torch.as_tensor(state["nonfinite_steps"], dtype=torch.float64).clone()
         for name, value in state["sums"].items():
-            self._sums[name].copy_(value)
+            self._sums[name] = torch.as_tensor(value).to(device=self._sums[name].device).clone()
 
 
 def clone_structure(model: nn.Module) -> nn.Module:

@@ -11,9 +11,12 @@ This module imports neither torch, mlflow nor tensorboard: the CLI may import it
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from ..engine.callbacks import TrainerCallback
+from ..errors import UserError
 from ..rundir.layout import TENSORBOARD_DIR, TRACKING_FILE
 from ..rundir.storage import RunStorage
 from .base import TrackingCallback
@@ -23,29 +26,58 @@ __all__ = [
     "TENSORBOARD_DIR",
     "TRACKING_FILE",
     "TrackingCallback",
+    "TrackingURIError",
     "build_tracking_callbacks",
     "resolve_tracking_uri",
 ]
 
-# URI schemes MLflow treats as remote (server, Databricks) or database stores: passed through unchanged.
-_NON_PATH_SCHEMES = ("http://", "https://", "databricks", "sqlite:", "postgresql", "mysql", "mssql")
+# Bare names MLflow reads as a tracking service, not as a directory.
+_SERVICE_NAMES = frozenset({"databricks", "databricks-uc", "uc"})
+_LOCAL_HOSTS = ("", "localhost")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:([\\/]|$)")
+
+
+class TrackingURIError(UserError, ValueError):
+    """An ``mlflow_tracking_uri`` this tool cannot use as given."""
 
 
 def resolve_tracking_uri(uri: str | None, base: str | Path | None = None) -> str | None:
-    """``uri`` with a relative local file-store path made absolute (Ray workers run in other directories).
+    """``uri`` with a local store made absolute against ``base`` (default: the current directory).
 
-    Server URLs and database URIs (``sqlite:///...``: three slashes relative, four absolute) are returned as
-    they are; so is ``None`` (tracking to MLflow off).
+    Ray workers run in other directories, so the driver resolves the address once, before launch.  Parsed with
+    :mod:`urllib.parse`: a path (relative, absolute, ``~``) or a ``file:`` URI (``file:/a``, ``file:///a``,
+    ``file://localhost/a``) becomes ``file:///<absolute path>``; ``sqlite:///rel.db`` (three slashes: relative
+    to the current directory) becomes ``sqlite:////<absolute path>`` (four slashes: absolute); ``http(s)://``
+    servers, other database URIs and plugin schemes (``databricks``, ...) are returned as they are; so is
+    ``None`` (MLflow off).  A Windows drive path or a ``file:`` URI on another host raises
+    :class:`TrackingURIError`.
     """
-    if uri is None or uri.startswith(_NON_PATH_SCHEMES):
+    if uri is None or uri in _SERVICE_NAMES:
         return uri
-    local = uri.removeprefix("file://")
-    if "://" in local:  # another scheme MLflow may know (a plugin store): leave it to MLflow
-        return uri
-    path = Path(local).expanduser()
-    if not path.is_absolute():
-        path = Path(base or Path.cwd()) / path
-    return path.resolve().as_uri()
+    if _WINDOWS_DRIVE.match(uri):
+        raise TrackingURIError(f"mlflow_tracking_uri {uri!r} is a Windows drive path, which this tool does not "
+                               "support; give a POSIX path (e.g. mlruns or /data/mlruns) or a server URL")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    here = Path(base or Path.cwd())
+    if scheme == "":
+        return _absolute(Path(uri).expanduser(), here).as_uri()
+    if scheme == "file":
+        if parts.netloc not in _LOCAL_HOSTS:
+            raise TrackingURIError(f"mlflow_tracking_uri {uri!r} names the host {parts.netloc!r}; a file store "
+                                   "must be local: use file:///path (or a path), or an http(s):// server")
+        return _absolute(Path(unquote(parts.path)), here).as_uri()
+    if scheme == "sqlite" and parts.path not in ("", "/", "/:memory:"):
+        database = parts.path[1:]  # sqlite:///x -> "x" (relative), sqlite:////x -> "/x" (absolute)
+        query = f"?{parts.query}" if parts.query else ""
+        return f"sqlite:///{_absolute(Path(database), here)}{query}"
+    if scheme in ("http", "https") and not parts.netloc:
+        raise TrackingURIError(f"mlflow_tracking_uri {uri!r} has no host; e.g. http://127.0.0.1:5000")
+    return uri  # a server, another database or a plugin store: MLflow's to interpret
+
+
+def _absolute(path: Path, base: Path) -> Path:
+    return (path if path.is_absolute() else base / path).resolve()
 
 
 #: MLflow reads its client settings from the environment of the process that logs (MLFLOW_TRACKING_TOKEN,
