@@ -258,7 +258,9 @@ def build_torch_trainer(cfg: TrainConfig, launch: Launch, *, callbacks: Sequence
     storage_uri = storage.root.rsplit("/", 1)[0] if storage.local else launch.storage_uri  # absolute for workers
     fs, fs_path = resolve_filesystem(storage_uri)
     datasets = None
-    if cfg.dataset == PARQUET:  # streamed to workers through Ray Data: no copy of the data on every node
+    # Parquet is streamed to workers through Ray Data (no copy of the data on every node), except with a global
+    # batch: its steps need map-style access by sample index (each worker reads the shards with pyarrow).
+    if cfg.dataset == PARQUET and cfg.global_batch_size is None:
         from .ray_data import parquet_datasets
 
         datasets = parquet_datasets(cfg)
