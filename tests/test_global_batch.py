@@ -263,3 +263,12 @@ def test_each_sample_is_computed_once_per_epoch(runs, run):
     for epoch in (0, 1):
         counts = epoch_sample_counts(storage, epoch)
         assert sorted(counts) == list(range(80)) and set(counts.values()) == {1}, (run, epoch)
+
+
+def test_loss_transforms_reach_global_steps_and_a_nan_step_is_skipped(tmp_path):
+    from dyrep_ray.engine.faults import NanLoss
+
+    cfg = load_config(None, [*TINY, "epochs=1", "dyrep=false"])
+    trainer = Trainer.from_config(cfg, LocalContext(torch.device("cpu"), tmp_path / "run"), callbacks=[NanLoss(0)])
+    trainer.fit()
+    assert trainer.state.skipped_steps == 1 and trainer.state.global_step == 2

@@ -6,6 +6,7 @@ alone counts steps, and a mid-epoch position is the step (a resume at any world 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +44,8 @@ def train_global_epoch(trainer: Any, epoch: int, record: bool, running: Any, non
         grads = GradientSum(params)
         share, images = forward_micro_batches(
             trainer.model, gstep, seed=cfg.seed, epoch=epoch, device=device, to_device=trainer._to_device,
-            autocast=autocast, smoothing=cfg.smoothing, bn=bn, backward=backward, grads=grads)
+            autocast=autocast, smoothing=cfg.smoothing, bn=bn, backward=backward, grads=grads,
+            transform=functools.partial(trainer.callbacks.transform_loss, trainer, epoch, step))
         grads.reduce(ctx, had_data=bool(gstep.micros))
         bn.finish_step(math.ceil(gstep.size / data.micro), device, ctx)
         if samples is not None:

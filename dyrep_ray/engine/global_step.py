@@ -171,9 +171,11 @@ class GradientSum:
 def forward_micro_batches(model: nn.Module, gstep: GlobalStep, *, seed: int, epoch: int, device: torch.device,
                           to_device: Callable[[torch.Tensor], torch.Tensor], autocast: Callable[[], Any],
                           smoothing: float, bn: CanonicalBatchNorm, backward: Callable[[torch.Tensor], None],
-                          grads: GradientSum) -> tuple[torch.Tensor, int]:
+                          grads: GradientSum, transform: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+                          ) -> tuple[torch.Tensor, int]:
     """Forward + backward of this rank's micro-batches of ``gstep`` (gradients accumulate); returns this rank's
-    share of the step's mean loss (a device scalar, no sync) and its image count."""
+    share of the step's mean loss (a device scalar, no sync) and its image count.  ``transform`` maps each
+    micro-batch's loss before its backward."""
     share = torch.zeros((), device=device, dtype=torch.float64)
     images_seen = 0
     for micro in gstep.micros:
@@ -185,7 +187,7 @@ def forward_micro_batches(model: nn.Module, gstep: GlobalStep, *, seed: int, epo
                 loss = F.cross_entropy(model(images), targets, label_smoothing=smoothing, reduction="sum")
         finally:
             bn.end_micro()
-        loss = loss / gstep.size
+        loss = transform(loss / gstep.size)  # the callbacks' transform_loss (fault injection)
         backward(loss)
         grads.add()
         share += loss.detach().double()
