@@ -272,3 +272,16 @@ def test_loss_transforms_reach_global_steps_and_a_nan_step_is_skipped(tmp_path):
     trainer = Trainer.from_config(cfg, LocalContext(torch.device("cpu"), tmp_path / "run"), callbacks=[NanLoss(0)])
     trainer.fit()
     assert trainer.state.skipped_steps == 1 and trainer.state.global_step == 2
+
+
+def test_elastic_resize_interval_config_then_environment_then_ten_seconds(monkeypatch):
+    from dyrep_ray.distributed.trainer import ELASTIC_RESIZE_ENV, elastic_resize_interval_s
+
+    monkeypatch.delenv(ELASTIC_RESIZE_ENV, raising=False)
+    assert elastic_resize_interval_s(None) == 10.0  # Ray's own default is 60 s
+    monkeypatch.setenv(ELASTIC_RESIZE_ENV, "3")
+    assert elastic_resize_interval_s(None) == 3.0
+    assert elastic_resize_interval_s(TrainConfig(elastic_resize_monitor_interval_s=5).elastic_resize_monitor_interval_s
+                                     ) == 5.0
+    with pytest.raises(ConfigError, match="elastic_resize_monitor_interval_s"):
+        TrainConfig(elastic_resize_monitor_interval_s=0)
