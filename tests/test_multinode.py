@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,6 +107,25 @@ def mid_epoch_checkpoint(run_dir: Path, epoch: int, global_step: int) -> Path | 
     return path if (path / "MANIFEST.json").exists() else None
 
 
+class LocalReference(threading.Thread):
+    """Train ``overrides`` in this process (one torch thread, as a 1-CPU Ray worker) into ``run_dir``."""
+
+    def __init__(self, overrides: list[str], run_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.overrides, self.run_dir, self.failed = overrides, run_dir, ""
+
+    def run(self) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            Trainer.from_config(load_config(None, self.overrides), LocalContext(torch.device("cpu"),
+                                                                                 self.run_dir)).fit()
+        except Exception as exc:  # noqa: BLE001 - reported by the test after join()
+            self.failed = repr(exc)
+        finally:
+            torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(cluster, tmp_path_factory):
     """An uninterrupted 2-worker run on the two nodes."""
@@ -160,6 +180,9 @@ def test_elastic_run_shrinks_without_waiting_and_grows_back(cluster, tmp_path):
     node = cluster.worker_nodes()[-1]
     overrides = [*BASE, f"epochs={ELASTIC_EPOCHS}", "workers=[1,2]", "debug_sample_record=true"]
     marker = out / "stall-off"
+    # the same config in one process, trained while the cluster run mostly waits (steps sleep, recovery)
+    one_worker = LocalReference(overrides, out / "one")
+    one_worker.start()
     proc = start_driver(cluster, out, "elastic", overrides, delay=1.0,
                         stall={"epoch": 1, "seconds": 600, "marker": str(marker)})
     wait_for(lambda: mid_epoch_checkpoint(out / "elastic", 1, 3), "the mid-epoch checkpoint of epoch 2", proc)
@@ -186,13 +209,9 @@ def test_elastic_run_shrinks_without_waiting_and_grows_back(cluster, tmp_path):
     # global_batch_size: the run that went 2 -> 1 -> 2 workers decides and ends as one worker would (the same
     # config in this process; tests/test_global_batch.py shows 1 and 2 workers bit-identical)
     assert any(m["events"] for m in lines), "no structure change to compare"
-    one = out / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a 1-CPU Ray worker
-    try:
-        Trainer.from_config(load_config(None, overrides), LocalContext(torch.device("cpu"), one)).fit()
-    finally:
-        torch.set_num_threads(threads)
+    one_worker.join()
+    assert not one_worker.failed, one_worker.failed
+    one = one_worker.run_dir
     assert (out / "elastic" / "structure.json").read_text() == (one / "structure.json").read_text()
     one_lines = run_metrics(one)
     assert [m["events"] for m in lines] == [m["events"] for m in one_lines]
@@ -208,7 +227,8 @@ def test_elastic_run_shrinks_without_waiting_and_grows_back(cluster, tmp_path):
 def test_drain_checkpoints_and_restarts_with_at_most_the_step_in_flight_lost(cluster, tmp_path):
     out = tmp_path
     node = cluster.worker_nodes()[-1]
-    overrides = [*BASE, "epochs=8", "workers=2", "checkpoint_every_steps=0"]  # only the preemption checkpoint
+    # only the preemption checkpoint, looked for after every step: drain -> checkpoint within a step
+    overrides = [*BASE, "epochs=8", "workers=2", "checkpoint_every_steps=0", "preemption_check_steps=1"]
     proc = start_driver(cluster, out, "drain", overrides, delay=0.5)
     log_path = out / "drain.steps"
     wait_for(lambda: len(read_step_log(log_path)) >= 3, "training to start", proc)

@@ -273,7 +273,7 @@ def build_torch_trainer(cfg: TrainConfig, launch: Launch, *, callbacks: Sequence
         datasets=datasets,
         train_loop_config={"config": cfg.to_dict(), "storage_uri": storage_uri, "name": launch.name,
                            "start_checkpoint": launch.start_checkpoint, "ray_data": datasets is not None,
-                           "callbacks": [PreemptionCheckpoint(), *callbacks]},
+                           "callbacks": [PreemptionCheckpoint(cfg.preemption_check_steps), *callbacks]},
         scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=launch.use_gpu,
                                      resources_per_worker=resources_per_worker(launch.use_gpu,
                                                                                launch.cpus_per_worker),

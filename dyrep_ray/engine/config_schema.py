@@ -207,6 +207,8 @@ class TrainConfig:
     elastic_resize_monitor_interval_s: float | None = option(
         None, gt=0, example=10.0, help="elastic: seconds between Ray's looks for capacity to grow into; "
                                        "null = DYREP_RAY_ELASTIC_RESIZE_INTERVAL_S, else 10")
+    preemption_check_steps: int = option(5, ge=1, help="steps between two checks for a drain (a Ray collective "
+                                                          "each); bounds drain -> checkpoint to this many steps")
     lr_scale_with_workers: bool = option(False, help="elastic: scale lr linearly with the current worker count")
     use_gpu: bool | None = option(None, example=True, help="null = use GPUs when the cluster has them")
     num_data_workers: int = option(0, ge=0, help="DataLoader worker processes per Ray worker")
