@@ -285,3 +285,5 @@ def test_elastic_resize_interval_config_then_environment_then_ten_seconds(monkey
                                      ) == 5.0
     with pytest.raises(ConfigError, match="elastic_resize_monitor_interval_s"):
         TrainConfig(elastic_resize_monitor_interval_s=0)
+    with pytest.raises(ConfigError, match="preemption_check_steps"):
+        TrainConfig(preemption_check_steps=0)
