@@ -168,11 +168,12 @@ def run_world(cfg: TrainConfig, run_dir: Path, world: int, stop_after_step: int 
             if group.lock.locked():
                 group.lock.release()
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a rank thread hung"
     real = [e for e in errors if not isinstance(e, (threading.BrokenBarrierError, Stopped))]
     if real:
         raise real[0]
