@@ -9,11 +9,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from dyrep_ray.engine.config import load_config
+from dyrep_ray.engine.context import LocalContext
+from dyrep_ray.engine.global_step import epoch_sample_counts
+from dyrep_ray.engine.loop import Trainer
+from dyrep_ray.rundir.storage import as_storage
 from tests.helpers import RESUME_ATOL, final_model, max_abs_diff, run_metrics
 from tests.multinode import LocalRayCluster, read_step_log, steps_redone, workers_timeline
 
@@ -22,9 +29,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RUN_TIMEOUT_S = 600
 WAIT_TIMEOUT_S = 300
 POLL_S = 0.5
-# 128 images / 2 workers / batch 32 = 2 steps per epoch (4 on one worker); adjust after every epoch.
-BASE = ["synthetic_train_size=128", "synthetic_val_size=64", "batch_size=32", "dyrep_recal_bn_iters=2",
+# 128 images / global batch 64 = 2 steps per epoch at any worker count; adjust after every epoch.
+BASE = ["synthetic_train_size=128", "synthetic_val_size=64", "global_batch_size=64", "dyrep_recal_bn_iters=2",
         "dyrep_adjust_interval=1", "checkpoint_every_steps=1", "max_failures=3"]
+ELASTIC_VAL_LOSS_ATOL = 1e-4
 RESIZE_INTERVAL_S = "3"  # elastic: Ray looks for capacity this often (default 60 s)
 WORKER_START_TIMEOUT_S = "40"  # Ray's default 60 s
 ELASTIC_EPOCHS = 12  # long enough (with 1 s per step) for a node to join while the run is on one worker
@@ -99,6 +107,25 @@ def mid_epoch_checkpoint(run_dir: Path, epoch: int, global_step: int) -> Path | 
     return path if (path / "MANIFEST.json").exists() else None
 
 
+class LocalReference(threading.Thread):
+    """Train ``overrides`` in this process (one torch thread, as a 1-CPU Ray worker) into ``run_dir``."""
+
+    def __init__(self, overrides: list[str], run_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.overrides, self.run_dir, self.failed = overrides, run_dir, ""
+
+    def run(self) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            Trainer.from_config(load_config(None, self.overrides), LocalContext(torch.device("cpu"),
+                                                                                 self.run_dir)).fit()
+        except Exception as exc:  # noqa: BLE001 - reported by the test after join()
+            self.failed = repr(exc)
+        finally:
+            torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(cluster, tmp_path_factory):
     """An uninterrupted 2-worker run on the two nodes."""
@@ -151,15 +178,21 @@ def test_node_killed_mid_epoch_fixed_workers_wait_and_resume_bit_identical(clust
 def test_elastic_run_shrinks_without_waiting_and_grows_back(cluster, tmp_path):
     out = tmp_path
     node = cluster.worker_nodes()[-1]
-    overrides = [*BASE, f"epochs={ELASTIC_EPOCHS}", "workers=[1,2]"]
+    overrides = [*BASE, f"epochs={ELASTIC_EPOCHS}", "workers=[1,2]", "debug_sample_record=true"]
     marker = out / "stall-off"
+    # the same config in one process, trained while the cluster run mostly waits (steps sleep, recovery)
+    one_worker = LocalReference(overrides, out / "one")
+    one_worker.start()
     proc = start_driver(cluster, out, "elastic", overrides, delay=1.0,
                         stall={"epoch": 1, "seconds": 600, "marker": str(marker)})
     wait_for(lambda: mid_epoch_checkpoint(out / "elastic", 1, 3), "the mid-epoch checkpoint of epoch 2", proc)
     marker.write_text("the stall is over for restarted workers\n")
     cluster.kill_node(node)
+    t_kill = time.time()
     log_path = out / "elastic.steps"
     wait_for(lambda: any(w == 1 for _, w, _ in read_step_log(log_path)), "steps on the remaining worker", proc)
+    continued = min(t for t, w, _ in read_step_log(log_path) if w == 1) - t_kill
+    print(f"elastic: node lost -> first step on the remaining worker {continued:.1f}s")
     cluster.add_node(num_cpus=1)
     finish(proc, out, "elastic")
     log = read_step_log(log_path)
@@ -173,20 +206,40 @@ def test_elastic_run_shrinks_without_waiting_and_grows_back(cluster, tmp_path):
             assert len(set(m["start_digests"])) == 1 and len(m["start_digests"]) == m["world_size"]
     lost = steps_redone(log)
     assert all(n <= 1 + 1 for n in lost), lost  # checkpoint every step: at most the step(s) in flight
+    # global_batch_size: the run that went 2 -> 1 -> 2 workers decides and ends as one worker would (the same
+    # config in this process; tests/test_global_batch.py shows 1 and 2 workers bit-identical)
+    assert any(m["events"] for m in lines), "no structure change to compare"
+    one_worker.join()
+    assert not one_worker.failed, one_worker.failed
+    one = one_worker.run_dir
+    assert (out / "elastic" / "structure.json").read_text() == (one / "structure.json").read_text()
+    one_lines = run_metrics(one)
+    assert [m["events"] for m in lines] == [m["events"] for m in one_lines]
+    gap = abs(lines[-1]["val_loss"] - one_lines[-1]["val_loss"])
+    print(f"elastic vs one worker: final val loss {lines[-1]['val_loss']:.6f} vs {one_lines[-1]['val_loss']:.6f}")
+    assert gap <= ELASTIC_VAL_LOSS_ATOL, gap
+    storage = as_storage(out / "elastic")
+    for epoch in range(ELASTIC_EPOCHS):  # every sample once per epoch, through the restarts and resizes
+        counts = epoch_sample_counts(storage, epoch)
+        assert sorted(counts) == list(range(128)) and set(counts.values()) == {1}, epoch
 
 
 def test_drain_checkpoints_and_restarts_with_at_most_the_step_in_flight_lost(cluster, tmp_path):
     out = tmp_path
     node = cluster.worker_nodes()[-1]
-    overrides = [*BASE, "epochs=8", "workers=2", "checkpoint_every_steps=0"]  # only the preemption checkpoint
+    # only the preemption checkpoint, looked for after every step: drain -> checkpoint within a step
+    overrides = [*BASE, "epochs=8", "workers=2", "checkpoint_every_steps=0", "preemption_check_steps=1"]
     proc = start_driver(cluster, out, "drain", overrides, delay=0.5)
     log_path = out / "drain.steps"
     wait_for(lambda: len(read_step_log(log_path)) >= 3, "training to start", proc)
     deadline_s = 20
+    t_notice = time.monotonic()
     cluster.drain_node(node.node_id, deadline_s=deadline_s)
     t_drain = time.monotonic()
     ckpt = wait_for(lambda: next((p for p in (out / "drain").glob("checkpoint_epoch*_step*")
                                   if (p / "MANIFEST.json").exists()), None), "the preemption checkpoint", proc)
+    print(f"drain: notice -> committed mid-epoch checkpoint {time.monotonic() - t_notice:.1f}s "
+          f"(the drain command itself {t_drain - t_notice:.1f}s)")
     meta = json.loads((ckpt / "meta.json").read_text())
     time.sleep(max(deadline_s - (time.monotonic() - t_drain), 0) + 1.0)
     killed_at = time.time()

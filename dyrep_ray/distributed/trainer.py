@@ -39,9 +39,10 @@ CPUS_PER_WORKER = 1
 CHECKPOINT_SCORE = "val_top1"
 #: A worker count, or (min, max) for elastic training (``workers: [min, max]``; ScalingConfig takes either).
 WorkerCount = int | tuple[int, int]
-#: Elastic runs: how often Ray Train looks for capacity to grow into (Ray's default is 60 s).
-ELASTIC_RESIZE_MONITOR_INTERVAL_S = 60.0
-#: Environment override of the interval (tests shrink it to seconds).
+#: Elastic runs: how often Ray Train looks for capacity to grow into (Ray's default is 60 s, which is what a
+#: grown-back node waits at worst; a poll is one look at the cluster's resources, cheap at 10 s).
+ELASTIC_RESIZE_MONITOR_INTERVAL_S = 10.0
+#: Environment override of the interval when the config key is null (tests shrink it to seconds).
 ELASTIC_RESIZE_ENV = "DYREP_RAY_ELASTIC_RESIZE_INTERVAL_S"
 #: Preemptions (drains with notice) are retried without limit: they are planned, not failures.
 MAX_PREEMPTION_FAILURES = -1
@@ -162,7 +163,10 @@ def worker_count(cfg: TrainConfig) -> WorkerCount:
     return (cfg.min_workers, cfg.max_workers) if cfg.elastic else cfg.min_workers
 
 
-def elastic_resize_interval_s() -> float:
+def elastic_resize_interval_s(configured: float | None = None) -> float:
+    """``elastic_resize_monitor_interval_s``, else the environment override, else 10 s."""
+    if configured is not None:
+        return configured
     text = os.environ.get(ELASTIC_RESIZE_ENV)
     if not text:
         return ELASTIC_RESIZE_MONITOR_INTERVAL_S
@@ -258,7 +262,9 @@ def build_torch_trainer(cfg: TrainConfig, launch: Launch, *, callbacks: Sequence
     storage_uri = storage.root.rsplit("/", 1)[0] if storage.local else launch.storage_uri  # absolute for workers
     fs, fs_path = resolve_filesystem(storage_uri)
     datasets = None
-    if cfg.dataset == PARQUET:  # streamed to workers through Ray Data: no copy of the data on every node
+    # Parquet is streamed to workers through Ray Data (no copy of the data on every node), except with a global
+    # batch: its steps need map-style access by sample index (each worker reads the shards with pyarrow).
+    if cfg.dataset == PARQUET and cfg.global_batch_size is None:
         from .ray_data import parquet_datasets
 
         datasets = parquet_datasets(cfg)
@@ -267,11 +273,12 @@ def build_torch_trainer(cfg: TrainConfig, launch: Launch, *, callbacks: Sequence
         datasets=datasets,
         train_loop_config={"config": cfg.to_dict(), "storage_uri": storage_uri, "name": launch.name,
                            "start_checkpoint": launch.start_checkpoint, "ray_data": datasets is not None,
-                           "callbacks": [PreemptionCheckpoint(), *callbacks]},
+                           "callbacks": [PreemptionCheckpoint(cfg.preemption_check_steps), *callbacks]},
         scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=launch.use_gpu,
                                      resources_per_worker=resources_per_worker(launch.use_gpu,
                                                                                launch.cpus_per_worker),
-                                     **({"elastic_resize_monitor_interval_s": elastic_resize_interval_s()}
+                                     **({"elastic_resize_monitor_interval_s": elastic_resize_interval_s(
+                                         cfg.elastic_resize_monitor_interval_s)}
                                         if isinstance(launch.num_workers, tuple) else {})),
         run_config=run_config_for(cfg, launch.name, storage, fs, fs_path,
                                   callbacks=list(ray_callbacks) if ray_callbacks else None),

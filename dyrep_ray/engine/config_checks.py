@@ -6,6 +6,7 @@ the keys and the fix; its docstring is its line in the configuration reference.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,11 @@ from .config_values import (
 #: config_schema applies these rules, so this module stays below it in the import graph.
 Config = Any
 
-__all__ = ["CROSS_FIELD_RULES"]
+__all__ = ["CROSS_FIELD_RULES", "DEFAULT_BATCH_SIZE"]
+
+#: batch_size's default (config_schema declares it with this value): the one value global_batch_size tolerates
+#: beside global_batch_size / max workers, since a default cannot be told from an explicit 64.
+DEFAULT_BATCH_SIZE = 64
 
 
 def _synthetic_fits_memory(cfg: Config) -> None:
@@ -102,6 +107,30 @@ def _metric_safe_under_amp(cfg: Config) -> None:
         )
 
 
+def _global_batch_consistent(cfg: Config) -> None:
+    """global_batch_size: micro_batch_size (given or its default) divides it; batch_size, if not its default 64,
+    equals global_batch_size / the most workers; lr_scale_with_workers is off (the global batch does not scale)."""
+    if cfg.global_batch_size is None:
+        if cfg.micro_batch_size is not None or cfg.debug_sample_record:
+            key = "micro_batch_size" if cfg.micro_batch_size is not None else "debug_sample_record"
+            raise ConfigError(f"config key '{key}' applies only with global_batch_size; set global_batch_size "
+                              f"(e.g. --set global_batch_size=64) or unset {key}")
+        return
+    glob = cfg.global_batch_size
+    micro = cfg.micro_batch_size if cfg.micro_batch_size is not None else glob // math.gcd(glob, 8)
+    if glob % micro:
+        raise ConfigError(f"config keys 'global_batch_size' and 'micro_batch_size': {micro} does not divide {glob}; "
+                          f"set micro_batch_size to a divisor of {glob} (e.g. {glob // math.gcd(glob, 8)})")
+    per_worker = glob / cfg.max_workers
+    if cfg.batch_size != DEFAULT_BATCH_SIZE and cfg.batch_size != per_worker:
+        raise ConfigError(f"config keys 'batch_size' and 'global_batch_size' disagree: batch_size {cfg.batch_size} x "
+                          f"{cfg.max_workers} worker(s) != global_batch_size {glob}; set only global_batch_size "
+                          "(batch_size is then unused)")
+    if cfg.lr_scale_with_workers:
+        raise ConfigError("config keys 'global_batch_size' and 'lr_scale_with_workers': with a global batch the "
+                          "step does not change with the worker count; set lr_scale_with_workers=false")
+
+
 #: Rules over several keys, applied in order after every key passed its own rules.
 CROSS_FIELD_RULES: tuple[Callable[[Config], None], ...] = (
     _data_dir_given,
@@ -111,4 +140,5 @@ CROSS_FIELD_RULES: tuple[Callable[[Config], None], ...] = (
     _dbb_is_not_dyrep,
     _metric_safe_under_amp,
     _synthetic_fits_memory,
+    _global_batch_consistent,
 )

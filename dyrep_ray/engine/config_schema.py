@@ -21,7 +21,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .config_checks import CROSS_FIELD_RULES
+from .config_checks import CROSS_FIELD_RULES, DEFAULT_BATCH_SIZE
 from .config_rules import (
     RESUME_REFUSE,
     ConfigError,
@@ -120,7 +120,13 @@ class TrainConfig:
                                      help="dataset parquet: validation Parquet file/dir or URI")
     # --- schedule & batch ---
     epochs: int = option(6, ge=1, help="training epochs")
-    batch_size: int = option(64, ge=1, help="per Ray worker; total = batch_size * workers")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, ge=1,
+                             help="per Ray worker; total = batch_size * workers (unused with global_batch_size)")
+    global_batch_size: int | None = option(None, ge=1, example=64,
+                                           help="samples per step at any worker count; null = batch_size * workers")
+    micro_batch_size: int | None = option(None, ge=1, example=8,
+                                          help="with global_batch_size: the fixed micro-batch dealt to workers; "
+                                               "null = global_batch_size / gcd(global_batch_size, 8)")
     val_batch_size: int | None = option(None, ge=1, example=128,
                                         help="validation batch per worker; null = batch_size")
     # --- optimizer ---
@@ -200,6 +206,11 @@ class TrainConfig:
         must="an int >= 1, or [min, max] with 1 <= min <= max (elastic)",
         help="Ray Train workers, or [min, max] for an elastic run (the original's `workers` is num_data_workers)",
     )
+    elastic_resize_monitor_interval_s: float | None = option(
+        None, gt=0, example=10.0, help="elastic: seconds between Ray's looks for capacity to grow into; "
+                                       "null = DYREP_RAY_ELASTIC_RESIZE_INTERVAL_S, else 10")
+    preemption_check_steps: int = option(5, ge=1, help="steps between two checks for a drain (a Ray collective "
+                                                          "each); bounds drain -> checkpoint to this many steps")
     lr_scale_with_workers: bool = option(False, help="elastic: scale lr linearly with the current worker count")
     use_gpu: bool | None = option(None, example=True, help="null = use GPUs when the cluster has them")
     num_data_workers: int = option(0, ge=0, help="DataLoader worker processes per Ray worker")
@@ -214,6 +225,8 @@ class TrainConfig:
     storage_path: str | None = option(None, non_empty=True, example="/mnt/runs",
                                       help="where run directories go (a path or URI, e.g. s3://...); "
                                            "null = the --output directory")
+    debug_sample_record: bool = option(False, help="with global_batch_size: record every sample id each step "
+                                                   "consumed (sample_record/ in the run dir)")
     on_nonfinite: OnNonfinite = option(OnNonfinite.SKIP,
                                        help="a non-finite loss or gradient: skip the step, stop, or ignore it")
 

@@ -16,6 +16,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..data import AUG_KEYS, build_datasets
 from .config import TrainConfig
+from .global_batch import (
+    GlobalBatchSampler,
+    SampleKeyedDataset,
+    epoch_order,
+    micro_batch_size,
+    step_size,
+)
+from .global_batch import steps_per_epoch as global_steps_per_epoch
 from .protocols import Batch, TrainContext
 
 # Offset separating the BN-recalibration sampler seeds from the training sampler's.
@@ -50,6 +58,25 @@ def build_map_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
 
 def _len(dataset: Dataset) -> int:
     return len(cast(Sized, dataset))  # every dataset dyrep-ray builds is map-style and sized
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Micro-batch ``index`` (within its step) of a global batch: its images, targets and sample ids."""
+
+    index: int
+    images: torch.Tensor
+    targets: torch.Tensor
+    ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class GlobalStep:
+    """This rank's part of global step ``step`` (``size`` samples over all ranks)."""
+
+    step: int
+    size: int
+    micros: list[MicroBatch]
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,14 @@ class TorchDataSource:
                                        num_workers=cfg.num_data_workers, pin_memory=pin_memory, drop_last=False,
                                        persistent_workers=cfg.num_data_workers > 0,
                                        generator=self.loader_generator)
+        self.global_sampler: GlobalBatchSampler | None = None
+        if cfg.global_batch_size is not None:  # the step's data depends on the step alone (global_batch)
+            self.micro = micro_batch_size(cfg.global_batch_size, cfg.micro_batch_size)
+            self.global_sampler = GlobalBatchSampler(_len(train_ds), cfg.global_batch_size, self.micro,
+                                                     seed=cfg.seed, rank=rank, world_size=world_size)
+            self.train_loader = DataLoader(SampleKeyedDataset(train_ds, cfg.seed), batch_sampler=self.global_sampler,
+                                           num_workers=cfg.num_data_workers, pin_memory=pin_memory,
+                                           persistent_workers=cfg.num_data_workers > 0)
         val_indices = list(range(rank, _len(val_ds), world_size))  # no padding: exact metrics
         self.val_loader = DataLoader(Subset(val_ds, val_indices), batch_size=cfg.val_batch_size or cfg.batch_size,
                                      shuffle=False, num_workers=cfg.num_data_workers, pin_memory=pin_memory)
@@ -137,11 +172,29 @@ class TorchDataSource:
     @property
     def steps_per_epoch(self) -> int:
         """Steps of a whole epoch (also while a resumed epoch is shorter)."""
+        if self.cfg.global_batch_size is not None:
+            return global_steps_per_epoch(_len(self.train_ds), self.cfg.global_batch_size)
         return math.ceil(math.ceil(_len(self.train_ds) / self.world_size) / self.cfg.batch_size)
 
     @property
     def sizes(self) -> tuple[int, int]:
         return _len(self.train_ds), _len(self.val_ds)
+
+    def global_steps(self, epoch: int, start_step: int = 0) -> Iterator[GlobalStep]:
+        """With ``global_batch_size``: this rank's part of every step of the epoch from ``start_step`` on (no
+        sample of an earlier step is loaded); a step may give this rank no micro-batch (more ranks than it has)."""
+        sampler = self.global_sampler
+        assert sampler is not None, "global_steps needs global_batch_size"
+        sampler.set_epoch(epoch, start_step)
+        plan = sampler.plan()
+        loaded = iter(self.train_loader)
+        n = _len(self.train_ds)
+        for step, micros in plan:
+            parts = []
+            for j, _ in micros:
+                images, targets, ids = next(loaded)
+                parts.append(MicroBatch(j, images, targets, ids))
+            yield GlobalStep(step, step_size(n, step, sampler.global_batch_size), parts)
 
     def train_batches(self, epoch: int, position: EpochPosition | None = None) -> DataLoader:
         """The epoch's batches; from ``position`` on (no skipped sample is loaded) when resuming mid-epoch."""
@@ -154,6 +207,14 @@ class TorchDataSource:
         return self.val_loader
 
     def recal_batches(self, salt: int) -> Iterator[torch.Tensor]:
+        if self.cfg.global_batch_size is not None:
+            # the same batches on every rank and at every world size (rank 0's recalibration is kept)
+            keyed = SampleKeyedDataset(self.train_ds, self.cfg.seed)
+            order = epoch_order(_len(self.train_ds), self.cfg.seed + RECAL_SEED_OFFSET * (salt + 1), 0)
+            for i in range(0, len(order), self.micro):
+                items = [keyed[(-1 - salt, index)] for index in order[i:i + self.micro]]
+                yield torch.stack([item[0] for item in items])
+            return
         sampler: DistributedSampler[int] = DistributedSampler(
             self.train_ds, num_replicas=self.world_size, rank=self.rank, shuffle=True,
             seed=self.cfg.seed + RECAL_SEED_OFFSET * (salt + 1))
@@ -167,5 +228,5 @@ def torch_data_source(cfg: TrainConfig, ctx: TrainContext) -> TorchDataSource:
     return TorchDataSource.from_config(cfg, ctx)
 
 
-__all__ = ["Batch", "EpochPosition", "ResumableDistributedSampler", "TorchDataSource", "aug_options",
-           "build_map_datasets", "torch_data_source"]
+__all__ = ["Batch", "EpochPosition", "GlobalStep", "MicroBatch", "ResumableDistributedSampler", "TorchDataSource",
+           "aug_options", "build_map_datasets", "torch_data_source"]

@@ -35,6 +35,8 @@ from .callbacks import CallbackList, TrainerCallback
 from .checkpoint import optimizer_state_by_name, rng_state, write_checkpoint_dir
 from .config import TrainConfig
 from .data_source import EpochPosition
+from .global_epoch import train_global_epoch
+from .global_step import CanonicalBatchNorm, SampleRecord
 from .midepoch import (
     MID_EPOCH_KEY,
     STEP_IN_EPOCH_KEY,
@@ -101,6 +103,8 @@ class Trainer:
         self.running: RunningEpoch | None = None
         self._start_record: dict | None = None  # placement + digests of this (re)start, for the next epoch
         self._rank_nodes: list = []
+        self.canonical_bn: CanonicalBatchNorm | None = None  # global_batch_size: BN statistics over micro-batches
+        self.sample_record: SampleRecord | None = None  # debug_sample_record: this epoch's sample ids
         self.wrapped = ctx.wrap_model(self.model)
 
     @classmethod
@@ -160,6 +164,8 @@ class Trainer:
         running = self.running
         assert running is not None, "mid-epoch checkpoints exist only inside an epoch"
         loss = float(running.loss_sum) if running.loss_sum is not None else 0.0
+        if self.sample_record is not None:  # every rank: the sample ids of the steps this checkpoint commits
+            self.sample_record.write()
         shares = self.ctx.gather_object((loss, running.images, running.steps_done))
         progress = EpochProgress(step=running.step, samples=running.samples, world_size=self.ctx.world_size,
                                  loss_sums=[s[0] for s in shares], images=[s[1] for s in shares],
@@ -292,6 +298,10 @@ class Trainer:
             resumed_loss, running.images, running.steps_done = resume.share_of(ctx.rank, ctx.world_size)
             running.loss_sum += resumed_loss
             running.step, running.samples = resume.step, resume.samples
+        if cfg.global_batch_size is not None:  # the step's data and result do not depend on the world size
+            return train_global_epoch(self, epoch, record, running, NonFiniteLossError,
+                                      lambda: _autocast(cfg, self.device))
+        if resume is not None:
             batches = self.data.train_batches(epoch, EpochPosition(resume.step, resume.samples, resume.world_size))
         else:
             batches = self.data.train_batches(epoch)
