@@ -179,10 +179,10 @@ def _check_legacy_key(key: str, saved: Mapping[str, Any], value: Any) -> None:
     except TypeError:  # a saved value today's rules refuse: assume it mattered
         relevant = True
     if relevant and plain_value(legacy) != value:
+        setting = f"{key}={yaml_value(plain_value(legacy))}"
         raise ConfigError(
-            f"resume: the run was started before config key {key!r} existed and trained as with "
-            f"{key}={yaml_value(plain_value(legacy))} ({short_repr(value)} now); set {key}={yaml_value(plain_value(legacy))} "
-            f"to resume it as it was, or start a new run (another --name)"
+            f"resume: the run was started before config key {key!r} existed and trained as with {setting} "
+            f"({short_repr(value)} now); set {setting} to resume it as it was, or start a new run (another --name)"
         )
 
 

@@ -18,7 +18,6 @@ import math
 
 from torch.optim import Optimizer
 
-
 SCHED_RULES = ("original", "fractional")
 
 

@@ -73,7 +73,7 @@ def _convert_children(parent: nn.Module, prefix: str, seed: int, block_type: str
     next_bn = False
     for name, child in list(parent.named_children()):
         path = prefix + name
-        if _is_target(child):
+        if isinstance(child, nn.Conv2d) and _is_target(child):
             setattr(parent, name, _fresh_block(child, path, seed, block_type))
             converted.append(path)
             next_bn = block_type == BN_BLOCK

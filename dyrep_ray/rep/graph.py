@@ -8,7 +8,8 @@ from torch import nn
 from .blocks import graph_entry_class, is_block
 from .geometry import ORIG_BIAS_ATTR
 from .paths import get_submodule, set_submodule
-from .replaced_bn import GRAPH_ENTRY_TYPE as IDENTITY_BN, ReplacedBatchNorm
+from .replaced_bn import GRAPH_ENTRY_TYPE as IDENTITY_BN
+from .replaced_bn import ReplacedBatchNorm
 
 GRAPH_VERSION = 1
 
