@@ -322,8 +322,8 @@ def original_adjust_cuts(model: nn.Module, threshold: float = 0.1, std_gate: flo
             continue
         if not is_block(block):
             continue
-        kxk = block.branch_gate("kxk").abs().mean()
-        weights = [float(block.branch_gate(n).abs().mean() / kxk) if n in block.branches else -1.0
+        kxk = block.branch_gate("kxk").detach().abs().mean()
+        weights = [float(block.branch_gate(n).detach().abs().mean() / kxk) if n in block.branches else -1.0
                    for n in ORIGINAL_BRANCH_ORDER]
         weights[3] = 1.0
         valid = torch.tensor([x for x in weights[:3] + weights[4:] if x not in (-1, 1)])
