@@ -693,7 +693,7 @@ def test_every_key_declares_its_rules_with_option() -> None:
     for f in dataclasses.fields(TrainConfig):
         assert RULE_KEY in f.metadata, f"{f.name} has no option() declaration"
     assert set(STRUCTURAL_KEYS) == {"model", "dataset", "num_classes", "image_size", "opt", "dyrep", "dbb",
-                                    "dyrep_block"}
+                                    "dbb_convert", "dyrep_block"}
 
 
 def test_enum_values_are_strings_and_serialize_plainly(tmp_path: Path) -> None:

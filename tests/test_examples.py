@@ -68,7 +68,7 @@ def check_resumed_run(first: dict, resumed: dict) -> None:
 
 def test_param_order_matches_a_fresh_optimizer_after_growth():
     model = build_model("small_cnn", 10)
-    dyrep = DyRep(model, seed=0)
+    dyrep = DyRep(model, seed=0, grow_optim_state="carry")  # every surviving buffer stays (default: restart)
     optimizer = torch.optim.SGD(param_groups_for(model, 5e-4), lr=0.1, momentum=0.9)
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     optimizer.step()  # momentum buffers exist and must follow their parameters

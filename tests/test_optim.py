@@ -143,7 +143,7 @@ def test_optimizer_surgery_grow_cut_collapse(kind):
     hypers = [(g["lr"], g["weight_decay"]) for g in opt.param_groups]
     assert hypers[0][0] < BASE_LR[kind]  # the scheduler has moved
     last_epoch = sched.last_epoch
-    d = DyRep(model)
+    d = DyRep(model, grow_optim_state="carry")  # the kxk conv keeps its state (the default restarts it)
 
     # --- surgery 1: grow conv 3 (had a bias: that Parameter disappears) and conv 0
     before = snapshot(model, opt)

@@ -19,6 +19,7 @@ from ..models import build_model, count_macs, count_params
 from ..models.limits import check_model_size
 from ..rep import DyRep, convert_to_dbb, restore_graph
 from ..rep.blocks import is_block
+from ..rep.dbb_convert import convert_to_dbb_original
 from ..rep.optim import param_groups_for
 from ..rundir.files import CheckpointMeta
 from .checkpoint import LoadedCheckpoint, load_optimizer_state_by_name, set_rng_state
@@ -75,7 +76,16 @@ def build_dyrep(cfg: TrainConfig, model: nn.Module) -> DyRep | None:
                  cut_threshold=cfg.dyrep_cut_threshold, cut_std_gate=cfg.dyrep_cut_std_gate,
                  init_gamma=cfg.dyrep_init_gamma, max_depth=cfg.dyrep_max_depth, seed=cfg.seed,
                  cut_lone_branch=cfg.dyrep_cut_lone_branch, cut_mode=cfg.dyrep_cut_mode,
-                 block_type=cfg.dyrep_block)
+                 block_type=cfg.dyrep_block, cut_order=cfg.dyrep_cut_order.value,
+                 grow_optim_state=cfg.dyrep_grow_optim_state.value)
+
+
+def build_static_dbb(cfg: TrainConfig, model: nn.Module) -> list[str]:
+    """The static DBB baseline on ``model`` (in place): the original's ``--dbb`` converter (``dbb_convert:
+    original``) or every eligible conv with its weights and BatchNorm kept (``every_conv``)."""
+    if cfg.dbb_convert == "original":
+        return convert_to_dbb_original(model, seed=cfg.seed, block_type=cfg.dyrep_block.value)
+    return convert_to_dbb(model, seed=cfg.seed, block_type=cfg.dyrep_block.value)
 
 
 def model_kwargs(cfg: TrainConfig) -> dict:
@@ -124,8 +134,8 @@ def build_run(cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactor
     if resume is not None:
         check_resume_config(resume.meta, cfg)
         restore_graph(model, resume.graph)
-    elif cfg.dbb:  # the static DBB baseline: every eligible conv a block from the start
-        convert_to_dbb(model, seed=cfg.seed, block_type=cfg.dyrep_block.value)
+    elif cfg.dbb:  # the static DBB baseline: convs are blocks from the start
+        build_static_dbb(cfg, model)
     channels_last = cfg.channels_last and ctx.device.type == "cuda"
     place_model(model, ctx.device, channels_last)
     dyrep = build_dyrep(cfg, model)

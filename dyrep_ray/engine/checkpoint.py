@@ -182,6 +182,7 @@ def validate_checkpoint_content(directory, meta, graph, state) -> None:
     """
     from ..rep.blocks import GRAPH_ENTRY_TYPES
     from ..rep.geometry import BRANCH_NAMES
+    from ..rep.replaced_bn import GRAPH_ENTRY_TYPE as IDENTITY_BN
 
     block_entry_types = tuple(GRAPH_ENTRY_TYPES.values())  # "dbb", "online"
 
@@ -218,6 +219,12 @@ def validate_checkpoint_content(directory, meta, graph, state) -> None:
         if entry.get("type") == "conv":
             if not isinstance(entry.get("bias"), bool) or not isinstance(entry.get("orig_bias"), bool):
                 raise bad(f"{GRAPH_FILE} conv entry {path!r} needs boolean 'bias' and 'orig_bias'")
+            continue
+        if entry.get("type") == IDENTITY_BN:
+            if not (_is_pos_int(entry.get("num_features")) and type(entry.get("eps")) is float
+                    and all(isinstance(entry.get(k), bool) for k in ("affine", "track_running_stats"))):
+                raise bad(f"{GRAPH_FILE} identity_bn entry {path!r} needs an int 'num_features', a float 'eps' "
+                          f"and boolean 'affine' and 'track_running_stats'")
             continue
         if entry.get("type") not in block_entry_types:
             raise bad(f"{GRAPH_FILE} entry {path!r} has unknown type {entry.get('type')!r}")

@@ -55,6 +55,7 @@ from .config_rules import (
 )
 from .config_schema import (
     CHOICES,
+    LEGACY_VALUES,
     REMOVED_KEYS,
     STRUCTURAL_KEYS,
     TrainConfig,
@@ -82,6 +83,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CHOICES",
     "CROSS_FIELD_RULES",
+    "LEGACY_VALUES",
     "DATASET_NUM_CLASSES",
     "FORMAT_KEY",
     "NATIVE_FORMAT",
@@ -153,6 +155,9 @@ def resume_changes(saved: Mapping[str, Any], new: TrainConfig) -> list[ConfigCha
     changes: list[ConfigChange] = []
     current = new.to_dict()
     for key in field_names():
+        if key not in saved and key in LEGACY_VALUES:
+            _check_legacy_key(key, saved, current[key])
+            continue
         before, after = _saved_value(key, saved), current[key]
         if before == after:
             continue
@@ -164,6 +169,21 @@ def resume_changes(saved: Mapping[str, Any], new: TrainConfig) -> list[ConfigCha
             )
         changes.append(ConfigChange(key, before, after))
     return changes
+
+
+def _check_legacy_key(key: str, saved: Mapping[str, Any], value: Any) -> None:
+    """A run saved before ``key`` existed resumes only with the value it trained with, where that value matters."""
+    legacy, applies = LEGACY_VALUES[key]
+    try:
+        relevant = bool(applies(lambda name: _saved_value(name, saved)))
+    except TypeError:  # a saved value today's rules refuse: assume it mattered
+        relevant = True
+    if relevant and plain_value(legacy) != value:
+        setting = f"{key}={yaml_value(plain_value(legacy))}"
+        raise ConfigError(
+            f"resume: the run was started before config key {key!r} existed and trained as with {setting} "
+            f"({short_repr(value)} now); set {setting} to resume it as it was, or start a new run (another --name)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ construction): unknown and removed keys, types (ints are accepted for float fiel
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
@@ -45,18 +45,23 @@ from .config_values import (
     Amp,
     BlockType,
     CutMode,
+    CutOrder,
     Dataset,
+    DbbConvert,
     DyRepMetric,
+    GrowOptimState,
     Interpolation,
     OnNonfinite,
     Opt,
     Remode,
     Sched,
+    SchedRule,
 )
 from .original_keys import original_key_hint
 
 __all__ = [
     "CHOICES",
+    "LEGACY_VALUES",
     "REMOVED_KEYS",
     "STRUCTURAL_KEYS",
     "TrainConfig",
@@ -149,6 +154,9 @@ class TrainConfig:
     decay_rate: float = option(0.1, gt=0, help="step: factor of each decay")
     decay_by_epoch: bool = option(True,
                                   help="cosine: update the learning rate once per epoch (true) or every step (false)")
+    sched_rule: SchedRule = option(SchedRule.ORIGINAL,
+                                   help="original: the original's per-step values (warm-up rises once per epoch); "
+                                        "fractional: a function of the fractional epoch (per-step warm-up)")
     # --- training ---
     smoothing: float = option(0.0, ge=0, lt=1, help="label smoothing")
     seed: int = option(42, ge=0, help="random seed; may change on resume (RNG states come from the checkpoint)")
@@ -176,7 +184,10 @@ class TrainConfig:
     # --- DyRep ---
     dyrep: bool = option(True, resume=_REFUSE, help="grow and cut re-parameterized blocks during training (DyRep)")
     dbb: bool = option(False, resume=_REFUSE,
-                       help="static DBB baseline: every eligible conv a block from the start")
+                       help="static DBB baseline: convs are blocks from the start (which: dbb_convert)")
+    dbb_convert: DbbConvert = option(DbbConvert.ORIGINAL, resume=_REFUSE,
+                                     help="original: 3x3 convs, four branches, new weights, next BN an identity; "
+                                          "every_conv: every eligible conv, all branches, conv weights and BNs kept")
     dyrep_block: BlockType = option(BlockType.BN, resume=_REFUSE,
                                     help="block type: bn (DBB, a BN per branch) or online (OREPA-style)")
     dyrep_adjust_interval: int = option(1, ge=1, help="adjust the structure every N epochs")
@@ -186,6 +197,9 @@ class TrainConfig:
                                               help="recalibrate every BN on non-adjust epochs (RepVGG recipe)")
     dyrep_recal_bn_every_epoch_iters: int = option(200, ge=1,
                                                    help="iterations of that recalibration (original 200)")
+    recal_bn_without_dyrep: bool = option(False,
+                                          help="dyrep_recal_bn_every_epoch also when dyrep is off; the original "
+                                               "recalibrates only with DyRep")
     dyrep_metric: DyRepMetric = option(DyRepMetric.SYNFLOW, help="importance metric that picks the convs to grow")
     dyrep_metric_fp32: bool = option(False, help="TF32 off (full fp32) in the training steps of the epochs that "
                                                  "record the metric; CUDA only, see docs/algorithm.md")
@@ -198,6 +212,12 @@ class TrainConfig:
                                               "collapses to a conv); the original never cuts it")
     dyrep_cut_mode: CutMode = option(CutMode.RESET,
                                      help="reset: the original's kxk BN reset; absorb: the cut branch folded into kxk")
+    dyrep_cut_order: CutOrder = option(CutOrder.ORIGINAL,
+                                       help="original: blocks judged and cut outermost first, each after the cuts "
+                                            "before it; inner_first: all judged first, innermost cut first")
+    dyrep_grow_optim_state: GrowOptimState = option(GrowOptimState.RESTART,
+                                                    help="restart: grown or cut convs start with fresh optimizer "
+                                                         "state (the original); carry: they keep the conv's")
     dyrep_init_gamma: float = option(0.01, gt=0, help="initial scale (last BN gamma) of new branches")
     dyrep_max_depth: int = option(2, ge=1, help="most nested blocks a conv may be grown into")
     # --- Ray / runtime ---
@@ -277,6 +297,18 @@ class TrainConfig:
 #: Keys earlier versions accepted -> why they are gone; a config that sets one is refused with that reason.
 REMOVED_KEYS: dict[str, str] = {
     "log_interval": "it never had an effect (dyrep-ray logs once per epoch)",
+}
+
+#: Keys added after run directories of an earlier version existed -> (the value such a run, whose saved config
+#: lacks the key, trained with; when that value mattered, a test over the saved config's values).  Resuming such
+#: a run with another value is refused, naming the key and the value that restores its behaviour.
+LEGACY_VALUES: dict[str, tuple[Any, Callable[[Callable[[str], Any]], bool]]] = {
+    "sched_rule": (SchedRule.FRACTIONAL,
+                   lambda v: v("warmup_epochs") > 0 or v("decay_by_epoch") is False or v("sched") == Sched.STEP),
+    "dbb_convert": (DbbConvert.EVERY_CONV, lambda v: v("dbb") is True),
+    "recal_bn_without_dyrep": (True, lambda v: v("dyrep") is False and v("dyrep_recal_bn_every_epoch") is True),
+    "dyrep_cut_order": (CutOrder.INNER_FIRST, lambda v: v("dyrep") is True and v("dyrep_max_depth") >= 2),
+    "dyrep_grow_optim_state": (GrowOptimState.CARRY, lambda v: v("dyrep") is True),
 }
 
 _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -20,6 +20,10 @@ __all__ = [
     "Amp",
     "BlockType",
     "CutMode",
+    "CutOrder",
+    "DbbConvert",
+    "GrowOptimState",
+    "SchedRule",
     "Dataset",
     "DyRepMetric",
     "Interpolation",
@@ -47,6 +51,26 @@ class Sched(ConfigEnum):
     COSINE = "cosine"
     STEP = "step"
     NONE = "none"
+
+
+class SchedRule(ConfigEnum):
+    ORIGINAL = "original"
+    FRACTIONAL = "fractional"
+
+
+class DbbConvert(ConfigEnum):
+    ORIGINAL = "original"
+    EVERY_CONV = "every_conv"
+
+
+class GrowOptimState(ConfigEnum):
+    RESTART = "restart"
+    CARRY = "carry"
+
+
+class CutOrder(ConfigEnum):
+    ORIGINAL = "original"
+    INNER_FIRST = "inner_first"
 
 
 class Amp(ConfigEnum):

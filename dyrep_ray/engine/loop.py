@@ -253,9 +253,10 @@ class Trainer:
             replica_digests = ctx.gather_object(model_digest(self.model))
             self.callbacks.on_adjust(self, epoch, events)
         # The original's per-epoch recalibration (its RepVGG-A2 command): every BN, on epochs without an adjust,
-        # while structure changes are still possible.
-        if (cfg.dyrep_recal_bn_every_epoch and not self._is_adjust_epoch(epoch)
-                and epoch < cfg.dyrep_max_adjust_epochs):
+        # while structure changes are still possible -- inside its DyRep branch, so never without DyRep unless
+        # recal_bn_without_dyrep.
+        if (cfg.dyrep_recal_bn_every_epoch and (self.dyrep is not None or cfg.recal_bn_without_dyrep)
+                and not self._is_adjust_epoch(epoch) and epoch < cfg.dyrep_max_adjust_epochs):
             self._recal_fn(EPOCH_RECAL_SALT + epoch, cfg.dyrep_recal_bn_every_epoch_iters)(
                 self.model, [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
         val = self.evaluate(self.model)
@@ -290,7 +291,7 @@ class Trainer:
         steps = self.data.steps_per_epoch
         running = self.running = RunningEpoch(epoch=epoch, world_size=ctx.world_size)
         running.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        lr = self.schedule.lr_at(epoch)
+        lr = self.schedule.lr_for_step(epoch, 0, steps)
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = cfg.clip_grad if cfg.clip_grad is not None else math.inf
         resume, self._resume_progress = self._resume_progress, None
@@ -308,7 +309,7 @@ class Trainer:
         first_step = running.step
         lr_factor = self._lr_factor()
         for step, (images, targets) in enumerate(batches, start=first_step):
-            lr = self.schedule.apply(self.optimizer, epoch + min(step / steps, 1.0))
+            lr = self.schedule.apply_step(self.optimizer, epoch, step, steps)
             if lr_factor != 1.0:
                 lr *= lr_factor
                 for group in self.optimizer.param_groups:

@@ -10,6 +10,7 @@ from .blocks import BLOCK_CLASSES, BLOCK_TYPE_NAMES, BLOCK_TYPES, is_block, regi
 from .bn import recalibrate_bn
 from .controller import DyRep
 from .dbb import DiverseBranchBlock
+from .dbb_convert import convert_to_dbb_original
 from .deploy import DeployError, deploy, max_output_difference
 from .geometry import BRANCH_NAMES, allowed_branches
 from .graph import restore_graph, structure_graph
@@ -37,6 +38,7 @@ __all__ = [
     "allowed_branches",
     "apply_plan",
     "convert_to_dbb",
+    "convert_to_dbb_original",
     "deploy",
     "eligible_convs",
     "is_block",

@@ -225,16 +225,17 @@ class RepBlock(nn.Module, abc.ABC):
                 if isinstance(m, nn.BatchNorm2d)]
 
     @torch.no_grad()
-    def init_dbb_branches(self, generator: torch.Generator) -> None:
+    def init_dbb_branches(self, generator: torch.Generator, fresh_kxk: bool = False) -> None:
         """Standard DBB init (Ding et al.'s block as constructed): every new conv drawn like a fresh
         ``nn.Conv2d`` (Kaiming-uniform, a=sqrt(5)), every BN gamma=1, beta=0, fresh statistics, every gate 1.
 
-        The kxk conv keeps its weight.  Values are drawn on the CPU in float64 from ``generator`` and cast, so
-        every rank builds the same block.
+        The kxk conv keeps its weight unless ``fresh_kxk`` (then it is drawn like the others: the original's
+        ``--dbb`` builds the whole block new).  Values are drawn on the CPU in float64 from ``generator`` and
+        cast, so every rank builds the same block.
         """
         for name, branch in self.branches.items():
             for module in branch.modules():
-                if isinstance(module, nn.Conv2d) and name != KXK:
+                if isinstance(module, nn.Conv2d) and (name != KXK or fresh_kxk):
                     cpu = torch.empty(module.weight.shape, dtype=torch.float64)
                     nn.init.kaiming_uniform_(cpu, a=math.sqrt(5), generator=generator)
                     module.weight.copy_(cpu.to(module.weight.dtype))

@@ -26,12 +26,12 @@ from torch.optim import Optimizer
 from .block_base import RepBlock
 from .blocks import BN_BLOCK, check_block_type
 from .cut_rule import MIN_ABSORB_GAMMA, cut_decision
-from .geometry import CUT_MODES, DEFAULT_INIT_GAMMA, KXK
+from .geometry import CUT_MODES, CUT_ORDERS, DEFAULT_INIT_GAMMA, GROW_OPTIM_STATES, KXK
 from .graph import restore_graph, structure_graph
 from .grow_cut import RecalFn, apply_plan
-from .optim import update_optimizer
+from .optim import restart_state, update_optimizer
 from .paths import eligible_convs, get_submodule, iter_blocks
-from .plan import CutOp, Event, GrowOp, Plan
+from .plan import CutOp, Event, GrowEvent, GrowOp, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,13 @@ class DyRep:
       from the fused block with a freshly reset kxk BN (the original); "absorb" folds the cut
       branch into the kxk conv and keeps the kxk BN's statistics.  (Online blocks: "reset" sets
       the kxk scale to 1 and compensates the kxk kernel; "absorb" divides by the kept kxk scale.)
+    * ``cut_order`` ("original"): blocks are judged and cut in ``named_modules()`` order, outermost first, each
+      after the cuts before it (a block nested in the kxk branch of a block cut with "reset" is judged on its
+      re-initialised gates; one inside a removed branch is gone); "inner_first": every block judged on the
+      model before any cut, innermost cut first.
+    * ``grow_optim_state`` ("restart"): a grown conv's block starts with fresh optimizer state, as the
+      original's new block does (the conv's bias, which the original moves into the block, keeps its state);
+      "carry": the kxk conv keeps the conv's state (momentum).
 
     ``block_type`` ("bn"): what a grow builds -- "bn" the paper's Diverse Branch Block, "online" the
     OREPA-style :class:`~dyrep_ray.rep.online.OnlineBlock` (per-channel branch scales instead of BNs,
@@ -76,6 +83,8 @@ class DyRep:
         cut_lone_branch: bool = False,
         cut_mode: str = "reset",
         block_type: str = BN_BLOCK,
+        cut_order: str = CUT_ORDERS[0],
+        grow_optim_state: str = GROW_OPTIM_STATES[0],
     ):
         if metric not in METRICS:
             raise ValueError(f"unknown DyRep metric {metric!r}; choose one of {list(METRICS)}")
@@ -83,6 +92,11 @@ class DyRep:
             raise ValueError("grow_topk must be >= 0, max_depth >= 1 and init_gamma > 0")
         if cut_mode not in CUT_MODES:
             raise ValueError(f"unknown cut_mode {cut_mode!r}; choose one of {list(CUT_MODES)}")
+        if cut_order not in CUT_ORDERS or grow_optim_state not in GROW_OPTIM_STATES:
+            raise ValueError(f"cut_order must be one of {list(CUT_ORDERS)} and grow_optim_state one of "
+                             f"{list(GROW_OPTIM_STATES)}")
+        self.cut_order = CUT_ORDERS[CUT_ORDERS.index(cut_order)]
+        self.grow_optim_state = GROW_OPTIM_STATES[GROW_OPTIM_STATES.index(grow_optim_state)]
         self.block_type = check_block_type(block_type)
         self.cut_lone_branch = bool(cut_lone_branch)
         self.cut_mode = CUT_MODES[CUT_MODES.index(cut_mode)]  # a plain str, whatever enum the caller used
@@ -219,12 +233,19 @@ class DyRep:
         grows = tuple(GrowOp(path=n, seed=self._decision_seed(n)) for _, n in candidates[: self.grow_topk])
         return Plan(grow=grows, cut=tuple(cuts), notes=tuple(notes), init_gamma=self.init_gamma,
                     cut_mode=self.cut_mode, adjust_index=self.adjust_count, scores={n: v for v, n in candidates},
-                    block_type=self.block_type)
+                    block_type=self.block_type, cut_order=self.cut_order)
 
     def _plan_cuts(self, notes: list[str]) -> list[CutOp]:
         cuts = []
+        gone: list[str] = []  # prefixes of modules an earlier cut removes ("original" order)
+        reinit: list[str] = []  # prefixes of kxk branches an earlier "reset" cut re-initialises
         for path, block in iter_blocks(self.model):
+            if self.cut_order == "original" and any(path.startswith(p) for p in gone):
+                continue
             importance = {n: float(v) for n, v in block.branch_importance().items()}
+            if self.cut_order == "original" and any(path.startswith(p) for p in reinit):
+                # compensate_kxk re-initialises a nested block: every non-kxk gate init_gamma, the kxk gate 1
+                importance = {n: (1.0 if n == KXK else float(self.init_gamma)) for n in importance}
             if not all(math.isfinite(v) for v in importance.values()):
                 notes.append(f"no cut at {path}: non-finite branch scales")
                 continue
@@ -238,6 +259,12 @@ class DyRep:
                     notes.append(f"no cut at {path}: kxk scale ~ 0 cannot absorb branches")
                     continue
             remaining = [n for n in block.branch_names if n not in weak]
+            if remaining == [KXK]:
+                gone.append(path + ".")
+            else:
+                gone.extend(f"{path}.branches.{n}." for n in weak)
+                if self.cut_mode == "reset":
+                    reinit.append(f"{path}.branches.{KXK}.")
             cuts.append(CutOp(path=path, branches=tuple(weak), collapses=remaining == [KXK], importance=importance,
                               seed=self._decision_seed(f"cut:{path}")))
         return cuts
@@ -256,6 +283,11 @@ class DyRep:
         events = apply_plan(self.model, plan, recal_fn)
         if optimizer is not None:
             update_optimizer(optimizer, self.model)
+            if self.grow_optim_state == "restart":
+                for event in events:
+                    if isinstance(event, GrowEvent):
+                        block = get_submodule(self.model, event.path)
+                        restart_state(optimizer, block, keep=(getattr(block, "bias", None),))
         self.adjust_count += 1
         self.refresh()
         for e in events:
@@ -271,15 +303,15 @@ class DyRep:
         """Grow one named conv now (outside the plan/adjust schedule)."""
         seed = self._decision_seed(module_name) if seed is None else seed
         plan = Plan(grow=(GrowOp(path=module_name, seed=seed),), init_gamma=self.init_gamma, cut_mode=self.cut_mode,
-                    block_type=self.block_type)
+                    block_type=self.block_type, cut_order=self.cut_order)
         self.apply(plan, optimizer, recal_fn)
         return cast(RepBlock, get_submodule(self.model, module_name))  # grown just now
 
     def cut(self, module_name: str, branches: Sequence[str], optimizer: Optimizer | None = None) -> nn.Module:
         """Cut named branches of one block now (with this controller's ``cut_mode``)."""
         op = CutOp(path=module_name, branches=tuple(branches), seed=self._decision_seed(f"cut:{module_name}"))
-        self.apply(Plan(cut=(op,), init_gamma=self.init_gamma, cut_mode=self.cut_mode, block_type=self.block_type),
-                   optimizer)
+        self.apply(Plan(cut=(op,), init_gamma=self.init_gamma, cut_mode=self.cut_mode, block_type=self.block_type,
+                        cut_order=self.cut_order), optimizer)
         return get_submodule(self.model, module_name)
 
     # ----------------------------------------------------------------- graph

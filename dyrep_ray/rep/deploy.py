@@ -6,7 +6,9 @@ block into its assembled kernel (with a bias exactly when the conv it replaced h
 A user's conv that had no bias gains one when it grows into a bn block (its branches' BNs have
 shifts).  To keep the deployed state_dict loadable with ``strict=True`` into the
 architecture the user started from, that bias is folded into the BatchNorm that
-directly follows the conv (``running_mean -= bias``, exact in eval mode).
+directly follows the conv (``running_mean -= bias``, exact in eval mode).  Where the static DBB baseline had
+replaced that BatchNorm by an identity (the original's ``--dbb``), deploy first puts back a BatchNorm2d that is
+the identity in eval mode (mean 0, var 1 - eps, gamma 1, beta 0); the conv's bias then folds into it as above.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..errors import UserError
 from .blocks import is_block
 from .geometry import ORIG_BIAS_ATTR
 from .paths import get_submodule, set_submodule
+from .replaced_bn import ReplacedBatchNorm
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ def deploy(model: nn.Module, inplace: bool = False, keep_bias: bool = False) -> 
     for path, block in top_level:
         conv = block.to_conv()
         set_submodule(target, path, conv)
+    _restore_replaced_batchnorms(target)
     if not keep_bias:
         needs_fold = [n for n, m in target.named_modules() if isinstance(m, nn.Conv2d)
                       and m.bias is not None and getattr(m, ORIG_BIAS_ATTR, True) is False]
@@ -121,6 +125,21 @@ def deploy(model: nn.Module, inplace: bool = False, keep_bias: bool = False) -> 
             delattr(m, ORIG_BIAS_ATTR)
     target.train(was_training)
     return target
+
+
+def _restore_replaced_batchnorms(model: nn.Module) -> None:
+    """Put an eval-mode identity BatchNorm2d where the static DBB baseline had replaced one: the untouched
+    architecture's layout (a conv bias folded next lands in its running mean)."""
+    replaced = [n for n, m in model.named_modules() if isinstance(m, ReplacedBatchNorm)]
+    if not replaced:
+        return
+    like = next(model.parameters())
+    for path in replaced:
+        try:
+            bn = cast(ReplacedBatchNorm, get_submodule(model, path)).to_batchnorm(like.device, like.dtype)
+        except ValueError as exc:
+            raise DeployError(f"BatchNorm '{path}': {exc}; deploy with the block's BatchNorm kept") from None
+        set_submodule(model, path, bn)
 
 
 def _outer_paths(model: nn.Module, path: str) -> list[str]:

@@ -13,6 +13,13 @@ CENTRED_BRANCHES = ("1x1", "1xk", "kx1", "identity")
 KXK = "kxk"
 # How a cut keeps the block's function: "reset" (the original DyRep) or "absorb" (dyrep-ray's first version).
 CUT_MODES = ("reset", "absorb")
+# In which order an adjust judges and applies cuts: "original" (the original DyRep: blocks in named_modules()
+# order, outermost first, each judged after the cuts before it) or "inner_first" (dyrep-ray's first version: all
+# judged on the model before any cut, applied innermost first).
+CUT_ORDERS = ("original", "inner_first")
+# What a grow does to the optimizer state of the grown conv: "restart" (the original: its block's parameters are
+# new, with fresh state) or "carry" (dyrep-ray's first version: the kxk conv keeps the conv's state).
+GROW_OPTIM_STATES = ("restart", "carry")
 # Last-BN gamma (bn block) or scale (online block) of a new branch (the original DyRep's value).
 DEFAULT_INIT_GAMMA = 0.01
 # Attribute set on convs/blocks that replace a user's conv: whether the user's

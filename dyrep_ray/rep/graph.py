@@ -8,6 +8,8 @@ from torch import nn
 from .blocks import graph_entry_class, is_block
 from .geometry import ORIG_BIAS_ATTR
 from .paths import get_submodule, set_submodule
+from .replaced_bn import GRAPH_ENTRY_TYPE as IDENTITY_BN
+from .replaced_bn import ReplacedBatchNorm
 
 GRAPH_VERSION = 1
 
@@ -18,7 +20,9 @@ def structure_graph(model: nn.Module) -> dict:
     Entries are ordered outermost first: ``{"path", "type": "dbb", geometry..., "branches"}``
     for bn blocks, ``{"path", "type": "online", geometry..., "branches", "bias"}`` for online
     blocks (:meth:`OnlineBlock.describe`) and ``{"path", "type": "conv", "bias": true,
-    "orig_bias": false}`` for plain convs that gained a bias when a block collapsed back into a conv.
+    "orig_bias": false}`` for plain convs that gained a bias when a block collapsed back into a conv, and
+    ``{"path", "type": "identity_bn", "num_features", ...}`` for a BatchNorm the static DBB baseline replaced
+    by an identity (:mod:`.replaced_bn`).
     """
     entries = []
     for name, module in model.named_modules():
@@ -27,6 +31,8 @@ def structure_graph(model: nn.Module) -> dict:
         elif isinstance(module, nn.Conv2d) and hasattr(module, ORIG_BIAS_ATTR):
             entries.append({"path": name, "type": "conv", "bias": module.bias is not None,
                             "orig_bias": bool(getattr(module, ORIG_BIAS_ATTR))})
+        elif isinstance(module, ReplacedBatchNorm):
+            entries.append({"path": name, "type": IDENTITY_BN, **module.describe()})
     entries.sort(key=lambda e: e["path"].count(".") if e["path"] else -1)
     return {"version": GRAPH_VERSION, "blocks": entries}
 
@@ -45,6 +51,15 @@ def restore_graph(model: nn.Module, graph: dict) -> nn.Module:
             current = get_submodule(model, path)
         except AttributeError as exc:
             raise ValueError(f"structure graph names module '{path}', which this model does not have") from exc
+        if entry["type"] == IDENTITY_BN:
+            if not isinstance(current, nn.BatchNorm2d):
+                raise ValueError(f"structure graph expects a BatchNorm2d at '{path}', found {type(current).__name__}")
+            try:
+                set_submodule(model, path, ReplacedBatchNorm.from_description(entry, current))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"structure graph entry for '{path}' does not fit the model's BatchNorm: "
+                                 f"{exc}") from exc
+            continue
         if not isinstance(current, nn.Conv2d):
             raise ValueError(f"structure graph expects a Conv2d at '{path}', found {type(current).__name__}")
         w = current.weight

@@ -59,19 +59,32 @@ def cut_block(model: nn.Module, path: str, branches: Iterable[str], mode: str = 
 
 def apply_plan(model: nn.Module, plan: Plan | dict, recal_fn: RecalFn | None = None) -> list[Event]:
     """Apply the grows, then the cuts of ``plan`` (a :class:`Plan` or its JSON dict) to ``model``
-    (the original's order); returns the events."""
+    (the original's order); the cuts outermost first (``plan.cut_order`` "original") or innermost first
+    ("inner_first"); returns the events."""
     plan = Plan.coerce(plan)
     events: list[Event] = []
     for grow in plan.grow:
         block = grow_conv(model, grow.path, grow.seed, plan.init_gamma, recal_fn, plan.block_type)
         events.append(GrowEvent(path=grow.path, branches=tuple(block.branch_names)))
-    # Innermost first: a nested block's cut must land before its outer block may collapse into a conv.
-    for cut in sorted(plan.cut, key=lambda c: -c.path.count(".")):
+    if plan.cut_order == "inner_first":  # a nested block's cut lands before its outer block may collapse
+        cuts = sorted(plan.cut, key=lambda c: -c.path.count("."))
+    else:  # the original: named_modules() order, outermost first; a block an earlier cut removed is skipped
+        cuts = sorted(plan.cut, key=lambda c: c.path.count("."))
+    for cut in cuts:
+        if plan.cut_order != "inner_first" and not _is_block_at(model, cut.path):
+            continue
         result = cut_block(model, cut.path, cut.branches, plan.cut_mode, cut.effective_seed, plan.init_gamma)
         still_block = is_block(result)
         events.append(CutEvent(path=cut.path, branches=tuple(cut.branches), collapsed=not still_block,
                                remaining=tuple(cast(RepBlock, result).branch_names) if still_block else ()))
     return events
+
+
+def _is_block_at(model: nn.Module, path: str) -> bool:
+    try:
+        return is_block(get_submodule(model, path))
+    except AttributeError:
+        return False
 
 
 # ---------------------------------------------------------------------------

@@ -87,3 +87,14 @@ def update_optimizer(optimizer: Optimizer, model: nn.Module) -> dict[str, int]:
     counts = {"kept": len(held), "removed": removed, "added": added}
     logger.debug("optimizer surgery: %s", counts)
     return counts
+
+
+def restart_state(optimizer: Optimizer, module: nn.Module, keep: tuple = ()) -> int:
+    """Drop the optimizer state of ``module``'s parameters (except those in ``keep``): they restart as new
+    parameters do (the original DyRep builds a grown block from new parameters).  Returns how many had state."""
+    kept = {id(p) for p in keep if p is not None}
+    dropped = 0
+    for p in module.parameters():
+        if id(p) not in kept and optimizer.state.pop(p, None) is not None:
+            dropped += 1
+    return dropped

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .blocks import BLOCK_TYPE_NAMES, BN_BLOCK
-from .geometry import CUT_MODES, DEFAULT_INIT_GAMMA
+from .geometry import CUT_MODES, CUT_ORDERS, DEFAULT_INIT_GAMMA
 
 PLAN_VERSION = 1
 
@@ -100,9 +100,13 @@ class Plan:
     scores: Mapping[str, float] = field(default_factory=dict)
     version: int = PLAN_VERSION
     block_type: str = BN_BLOCK
+    cut_order: str = CUT_ORDERS[0]
 
     def __post_init__(self) -> None:
         _require(self.cut_mode in CUT_MODES, f"unknown cut_mode {self.cut_mode!r}; choose one of {list(CUT_MODES)}")
+        _require(self.cut_order in CUT_ORDERS,
+                 f"unknown cut_order {self.cut_order!r}; choose one of {list(CUT_ORDERS)}")
+        object.__setattr__(self, "cut_order", CUT_ORDERS[CUT_ORDERS.index(self.cut_order)])
         _require(self.block_type in BLOCK_TYPE_NAMES,
                  f"unknown block_type {self.block_type!r}; choose one of {list(BLOCK_TYPE_NAMES)}")
         # A plain str (a config StrEnum would pickle as the engine's class, which rep/ must not need).
@@ -112,7 +116,8 @@ class Plan:
         out: dict[str, Any] = {"version": self.version, "grow": [g.to_json() for g in self.grow],
                                "cut": [c.to_json() for c in self.cut], "notes": list(self.notes),
                                "init_gamma": self.init_gamma, "cut_mode": self.cut_mode,
-                               "block_type": self.block_type, "scores": dict(self.scores)}
+                               "block_type": self.block_type, "cut_order": self.cut_order,
+                               "scores": dict(self.scores)}
         if self.adjust_index is not None:
             out["adjust_index"] = self.adjust_index
         return out
@@ -130,6 +135,8 @@ class Plan:
                    init_gamma=float(data.get("init_gamma", DEFAULT_INIT_GAMMA)),
                    cut_mode=str(data.get("cut_mode", "reset")),
                    block_type=str(data.get("block_type", BN_BLOCK)),
+                   # a plan without the key was made (and applied) by a version that cut innermost first
+                   cut_order=str(data.get("cut_order", "inner_first")),
                    adjust_index=None if adjust_index is None else int(adjust_index),
                    scores={str(k): float(v) for k, v in data.get("scores", {}).items()})
 

@@ -1,6 +1,7 @@
 """The paper's comparison table for several runs: ``dyrep-ray compare RUN_DIR... [--out DIR]``.
 
-One row per run: mode (plain / DBB / DyRep, from ``config.json``), best and final val top-1, the parameters and
+One row per run: mode (plain / DBB / DyRep, from ``config.json``; a static DBB baseline built by dyrep-ray's first
+rule, not the original's converter, says "DBB (every conv)"), best and final val top-1, the parameters and
 multiply-accumulates (MACs) of the trained network at the end, training time, throughput and the deployed model's
 parameters.
 Printed as Markdown; ``compare.md``, ``compare.csv`` and one PNG of the val top-1 curves (one panel per run,
@@ -55,6 +56,9 @@ MEGA = 1e6
 EXIT_USER_ERROR = 2  # as dyrep_ray.cli.EXIT_USAGE
 
 MODE_PLAIN, MODE_DBB, MODE_DYREP = "plain", "DBB", "DyRep"
+#: The static DBB baseline of dyrep-ray's first version (``dbb_convert: every_conv``; a run directory whose config
+#: predates the key built that one): not the paper's DBB, so its rows say so.
+MODE_DBB_EVERY_CONV = "DBB (every conv)"
 
 
 # ---------------------------------------------------------------------------
@@ -85,10 +89,11 @@ def read_run(run_dir: str | os.PathLike, name: str | None = None) -> RunData:
 
 
 def run_mode(config: dict | None) -> str:
-    """plain / DBB / DyRep from a run's config (``dbb: true`` = the static DBB baseline)."""
+    """plain / DBB / DyRep from a run's config (``dbb: true`` = the static DBB baseline: "DBB" as the original's
+    ``--dbb`` builds it, "DBB (every conv)" for ``dbb_convert: every_conv`` or a config without that key)."""
     config = config or {}
     if config.get("dbb"):
-        return MODE_DBB
+        return MODE_DBB if config.get("dbb_convert", "every_conv") == "original" else MODE_DBB_EVERY_CONV
     return MODE_DYREP if config.get("dyrep", True) else MODE_PLAIN
 
 
