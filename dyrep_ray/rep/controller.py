@@ -284,9 +284,11 @@ class DyRep:
         if optimizer is not None:
             update_optimizer(optimizer, self.model)
             if self.grow_optim_state == "restart":
+                modules = dict(self.model.named_modules())
                 for event in events:
-                    if isinstance(event, GrowEvent):
-                        block = get_submodule(self.model, event.path)
+                    # a block grown inside a branch that the same plan then cut is gone: nothing to restart
+                    block = modules.get(event.path) if isinstance(event, GrowEvent) else None
+                    if block is not None:
                         restart_state(optimizer, block, keep=(getattr(block, "bias", None),))
         self.adjust_count += 1
         self.refresh()
