@@ -13,6 +13,10 @@
   every :data:`LEASE_RENEW_S` seconds; another writer is refused while the marker is younger than
   :data:`LEASE_STALE_S` seconds.  A marker older than that belongs to a writer that died and is taken over.
   (Two writers starting within the same second on an object store can still both win: a lease, not a lock.)
+* **No symlinks**: a local run or sweep directory holding a symbolic link anywhere below it is refused before
+  anything is written (the lock file, ``train.log``, ``tensorboard/``, checkpoints, ``report/``, ``deployed.*``
+  would otherwise be written through it, outside the directory), and the lock file is opened ``O_NOFOLLOW``.
+  The directory itself may be a symlink (``--output`` on another disk); what is inside it may not.
 """
 
 from __future__ import annotations
@@ -105,6 +109,42 @@ def check_run_dir(storage, what: str = "run") -> None:
                           "choose another --name or --output")
 
 
+# ------------------------------------------------------------------------------------------------- symlinks
+def find_symlink(root: str | os.PathLike) -> str | None:
+    """The first symbolic link below ``root`` (its path), never following one; None if there is none."""
+    for directory, dirs, files in os.walk(os.fspath(root), followlinks=False):
+        for name in sorted(dirs) + sorted(files):  # os.walk lists a symlink to a directory under dirs
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                return path
+    return None
+
+
+def refuse_symlinks(root: str | os.PathLike, what: str = "run") -> None:
+    """Refuse a local run/sweep directory holding a symlink: dyrep-ray would read or write through it."""
+    link = find_symlink(root)
+    if link is not None:
+        raise RunDirError(f"{link} in the {what} directory is a symbolic link (to {os.readlink(link)!r}); "
+                          "dyrep-ray never writes through links: replace it with the file or directory itself, or "
+                          "use another --name")
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> None:
+    """Refuse an output path that exists and is not a regular file (a directory, device, FIFO, socket or
+    symlink): writing it would replace a device node or follow the link."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device node")
+    raise RunDirError(f"{option} {path} is {kind}, not a regular file; give a new or regular file path")
+
+
 # ------------------------------------------------------------------------------------------------- locking
 def _holder_text(info: dict) -> str:
     return f"host {info.get('host', '?')} pid {info.get('pid', '?')} since {info.get('started', '?')}"
@@ -143,8 +183,11 @@ class RunLock:
             self._created.append(missing)
             missing = os.path.dirname(missing)
         try:
+            if os.path.isdir(root):
+                refuse_symlinks(root, self.what)
             os.makedirs(root, exist_ok=True)
-            fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a link placed after the check above is refused too (ELOOP), never truncated through.
+            fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:  # --output is a file, read-only, a name too long for the file system, ...
             raise RunDirError(f"cannot create the {self.what} directory {root} ({exc.strerror or exc}); "
                               "choose a writable --output and a shorter --name") from None
