@@ -45,10 +45,12 @@ from ..data.parquet import (
     LABEL_COLUMN,
     PIXEL_MAX,
     _parquet_files,
+    check_image_side,
     decode_image,
     parquet_row_count,
     pixels_to_uint8,
     read_parquet_metadata,
+    recorded_image_side,
     resolve_parquet_splits,
     sample_seed,
     sample_transform,
@@ -95,7 +97,8 @@ def parquet_datasets(cfg: TrainConfig) -> dict[str, ray.data.Dataset]:
     meta = read_parquet_metadata(cfg.parquet_train)
     splits = resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val)  # val never defaults to the train shards
     return {VAL: decoded_dataset(read_parquet_dataset(splits["parquet_val"]), meta["dataset"],
-                                 train=False, image_size=cfg.image_size, aug=aug_options(cfg))}
+                                 train=False, image_size=cfg.image_size, aug=aug_options(cfg),
+                                 image_side=recorded_image_side(meta))}
 
 
 def train_dataset(cfg: TrainConfig, epoch: int, **decode_options: Any) -> ray.data.Dataset:
@@ -104,7 +107,7 @@ def train_dataset(cfg: TrainConfig, epoch: int, **decode_options: Any) -> ray.da
     train_shards = resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val)["parquet_train"]
     return decoded_dataset(read_parquet_dataset(train_shards), meta["dataset"], train=True,
                            image_size=cfg.image_size, aug=aug_options(cfg), seed=cfg.seed, epoch=epoch,
-                           **decode_options)
+                           image_side=recorded_image_side(meta), **decode_options)
 
 
 def _row_of(path: str, encoded: bytes) -> str:
@@ -128,14 +131,17 @@ class DecodeAugment:
     """
 
     def __init__(self, dataset: str, *, train: bool, image_size: int = DEFAULT_IMAGE_SIZE,
-                 aug: Mapping[str, Any] | None = None, seed: int = 0, epoch: int = 0) -> None:
+                 aug: Mapping[str, Any] | None = None, seed: int = 0, epoch: int = 0,
+                 image_side: int | None = None) -> None:
         self.split = split_transform(sample_transform(dataset, train=train, image_size=image_size, aug=aug))
         self.train, self.seed, self.epoch = train, seed, epoch
+        self.image_side = image_side  # every image's recorded side (synthetic/CIFAR exports), else None
         torch.set_num_threads(1)  # one image at a time per actor; parallelism comes from the actor pool
 
     def _one(self, encoded: bytes, label: int, path: str | None) -> torch.Tensor:
         try:
             image = decode_image(encoded, "image")
+            check_image_side(image, self.image_side, "image")
         except DatasetError as exc:
             where = f"{path} {_row_of(path, encoded)}" if path else "image"
             raise DatasetError(str(exc).replace("image:", f"{where}:", 1)) from None
@@ -165,13 +171,14 @@ def decoded_dataset(
     max_actors: int = DECODE_MAX_ACTORS,
     cpus_per_actor: float = DECODE_CPUS_PER_ACTOR,
     rows_per_call: int = DECODE_ROWS_PER_CALL,
+    image_side: int | None = None,
 ) -> ray.data.Dataset:
     """``ds`` (read with ``include_paths=True``) decoded and transformed by an autoscaling :class:`DecodeAugment`
     actor pool of 1..``max_actors`` actors, ``cpus_per_actor`` each (streaming: batches flow as they are ready)."""
     return ds.map_batches(
         DecodeAugment,
         fn_constructor_kwargs=dict(dataset=dataset, train=train, image_size=image_size, aug=aug, seed=seed,
-                                   epoch=epoch),
+                                   epoch=epoch, image_side=image_side),
         batch_size=rows_per_call,
         batch_format="numpy",
         concurrency=(1, max(1, max_actors)),
