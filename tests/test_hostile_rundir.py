@@ -1,0 +1,353 @@
+"""Hostile and careless inputs: run and sweep directories, outputs and data someone else controls.
+
+Each case with real files, real sockets and real processes where it matters; no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from dyrep_ray.rundir.layout import LOCK_FILE, TENSORBOARD_DIR, TRACKING_FILE, TRAIN_LOG
+from dyrep_ray.rundir.lock import RunDirError, RunLock, open_run_dir
+from dyrep_ray.rundir.storage import RunStorage
+from tests.helpers import run_local
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["synthetic_train_size=32", "synthetic_val_size=16", "batch_size=16", "epochs=1", "dyrep_recal_bn_iters=1"]
+
+
+def _cli(*args, timeout=120):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "dyrep_ray.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+@pytest.fixture()
+def victim(tmp_path):
+    """A file and a directory outside the run directory, and a path that must never come to exist."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.txt").write_text("SECRET\n")
+    (outside / "dir").mkdir()
+    return outside
+
+
+def _outside_untouched(outside: Path) -> None:
+    assert (outside / "victim.txt").read_text() == "SECRET\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["dir", "victim.txt"]  # no missing target created
+    assert list((outside / "dir").iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------- symlinks
+@pytest.mark.parametrize("entry, target", [
+    (LOCK_FILE, "victim.txt"), (LOCK_FILE, "missing.txt"), (TRAIN_LOG, "victim.txt"), (TRAIN_LOG, "missing.txt"),
+    (TENSORBOARD_DIR, "dir"), ("checkpoint_epoch0001", "dir"), ("structure.json", "victim.txt"),
+    ("report", "dir"), ("deployed.safetensors", "missing.txt"), (f"{TENSORBOARD_DIR}/events.out", "victim.txt"),
+])
+def test_symlink_in_run_or_sweep_dir_refused_before_a_byte_is_written(tmp_path, victim, entry, target):
+    for what in ("run", "sweep"):
+        run = tmp_path / "runs" / f"lk-{what}"
+        (run / entry).parent.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text("{}")  # an earlier run of ours
+        os.symlink(victim / target, run / entry)
+        with pytest.raises(RunDirError, match="symbolic link"):
+            if what == "run":
+                open_run_dir(RunStorage(str(tmp_path / "runs"), run.name), run.name)
+            else:
+                RunLock(RunStorage(str(tmp_path / "runs"), run.name), "sweep").acquire()
+        assert not (run / LOCK_FILE).exists() or (run / LOCK_FILE).is_symlink()
+    _outside_untouched(victim)
+
+
+def test_train_refuses_a_symlinked_lock_file_with_one_line(tmp_path, victim):
+    run = tmp_path / "runs" / "lk"
+    run.mkdir(parents=True)
+    os.symlink(victim / "victim.txt", run / LOCK_FILE)
+    done = _cli("train", "--local", "--cpu", "--output", str(tmp_path / "runs"), "--name", "lk", *sum(
+        (["--set", o] for o in TINY), []))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "symbolic link" in done.stderr, done.stderr
+    _outside_untouched(victim)
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing written beside it
+
+
+def test_run_dir_itself_may_be_a_symlink(tmp_path):
+    """``--output`` on another disk through a link stays allowed: only links inside the directory are refused."""
+    (tmp_path / "disk" / "lk").mkdir(parents=True)
+    (tmp_path / "runs").mkdir()
+    os.symlink(tmp_path / "disk" / "lk", tmp_path / "runs" / "lk")
+    open_run_dir(RunStorage(str(tmp_path / "runs"), "lk"), "lk").release()
+
+
+def test_lock_file_opened_without_following_a_late_link(tmp_path, victim, monkeypatch):
+    """A link planted between the scan and the open is not followed either (O_NOFOLLOW)."""
+    from dyrep_ray.rundir import lock as lock_module
+
+    run = tmp_path / "runs" / "lk"
+    run.mkdir(parents=True)
+
+    def plant_after_scan(root, what="run"):
+        os.symlink(victim / "victim.txt", run / LOCK_FILE)
+
+    monkeypatch.setattr(lock_module, "refuse_symlinks", plant_after_scan)
+    with pytest.raises(RunDirError, match="cannot create"):
+        RunLock(RunStorage(str(tmp_path / "runs"), "lk")).acquire()
+    _outside_untouched(victim)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def test_output_paths_that_are_not_regular_files_are_refused(tmp_path):
+    from dyrep_ray.rundir.lock import check_output_file
+
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "nowhere", tmp_path / "link")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    for name, kind in (("fifo", "a FIFO"), ("link", "a symbolic link"), ("dir", "a directory")):
+        with pytest.raises(RunDirError, match=kind):
+            check_output_file(tmp_path / name, "--out")
+    with pytest.raises(RunDirError, match="a device node"):
+        check_output_file("/dev/full", "--out")
+    check_output_file(tmp_path / "file", "--out")  # a regular file is replaced, a new path created
+    check_output_file(tmp_path / "new", "--out")
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("hostile") / "run"
+    run_local(run_dir, TINY)
+    return run_dir
+
+
+def _convert(*args):
+    from dyrep_ray import cli
+
+    return cli.main(["convert", *map(str, args), "--no-eval", "--no-progress"])
+
+
+def test_convert_refuses_special_outputs_before_writing_anything(tiny_run, tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "nowhere.safetensors", tmp_path / "link.safetensors")
+    (tmp_path / "ts").mkdir()
+    out = tmp_path / "w.safetensors"
+    for args, what in (((tiny_run, "--out", tmp_path / "fifo"), "FIFO"),
+                       ((tiny_run, "--out", tmp_path / "link.safetensors"), "symbolic link"),
+                       ((tiny_run, "--out", out, "--torchscript", tmp_path / "ts"), "--torchscript")):
+        assert _convert(*args) == 2
+        err = capsys.readouterr().err
+        assert what in err and err.strip().count("\n") == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.safetensors", "ts"]  # nothing written
+    assert (tmp_path / "fifo").exists() and not (tmp_path / "fifo").is_file()
+    assert not (tmp_path / "nowhere.safetensors").exists() and list((tmp_path / "ts").iterdir()) == []
+
+
+class _Listener:
+    """A real TCP server socket that records every connection made to it."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_convert_contacts_no_address_from_the_run_directory(tiny_run, tmp_path, caplog):
+    import shutil
+
+    caplog.set_level(logging.INFO)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    listener = _Listener()
+    store = tmp_path / "elsewhere" / "store"
+    try:
+        for uri in (f"http://127.0.0.1:{listener.port}", store.as_uri()):
+            (run / TRACKING_FILE).write_text(json.dumps(
+                {"mlflow": {"tracking_uri": uri, "experiment_id": "1", "run_id": "0" * 32}}))
+            assert _convert(run, "--out", tmp_path / "w.safetensors") == 0
+            assert listener.connections == 0 and not (tmp_path / "elsewhere").exists()
+            assert "pass --mlflow-tracking-uri" in caplog.text
+            caplog.clear()
+        # The user asks: only then is the store contacted (the listener sees it: the check above can fail).
+        assert _convert(run, "--out", tmp_path / "w.safetensors",
+                        "--mlflow-tracking-uri", f"http://127.0.0.1:{listener.port}") == 0
+        assert listener.connections >= 1
+    finally:
+        listener.close()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+# ---------------------------------------------------------------------------------------------- Parquet
+def _shard(directory: Path, split: str, images, labels, info: dict, image_type=None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dyrep_ray.data.parquet import METADATA_KEY
+
+    schema = pa.schema([pa.field("image", image_type or pa.binary()), pa.field("label", pa.int64())],
+                       metadata={METADATA_KEY: json.dumps({"split": split, **info}).encode()})
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": images, "label": labels}, schema=schema), directory / f"{split}-00000.parquet")
+    return directory
+
+
+def _png(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+SYNTH = {"dataset": "synthetic", "num_classes": 10, "image_size": 32}
+
+
+def test_relative_parquet_paths_are_made_absolute_and_a_missing_train_named(tmp_path, monkeypatch):
+    from dyrep_ray.data import DatasetError
+    from dyrep_ray.data.parquet import resolve_parquet_splits
+
+    _shard(tmp_path / "pq" / "train", "train", [_png(32)], [0], SYNTH)
+    _shard(tmp_path / "pq" / "val", "val", [_png(32)], [0], SYNTH)
+    monkeypatch.chdir(tmp_path)
+    # Ray workers run in other directories: what the driver passes on must not depend on its cwd.
+    assert resolve_parquet_splits("pq/train", "pq/val") == {"parquet_train": str(tmp_path / "pq" / "train"),
+                                                           "parquet_val": str(tmp_path / "pq" / "val")}
+    assert resolve_parquet_splits("pq", None)["parquet_val"] == str(tmp_path / "pq" / "val")
+    with pytest.raises(DatasetError, match=r"^parquet_train nope/train does not exist"):
+        resolve_parquet_splits("nope/train", None)
+
+
+def test_empty_parquet_sets_refused(tmp_path):
+    from dyrep_ray.data import DatasetError
+    from dyrep_ray.data.parquet import resolve_parquet_splits
+
+    full_train = _shard(tmp_path / "a" / "train", "train", [_png(32)], [0], SYNTH)
+    empty_val = _shard(tmp_path / "a" / "val", "val", [], [], SYNTH)
+    empty_train = _shard(tmp_path / "b" / "train", "train", [], [], SYNTH)
+    full_val = _shard(tmp_path / "b" / "val", "val", [_png(32)], [0], SYNTH)
+    with pytest.raises(DatasetError, match="parquet_val .* holds no rows"):
+        resolve_parquet_splits(str(full_train), str(empty_val))
+    with pytest.raises(DatasetError, match="parquet_train .* holds no rows"):
+        resolve_parquet_splits(str(empty_train), str(full_val))
+
+
+def test_parquet_image_column_of_wrong_type_and_huge_num_classes_refused(tmp_path):
+    import pyarrow as pa
+
+    from dyrep_ray.data import DatasetError
+    from dyrep_ray.data.parquet import ParquetImageDataset, read_parquet_metadata, resolve_parquet_splits
+    from dyrep_ray.limits import MAX_NUM_CLASSES
+
+    ints = _shard(tmp_path / "ints" / "train", "train", [1, 2], [0, 1], SYNTH, image_type=pa.int64())
+    val = _shard(tmp_path / "ints" / "val", "val", [_png(32)], [0], SYNTH)
+    for call in (lambda: ParquetImageDataset(ints), lambda: resolve_parquet_splits(str(ints), str(val))):
+        with pytest.raises(DatasetError, match=r"column 'image' is int64, not binary"):
+            call()
+    huge = _shard(tmp_path / "huge", "train", [_png(32)], [0], {**SYNTH, "num_classes": MAX_NUM_CLASSES + 1})
+    with pytest.raises(DatasetError, match=rf"num_classes must be an integer in \[1, {MAX_NUM_CLASSES}\]"):
+        read_parquet_metadata(huge)
+
+
+def test_an_oversized_image_in_a_fixed_size_set_is_named_by_row(tmp_path):
+    from dyrep_ray.data import DatasetError
+    from dyrep_ray.data.parquet import ParquetImageDataset
+    from dyrep_ray.distributed.ray_data import DecodeAugment
+
+    path = _shard(tmp_path / "pq", "train", [_png(32), _png(600)], [0, 1], SYNTH)
+    data = ParquetImageDataset(path)
+    assert data[0][1] == 0
+    with pytest.raises(DatasetError, match=r"train-00000.parquet row 1: image is 600x600 pixels but the set's "
+                                           r"metadata records 32x32"):
+        data[1]
+    decode = DecodeAugment("synthetic", train=False, image_size=32, image_side=32)  # the Ray Data path
+    with pytest.raises(DatasetError, match=r"row 1: image is 600x600"):
+        decode({"image": [_png(32), _png(600)], "label": [0, 1], "path": [str(path / "train-00000.parquet")] * 2})
+
+
+# ------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=99999999999999999999", r"'batch_size' must be <= 2147483647"),
+    ("batch_size=100000", r"'batch_size' must be <= 65536 images per worker"),
+    ("val_batch_size=100000", r"'val_batch_size' must be <= 65536 images per worker"),
+    ("epochs=99999999999999999999", r"'epochs' must be <= 2147483647"),
+    ("seed=99999999999999999999", r"'seed' must be <= 2147483647"),
+    ("workers=[1, 99999999999999999999]", r"'workers'"),
+])
+def test_huge_integers_refused_in_one_line(override, message):
+    from dyrep_ray.engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_original_format_multiplier_overflow_is_one_line():
+    from dyrep_ray.engine.config import ConfigError
+    from dyrep_ray.engine.original_format import translate_original
+
+    with pytest.raises(ConfigError, match="val_batch_size_multiplier' 1e\\+308 x batch_size 64 is not a usable"):
+        translate_original({"batch_size": 64, "val_batch_size_multiplier": 1.0e308})
+    assert translate_original({"batch_size": 64, "val_batch_size_multiplier": 2})["val_batch_size"] == 128
+
+
+def test_huge_batch_size_leaves_no_run_dir(tmp_path):
+    done = _cli("train", "--local", "--cpu", "--output", str(tmp_path / "runs"), "--name", "big",
+                "--set", "batch_size=99999999999999999999")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "batch_size" in done.stderr, done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _report_run(path: Path, events) -> Path:
+    path.mkdir(parents=True)
+    record = {"epoch": 1, "val_top1": 10.0, "val_loss": 1.0, "train_loss": 1.0, "params": 10, "n_blocks": 1,
+              "events": events}
+    (path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (path / "config.json").write_text(json.dumps({"model": "small_cnn"}))
+    return path
+
+
+def test_report_on_events_that_are_not_a_list_is_one_line(tmp_path):
+    run = _report_run(tmp_path / "run", "notalist")
+    done = _cli("report", str(run))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "'events' is a str, not a list" in done.stderr, done.stderr
+
+
+def test_control_characters_from_event_paths_are_escaped_in_the_summary(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dyrep_ray.report.render import render_report
+
+    evil = "features.\x1b[2J\x1b]0;owned\x07.conv\n| fake | row |"
+    run = _report_run(tmp_path / "run", [{"op": "grow", "path": evil, "branches": ["1x1", "k\x1bx"]}, "junk"])
+    render_report(run)
+    summary = (run / "report" / "summary.md").read_text()
+    assert not any(ord(ch) < 32 and ch != "\n" or 0x7f <= ord(ch) <= 0x9f for ch in summary)
+    assert "features.\\x1b[2J\\x1b]0;owned\\x07.conv\\x0a\\| fake \\| row \\|" in summary
+    assert "k\\x1bx" in summary
+    assert not any(line.startswith("| fake") for line in summary.splitlines())
