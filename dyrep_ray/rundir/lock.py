@@ -2,9 +2,10 @@
 
 * **Run names** (``--name``, sweep and trial names) are one path component: no ``/``, ``\\``, ``.``/``..``,
   NUL or control characters, at most :data:`MAX_NAME_LENGTH` characters.
-* **A run directory** is empty or holds one of the files dyrep-ray writes (config.json, metrics.jsonl,
-  structure.json, a ``checkpoint_epochNNNN`` directory, the lock file): anything else is somebody else's
-  directory and is refused before a byte is written.  (Which checkpoints are ours and their order:
+* **A run directory** is empty or holds one of the files only dyrep-ray writes (metrics.jsonl, a
+  ``checkpoint_epochNNNN`` directory, the lock or lease file, or a config.json / structure.json with the keys
+  dyrep-ray writes): anything else (a user's own config.json too) is somebody else's directory and is refused
+  before a byte is written.  (Which checkpoints are ours and their order:
   rundir/checkpoints.py.)
 * **The writer lock**: on a local (or NFS with working ``flock``) file system an exclusive ``fcntl.flock`` on
   ``<run>/.dyrep-ray.lock``, held for the whole run by the driver (Ray workers write through it, they are the
@@ -47,7 +48,9 @@ MAX_NAME_LENGTH = 128
 LEASE_STALE_S = 600.0
 LEASE_RENEW_S = 60.0
 # Files/dirs whose presence marks a directory as a dyrep-ray run (or its lock: a run that just started).
-RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE, LOCK_FILE, LEASE_FILE)
+RUN_MARKERS = (METRICS_FILE, LOCK_FILE, LEASE_FILE)
+# Common names that mark a run only with the content dyrep-ray writes: a user's own config.json is not ours.
+OWN_CONTENT = {CONFIG_FILE: ("model", "dyrep"), STRUCTURE_FILE: ("version", "blocks")}
 # Files other tools leave in any directory; they do not make it somebody else's.
 IGNORABLE_ENTRIES = (".DS_Store",)
 
@@ -93,8 +96,20 @@ def _entries(storage) -> list[str] | None:
     return [i.base_name for i in storage.fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))]
 
 
-def is_run_dir(entries: list[str]) -> bool:
-    return any(e in RUN_MARKERS or CHECKPOINT_NAME.match(e) for e in entries)
+def is_run_dir(entries: list[str], storage=None) -> bool:
+    """Whether a directory holding ``entries`` was written by dyrep-ray (``storage``: read config.json and
+    structure.json to tell ours from a user's file of the same name)."""
+    if any(e in RUN_MARKERS or CHECKPOINT_NAME.match(e) for e in entries):
+        return True
+    return storage is not None and any(_written_by_us(storage, name) for name in OWN_CONTENT if name in entries)
+
+
+def _written_by_us(storage, name: str) -> bool:
+    try:
+        data = json.loads(storage.read_text(name) or "null")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in OWN_CONTENT[name])
 
 
 def check_run_dir(storage, what: str = "run") -> None:
@@ -103,10 +118,10 @@ def check_run_dir(storage, what: str = "run") -> None:
     if not entries:
         return
     entries = [e for e in entries if e not in IGNORABLE_ENTRIES]
-    if entries and not is_run_dir(entries):
+    if entries and not is_run_dir(entries, storage):
         raise RunDirError(f"{storage.root} is a non-empty directory that is not a dyrep-ray {what} (no "
-                          f"{CONFIG_FILE}, {METRICS_FILE} or checkpoints; holds e.g. {sorted(entries)[0]!r}); "
-                          "choose another --name or --output")
+                          f"{METRICS_FILE}, checkpoints or dyrep-ray {CONFIG_FILE}; holds e.g. "
+                          f"{sorted(entries)[0]!r}); choose another --name or --output")
 
 
 # ------------------------------------------------------------------------------------------------- symlinks
