@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from dyrep_ray.rundir.layout import LOCK_FILE, TENSORBOARD_DIR, TRACKING_FILE, TRAIN_LOG
 from dyrep_ray.rundir.lock import RunDirError, RunLock, open_run_dir
@@ -57,7 +58,7 @@ def test_symlink_in_run_or_sweep_dir_refused_before_a_byte_is_written(tmp_path, 
     for what in ("run", "sweep"):
         run = tmp_path / "runs" / f"lk-{what}"
         (run / entry).parent.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text("{}")  # an earlier run of ours
+        (run / "metrics.jsonl").write_text("")  # an earlier run of ours
         os.symlink(victim / target, run / entry)
         with pytest.raises(RunDirError, match="symbolic link"):
             if what == "run":
@@ -78,6 +79,22 @@ def test_train_refuses_a_symlinked_lock_file_with_one_line(tmp_path, victim):
     assert done.stderr.strip().count("\n") == 0 and "symbolic link" in done.stderr, done.stderr
     _outside_untouched(victim)
     assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing written beside it
+
+
+def test_a_users_config_json_does_not_make_a_run_directory(tmp_path):
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "config.json").write_text('{"theme": "dark"}')
+    (mine / "structure.json").write_text("[1, 2]")
+    with pytest.raises(RunDirError, match="not a dyrep-ray run"):
+        open_run_dir(RunStorage(str(tmp_path / "runs"), "mine"), "mine")
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "structure.json"]
+    assert (mine / "config.json").read_text() == '{"theme": "dark"}'
+    # A run killed before its first epoch left only its own config.json (and the lock): still ours.
+    ours = tmp_path / "runs" / "ours"
+    ours.mkdir()
+    (ours / "config.json").write_text(json.dumps({"model": "small_cnn", "dyrep": True}))
+    open_run_dir(RunStorage(str(tmp_path / "runs"), "ours"), "ours").release()
 
 
 def test_run_dir_itself_may_be_a_symlink(tmp_path):
@@ -351,3 +368,58 @@ def test_control_characters_from_event_paths_are_escaped_in_the_summary(tmp_path
     assert "features.\\x1b[2J\\x1b]0;owned\\x07.conv\\x0a\\| fake \\| row \\|" in summary
     assert "k\\x1bx" in summary
     assert not any(line.startswith("| fake") for line in summary.splitlines())
+
+
+# ----------------------------------------------------------------------------------- checkpoint writing
+def test_failed_checkpoint_log_tells_the_truth_and_a_rerun_without_one_is_not_silent(tmp_path, caplog):
+    import resource
+
+    from dyrep_ray.engine.checkpoint import write_checkpoint_dir
+    from dyrep_ray.engine.context import LocalContext, NoCheckpointError, load_newest_valid
+
+    def failing(path):
+        raise OSError(27, "File too large")
+
+    def big(path):  # 400 KB of state: over the file size limit below
+        write_checkpoint_dir(path, state={"model": {"w": torch.zeros(100_000)}}, graph={"version": 1, "blocks": []},
+                             meta={"epoch": 1, "global_step": 1})
+
+    ctx = LocalContext(torch.device("cpu"), tmp_path / "run", 2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, limits[1]))  # ulimit -f (Python ignores SIGXFSZ)
+    try:
+        with caplog.at_level(logging.ERROR):
+            ctx.report({}, 1, big)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert "checkpoint for epoch 1 NOT written" in caplog.text and "the run has no checkpoint" in caplog.text
+    assert "stays valid" not in caplog.text
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]  # no half-written dir
+    with pytest.raises(NoCheckpointError, match=r"no checkpoint of this run could be written \(last: checkpoint "
+                                                r"for epoch 1: torch.save failed"):
+        ctx.check_resumable()  # the CLI's last step: exit 2, one line
+    with caplog.at_level(logging.WARNING):
+        assert load_newest_valid(ctx.storage) is None
+    assert "records 1 epoch(s) in metrics.jsonl but holds no checkpoint" in caplog.text
+    caplog.clear()
+    ctx.report({}, 1, lambda path: write_checkpoint_dir(path, state={}, graph={"version": 1, "blocks": []},
+                                                        meta={"epoch": 1, "global_step": 1}))
+    with caplog.at_level(logging.ERROR):
+        ctx.report({}, 2, failing)  # a later failure: the run goes on from the one it has
+    assert "checkpoint for epoch 2 NOT written" in caplog.text and "checkpoint_epoch0001 stays" in caplog.text
+    ctx.check_resumable()  # one checkpoint exists: exit 0
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)])
+def test_checkpoint_directories_follow_the_umask_like_every_other_directory(tmp_path, umask, mode):
+    from dyrep_ray.engine.checkpoint import write_checkpoint_dir
+
+    old = os.umask(umask)
+    try:
+        path = write_checkpoint_dir(tmp_path / "run" / "checkpoint_epoch0001", state={}, meta={"epoch": 1},
+                                    graph={"version": 1, "blocks": []})
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777, (tmp_path / "run").stat().st_mode & 0o777) == (mode, mode)
