@@ -457,3 +457,76 @@ def test_a_replaced_sweep_json_is_refused_on_resume_before_any_contact(tmp_path,
         assert listener.connections == 0
     finally:
         listener.close()
+
+
+# ------------------------------------------------------------------------------------- SIGKILL mid-write
+KILLED_WRITER = """
+import sys, time, torch
+from dyrep_ray.engine import checkpoint
+from dyrep_ray.engine.context import LocalContext
+ctx = LocalContext(torch.device("cpu"), sys.argv[1])
+state = {"model": {"w": torch.arange(1000.0)}}
+write = lambda epoch: (lambda path: checkpoint.write_checkpoint_dir(
+    path, state=state, graph={"version": 1, "blocks": []}, meta={"epoch": epoch, "global_step": epoch}))
+ctx.report({}, 1, write(1))
+real = checkpoint._write_json
+def stall_before_manifest(path, obj):
+    if path.name == "MANIFEST.json":
+        print("stalled", flush=True)
+        time.sleep(600)
+    real(path, obj)
+checkpoint._write_json = stall_before_manifest
+ctx.report({}, 2, write(2))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    import signal
+
+    from dyrep_ray.engine.context import load_newest_valid
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(run)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        assert writer.stdout.readline().strip() == "stalled"  # epoch 2: state, meta, graph written, no manifest
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    assert writer.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in run.iterdir())
+    assert left[0].startswith(".checkpoint_epoch0002.tmp-") and left[1:] == ["checkpoint_epoch0001"]
+    storage = RunStorage(str(tmp_path), "run")
+    assert load_newest_valid(storage).meta["epoch"] == 1
+    (run / "metrics.jsonl").write_text("")
+    open_run_dir(storage, "run").release()  # the next run removes what the killed write left
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "checkpoint_epoch0001", "metrics.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------- object stores
+def test_object_store_checkpoint_with_dot_dot_keys_is_skipped_and_nothing_lands_outside(tmp_path, monkeypatch):
+    import tempfile
+
+    from dyrep_ray.engine.checkpoint import write_checkpoint_dir
+    from dyrep_ray.engine.context import load_newest_valid
+    from tests.s3server import S3_TEST_ENV, moto_version_problem, s3_client, s3_server
+
+    if moto_version_problem():
+        pytest.skip(moto_version_problem())
+    for key, value in S3_TEST_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with s3_server("dyrep-hostile") as endpoint:
+        storage = RunStorage(f"s3://dyrep-hostile/runs?endpoint_override={endpoint}&scheme=http", "r")
+        for epoch in (1, 2):
+            storage.write_dir(f"checkpoint_epoch000{epoch}", lambda path, e=epoch: write_checkpoint_dir(
+                path, state={"model": {"w": torch.zeros(2)}}, graph={"version": 1, "blocks": []},
+                meta={"epoch": e, "global_step": e}))
+        escape = str(tmp_path / "ESCAPED").lstrip("/")
+        s3_client(endpoint).put_object(Bucket="dyrep-hostile", Key=f"runs/r/checkpoint_epoch0002/{'../' * 12}{escape}",
+                                       Body=b"x")
+        assert load_newest_valid(storage).meta["epoch"] == 1  # the planted key makes epoch 2 unusable
+    assert not (tmp_path / "ESCAPED").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []  # every temp download removed, the failed one too
