@@ -530,3 +530,21 @@ def test_object_store_checkpoint_with_dot_dot_keys_is_skipped_and_nothing_lands_
         assert load_newest_valid(storage).meta["epoch"] == 1  # the planted key makes epoch 2 unusable
     assert not (tmp_path / "ESCAPED").exists()
     assert list((tmp_path / "tmp").iterdir()) == []  # every temp download removed, the failed one too
+
+
+def test_ray_data_decode_pool_leaves_the_read_tasks_a_cpu_on_small_nodes(monkeypatch):
+    """A 2-CPU node with one train worker hung at 0 rows: worker + one full-CPU decode actor took both CPUs and
+    the listing/read tasks never ran (checked with a real run; the decision is tested here without Ray)."""
+    import ray
+
+    from dyrep_ray.distributed import ray_data
+    from dyrep_ray.distributed.trainer import CPUS_PER_WORKER
+    from dyrep_ray.engine.config import load_config
+
+    assert ray_data.TRAIN_WORKER_CPUS == CPUS_PER_WORKER
+    for cpus, workers, pool in ((2, 1, {"cpus_per_actor": 0.0, "max_actors": 1}),
+                                (4, 2, {"cpus_per_actor": 0.0, "max_actors": 1}),
+                                (4, 1, {"cpus_per_actor": 1.0, "max_actors": ray_data.DECODE_MAX_ACTORS}),
+                                (16, [2, 4], {"cpus_per_actor": 1.0, "max_actors": ray_data.DECODE_MAX_ACTORS})):
+        monkeypatch.setattr(ray, "cluster_resources", lambda cpus=cpus: {"CPU": float(cpus)})
+        assert ray_data.decode_pool(load_config(None, [f"workers={workers}"])) == pool, (cpus, workers)

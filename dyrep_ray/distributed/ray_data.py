@@ -73,6 +73,24 @@ DECODE_MAX_ACTORS = 8
 DECODE_CPUS_PER_ACTOR = 1.0
 #: Rows per ``DecodeAugment`` call (one Ray Data batch; independent of the training batch size).
 DECODE_ROWS_PER_CALL = 64
+#: CPUs each Ray Train worker holds (distributed/trainer.py CPUS_PER_WORKER; tests check they agree).
+TRAIN_WORKER_CPUS = 1
+#: CPUs Ray Data's listing and read tasks need besides the decode actors (one task at a time at least).
+READ_TASK_CPUS = 1
+
+
+def decode_pool(cfg: TrainConfig) -> dict[str, Any]:
+    """``cpus_per_actor`` / ``max_actors`` for :func:`decoded_dataset` on this cluster.
+
+    The train and validation pools each keep one actor alive; with the train workers' CPUs, full-CPU actors
+    can take every CPU of a small node and the read tasks never run (a 2-CPU node with one worker hung at
+    0 rows).  When the CPUs the workers leave cannot hold both pools and a read task, the pools get one actor
+    of 0 CPUs each (they share the spare CPUs with the read tasks) -- slower, never stuck.
+    """
+    spare = ray.cluster_resources().get("CPU", 0) - cfg.max_workers * TRAIN_WORKER_CPUS
+    if spare >= 2 * DECODE_CPUS_PER_ACTOR + READ_TASK_CPUS:
+        return {"cpus_per_actor": DECODE_CPUS_PER_ACTOR, "max_actors": DECODE_MAX_ACTORS}
+    return {"cpus_per_actor": 0.0, "max_actors": 1}
 
 
 def read_parquet_dataset(path: str | os.PathLike | Sequence[str], **read_kwargs: Any) -> ray.data.Dataset:
@@ -98,7 +116,7 @@ def parquet_datasets(cfg: TrainConfig) -> dict[str, ray.data.Dataset]:
     splits = resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val)  # val never defaults to the train shards
     return {VAL: decoded_dataset(read_parquet_dataset(splits["parquet_val"]), meta["dataset"],
                                  train=False, image_size=cfg.image_size, aug=aug_options(cfg),
-                                 image_side=recorded_image_side(meta))}
+                                 image_side=recorded_image_side(meta), **decode_pool(cfg))}
 
 
 def train_dataset(cfg: TrainConfig, epoch: int, **decode_options: Any) -> ray.data.Dataset:
@@ -107,7 +125,7 @@ def train_dataset(cfg: TrainConfig, epoch: int, **decode_options: Any) -> ray.da
     train_shards = resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val)["parquet_train"]
     return decoded_dataset(read_parquet_dataset(train_shards), meta["dataset"], train=True,
                            image_size=cfg.image_size, aug=aug_options(cfg), seed=cfg.seed, epoch=epoch,
-                           image_side=recorded_image_side(meta), **decode_options)
+                           image_side=recorded_image_side(meta), **{**decode_pool(cfg), **decode_options})
 
 
 def _row_of(path: str, encoded: bytes) -> str:
