@@ -548,3 +548,11 @@ def test_ray_data_decode_pool_leaves_the_read_tasks_a_cpu_on_small_nodes(monkeyp
                                 (16, [2, 4], {"cpus_per_actor": 1.0, "max_actors": ray_data.DECODE_MAX_ACTORS})):
         monkeypatch.setattr(ray, "cluster_resources", lambda cpus=cpus: {"CPU": float(cpus)})
         assert ray_data.decode_pool(load_config(None, [f"workers={workers}"])) == pool, (cpus, workers)
+
+
+def test_report_refuses_a_run_directory_holding_a_symlink(tmp_path, victim):
+    run = _report_run(tmp_path / "run", [])
+    os.symlink(victim / "dir", run / "report")
+    done = _cli("report", str(run))
+    assert done.returncode == 2 and "symbolic link" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    _outside_untouched(victim)
