@@ -543,7 +543,8 @@ def test_ray_data_decode_pool_leaves_the_read_tasks_a_cpu_on_small_nodes(monkeyp
 
     assert ray_data.TRAIN_WORKER_CPUS == CPUS_PER_WORKER
     for cpus, workers, pool in ((2, 1, {"cpus_per_actor": 0.0, "max_actors": 1}),
-                                (4, 2, {"cpus_per_actor": 0.0, "max_actors": 1}),
+                                (3, 2, {"cpus_per_actor": 0.0, "max_actors": 1}),
+                                (4, 2, {"cpus_per_actor": 1.0, "max_actors": ray_data.DECODE_MAX_ACTORS}),
                                 (4, 1, {"cpus_per_actor": 1.0, "max_actors": ray_data.DECODE_MAX_ACTORS}),
                                 (16, [2, 4], {"cpus_per_actor": 1.0, "max_actors": ray_data.DECODE_MAX_ACTORS})):
         monkeypatch.setattr(ray, "cluster_resources", lambda cpus=cpus: {"CPU": float(cpus)})

@@ -82,13 +82,13 @@ READ_TASK_CPUS = 1
 def decode_pool(cfg: TrainConfig) -> dict[str, Any]:
     """``cpus_per_actor`` / ``max_actors`` for :func:`decoded_dataset` on this cluster.
 
-    The train and validation pools each keep one actor alive; with the train workers' CPUs, full-CPU actors
-    can take every CPU of a small node and the read tasks never run (a 2-CPU node with one worker hung at
-    0 rows).  When the CPUs the workers leave cannot hold both pools and a read task, the pools get one actor
-    of 0 CPUs each (they share the spare CPUs with the read tasks) -- slower, never stuck.
+    A pool keeps at least one actor alive; next to the train workers a full-CPU actor can take the last CPU of
+    a small node and the listing/read tasks never run (a 2-CPU node with one worker hung at 0 rows).  When the
+    CPUs the workers leave cannot hold one actor and a read task, the pool gets one actor of 0 CPUs (it shares
+    the spare CPU with the read tasks) -- slower, never stuck.
     """
     spare = ray.cluster_resources().get("CPU", 0) - cfg.max_workers * TRAIN_WORKER_CPUS
-    if spare >= 2 * DECODE_CPUS_PER_ACTOR + READ_TASK_CPUS:
+    if spare >= DECODE_CPUS_PER_ACTOR + READ_TASK_CPUS:
         return {"cpus_per_actor": DECODE_CPUS_PER_ACTOR, "max_actors": DECODE_MAX_ACTORS}
     return {"cpus_per_actor": 0.0, "max_actors": 1}
 
