@@ -548,3 +548,24 @@ def test_report_refuses_a_run_directory_holding_a_symlink(tmp_path, victim):
     done = _cli("report", str(run))
     assert done.returncode == 2 and "symbolic link" in done.stderr and done.stderr.count("\n") == 1, done.stderr
     _outside_untouched(victim)
+
+
+def test_ctrl_c_of_a_ray_run_ends_with_the_interrupted_line(tmp_path, monkeypatch, capsys):
+    """Ray Train's SIGINT handler aborts the run and calls sys.exit inside fit() (exit 1, no line); the CLI must
+    say how to resume instead.  Ray itself is replaced by a trainer whose fit() does what that handler does."""
+    from dyrep_ray import cli
+    from dyrep_ray.distributed import trainer
+
+    class AbortedBySigint:
+        def fit(self):
+            raise SystemExit(0)
+
+    monkeypatch.setattr(trainer, "connect", lambda address=None, num_cpus=None: "local")
+    monkeypatch.setattr(trainer, "check_resources", lambda cfg, use_gpu: None)
+    monkeypatch.setattr(trainer, "build_torch_trainer", lambda cfg, launch, callbacks=(): AbortedBySigint())
+    monkeypatch.setattr(trainer, "preflight", lambda cfg: None)
+    monkeypatch.setattr(cli, "_train_on_ray", lambda args, cfg, name, storage: trainer.run_distributed(
+        cfg, args.output, name))
+    rc = cli.main(["train", "--cpu", "--output", str(tmp_path), "--name", "si", *sum((["--set", o] for o in TINY), [])])
+    assert rc == 130
+    assert "interrupted; re-run the same command" in capsys.readouterr().err
