@@ -165,7 +165,9 @@ def _train_locked(args, cfg, name: str) -> int:
             console.info("train %s: model %s, data %s, local (%s), run dir %s", name, cfg.model,
                          _data_description(cfg), device.type, storage.root)
             callbacks = [ProgressBar(False if args.quiet else None), EpochLines(), *build_tracking_callbacks(cfg)]
-            summary = train(cfg, LocalContext(device, storage, cfg.keep_checkpoints), callbacks=callbacks)
+            context = LocalContext(device, storage, cfg.keep_checkpoints)
+            summary = train(cfg, context, callbacks=callbacks)
+            context.check_resumable()
         else:
             summary = _train_on_ray(args, cfg, name, storage)
         from .engine.loop import summary_line

@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ..limits import MAX_NUM_CLASSES
 from .builder import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_SYNTHETIC_TRAIN_SIZE,
@@ -187,14 +188,28 @@ def export_parquet(
     return paths
 
 
+def _check_columns(file: Path, schema) -> None:
+    """Refuse a shard whose image column is not encoded bytes or whose label column is not integers."""
+    import pyarrow as pa
+
+    for column, ok, wanted in ((IMAGE_COLUMN, (pa.types.is_binary, pa.types.is_large_binary), "binary (encoded "
+                                "PNG/JPEG bytes)"), (LABEL_COLUMN, (pa.types.is_integer,), "integer class indices")):
+        kind = schema.field(column).type if schema.get_field_index(column) >= 0 else "missing"
+        if kind == "missing" or not any(test(kind) for test in ok):
+            raise DatasetError(f"{file}: column {column!r} is {kind}, not {wanted}; re-export the data with "
+                               "dyrep-ray prepare")
+
+
 def _shard_metadata(file: Path) -> dict[str, Any] | None:
     """The ``dyrep_ray`` metadata of one shard (None if it has none); a one-line error if unreadable."""
     import pyarrow.parquet as pq
 
     try:
-        raw = (pq.read_schema(file).metadata or {}).get(METADATA_KEY)
+        schema = pq.read_schema(file)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise DatasetError(f"{file}: not a readable Parquet file ({exc})".splitlines()[0]) from None
+    _check_columns(file, schema)
+    raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         return None
     try:
@@ -235,8 +250,10 @@ def read_parquet_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if info is None:
         raise DatasetError(f"{first} has no {METADATA_KEY.decode()} metadata; it was not written by export_parquet")
     num_classes = info.get("num_classes")
-    if type(num_classes) is not int or num_classes < 1:
-        raise DatasetError(f"{first}: metadata num_classes must be a positive integer, got {num_classes!r}"[:200])
+    if type(num_classes) is not int or not 1 <= num_classes <= MAX_NUM_CLASSES:
+        raise DatasetError(f"{first}: metadata num_classes must be an integer in [1, {MAX_NUM_CLASSES}] (the cap "
+                           f"of the num_classes config key), got {num_classes!r}"[:200]
+                           + "; re-export the data with dyrep-ray prepare")
     if not isinstance(info.get("dataset"), str):
         raise DatasetError(f"{first}: metadata names no dataset (a string)")
     return info
@@ -264,13 +281,15 @@ def resolve_parquet_splits(train: str | None, val: str | None) -> dict[str, str]
             raise DatasetError("parquet_val is not set; pass --set parquet_val=... (validation never "
                                "defaults to the training shards)")
         return {"parquet_train": str(train), "parquet_val": str(val)}
-    root = Path(train).expanduser()
+    root = Path(train).expanduser().absolute()  # Ray workers run in other directories
+    if not root.exists():
+        raise DatasetError(f"parquet_train {train} does not exist; point it at the shards dyrep-ray prepare wrote")
     if root.is_dir() and not any(root.glob(f"*{SHARD_SUFFIX}")) and (root / SPLITS[0]).is_dir():
         train_path, derived_val = root / SPLITS[0], root / SPLITS[1]
     else:
         train_path, derived_val = root, root.parent / SPLITS[1] if root.name == SPLITS[0] else None
     if val:
-        val_path = Path(val).expanduser()
+        val_path = Path(val).expanduser().absolute()
     elif derived_val is not None and derived_val.is_dir():
         val_path = derived_val
     else:
@@ -285,6 +304,9 @@ def resolve_parquet_splits(train: str | None, val: str | None) -> dict[str, str]
         if found is not None and found != wanted:
             raise DatasetError(f"parquet_{wanted} {path} holds shards recorded as split {found!r}; "
                                f"point parquet_{wanted} at the {wanted} shards")
+        if parquet_row_count(path) == 0:
+            raise DatasetError(f"parquet_{wanted} {path} holds no rows; point parquet_{wanted} at a non-empty "
+                               "set of shards")
     return {"parquet_train": str(train_path), "parquet_val": str(val_path)}
 
 
@@ -301,6 +323,23 @@ def check_image_pixels(image: Image.Image, where: str) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise DatasetError(f"{where}: image of {width}x{height} pixels exceeds the {MAX_IMAGE_PIXELS}-pixel cap; "
                            "resize it or remove it from the dataset")
+
+
+def recorded_image_side(info: Mapping[str, Any] | None) -> int | None:
+    """The side every image of a synthetic/CIFAR export has (its metadata's ``image_size``); None otherwise
+    (ImageFolder exports keep the original files, of any size: their transforms resize)."""
+    side = (info or {}).get("image_size")
+    dataset = (info or {}).get("dataset")
+    if (dataset == SYNTHETIC or dataset in CIFAR_LAYOUTS) and type(side) is int and side > 0:
+        return side
+    return None
+
+
+def check_image_side(image: Image.Image, side: int | None, where: str) -> None:
+    """Refuse an image whose size differs from the set's recorded ``side`` (it would fail batching later)."""
+    if side is not None and image.size != (side, side):
+        raise DatasetError(f"{where}: image is {image.size[0]}x{image.size[1]} pixels but the set's metadata "
+                           f"records {side}x{side} images; resize it or remove it from the dataset")
 
 
 def decode_image(encoded: bytes, where: str = "image") -> Image.Image:
@@ -410,12 +449,12 @@ class ParquetImageDataset(Dataset):
     """
 
     def __init__(self, path: str | os.PathLike, transform: Callable[[Image.Image], Any] | None = None) -> None:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         files = _parquet_files(path)
         info = _shard_metadata(files[0]) or {}
         num_classes = info.get("num_classes") if type(info.get("num_classes")) is int else None
+        self.image_side = recorded_image_side(info)
         self.images: list[bytes] = []
         self.targets: list[int] = []
         self._where: list[tuple[Path, int]] = []  # (file, first row) per file, for error messages
@@ -425,10 +464,7 @@ class ParquetImageDataset(Dataset):
             except (OSError, ValueError, KeyError) as exc:
                 raise DatasetError(f"{file}: cannot read columns {IMAGE_COLUMN!r}/{LABEL_COLUMN!r} "
                                    f"({exc})".splitlines()[0]) from None
-            labels = table.column(LABEL_COLUMN)
-            if not pa.types.is_integer(labels.type):
-                raise DatasetError(f"{file}: column {LABEL_COLUMN!r} is {labels.type}, not integer class indices")
-            values = labels.to_pylist()
+            values = table.column(LABEL_COLUMN).to_pylist()  # an integer column (_parquet_files checked)
             for row, label in enumerate(values):
                 if label is None or label < 0 or (num_classes is not None and label >= num_classes):
                     raise DatasetError(f"{file} row {row}: label {label!r} is not a class index in "
@@ -452,6 +488,7 @@ class ParquetImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         try:
             image = decode_image(self.images[index], "image")
+            check_image_side(image, self.image_side, "image")
         except DatasetError as exc:
             raise DatasetError(str(exc).replace("image:", f"{self._describe(index)}:", 1)) from None
         if self.transform is not None:

@@ -26,6 +26,7 @@ from ..engine.context import load_newest_valid
 from ..engine.midepoch import newer_mid_epoch_checkpoint
 from ..engine.progress import EVENTS_TEXT, event_labels
 from ..engine.protocols import CheckpointWriter
+from ..rundir.checkpoints import checkpoint_failure_note
 from ..rundir.layout import checkpoint_dir_name
 from ..rundir.storage import RunStorage
 
@@ -115,8 +116,8 @@ class RayTrainContext:
                 write_checkpoint(tmp / "checkpoint")
                 checkpoint = Checkpoint.from_directory(str(tmp / "checkpoint"))
             except OSError as exc:
-                logger.error("checkpoint for epoch %d NOT written (%s); the previous checkpoint stays valid",
-                             epoch, exc)
+                logger.error("checkpoint for epoch %d NOT written (%s); %s", epoch, exc,
+                             checkpoint_failure_note(self.storage))
         try:
             # Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint.
             ray.train.report(_scalar_metrics(metrics), checkpoint=checkpoint,

@@ -48,10 +48,12 @@ from ..data.parquet import (
     LABEL_COLUMN,
     PIXEL_MAX,
     _parquet_files,
+    check_image_side,
     decode_image,
     parquet_row_count,
     pixels_to_uint8,
     read_parquet_metadata,
+    recorded_image_side,
     resolve_parquet_splits,
     sample_seed,
     sample_transform,
@@ -74,6 +76,20 @@ DECODE_MAX_TASKS = 8
 DECODE_CPUS_PER_TASK = 1.0
 #: Rows per ``DecodeAugment`` call (one Ray Data batch; independent of the training batch size).
 DECODE_ROWS_PER_CALL = 64
+#: CPUs each Ray Train worker holds (distributed/trainer.py CPUS_PER_WORKER; tests check they agree).
+TRAIN_WORKER_CPUS = 1
+
+
+def decode_pool(cfg: TrainConfig) -> dict[str, Any]:
+    """``cpus_per_task`` / ``max_tasks`` for :func:`decoded_dataset` on this cluster.
+
+    The read+decode tasks need a CPU the train workers leave free; where they leave none (a node exactly as big as
+    its workers), the tasks take 0 CPUs, one at a time, sharing the workers' CPUs -- slower, never stuck.
+    """
+    spare = ray.cluster_resources().get("CPU", 0) - cfg.max_workers * TRAIN_WORKER_CPUS
+    if spare >= DECODE_CPUS_PER_TASK:
+        return {"cpus_per_task": DECODE_CPUS_PER_TASK, "max_tasks": DECODE_MAX_TASKS}
+    return {"cpus_per_task": 0.0, "max_tasks": 1}
 
 
 def read_parquet_dataset(path: str | os.PathLike | Sequence[str], **read_kwargs: Any) -> ray.data.Dataset:
@@ -98,7 +114,8 @@ def parquet_datasets(cfg: TrainConfig) -> dict[str, ray.data.Dataset]:
     meta = read_parquet_metadata(cfg.parquet_train)
     splits = resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val)  # val never defaults to the train shards
     return {VAL: decoded_dataset(read_parquet_dataset(splits["parquet_val"]), meta["dataset"],
-                                 train=False, image_size=cfg.image_size, aug=aug_options(cfg))}
+                                 train=False, image_size=cfg.image_size, aug=aug_options(cfg),
+                                 image_side=recorded_image_side(meta), **decode_pool(cfg))}
 
 
 def train_dataset(cfg: TrainConfig, epoch: int, **decode_options: Any) -> ray.data.Dataset:
@@ -107,7 +124,7 @@ def train_dataset(cfg: TrainConfig, epoch: int, **decode_options: Any) -> ray.da
     train_shards = resolve_parquet_splits(cfg.parquet_train, cfg.parquet_val)["parquet_train"]
     return decoded_dataset(read_parquet_dataset(train_shards), meta["dataset"], train=True,
                            image_size=cfg.image_size, aug=aug_options(cfg), seed=cfg.seed, epoch=epoch,
-                           **decode_options)
+                           image_side=recorded_image_side(meta), **{**decode_pool(cfg), **decode_options})
 
 
 def _row_of(path: str, encoded: bytes) -> str:
@@ -131,14 +148,17 @@ class DecodeAugment:
     """
 
     def __init__(self, dataset: str, *, train: bool, image_size: int = DEFAULT_IMAGE_SIZE,
-                 aug: Mapping[str, Any] | None = None, seed: int = 0, epoch: int = 0) -> None:
+                 aug: Mapping[str, Any] | None = None, seed: int = 0, epoch: int = 0,
+                 image_side: int | None = None) -> None:
         self.split = split_transform(sample_transform(dataset, train=train, image_size=image_size, aug=aug))
         self.train, self.seed, self.epoch = train, seed, epoch
+        self.image_side = image_side  # every image's recorded side (synthetic/CIFAR exports), else None
         torch.set_num_threads(1)  # one image at a time per process; parallelism comes from concurrent tasks
 
     def _one(self, encoded: bytes, label: int, path: str | None) -> torch.Tensor:
         try:
             image = decode_image(encoded, "image")
+            check_image_side(image, self.image_side, "image")
         except DatasetError as exc:
             where = f"{path} {_row_of(path, encoded)}" if path else "image"
             raise DatasetError(str(exc).replace("image:", f"{where}:", 1)) from None
@@ -185,12 +205,14 @@ def decoded_dataset(
     max_tasks: int = DECODE_MAX_TASKS,
     cpus_per_task: float = DECODE_CPUS_PER_TASK,
     rows_per_call: int = DECODE_ROWS_PER_CALL,
+    image_side: int | None = None,
 ) -> ray.data.Dataset:
     """``ds`` (read with ``include_paths=True``) decoded and transformed by :func:`decode_augment_batch` in at most
     ``max_tasks`` concurrent tasks of ``cpus_per_task`` CPUs each (streaming: batches flow as they are ready)."""
     return ds.map_batches(
         decode_augment_batch,
-        fn_kwargs=dict(dataset=dataset, train=train, image_size=image_size, aug=aug, seed=seed, epoch=epoch),
+        fn_kwargs=dict(dataset=dataset, train=train, image_size=image_size, aug=aug, seed=seed, epoch=epoch,
+                       image_side=image_side),
         batch_size=rows_per_call,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=max(1, max_tasks)),

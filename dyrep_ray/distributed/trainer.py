@@ -303,7 +303,10 @@ def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address
     logger.info("launching %s %s worker(s)%s; run directory %s",
                 f"{cfg.min_workers}-{cfg.max_workers}" if cfg.elastic else cfg.min_workers,
                 "GPU" if use_gpu else "CPU", " (elastic)" if cfg.elastic else "", storage.root)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except SystemExit:  # Ray Train's own SIGINT handler aborts the run, then calls sys.exit inside fit()
+        raise KeyboardInterrupt from None  # -> the CLI's "interrupted; re-run the same command" line, exit 130
     if result.error is not None:
         raise result.error
     return summarize(read_metrics(storage), plain_params_from(storage))

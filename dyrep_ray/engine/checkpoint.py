@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard
@@ -91,7 +91,10 @@ def write_checkpoint_dir(directory: str | Path, *, state: dict, meta: dict, grap
     if directory.exists():
         raise CheckpointError(f"checkpoint directory {directory} already exists")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}{TEMP_MARK}", dir=directory.parent))
+    # Not mkdtemp: its 0700 would make the checkpoint the one directory of the run others cannot read; mkdir's
+    # 0777 less the umask gives it the mode of every other directory the run creates.
+    tmp = directory.parent / f".{directory.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+    os.mkdir(tmp, 0o777)
     try:
         try:
             torch.save(state, tmp / STATE_FILE)

@@ -15,6 +15,7 @@ from .config_values import (
     AMP_UNSAFE_METRICS,
     DATASET_NUM_CLASSES,
     DATASETS_WITH_DIR,
+    MAX_BATCH_SIZE,
     MAX_SYNTHETIC_BYTES,
     SYNTHETIC_BYTES_PER_VALUE,
     Amp,
@@ -131,6 +132,15 @@ def _global_batch_consistent(cfg: Config) -> None:
                           "step does not change with the worker count; set lr_scale_with_workers=false")
 
 
+def _batch_sizes_bounded(cfg: Config) -> None:
+    """batch_size and val_batch_size: at most MAX_BATCH_SIZE images per worker and step."""
+    for key in ("batch_size", "val_batch_size"):
+        value = getattr(cfg, key)
+        if value is not None and value > MAX_BATCH_SIZE:
+            raise ConfigError(f"config key {key!r} must be <= {MAX_BATCH_SIZE} images per worker and step, got "
+                              f"{value}; e.g. {key}=64")
+
+
 #: Rules over several keys, applied in order after every key passed its own rules.
 CROSS_FIELD_RULES: tuple[Callable[[Config], None], ...] = (
     _data_dir_given,
@@ -141,4 +151,5 @@ CROSS_FIELD_RULES: tuple[Callable[[Config], None], ...] = (
     _metric_safe_under_amp,
     _synthetic_fits_memory,
     _global_batch_consistent,
+    _batch_sizes_bounded,
 )

@@ -26,6 +26,10 @@ from typing import Any, Union, get_args, get_origin
 
 from ..errors import UserError
 
+#: The largest magnitude any integer config key takes (a key's own bounds may be tighter): beyond it a value only
+#: overflows the C integers it reaches (``islice``, tensor shapes, RNG seeds) with a traceback.
+MAX_INT = 2**31 - 1
+
 __all__ = [
     "RESUME_ALLOW",
     "RESUME_REFUSE",
@@ -285,10 +289,19 @@ def check_field(hint: Any, rule: Rule, value: Any) -> Any:
             raise FieldProblem("length", value)
         if rule.bounds and not all(rule.bounds.holds(v) for v in value):
             raise FieldProblem("elements", value, rule.bounds.text())
-        return value
+        return check_int_magnitude(value)
     if rule.bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not rule.bounds.holds(value):
             raise FieldProblem("range", value, rule.bounds.text())
+    return check_int_magnitude(value)
+
+
+def check_int_magnitude(value: Any) -> Any:
+    """``value`` unless it is (or holds) an int beyond :data:`MAX_INT` (it would overflow the C ints it reaches)."""
+    if type(value) is int and not -MAX_INT <= value <= MAX_INT:
+        raise FieldProblem("range", value, f"<= {MAX_INT}" if value > 0 else f">= {-MAX_INT}")
+    if isinstance(value, list) and any(type(v) is int and not -MAX_INT <= v <= MAX_INT for v in value):
+        raise FieldProblem("elements", value, f"in [{-MAX_INT}, {MAX_INT}]")
     return value
 
 

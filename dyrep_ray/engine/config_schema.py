@@ -28,6 +28,7 @@ from .config_rules import (
     FieldProblem,
     Rule,
     check_field,
+    check_int_magnitude,
     describe_type,
     field_message,
     field_rule,
@@ -362,7 +363,7 @@ def check_value(name: str, value: Any) -> Any:
     hint, rule = _HINTS[name], _RULES[name]
     try:
         if rule.check is not None and value is not None:
-            return rule.check(name, value)
+            return check_int_magnitude(rule.check(name, value))
         return check_field(hint, rule, value)
     except FieldProblem as problem:
         raise ConfigError(field_message(name, hint, rule, _DEFAULTS[name], problem)) from None

@@ -12,6 +12,7 @@ __all__ = [
     "AMP_UNSAFE_METRICS",
     "DATASET_NUM_CLASSES",
     "DATASETS_WITH_DIR",
+    "MAX_BATCH_SIZE",
     "MAX_IMAGE_SIZE",
     "MAX_NUM_CLASSES",
     "MAX_SYNTHETIC_BYTES",
@@ -125,5 +126,6 @@ AMP_UNSAFE_METRICS = (DyRepMetric.SYNFLOW, DyRepMetric.SNIP)
 # Caps on what a few bytes of config could make the trainer allocate.
 MAX_IMAGE_SIZE = 4096  # one 4096^2 RGB float32 image is 200 MB; 20000^2 would be 4.8 GB per image
 MAX_SYNTHETIC_SIZE = 10_000_000  # images per synthetic split; what they occupy is capped by the next one
+MAX_BATCH_SIZE = 65_536  # images per worker and step: far above any GPU's memory, far below an overflow
 MAX_SYNTHETIC_BYTES = 8 * 2**30  # the synthetic splits live in memory: uint8 pixels + normalized float32 copy
 SYNTHETIC_BYTES_PER_VALUE = 1 + 4

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..rundir.checkpoints import list_checkpoints, metric_score, read_meta
-from ..rundir.layout import checkpoint_dir_name
+from ..rundir.checkpoints import checkpoint_failure_note, list_checkpoints, metric_score, read_meta
+from ..rundir.layout import METRICS_FILE, checkpoint_dir_name
 from ..rundir.storage import RunStorage, as_storage
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
 from .protocols import CheckpointWriter, TrainContext
@@ -60,7 +60,23 @@ def load_newest_valid(storage: RunStorage, skip: str | None = None) -> LoadedChe
     if entries:
         raise CheckpointError(f"run directory {storage.root} has {len(entries)} checkpoint(s) but none is valid "
                               f"({problems[0]}); move them away to start over, or use a new --name")
+    recorded = _recorded_epochs(storage)
+    if recorded:  # never start over silently: the epochs recorded so far are replaced
+        logger.warning("%s records %d epoch(s) in %s but holds no checkpoint (none was written yet, or writing "
+                       "failed): training starts over from epoch 1", storage.root, recorded, METRICS_FILE)
     return None
+
+
+def _recorded_epochs(storage: RunStorage) -> int:
+    try:
+        text = storage.read_text(METRICS_FILE) or ""
+    except (OSError, UnicodeDecodeError):
+        return 0
+    return sum(1 for line in text.splitlines() if line.strip())
+
+
+class NoCheckpointError(CheckpointError):
+    """Not one checkpoint of a run could be written."""
 
 
 class LocalContext:
@@ -73,6 +89,14 @@ class LocalContext:
         self.device = torch.device(device)
         self.storage = as_storage(run_dir)
         self.keep_checkpoints = keep_checkpoints
+        self.write_error: str | None = None  # the last checkpoint write that failed
+
+    def check_resumable(self) -> None:
+        """Raise :class:`NoCheckpointError` when checkpoints were due but not one could be written: the run's
+        epochs cannot be resumed, which must not end with exit code 0."""
+        if self.write_error is not None and not list_checkpoints(self.storage):
+            raise NoCheckpointError(f"no checkpoint of this run could be written (last: {self.write_error}); "
+                                    "nothing can be resumed: free disk space (or raise ulimit -f) and re-run")
 
     @property
     def is_main(self) -> bool:
@@ -100,7 +124,9 @@ class LocalContext:
         try:
             self.storage.write_dir(name, write_checkpoint)  # replaces one a run killed after this epoch left
         except OSError as exc:  # CheckpointWriteError (torch.save's RuntimeError, e.g. disk full) included
-            logger.error("checkpoint for epoch %d NOT written (%s); the previous checkpoint stays valid", epoch, exc)
+            self.write_error = f"checkpoint for epoch {epoch}: {exc}"
+            logger.error("checkpoint for epoch %d NOT written (%s); %s", epoch, exc,
+                         checkpoint_failure_note(self.storage))
             return
         self._prune(keep_name=name)
 

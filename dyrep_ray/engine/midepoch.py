@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from ..rundir.checkpoints import list_checkpoints, parse_checkpoint_name
+from ..rundir.checkpoints import checkpoint_failure_note, list_checkpoints, parse_checkpoint_name
 from ..rundir.layout import CHECKPOINT_PREFIX
 from ..rundir.storage import RunStorage
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
@@ -82,7 +82,7 @@ def write_mid_epoch_checkpoint(storage: RunStorage, name: str, write: Checkpoint
     try:
         storage.write_dir(name, write)
     except OSError as exc:
-        logger.error("mid-epoch checkpoint %s NOT written (%s); the previous checkpoint stays valid", name, exc)
+        logger.error("mid-epoch checkpoint %s NOT written (%s); %s", name, exc, checkpoint_failure_note(storage))
         return False
     for entry in list_checkpoints(storage):
         if entry.name != name and is_mid_epoch_name(entry.name):

@@ -21,6 +21,7 @@ with ``--set model=resnet18 --set dyrep=true --set workers=8 --set use_gpu=true`
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -210,7 +211,11 @@ def translate_original(raw: Mapping[Any, Any], source: str = "original DyRep str
             )
         if multiplier != 1.0:
             batch = out.get("batch_size", default_of("batch_size"))
-            put("val_batch_size", max(1, int(batch * multiplier)), "val_batch_size_multiplier")
+            product = batch * multiplier if isinstance(batch, (int, float)) else float("nan")
+            if not math.isfinite(product):  # 1e308 x 64 is inf: int() of it would raise OverflowError
+                raise ConfigError(f"{source}: original key 'val_batch_size_multiplier' {multiplier:g} x batch_size "
+                                  f"{short_repr(batch)} is not a usable validation batch size; use e.g. 2")
+            put("val_batch_size", max(1, int(product)), "val_batch_size_multiplier")
 
     if ignored:
         logger.warning("%s: ignoring original DyRep keys with no effect in dyrep-ray: %s", source, "; ".join(ignored))

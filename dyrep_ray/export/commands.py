@@ -7,11 +7,13 @@ including a checkpoint that is unsafe to load (handled by :func:`dyrep_ray.cli.m
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from ..errors import UserError
 
 EXIT_NOT_EQUIVALENT = 1
+logger = logging.getLogger(__name__)
 
 
 def _check_batch_size(value: int | None) -> None:
@@ -47,6 +49,10 @@ def register(subparsers, add_common) -> None:
                    help="skip the validation set; compare outputs on random inputs only")
     c.add_argument("--torchscript", metavar="FILE", help="also write torch.jit.trace of the deployed model")
     c.add_argument("--onnx", metavar="FILE", help="also write ONNX (skipped if the 'onnx' package is missing)")
+    c.add_argument("--mlflow-tracking-uri", metavar="URI",
+                   help="also log the deployed files to the run's MLflow run (its id from <run_dir>/tracking.json) "
+                        "at this tracking URI; without it convert contacts no tracking store, whatever the run "
+                        "directory names")
     c.add_argument("--ema", action="store_true", help="convert the EMA weights instead of the model's")
     c.add_argument("--device", default="cpu", help="device for the verification (default: cpu; 'auto', 'cuda')")
     c.add_argument("--batch-size", type=int, help="validation batch size (default: the config's)")
@@ -95,16 +101,29 @@ def cmd_convert(args) -> int:
         raise _io_error(exc) from exc
     for line in result.summary_lines():
         print(f"dyrep-ray: convert: {line}")
-    _log_deployed_to_tracking(args.source, result)
+    _log_deployed_to_tracking(args.source, result, args.mlflow_tracking_uri)
     return 0
 
 
-def _log_deployed_to_tracking(source, result) -> None:
-    """Attach the written weights to the run's MLflow run, if it has one (a failure is one warning line)."""
-    from ..tracking.mlflow import log_deployed_artifacts
+def _log_deployed_to_tracking(source, result, tracking_uri: str | None) -> None:
+    """Attach the written weights to the run's MLflow run at ``tracking_uri`` (a failure is one warning line).
+
+    A run directory may come from someone else: the address in its ``tracking.json`` is never contacted (nor a
+    file store created there) unless the user names the store with ``--mlflow-tracking-uri``."""
     from .weights import resolve_checkpoint
 
-    log_deployed_artifacts(resolve_checkpoint(source).parent, result.weights, result.sidecar)
+    run_dir = resolve_checkpoint(source).parent
+    if tracking_uri is None:
+        from ..rundir.layout import TRACKING_FILE
+
+        if (run_dir / TRACKING_FILE).is_file():
+            logger.info("MLflow: deployed weights not logged (the run directory's %s names a tracking store; "
+                        "pass --mlflow-tracking-uri URI to log them there)", TRACKING_FILE)
+        return
+    from ..tracking import resolve_tracking_uri
+    from ..tracking.mlflow import log_deployed_artifacts
+
+    log_deployed_artifacts(run_dir, result.weights, result.sidecar, tracking_uri=resolve_tracking_uri(tracking_uri))
 
 
 def cmd_eval(args) -> int:

@@ -43,6 +43,7 @@ from ..rep import deploy
 from ..rep.blocks import is_block
 from ..rundir.layout import DEPLOYED_WEIGHTS as DEFAULT_WEIGHTS_NAME
 from ..rundir.layout import MACS_KEY
+from ..rundir.lock import check_output_file, refuse_symlinks
 from .evaluate import compare_models, exact_float32, resolve_device, validation_loader
 from .weights import (
     SIDECAR_FORMAT,
@@ -70,7 +71,7 @@ class ConversionCheckError(RuntimeError):
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")  # not guessable: no link planted there
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=True) + "\n")
     os.replace(tmp, path)
 
@@ -164,6 +165,7 @@ def convert_checkpoint(
     result would not be equivalent) or data/config errors; writes nothing unless every check passes.
     """
     ckpt_dir = resolve_checkpoint(source)
+    refuse_symlinks(ckpt_dir, "checkpoint")
     ckpt = load_checkpoint_safely(ckpt_dir)
     trained, cfg, num_classes = rebuild_trained_model(ckpt, use_ema)
     device = resolve_device(str(device) if device is not None else None)
@@ -172,6 +174,12 @@ def convert_checkpoint(
         raise ConfigError(f"--out {out}: give the weights file (e.g. {out.with_suffix('.safetensors').name}); "
                           "the .json is written beside it")
     side = sidecar_path(out)
+    # Every output is checked before anything is written: a device node, FIFO, directory or symlink is refused,
+    # never replaced or written through.
+    for path, option in ((out, "--out"), (side, "--out's JSON sidecar"), (torchscript, "--torchscript"),
+                         (onnx, "--onnx")):
+        if path is not None:
+            check_output_file(path, option)
     logger.info("converting %s (%s, %d classes, epoch %s, %d blocks)", ckpt_dir, cfg.model, num_classes,
                 ckpt.meta.get("epoch"), sum(is_block(m) for m in trained.modules()))
 
@@ -192,7 +200,7 @@ def convert_checkpoint(
 
     # Write, read back, verify against the trained model; only then move into place.
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in plain.state_dict().items()}

@@ -115,9 +115,12 @@ def render_sweep_report(root: str | os.PathLike, run_dirs: list[Path], out_dir: 
 
 def render_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict:
     """Report for a run directory, or for every trial of a sweep directory (plus a comparison)."""
+    from ..rundir.lock import refuse_symlinks
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a directory")
+    refuse_symlinks(run_dir)  # report/ (and what is read) never through a link out of the directory
     out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
     found = find_runs(run_dir)
     if not found:

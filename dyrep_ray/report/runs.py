@@ -70,7 +70,15 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
     except (OSError, UnicodeDecodeError) as exc:  # binary junk, permissions: one line, not a traceback
         raise ReportError(f"{path}: cannot be read as text ({exc})".splitlines()[0][:300]) from None
     records, skipped = parse_metrics(text, strict=False, source=str(path))
-    return [r for r in records if isinstance(r, dict)], skipped
+    records = [r for r in records if isinstance(r, dict)]
+    for record in records:
+        events = record.get("events")
+        if events is not None and not isinstance(events, list):
+            raise ReportError(f"{path}: epoch {record.get('epoch')}: 'events' is a {type(events).__name__}, not a "
+                              "list of grow/cut events; this file was not written by dyrep-ray"[:300])
+        if events:  # an event that is not an object has nothing to draw
+            record["events"] = [e for e in events if isinstance(e, dict)]
+    return records, skipped
 
 
 def _plain_params_from_checkpoints(run_dir: Path) -> int | None:

@@ -75,6 +75,14 @@ def list_checkpoints(storage) -> list[CheckpointEntry]:
     return entries
 
 
+def checkpoint_failure_note(storage) -> str:
+    """What a failed checkpoint write leaves: the log line's second half (the truth, not a guess)."""
+    newest = list_checkpoints(storage)
+    if newest:
+        return f"{newest[0].name} stays the checkpoint a re-run resumes from"
+    return "the run has no checkpoint: a re-run would start over"
+
+
 def metric_score(meta: dict | None, key: str) -> float:
     """A checkpoint's score for retention; -inf when absent or not a finite number."""
     value = (meta or {}).get("metrics", {}) if isinstance(meta, dict) else {}

@@ -2,9 +2,10 @@
 
 * **Run names** (``--name``, sweep and trial names) are one path component: no ``/``, ``\\``, ``.``/``..``,
   NUL or control characters, at most :data:`MAX_NAME_LENGTH` characters.
-* **A run directory** is empty or holds one of the files dyrep-ray writes (config.json, metrics.jsonl,
-  structure.json, a ``checkpoint_epochNNNN`` directory, the lock file): anything else is somebody else's
-  directory and is refused before a byte is written.  (Which checkpoints are ours and their order:
+* **A run directory** is empty or holds one of the files only dyrep-ray writes (metrics.jsonl, a
+  ``checkpoint_epochNNNN`` directory, the lock or lease file, or a config.json / structure.json with the keys
+  dyrep-ray writes): anything else (a user's own config.json too) is somebody else's directory and is refused
+  before a byte is written.  (Which checkpoints are ours and their order:
   rundir/checkpoints.py.)
 * **The writer lock**: on a local (or NFS with working ``flock``) file system an exclusive ``fcntl.flock`` on
   ``<run>/.dyrep-ray.lock``, held for the whole run by the driver (Ray workers write through it, they are the
@@ -13,6 +14,10 @@
   every :data:`LEASE_RENEW_S` seconds; another writer is refused while the marker is younger than
   :data:`LEASE_STALE_S` seconds.  A marker older than that belongs to a writer that died and is taken over.
   (Two writers starting within the same second on an object store can still both win: a lease, not a lock.)
+* **No symlinks**: a local run or sweep directory holding a symbolic link anywhere below it is refused before
+  anything is written (the lock file, ``train.log``, ``tensorboard/``, checkpoints, ``report/``, ``deployed.*``
+  would otherwise be written through it, outside the directory), and the lock file is opened ``O_NOFOLLOW``.
+  The directory itself may be a symlink (``--output`` on another disk); what is inside it may not.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ MAX_NAME_LENGTH = 128
 LEASE_STALE_S = 600.0
 LEASE_RENEW_S = 60.0
 # Files/dirs whose presence marks a directory as a dyrep-ray run (or its lock: a run that just started).
-RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE, LOCK_FILE, LEASE_FILE)
+RUN_MARKERS = (METRICS_FILE, LOCK_FILE, LEASE_FILE)
+# Common names that mark a run only with the content dyrep-ray writes: a user's own config.json is not ours.
+OWN_CONTENT = {CONFIG_FILE: ("model", "dyrep"), STRUCTURE_FILE: ("version", "blocks")}
 # Files other tools leave in any directory; they do not make it somebody else's.
 IGNORABLE_ENTRIES = (".DS_Store",)
 
@@ -89,8 +96,20 @@ def _entries(storage) -> list[str] | None:
     return [i.base_name for i in storage.fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))]
 
 
-def is_run_dir(entries: list[str]) -> bool:
-    return any(e in RUN_MARKERS or CHECKPOINT_NAME.match(e) for e in entries)
+def is_run_dir(entries: list[str], storage=None) -> bool:
+    """Whether a directory holding ``entries`` was written by dyrep-ray (``storage``: read config.json and
+    structure.json to tell ours from a user's file of the same name)."""
+    if any(e in RUN_MARKERS or CHECKPOINT_NAME.match(e) for e in entries):
+        return True
+    return storage is not None and any(_written_by_us(storage, name) for name in OWN_CONTENT if name in entries)
+
+
+def _written_by_us(storage, name: str) -> bool:
+    try:
+        data = json.loads(storage.read_text(name) or "null")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in OWN_CONTENT[name])
 
 
 def check_run_dir(storage, what: str = "run") -> None:
@@ -99,10 +118,46 @@ def check_run_dir(storage, what: str = "run") -> None:
     if not entries:
         return
     entries = [e for e in entries if e not in IGNORABLE_ENTRIES]
-    if entries and not is_run_dir(entries):
+    if entries and not is_run_dir(entries, storage):
         raise RunDirError(f"{storage.root} is a non-empty directory that is not a dyrep-ray {what} (no "
-                          f"{CONFIG_FILE}, {METRICS_FILE} or checkpoints; holds e.g. {sorted(entries)[0]!r}); "
-                          "choose another --name or --output")
+                          f"{METRICS_FILE}, checkpoints or dyrep-ray {CONFIG_FILE}; holds e.g. "
+                          f"{sorted(entries)[0]!r}); choose another --name or --output")
+
+
+# ------------------------------------------------------------------------------------------------- symlinks
+def find_symlink(root: str | os.PathLike) -> str | None:
+    """The first symbolic link below ``root`` (its path), never following one; None if there is none."""
+    for directory, dirs, files in os.walk(os.fspath(root), followlinks=False):
+        for name in sorted(dirs) + sorted(files):  # os.walk lists a symlink to a directory under dirs
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                return path
+    return None
+
+
+def refuse_symlinks(root: str | os.PathLike, what: str = "run") -> None:
+    """Refuse a local run/sweep directory holding a symlink: dyrep-ray would read or write through it."""
+    link = find_symlink(root)
+    if link is not None:
+        raise RunDirError(f"{link} in the {what} directory is a symbolic link (to {os.readlink(link)!r}); "
+                          "dyrep-ray never writes through links: replace it with the file or directory itself, or "
+                          "use another --name")
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> None:
+    """Refuse an output path that exists and is not a regular file (a directory, device, FIFO, socket or
+    symlink): writing it would replace a device node or follow the link."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device node")
+    raise RunDirError(f"{option} {path} is {kind}, not a regular file; give a new or regular file path")
 
 
 # ------------------------------------------------------------------------------------------------- locking
@@ -143,8 +198,11 @@ class RunLock:
             self._created.append(missing)
             missing = os.path.dirname(missing)
         try:
+            if os.path.isdir(root):
+                refuse_symlinks(root, self.what)
             os.makedirs(root, exist_ok=True)
-            fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a link placed after the check above is refused too (ELOOP), never truncated through.
+            fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:  # --output is a file, read-only, a name too long for the file system, ...
             raise RunDirError(f"cannot create the {self.what} directory {root} ({exc.strerror or exc}); "
                               "choose a writable --output and a shorter --name") from None

@@ -147,5 +147,11 @@ class RunStorage:
         self.fs.delete_dir(self.path(relpath))
 
     def temp_download(self, relpath: str) -> Path:
-        """Copy a remote directory to a fresh local temp dir (caller removes it)."""
-        return self.download_dir(relpath, Path(tempfile.mkdtemp(prefix="dyrep-dl-")) / relpath)
+        """Copy a remote directory to a fresh local temp dir (caller removes its parent); a failed copy (an object
+        key that is no file name, a lost connection) removes what it wrote."""
+        base = Path(tempfile.mkdtemp(prefix="dyrep-dl-"))
+        try:
+            return self.download_dir(relpath, base / relpath)
+        except BaseException:
+            shutil.rmtree(base, ignore_errors=True)
+            raise

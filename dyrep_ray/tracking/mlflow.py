@@ -293,9 +293,11 @@ class MLflowCallback(TrackingCallback):
 
 
 def log_deployed_artifacts(run_dir: str | Path | RunStorage, safetensors_path: str | Path,
-                           sidecar_path: str | Path | None = None) -> bool:
+                           sidecar_path: str | Path | None = None, *, tracking_uri: str | None = None) -> bool:
     """Attach ``convert``'s deployed weights (and sidecar) to the run's MLflow run, under ``deployed/``.
 
+    ``tracking_uri``: the store to log to (``dyrep-ray convert --mlflow-tracking-uri``); None: the one the run
+    directory's tracking.json names (a caller of this function asks for that; the CLI never passes None).
     Returns True when logged; False when the run has no MLflow run (no tracking.json entry: nothing to do,
     silently) or when logging failed (one warning line; convert's result stands).
     """
@@ -305,6 +307,8 @@ def log_deployed_artifacts(run_dir: str | Path | RunStorage, safetensors_path: s
         logger.warning("MLflow: deployed weights not logged: cannot read %s of %s (%s)", TRACKING_FILE, run_dir,
                        one_line(exc))
         return False
+    if tracking_uri is not None:
+        info = {**info, "tracking_uri": tracking_uri}
     if not info.get("run_id") or not info.get("tracking_uri"):
         return False
     try:

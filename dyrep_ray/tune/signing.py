@@ -32,7 +32,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from ..errors import UserError
-from ..rundir.layout import SWEEP_SIGNATURE, TUNE_DIR
+from ..rundir.layout import SWEEP_FILE, SWEEP_SIGNATURE, TUNE_DIR
 from ..rundir.storage import RunStorage
 
 logger = logging.getLogger(__name__)
@@ -101,17 +101,25 @@ def load_secret(create: bool) -> bytes:
 DigestCache = dict[str, tuple[int, int, str]]
 
 
+#: sweep.json's key in the signed list (relative to tune/): the sweep as started, which --resume runs (its base
+#: config names data paths and a tracking URI: a replaced one would send the resumed trials elsewhere).
+SWEEP_FILE_KEY = f"../{SWEEP_FILE}"
+
+
 def _tune_files(root: RunStorage, cache: DigestCache | None = None) -> dict[str, str]:
-    """``{path relative to tune/: sha256 hex}`` of every file under ``<sweep>/tune/``."""
+    """``{path relative to tune/: sha256 hex}`` of every file under ``<sweep>/tune/``, and of sweep.json."""
     import pyarrow.fs as pafs
 
     base = root.path(TUNE_DIR)
     infos = root.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    sweep_file = root.fs.get_file_info(root.path(SWEEP_FILE))
+    if sweep_file.type == pafs.FileType.File:
+        infos.append(sweep_file)
     digests = {}
     for info in infos:
         if info.type == pafs.FileType.Directory:
             continue
-        relative = info.path[len(base):].lstrip("/")
+        relative = SWEEP_FILE_KEY if info.path == sweep_file.path else info.path[len(base):].lstrip("/")
         stamp = (info.size or 0, info.mtime_ns or 0)
         cached = cache.get(info.path) if cache is not None else None
         if cached is not None and cached[:2] == stamp:
@@ -168,7 +176,8 @@ def verify_sweep(root: RunStorage) -> None:
     for relative, digest in sorted(_tune_files(root).items()):
         if files.get(relative) != digest:
             state = "is not in the signature" if relative not in files else "changed after it was signed"
-            raise SweepSignatureError(f"{root.path(TUNE_DIR)}/{relative} {state}: it {refuse}")
+            path = root.path(SWEEP_FILE) if relative == SWEEP_FILE_KEY else f"{root.path(TUNE_DIR)}/{relative}"
+            raise SweepSignatureError(f"{path} {state}: it {refuse}")
 
 
 _signing: dict[str, RunStorage] = {}  # the sweep this process is fitting now (see signing_while_fitting)
