@@ -92,6 +92,14 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> 
     model.to(device, memory_format=fmt)  # type: ignore[call-overload]  # torch's stubs lack this
 
 
+def tune_kernels(device: torch.device, benchmark: bool) -> None:
+    """On CUDA, ``torch.backends.cudnn.benchmark``: cuDNN times the conv algorithms once per new input/weight
+    shape and keeps the fastest.  Set at build and again after every structure change (whatever touched the
+    global flag in between, the changed model's new shapes are tuned); other devices are left alone."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = benchmark
+
+
 def check_resume_config(meta: dict, cfg: TrainConfig) -> None:
     """Refuse (ConfigError naming the key) a resume that changes a structural key; log the allowed changes."""
     for change in resume_changes(meta.get("config", {}), cfg):
@@ -128,6 +136,7 @@ def build_run(cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactor
         convert_to_dbb(model, seed=cfg.seed, block_type=cfg.dyrep_block.value)
     channels_last = cfg.channels_last and ctx.device.type == "cuda"
     place_model(model, ctx.device, channels_last)
+    tune_kernels(ctx.device, cfg.cudnn_benchmark)
     dyrep = build_dyrep(cfg, model)
     optimizer = build_optimizer(cfg, model)
     parts = RunParts(

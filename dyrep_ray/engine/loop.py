@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -30,7 +29,7 @@ from ..rep import recalibrate_bn, structure_graph
 from ..rundir.files import VAL_KEYS, CheckpointMeta, EpochMetrics
 from ..rundir.layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
 from .adjust import AdjustHooks, adjust_structure
-from .assembly import RunParts, build_run, count_blocks, place_model
+from .assembly import RunParts, build_run, count_blocks, place_model, tune_kernels
 from .callbacks import CallbackList, TrainerCallback
 from .checkpoint import optimizer_state_by_name, rng_state, write_checkpoint_dir
 from .config import TrainConfig
@@ -111,6 +110,7 @@ class Trainer:
 
     def _place_model(self) -> None:
         place_model(self.model, self.device, self.channels_last)
+        tune_kernels(self.device, self.cfg.cudnn_benchmark)
 
     # ---------------------------------------------------------------- data
     def _recal_batches(self, salt: int) -> Iterator[torch.Tensor]:
@@ -280,8 +280,6 @@ class Trainer:
         running = self.running = RunningEpoch(epoch=epoch, world_size=ctx.world_size)
         running.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         lr = self.schedule.lr_at(epoch)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        clip = cfg.clip_grad if cfg.clip_grad is not None else math.inf
         resume, self._resume_progress = self._resume_progress, None
         if resume is not None:  # continue a checkpointed epoch at its next step; skipped samples are not loaded
             resumed_loss, running.images, running.steps_done = resume.share_of(ctx.rank, ctx.world_size)
@@ -290,59 +288,89 @@ class Trainer:
             batches = self.data.train_batches(epoch, EpochPosition(resume.step, resume.samples, resume.world_size))
         else:
             batches = self.data.train_batches(epoch)
-        first_step = running.step
-        lr_factor = self._lr_factor()
-        for step, (images, targets) in enumerate(batches, start=first_step):
-            lr = self.schedule.apply(self.optimizer, epoch + min(step / steps, 1.0))
-            if lr_factor != 1.0:
-                lr *= lr_factor
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-            images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
-            with _autocast(cfg, self.device):
-                loss = F.cross_entropy(self.wrapped(images), targets, label_smoothing=cfg.smoothing)
-            loss = self.callbacks.transform_loss(self, epoch, step, loss)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
-            # DDP has averaged gradients, so every rank sees the same norm and takes the same decision.
-            # This is the loop's one host sync per step; on_nonfinite=ignore removes it.
-            if cfg.clip_grad is not None or cfg.on_nonfinite != "ignore":
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if cfg.on_nonfinite != "ignore" and not bool(torch.isfinite(grad_norm)):
-                if cfg.on_nonfinite == "stop":
-                    raise NonFiniteLossError(f"non-finite loss/gradient at epoch {epoch + 1} step {step}; "
-                                             "lower the lr or set on_nonfinite=skip")
-                self.state.skipped_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.update()
-                running.step, running.samples = step + 1, running.samples + cfg.batch_size * ctx.world_size
-                self._step_end(epoch, step, steps, loss.detach())
-                continue
-            if record and self.dyrep is not None:
-                self.dyrep.record_metrics()
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.model)
-            running.loss_sum += loss.detach()
-            running.images += images.shape[0]
-            running.steps_done += 1
-            self.state.global_step += 1
+        step = running.step
+        # No enumerate(): its reused result tuple would keep the last batch alive during the next fetch.
+        for images, targets in batches:
+            n_images = images.shape[0]
+            loss, lr, taken = self.train_step(images, targets, epoch, step, record)
+            # The batch (on the device after train_step) must not stay alive while the next one is fetched.
+            del images, targets
+            if taken:
+                running.loss_sum += loss
+                running.images += n_images
+                running.steps_done += 1
+                self.state.global_step += 1
             # every rank's batches but the epoch's last are full: the sample order advances by B per rank
             running.step, running.samples = step + 1, running.samples + cfg.batch_size * ctx.world_size
-            self._step_end(epoch, step, steps, loss.detach())
+            self._step_end(epoch, step, steps, loss)
+            del loss
+            step += 1
         totals = ctx.all_reduce_sum(torch.stack([running.loss_sum, torch.tensor(
             float(running.steps_done), device=self.device, dtype=torch.float64)]))
         self.running = None
         return float(totals[0] / max(float(totals[1]), 1.0)), running.images * ctx.world_size, lr
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int,
+                   record: bool = False) -> tuple[torch.Tensor, float, bool]:
+        """One training step of this rank, as :meth:`fit` runs it: LR, forward, backward, non-finite check,
+        clipping (only when configured), optimizer step, EMA.  Returns the detached loss, the LR and whether
+        the step was taken (False: skipped by ``on_nonfinite: skip``)."""
+        cfg = self.cfg
+        lr = self.schedule.apply(self.optimizer, epoch + min(step / self.data.steps_per_epoch, 1.0))
+        lr_factor = self._lr_factor()
+        if lr_factor != 1.0:
+            lr *= lr_factor
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
+        with _autocast(cfg, self.device):
+            loss = F.cross_entropy(self.wrapped(images), targets, label_smoothing=cfg.smoothing)
+        del images, targets
+        loss = self.callbacks.transform_loss(self, epoch, step, loss)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        loss = loss.detach()
+        if not self._gradients_ok(epoch, step):
+            self.state.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()
+            return loss, lr, False
+        if record and self.dyrep is not None:
+            self.dyrep.record_metrics()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss, lr, True
+
+    def _gradients_ok(self, epoch: int, step: int) -> bool:
+        """Clip when configured; with ``on_nonfinite`` on, whether the global gradient norm is finite.
+
+        DDP has averaged gradients, so every rank sees the same norm and takes the same decision.  The check is
+        the loop's one host sync per step; ``on_nonfinite: ignore`` removes it.  Without clipping the norm is
+        only computed (no clip_grad_norm_, whose scaling by 1.0 rewrites every gradient)."""
+        cfg = self.cfg
+        if cfg.clip_grad is None and cfg.on_nonfinite == "ignore":
+            return True
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.clip_grad is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if cfg.on_nonfinite == "ignore" or bool(torch.isfinite(grad_norm)):
+            return True
+        if cfg.on_nonfinite == "stop":
+            raise NonFiniteLossError(f"non-finite loss/gradient at epoch {epoch + 1} step {step}; "
+                                     "lower the lr or set on_nonfinite=skip")
+        return False
 
     def _adjust(self, epoch: int) -> list[dict]:
         """All ranks: reduce metrics once, rank 0's plan broadcast, apply, re-wrap DDP, optimizer surgery, EMA."""
