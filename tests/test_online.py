@@ -544,8 +544,8 @@ def test_auto_path_is_decided_once_per_input_shape_and_recorded():
     """Wide conv on tiny activations: the split path is the cheapest estimate (the 1x1->kxk merge costs more
     than its convs, the other branches' assembly less); the decision is recorded per input shape and branch
     set, and a step looks it up without estimating again."""
-    block = OnlineBlock(256, 256, 3, 1, 1)
-    tiny, large = torch.zeros(2, 256, 2, 2), torch.zeros(64, 256, 32, 32)
+    block = OnlineBlock(512, 512, 3, 1, 1)
+    tiny, large = torch.zeros(32, 512, 2, 2), torch.zeros(32, 512, 16, 16)
     costs = block.path_costs(tiny)
     assert min(costs, key=costs.__getitem__) == SPLIT_PATH
     assert costs[SPLIT_PATH] < costs[BRANCHES_PATH] < costs[KERNEL_PATH]
@@ -554,10 +554,47 @@ def test_auto_path_is_decided_once_per_input_shape_and_recorded():
     calls = []
     original = block.path_costs
     block.path_costs = lambda x: calls.append(x.shape) or original(x)  # type: ignore[method-assign]
-    block(torch.randn(2, 256, 2, 2))
+    block(torch.randn(32, 512, 2, 2))
     assert calls == []  # recorded: not estimated again
     block.cut(["1x1"])  # another branch set: decided again
     block.path_for(tiny)
     assert calls == [tiny.shape]
     block.forward_path = KERNEL_PATH
     assert block.path_for(tiny) == KERNEL_PATH
+
+
+def test_assembly_saves_no_kernel_sized_tensor_for_backward():
+    """The kernel path keeps for backward only the input, the parameters and the one assembled kernel the conv
+    needs (the autograd-built assembly kept every scaled kernel and the merge's factors too)."""
+    block = OnlineBlock(16, 16, 3, 1, 1, bias=True)
+    block.forward_path = KERNEL_PATH
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    known = {p.untyped_storage().data_ptr() for p in block.parameters()} | {x.untyped_storage().data_ptr()}
+    known |= {b.untyped_storage().data_ptr() for b in block.buffers()}
+    extra: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in known:
+            extra[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(x)
+    assert list(extra.values()) == [16 * 16 * 9]  # the assembled kernel, saved by the conv
+    out.sum().backward()
+    assert all(p.grad is not None for p in block.parameters())
+
+
+def test_assembly_under_cpu_autocast_gives_parameter_dtype_gradients():
+    block = OnlineBlock(8, 8, 3, 1, 1, groups=2)
+    randomize(block, seed=50)
+    block.forward_path = KERNEL_PATH
+    twin = copy.deepcopy(block)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+        ref = reference(twin, x)
+    out.float().sum().backward()
+    ref.float().sum().backward()
+    for (name, p), (_, q) in zip(block.named_parameters(), twin.named_parameters()):
+        assert p.grad.dtype == p.dtype and rel_err(p.grad, q.grad) <= 5e-2, name

@@ -16,8 +16,9 @@ independent) is extra.  Where that assembly would cost more than the convs thems
 tiny activations: the 1x1->kxk merge alone is out*mid*in*k^2 MACs), ``forward`` runs the 1x1->kxk branch on
 the activations next to one conv with the other branches' kernel (``split``), or every branch on the
 activations -- the same function, the path chosen by a MAC estimate once per input shape and recorded
-(:meth:`OnlineBlock.path_for`; :attr:`OnlineBlock.forward_path` forces one).  Without BatchNorms the block computes the same function
-in train and eval mode; deploy is the assembled kernel (:meth:`OnlineBlock.to_conv`).
+(:meth:`OnlineBlock.path_for`; :attr:`OnlineBlock.forward_path` forces one).  Without BatchNorms the block
+computes the same function in train and eval mode; deploy is the assembled kernel (:meth:`OnlineBlock.to_conv`).
+The assembly is one autograd node (:mod:`~dyrep_ray.rep.online_assembly`) that saves no kernel-sized tensor.
 
 On the assembled path the branch convs are never called as modules (their weights are read directly), so
 hooks on them do not fire; hooks on the block itself do.
@@ -32,28 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import online_assembly as A
 from . import online_kernels as OK
 from . import transforms as T
 from .block_base import RepBlock, plain_conv_like, take_conv
 from .geometry import BRANCH_NAMES, DEFAULT_INIT_GAMMA, KXK, ORIG_BIAS_ATTR, mid_channels_1x1_kxk
+from .online_cost import AUTO_PATH, BRANCHES_PATH, KERNEL_PATH, SPLIT_BRANCH, SPLIT_PATH, path_costs
 
 BLOCK_TYPE = "online"
 GRAPH_ENTRY_TYPE = "online"  # structure-graph entry type
 # Below this |scale| the kxk branch cannot absorb a cut branch without blowing up (same bound as the bn block).
 MIN_ABSORB_SCALE = 1e-8
-# Cost model of the forward-path choice (OnlineBlock._cheaper_on_activations), in multiply-accumulates:
-# one element of an elementwise pass costs about as much as this many conv MACs (memory-bound vs compute-bound)
-ELEMENTWISE_MACS = 3
-# a conv's cost per MAC grows on tiny output maps (padding, im2col and launch overhead per pixel):
-# MACs * (1 + SMALL_MAP_PIXELS / output pixels).  Fitted, with ELEMENTWISE_MACS, to CPU fwd+bwd timings of
-# one block at 64-512 channels on 2x2-16x16 maps, batch 32 (docs/benchmarks.md)
-SMALL_MAP_PIXELS = 4
-KERNEL_PASSES_PER_BRANCH = 4  # kernel-sized elementwise passes per branch per training step (fwd + bwd)
-OUTPUT_PASSES_PER_BRANCH = 4  # output-sized passes per branch (scale, sum; fwd + bwd)
-# OnlineBlock.forward_path values; SPLIT_PATH: every branch assembled but the 1x1->kxk one, which runs on the
-# activations (its kernel merge is the one assembly that costs convolution-sized work)
-AUTO_PATH, KERNEL_PATH, BRANCHES_PATH, SPLIT_PATH = "auto", "kernel", "branches", "split"
-SPLIT_BRANCH = "1x1_kxk"
 
 
 class OnlineBranch(Protocol):
@@ -62,6 +52,8 @@ class OnlineBranch(Protocol):
     scale: nn.Parameter
 
     def contribution(self) -> Tensor: ...
+
+    def kernel_part(self) -> tuple: ...
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor: ...
 
@@ -86,6 +78,9 @@ class ScaledConv(nn.Module):
     def contribution(self) -> Tensor:
         """This branch's scaled kernel at its natural size (centred in the block's kxk window)."""
         return OK.scale_kernel(_conv_kernel(self.conv), self.scale)
+
+    def kernel_part(self) -> tuple:
+        return (A.SCALED, _conv_kernel(self.conv), self.scale)
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         """This branch's (unscaled) output on ``x``; the block's ``padding`` for its ``window`` x ``window``
@@ -112,6 +107,9 @@ class ScaledOneByOneKxk(nn.Module):
         return OK.merge_1x1_kxk_kernel(self.conv1.weight, OK.scale_kernel(_conv_kernel(self.conv2), self.scale),
                                        self.groups)
 
+    def kernel_part(self) -> tuple:
+        return (A.MERGE, self.conv1.weight, _conv_kernel(self.conv2), self.scale)
+
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         # Bias-free 1x1: zero padding its output is exact (a nested conv2 is bias-free too: its conv had none).
         return F.conv2d(F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), _conv_kernel(self.conv2), None,
@@ -129,6 +127,9 @@ class ScaledOneByOneAvg(nn.Module):
 
     def contribution(self) -> Tensor:
         return OK.avg_branch_kernel(OK.scale_kernel(self.conv1.weight, self.scale), self.kernel_size)
+
+    def kernel_part(self) -> tuple:
+        return (A.AVG, self.conv1.weight, self.scale)
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         y, k = F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), self.kernel_size
@@ -150,6 +151,9 @@ class ScaledIdentity(nn.Module):
 
     def contribution(self) -> Tensor:
         return OK.scale_kernel(self.eye, self.scale)
+
+    def kernel_part(self) -> tuple:
+        return (A.SCALED, self.eye, self.scale)
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         return x
@@ -241,22 +245,10 @@ class OnlineBlock(RepBlock):
         (without branch ``skip``'s: the split path runs that branch on the activations)."""
         if self.fused_conv is not None:  # folded in place by reparameterize()
             return self.fused_conv.weight
-        kxk = cast(OnlineBranch, self.branches[KXK])
-        acc = kxk.contribution()  # a fresh tensor (a product): safe to add into in place
-        smaller: dict[tuple[int, ...], Tensor] = {}  # 1x1 / 1xk / kx1 contributions, summed per shape
-        for name, branch in self.branches.items():
-            if name == KXK or name == skip:
-                continue
-            part = cast(OnlineBranch, branch).contribution()
-            if part.shape[-2:] == acc.shape[-2:]:
-                acc.add_(part)
-            else:
-                shape = tuple(part.shape[-2:])
-                smaller[shape] = part if shape not in smaller else smaller[shape] + part
-        # One zero-pad per shape, added out of a view-free in-place add (no full-kernel copies in backward).
-        for part in smaller.values():
-            acc.add_(T.pad_kernel_to(part, self.kernel_size))
-        return acc
+        parts = [cast(OnlineBranch, self.branches[KXK]).kernel_part()]  # first: the sum starts from its product
+        parts += [cast(OnlineBranch, branch).kernel_part() for name, branch in self.branches.items()
+                  if name not in (KXK, skip)]
+        return A.assemble_kernel(parts, self.kernel_size, self.groups)
 
     def forward_branches(self, x: Tensor) -> Tensor:
         path = self.path_for(x)
@@ -337,41 +329,8 @@ class OnlineBlock(RepBlock):
         return costs[BRANCHES_PATH] < costs[KERNEL_PATH]
 
     def path_costs(self, x: Tensor) -> dict[str, int]:
-        """Estimated multiply-accumulates of one training step of each forward path on ``x``'s shape.
-
-        Assembling (``kernel``) costs the kxk conv on ``x``, the 1x1->kxk kernel merge (out*mid*in*k^2/g^2
-        MACs whatever the batch) and a few elementwise passes over a kernel-sized tensor per branch; running
-        every branch (``branches``) costs every branch's conv on ``x`` and a few passes over its output;
-        ``split`` assembles every branch but the 1x1->kxk one, which runs its two convs on ``x``.  Wide convs
-        on tiny activations (VGG-16's 512-channel layers at 2x2-4x4 pixels on 32x32 inputs) are where the
-        merge costs more than the convs it saves; everywhere else the block is one conv.
-        """
-        g, k, s, p = self.groups, self.kernel_size, self.stride, self.padding
-        n, _, h, w = x.shape
-        pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
-        cin, cout = self.in_channels // g, self.out_channels
-        kernel_numel, out_numel = cout * cin * k * k, pixels_out * cout
-        nb = len(self.branches)
-        small_map = 1.0 + SMALL_MAP_PIXELS * n / max(pixels_out, 1)  # conv cost per MAC on this output map
-        kxk_conv = pixels_out * cout * cin * k * k * small_map
-        assembled = kxk_conv + ELEMENTWISE_MACS * KERNEL_PASSES_PER_BRANCH * nb * kernel_numel
-        on_activations = kxk_conv + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * nb * out_numel
-        split_conv = 0.0  # the 1x1->kxk branch's convs on the activations
-        for name, branch in self.branches.items():
-            if name == "1x1_kxk":
-                mid = cast(ScaledOneByOneKxk, branch).conv1.out_channels
-                assembled += cout * mid * cin * k * k // g
-                split_conv = (n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k) * small_map
-                on_activations += split_conv
-            elif name == "1x1_avg":
-                on_activations += n * h * w * cout * cin * small_map + out_numel * k * k
-            elif name in ("1x1", "1xk", "kx1"):
-                on_activations += pixels_out * cout * cin * (1 if name == "1x1" else k) * small_map
-        costs = {KERNEL_PATH: assembled, BRANCHES_PATH: on_activations}
-        if SPLIT_BRANCH in self.branches:
-            costs[SPLIT_PATH] = (kxk_conv + ELEMENTWISE_MACS * KERNEL_PASSES_PER_BRANCH * (nb - 1) * kernel_numel
-                                 + split_conv + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * out_numel)
-        return {path: int(cost) for path, cost in costs.items()}
+        """:func:`~dyrep_ray.rep.online_cost.path_costs` of this block on ``x``'s shape."""
+        return path_costs(self, x)
 
     # ------------------------------------------------------------- the algebra
     @property
