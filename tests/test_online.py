@@ -563,28 +563,6 @@ def test_auto_path_is_decided_once_per_input_shape_and_recorded():
     assert block.path_for(tiny) == KERNEL_PATH
 
 
-def test_assembly_saves_no_kernel_sized_tensor_for_backward():
-    """The kernel path keeps for backward only the input, the parameters and the one assembled kernel the conv
-    needs (the autograd-built assembly kept every scaled kernel and the merge's factors too)."""
-    block = OnlineBlock(16, 16, 3, 1, 1, bias=True)
-    block.forward_path = KERNEL_PATH
-    x = torch.randn(2, 16, 8, 8, requires_grad=True)
-    known = {p.untyped_storage().data_ptr() for p in block.parameters()} | {x.untyped_storage().data_ptr()}
-    known |= {b.untyped_storage().data_ptr() for b in block.buffers()}
-    extra: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in known:
-            extra[t.untyped_storage().data_ptr()] = t.numel()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = block(x)
-    assert list(extra.values()) == [16 * 16 * 9]  # the assembled kernel, saved by the conv
-    out.sum().backward()
-    assert all(p.grad is not None for p in block.parameters())
-
-
 def test_assembly_under_cpu_autocast_gives_parameter_dtype_gradients():
     block = OnlineBlock(8, 8, 3, 1, 1, groups=2)
     randomize(block, seed=50)

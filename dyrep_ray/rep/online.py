@@ -18,7 +18,6 @@ the activations next to one conv with the other branches' kernel (``split``), or
 activations -- the same function, the path chosen by a MAC estimate once per input shape and recorded
 (:meth:`OnlineBlock.path_for`; :attr:`OnlineBlock.forward_path` forces one).  Without BatchNorms the block
 computes the same function in train and eval mode; deploy is the assembled kernel (:meth:`OnlineBlock.to_conv`).
-The assembly is one autograd node (:mod:`~dyrep_ray.rep.online_assembly`) that saves no kernel-sized tensor.
 
 On the assembled path the branch convs are never called as modules (their weights are read directly), so
 hooks on them do not fire; hooks on the block itself do.
@@ -33,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import online_assembly as A
 from . import online_kernels as OK
 from . import transforms as T
 from .block_base import RepBlock, plain_conv_like, take_conv
@@ -52,8 +50,6 @@ class OnlineBranch(Protocol):
     scale: nn.Parameter
 
     def contribution(self) -> Tensor: ...
-
-    def kernel_part(self) -> tuple: ...
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor: ...
 
@@ -78,9 +74,6 @@ class ScaledConv(nn.Module):
     def contribution(self) -> Tensor:
         """This branch's scaled kernel at its natural size (centred in the block's kxk window)."""
         return OK.scale_kernel(_conv_kernel(self.conv), self.scale)
-
-    def kernel_part(self) -> tuple:
-        return (A.SCALED, _conv_kernel(self.conv), self.scale)
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         """This branch's (unscaled) output on ``x``; the block's ``padding`` for its ``window`` x ``window``
@@ -107,9 +100,6 @@ class ScaledOneByOneKxk(nn.Module):
         return OK.merge_1x1_kxk_kernel(self.conv1.weight, OK.scale_kernel(_conv_kernel(self.conv2), self.scale),
                                        self.groups)
 
-    def kernel_part(self) -> tuple:
-        return (A.MERGE, self.conv1.weight, _conv_kernel(self.conv2), self.scale)
-
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         # Bias-free 1x1: zero padding its output is exact (a nested conv2 is bias-free too: its conv had none).
         return F.conv2d(F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), _conv_kernel(self.conv2), None,
@@ -127,9 +117,6 @@ class ScaledOneByOneAvg(nn.Module):
 
     def contribution(self) -> Tensor:
         return OK.avg_branch_kernel(OK.scale_kernel(self.conv1.weight, self.scale), self.kernel_size)
-
-    def kernel_part(self) -> tuple:
-        return (A.AVG, self.conv1.weight, self.scale)
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         y, k = F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), self.kernel_size
@@ -151,9 +138,6 @@ class ScaledIdentity(nn.Module):
 
     def contribution(self) -> Tensor:
         return OK.scale_kernel(self.eye, self.scale)
-
-    def kernel_part(self) -> tuple:
-        return (A.SCALED, self.eye, self.scale)
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         return x
@@ -245,10 +229,21 @@ class OnlineBlock(RepBlock):
         (without branch ``skip``'s: the split path runs that branch on the activations)."""
         if self.fused_conv is not None:  # folded in place by reparameterize()
             return self.fused_conv.weight
-        parts = [cast(OnlineBranch, self.branches[KXK]).kernel_part()]  # first: the sum starts from its product
-        parts += [cast(OnlineBranch, branch).kernel_part() for name, branch in self.branches.items()
-                  if name not in (KXK, skip)]
-        return A.assemble_kernel(parts, self.kernel_size, self.groups)
+        acc = cast(OnlineBranch, self.branches[KXK]).contribution()  # a fresh product: safe to add into
+        smaller: dict[tuple[int, ...], Tensor] = {}  # 1x1 / 1xk / kx1 contributions, summed per shape
+        for name, branch in self.branches.items():
+            if name in (KXK, skip):
+                continue
+            part = cast(OnlineBranch, branch).contribution()
+            if part.shape[-2:] == acc.shape[-2:]:
+                acc.add_(part)
+            else:
+                shape = tuple(part.shape[-2:])
+                smaller[shape] = part if shape not in smaller else smaller[shape] + part
+        # One zero-pad per shape, added out of a view-free in-place add (no full-kernel copies in backward).
+        for part in smaller.values():
+            acc.add_(T.pad_kernel_to(part, self.kernel_size))
+        return acc
 
     def forward_branches(self, x: Tensor) -> Tensor:
         path = self.path_for(x)
