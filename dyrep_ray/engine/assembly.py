@@ -22,6 +22,7 @@ from ..rep.blocks import is_block
 from ..rep.optim import param_groups_for
 from ..rundir.files import CheckpointMeta
 from .checkpoint import LoadedCheckpoint, load_optimizer_state_by_name, set_rng_state
+from .compile import check_compile_supported
 from .config import TrainConfig, resume_changes
 from .data_source import torch_data_source
 from .ema import ModelEma
@@ -120,6 +121,8 @@ def build_run(cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactor
     ``data``: a :class:`DataSource`, or a factory ``(cfg, ctx) -> DataSource`` called after seeding (default:
     torch DataLoaders over the configured dataset).
     """
+    if cfg.compile:  # refused before anything is built or written
+        check_compile_supported()
     seed_everything(cfg.seed)
     source = resolve_data(data, cfg, ctx)
     num_classes = cfg.num_classes or source.num_classes

@@ -32,6 +32,7 @@ from .adjust import AdjustHooks, adjust_structure
 from .assembly import RunParts, build_run, count_blocks, place_model, tune_kernels
 from .callbacks import CallbackList, TrainerCallback
 from .checkpoint import optimizer_state_by_name, rng_state, write_checkpoint_dir
+from .compile import compile_model
 from .config import TrainConfig
 from .data_source import EpochPosition
 from .midepoch import (
@@ -99,7 +100,12 @@ class Trainer:
         self.running: RunningEpoch | None = None
         self._start_record: dict | None = None  # placement + digests of this (re)start, for the next epoch
         self._rank_nodes: list = []
-        self.wrapped = ctx.wrap_model(self.model)
+        self.wrapped = self._wrap("at the start")
+
+    def _wrap(self, reason: str) -> nn.Module:
+        """The context's wrapper (DDP) of the model, under torch.compile with ``compile: true``."""
+        wrapped = self.ctx.wrap_model(self.model)
+        return compile_model(wrapped, reason) if self.cfg.compile else wrapped
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactory | None = None,
@@ -381,7 +387,7 @@ class Trainer:
             self.wrapped = self.model
 
         def rewrap() -> None:  # DDP broadcasts rank 0's weights and buffers
-            self.wrapped = self.ctx.wrap_model(self.model)
+            self.wrapped = self._wrap(f"after adjust {dyrep.adjust_count} (structure change)")
 
         hooks = AdjustHooks(broadcast=self.ctx.broadcast_object, place=self._place_model, unwrap=unwrap,
                             rewrap=rewrap)
