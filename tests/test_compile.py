@@ -27,10 +27,20 @@ def _fit(tmp_path, compiled: bool):
     return trainer.fit(), trainer.state.history
 
 
-def test_compiled_run_compiles_once_per_structure_and_matches_eager(tmp_path, monkeypatch, caplog):
+@pytest.fixture
+def dynamo_config():
+    """The dynamo settings compile_model changes, restored after the test (monkeypatch would delete them:
+    dynamo's config module keeps its keys outside its __dict__)."""
+    config = torch._dynamo.config
+    saved = {key: getattr(config, key) for key in ("recompile_limit", "fail_on_recompile_limit_hit")}
+    yield
+    for key, value in saved.items():
+        setattr(config, key, value)
+    torch._dynamo.reset()
+
+
+def test_compiled_run_compiles_once_per_structure_and_matches_eager(tmp_path, monkeypatch, caplog, dynamo_config):
     monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
-    for key in ("recompile_limit", "fail_on_recompile_limit_hit"):  # restored after the test
-        monkeypatch.setattr(torch._dynamo.config, key, getattr(torch._dynamo.config, key))
     caplog.set_level("INFO", logger=compile_mod.logger.name)
     graphs_before = counters["stats"]["unique_graphs"]
     summary, history = _fit(tmp_path / "compiled", compiled=True)
@@ -45,7 +55,6 @@ def test_compiled_run_compiles_once_per_structure_and_matches_eager(tmp_path, mo
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4, abs=1e-5)
         assert got["params"] == want["params"]
     assert torch._dynamo.config.fail_on_recompile_limit_hit is True  # never silently eager
-    torch._dynamo.reset()
 
 
 def test_compile_refused_in_one_line_where_dynamo_cannot_run(tmp_path, monkeypatch):
