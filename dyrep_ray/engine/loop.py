@@ -299,7 +299,7 @@ class Trainer:
         for images, targets in batches:
             n_images = images.shape[0]
             loss, lr, taken = self.train_step(images, targets, epoch, step, record)
-            # The batch (on the device after train_step) must not stay alive while the next one is fetched.
+            # Nothing may hold the batch while the next one is fetched (Ray Data hands it over on the device).
             del images, targets
             if taken:
                 running.loss_sum += loss
