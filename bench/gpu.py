@@ -7,7 +7,11 @@ Measured side by side in one process, variants alternated round by round:
   autocast + channels_last, eager and ``torch.compile``;
 * what an adjust costs a compiled model: the model is compiled once, one more conv grows, and the model is
   compiled again (the only recompile a DyRep run needs: structure changes happen at adjust points only);
-* DDP overhead: the same step under a 1-GPU DistributedDataParallel (NCCL) vs bare.
+* DDP overhead: the same step under a 1-GPU DistributedDataParallel (NCCL) vs bare;
+* the Trainer's own step (:meth:`~dyrep_ray.engine.loop.Trainer.train_step`, the code path training runs: LR,
+  autocast, the non-finite check, optimizer, EMA off) of the plain model and of the grown (online) model, next to
+  a bare step of the plain model with the same optimizer: img/s and the ratio (what the Trainer adds on top of
+  the blocks).
 
 ``--dry-run`` runs every code path on CPU in seconds (tiny batch and images, two timed rounds, the
 ``eager`` dynamo backend instead of inductor): the test suite runs it so the suite is known to work before a
@@ -17,6 +21,7 @@ GPU is ever lent.  Numbers from a dry run mean nothing.
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyrep_ray.engine.assembly import build_optimizer, build_run
+from dyrep_ray.engine.config import load_config
+from dyrep_ray.engine.context import LocalContext
+from dyrep_ray.engine.loop import Trainer
 from dyrep_ray.models import build_model
 from dyrep_ray.rep.grow_cut import grow_conv
 from dyrep_ray.rep.online import grow_online_block
@@ -178,7 +187,40 @@ def run(device: torch.device, dry_run: bool = False) -> dict:
     result["ddp"] = {"backend": "nccl" if device.type == "cuda" else "gloo",
                      "ddp_over_bare": ddp_times["ddp"]["ratio"],
                      "images_per_s": {n: size.batch / r["median_s"] for n, r in ddp_times.items()}}
+
+    # 5. the Trainer's real step vs a bare step
+    result["trainer_step"] = trainer_step_section(size, device, images, targets)
     return result
+
+
+def trainer_step_section(size: SuiteSize, device: torch.device, images: torch.Tensor,
+                         targets: torch.Tensor) -> dict:
+    """Trainer.train_step of the plain and the online-grown model vs a bare plain step, alternated."""
+    overrides = [f"model={size.model}", f"num_classes={NUM_CLASSES}", f"image_size={size.image_size}",
+                 f"batch_size={size.batch}", f"synthetic_train_size={size.batch}",
+                 f"synthetic_val_size={size.batch}", "amp=bf16", "channels_last=true", "dyrep=false", "epochs=1"]
+    cfg = load_config(None, overrides)
+    steps: dict[str, Callable[[], None]] = {}
+    with tempfile.TemporaryDirectory() as run_dir:
+        ctx = LocalContext(device, run_dir, 1)
+        trainers = {}
+        for name, grown in (("trainer_plain", ()), ("trainer_online", size.grown_paths)):
+            parts = build_run(cfg, ctx)
+            if grown:  # grown before the optimizer is built, as after an adjust's optimizer surgery
+                grow_with_online_blocks(parts.model, grown)
+                parts.model.to(device, memory_format=torch.channels_last if parts.channels_last
+                               else torch.preserve_format)
+                parts.optimizer = build_optimizer(cfg, parts.model)
+            trainers[name] = Trainer(parts, ctx)
+            trainers[name].model.train()
+        bare = trainers["trainer_plain"].model
+        bare_model, _ = _prepared(copy.deepcopy(bare), device)
+        steps["bare_plain"] = train_step(bare_model, build_optimizer(cfg, bare_model), images, targets, device)
+        for name, trainer in trainers.items():
+            steps[name] = (lambda t=trainer: t.train_step(images, targets, epoch=0, step=0))  # type: ignore[misc]
+        timed = interleaved_ratios(steps, reps=size.reps, warmup=size.warmup, device=device, baseline="bare_plain")
+    return {n: {"images_per_s": size.batch / r["median_s"], "step_over_bare_plain": r["ratio"]}
+            for n, r in timed.items()}
 
 
 def markdown(result: dict) -> str:
@@ -197,4 +239,7 @@ def markdown(result: dict) -> str:
                      f" next step {a['next_step_s'] * 1e3:.0f} ms")
     d = result["ddp"]
     lines.append(f"\n1-device DDP ({d['backend']}) step time / bare: {d['ddp_over_bare']:.3f}x")
+    lines += ["", "| Trainer step | img/s | step vs bare plain |", "|---|---|---|"]
+    for name, t in result["trainer_step"].items():
+        lines.append(f"| {name} | {t['images_per_s']:.0f} | {t['step_over_bare_plain']:.2f}x |")
     return "\n".join(lines)

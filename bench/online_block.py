@@ -9,7 +9,7 @@
   (``saved_tensors_hooks``).
 * One block vs one plain conv (fwd + bwd; the bn block's fused forward, online block, plain conv).
 
-    python -m bench.online_block [--quick]      # or: python -m bench --only online_block
+    python -m bench.online_block [--quick] [--batch 32] [--grown all]   # or: python -m bench --only online_block
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ MODELS = ("resnet18", "vgg16_cifar")
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
 GROWN_CONVS = 4
+ALL_CONVS = 10**6  # ``count`` meaning every eligible 3x3 conv
 STEM = "conv1"  # ResNet's 7x7 stem: not a 3x3 conv
 BLOCK_SHAPES = (("64x32x32", 64, 32), ("256x14x14", 256, 14))
 GOAL_TIME = 1.15  # online grown model step time / plain
@@ -215,11 +216,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller batch and fewer repetitions (smoke mode)")
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
+    p.add_argument("--batch", type=int, help="batch size (default: 8 with --quick, 16 on CPU, 64 on CUDA)")
+    p.add_argument("--reps", type=int, help="timed rounds (default: 3 with --quick, else 7)")
+    p.add_argument("--grown", default=str(GROWN_CONVS),
+                   help=f"convs grown per model: a number (default {GROWN_CONVS}) or 'all' (every eligible 3x3 conv)")
     args = p.parse_args(argv)
+    if args.grown != "all" and not args.grown.isdigit():
+        p.error(f"--grown takes a number or 'all', not {args.grown!r}")
     device = pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    r = run(device, quick=args.quick)
+    count = ALL_CONVS if args.grown == "all" else int(args.grown)
+    r = run(device, quick=args.quick, batch=args.batch, reps=args.reps, count=count)
     m = machine_info(device)
     print(f"online block benchmark on {m['device']} ({m.get('gpu') or m.get('cpu_model')}, {m['cpu_count']} CPUs, "
           f"torch {m['torch']}, {m['torch_threads']} thread(s), load avg {m.get('load_avg_1m', '?')})")

@@ -170,7 +170,7 @@ def _train_locked(args, cfg, name: str) -> int:
             context.check_resumable()
         else:
             summary = _train_on_ray(args, cfg, name, storage)
-        from .engine.loop import summary_line
+        from .engine.summary import summary_line
 
         console.info("%s: %s (run dir: %s)", name, summary_line(summary), storage.root)
     finally:

@@ -50,8 +50,12 @@ def test_dry_run_measures_every_variant(dry_run_result):
     for entry in r["adjust_recompile"].values():
         assert entry["recompile_first_step_s"] > 0 and entry["next_step_s"] > 0
     assert r["ddp"]["backend"] == "gloo" and r["ddp"]["ddp_over_bare"] > 0
+    assert set(r["trainer_step"]) == {"bare_plain", "trainer_plain", "trainer_online"}
+    assert r["trainer_step"]["bare_plain"]["step_over_bare_plain"] == pytest.approx(1.0)
+    for name, entry in r["trainer_step"].items():
+        assert math.isfinite(entry["images_per_s"]) and entry["images_per_s"] > 0, name
     table = gpu.markdown(r)
-    assert "DRY RUN" in table and all(f"| {v} |" in table for v in variants)
+    assert "DRY RUN" in table and all(f"| {v} |" in table for v in (*variants, *r["trainer_step"]))
 
 
 def test_grown_variants_really_hold_blocks():

@@ -57,3 +57,13 @@ def test_saved_activation_bytes_excludes_parameters():
     assert online_block.saved_activation_bytes(layer, lambda: layer(x)) == x.numel() * x.element_size()
     frozen = torch.nn.Linear(8, 4, bias=False)
     assert online_block.saved_activation_bytes(frozen, lambda: layer(x)) == (x.numel() + layer.weight.numel()) * 4
+
+
+def test_demo_overhead_benchmark_tiny():
+    from bench import demo_overhead
+
+    tiny = ["epochs=2", "synthetic_train_size=64", "synthetic_val_size=32", "batch_size=32",
+            "dyrep_recal_bn_iters=1"]
+    r = demo_overhead.run(1, tiny)
+    assert len(r["wall_ratios"]) == 1 and r["wall_ratio"] > 0 and r["cpu_ratio"] > 0
+    assert r["grows"] >= 1  # the online variant really grew blocks

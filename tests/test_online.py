@@ -24,6 +24,7 @@ from dyrep_ray.rep.online import (
     BLOCK_TYPE,
     BRANCHES_PATH,
     KERNEL_PATH,
+    SPLIT_PATH,
     OnlineBlock,
     grow_online_block,
     online_block_from_conv,
@@ -93,12 +94,13 @@ def check_equivalence(block: OnlineBlock, x: torch.Tensor, dtype) -> None:
         assert (conv.kernel_size, conv.stride, conv.padding, conv.groups) == (
             (block.kernel_size,) * 2, (block.stride,) * 2, (block.padding,) * 2, block.groups)
         deployed = conv(x)
-        used = BRANCHES_PATH if block._cheaper_on_activations(x) else KERNEL_PATH
-        block.forward_path = KERNEL_PATH if used == BRANCHES_PATH else BRANCHES_PATH
-        other_path = block(x)  # the other forward path: the same function
+        forced = []  # every forward path, forced: the same function
+        for path in (KERNEL_PATH, BRANCHES_PATH, SPLIT_PATH):
+            if path != SPLIT_PATH or "1x1_kxk" in block.branches:
+                block.forward_path = path
+                forced.append((f"{path} path", block(x)))
         block.forward_path = AUTO_PATH
-    for what, got in (("forward", out), ("other forward path", other_path), ("equivalent_kernel", by_kernel),
-                      ("to_conv", deployed)):
+    for what, got in (("forward", out), *forced, ("equivalent_kernel", by_kernel), ("to_conv", deployed)):
         err = rel_err(got, ref)
         assert err <= TOL[dtype], f"{what} vs separate branches: rel err {err:.3g}"
 
@@ -512,3 +514,65 @@ def test_activation_macs_counts_the_path_forward_takes():
     pixels = 2 * 6 * 6
     hand = kxk + pixels * 64 + (pixels * 64 + pixels * 64 * 9) + pixels * 64 + 2 * pixels * 64 * 3
     assert not block.takes_kernel_path(x) and block.activation_macs(x) == hand
+
+
+@pytest.mark.parametrize("groups", [1, 2, "dw"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_split_path_gradients_equal_the_separate_branches(stride, groups):
+    """The split path (1x1->kxk on the activations, every other branch in the kernel): same outputs and
+    gradients (input, every parameter) as the branches run separately."""
+    c = 8
+    g = c if groups == "dw" else groups
+    block = OnlineBlock(c, c, 3, stride, 1, g, bias=True, dtype=torch.float64)
+    randomize(block, seed=40 + stride + g)
+    block.forward_path = SPLIT_PATH
+    twin = copy.deepcopy(block)
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(2, c, 7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out, ref = block(x), reference(twin, x2)
+    assert rel_err(out.detach(), ref.detach()) <= 1e-12
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(grad)
+    ref.backward(grad)
+    assert rel_err(x.grad, x2.grad) <= 1e-12
+    for (name, p), (_, q) in zip(block.named_parameters(), twin.named_parameters()):
+        assert p.grad is not None and rel_err(p.grad, q.grad) <= 1e-10, name
+
+
+def test_auto_path_is_decided_once_per_input_shape_and_recorded():
+    """Wide conv on tiny activations: the split path is the cheapest estimate (the 1x1->kxk merge costs more
+    than its convs, the other branches' assembly less); the decision is recorded per input shape and branch
+    set, and a step looks it up without estimating again."""
+    block = OnlineBlock(512, 512, 3, 1, 1)
+    tiny, large = torch.zeros(32, 512, 2, 2), torch.zeros(32, 512, 16, 16)
+    costs = block.path_costs(tiny)
+    assert min(costs, key=costs.__getitem__) == SPLIT_PATH
+    assert costs[SPLIT_PATH] < costs[BRANCHES_PATH] < costs[KERNEL_PATH]
+    assert block.path_for(tiny) == SPLIT_PATH and block.path_for(large) == KERNEL_PATH
+    assert sorted(block.chosen_paths.values()) == [KERNEL_PATH, SPLIT_PATH]
+    calls = []
+    original = block.path_costs
+    block.path_costs = lambda x: calls.append(x.shape) or original(x)  # type: ignore[method-assign]
+    block(torch.randn(32, 512, 2, 2))
+    assert calls == []  # recorded: not estimated again
+    block.cut(["1x1"])  # another branch set: decided again
+    block.path_for(tiny)
+    assert calls == [tiny.shape]
+    block.forward_path = KERNEL_PATH
+    assert block.path_for(tiny) == KERNEL_PATH
+
+
+def test_assembly_under_cpu_autocast_gives_parameter_dtype_gradients():
+    block = OnlineBlock(8, 8, 3, 1, 1, groups=2)
+    randomize(block, seed=50)
+    block.forward_path = KERNEL_PATH
+    twin = copy.deepcopy(block)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+        ref = reference(twin, x)
+    out.float().sum().backward()
+    ref.float().sum().backward()
+    for (name, p), (_, q) in zip(block.named_parameters(), twin.named_parameters()):
+        assert p.grad.dtype == p.dtype and rel_err(p.grad, q.grad) <= 5e-2, name

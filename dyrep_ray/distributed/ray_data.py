@@ -368,6 +368,30 @@ def iter_decoded_batches(
     )
 
 
+class ShardBatches:
+    """An epoch's batches, the first ``skip`` read and dropped; batches from index ``keep_from`` on are also
+    appended (as CPU copies) to ``recent``.  An iterator object, not a generator: nothing here holds a batch
+    once it is handed out, so the batch dies with the training step's last reference."""
+
+    def __init__(self, batches: Iterator[Batch], skip: int, keep_from: int, recent: deque[torch.Tensor]):
+        self.batches, self.skip, self.keep_from, self.recent = batches, skip, keep_from, recent
+        self.index = 0
+
+    def __iter__(self) -> ShardBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        while self.index < self.skip:
+            next(self.batches)
+            self.index += 1
+        batch = next(self.batches)
+        if self.index >= self.keep_from and self.recent.maxlen:
+            # non_blocking: a CUDA batch is copied to pinned host memory in stream order, no sync
+            self.recent.append(batch[0].to("cpu", non_blocking=True))
+        self.index += 1
+        return batch
+
+
 class RayDataSource:
     """This worker's Ray Data batches of the Parquet train/val sets: decoded and augmented upstream.
 
@@ -423,15 +447,13 @@ class RayDataSource:
         resume is exact in steps, not in data order."""
         batch_size = self.cfg.batch_size
         skip = position.step if position is not None else 0
-        for index, (images, labels) in enumerate(iter_ready_batches(
-                self._train_split(epoch), self.collates[TRAIN], batch_size=batch_size,
-                local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
-                local_shuffle_seed=self.cfg.seed + epoch)):
-            if index < skip:
-                continue
-            self._recent_images.append(images)
-            yield images, labels
-
+        batches = iter_ready_batches(
+            self._train_split(epoch), self.collates[TRAIN], batch_size=batch_size,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size, local_shuffle_seed=self.cfg.seed + epoch)
+        # Recalibration uses the epoch's last batches: only those are kept (one step of slack, an equal split
+        # can be a batch shorter than steps_per_epoch), copied off the accelerator without a host sync.
+        keep_from = max(self.steps_per_epoch - (self._recent_images.maxlen or 0) - 1, 0)
+        return ShardBatches(batches, skip, keep_from, self._recent_images)
     def val_batches(self) -> Iterator[Batch]:
         return iter_ready_batches(self.val_shard, self.collates[VAL],
                                   batch_size=self.cfg.val_batch_size or self.cfg.batch_size)

@@ -22,7 +22,8 @@ from ..engine.callbacks import TrainerCallback
 from ..engine.config import TrainConfig
 from ..engine.context import load_newest_valid
 from ..engine.data_source import PARQUET, aug_options
-from ..engine.loop import Trainer, summarize
+from ..engine.loop import Trainer
+from ..engine.summary import summarize
 from ..errors import UserError
 from ..rundir.files import plain_params_from, read_metrics
 from ..rundir.storage import RunStorage, resolve_filesystem

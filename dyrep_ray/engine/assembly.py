@@ -23,6 +23,7 @@ from ..rep.dbb_convert import convert_to_dbb_original
 from ..rep.optim import param_groups_for
 from ..rundir.files import CheckpointMeta
 from .checkpoint import LoadedCheckpoint, load_optimizer_state_by_name, set_rng_state
+from .compile import check_compile_supported
 from .config import TrainConfig, resume_changes
 from .data_source import torch_data_source
 from .ema import ModelEma
@@ -102,6 +103,14 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> 
     model.to(device, memory_format=fmt)  # type: ignore[call-overload]  # torch's stubs lack this
 
 
+def tune_kernels(device: torch.device, benchmark: bool) -> None:
+    """On CUDA, ``torch.backends.cudnn.benchmark``: cuDNN times the conv algorithms once per new input/weight
+    shape and keeps the fastest.  Set at build and again after every structure change (whatever touched the
+    global flag in between, the changed model's new shapes are tuned); other devices are left alone."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = benchmark
+
+
 def check_resume_config(meta: dict, cfg: TrainConfig) -> None:
     """Refuse (ConfigError naming the key) a resume that changes a structural key; log the allowed changes."""
     for change in resume_changes(meta.get("config", {}), cfg):
@@ -122,6 +131,8 @@ def build_run(cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactor
     ``data``: a :class:`DataSource`, or a factory ``(cfg, ctx) -> DataSource`` called after seeding (default:
     torch DataLoaders over the configured dataset).
     """
+    if cfg.compile:  # refused before anything is built or written
+        check_compile_supported()
     seed_everything(cfg.seed)
     source = resolve_data(data, cfg, ctx)
     num_classes = cfg.num_classes or source.num_classes
@@ -138,6 +149,7 @@ def build_run(cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactor
         build_static_dbb(cfg, model)
     channels_last = cfg.channels_last and ctx.device.type == "cuda"
     place_model(model, ctx.device, channels_last)
+    tune_kernels(ctx.device, cfg.cudnn_benchmark)
     dyrep = build_dyrep(cfg, model)
     optimizer = build_optimizer(cfg, model)
     parts = RunParts(

@@ -164,6 +164,11 @@ class TrainConfig:
     amp: Amp = option(Amp.NONE, help="automatic mixed precision")
     clip_grad: float | None = option(None, gt=0, example=5.0, help="max global gradient norm; null = no clipping")
     channels_last: bool = option(True, help="channels-last memory format")
+    compile: bool = option(False, help="train the model under torch.compile (compiled again once after each "
+                                       "structure change; never falls back to eager silently)")
+    cudnn_benchmark: bool = option(True, help="CUDA: cuDNN times its conv algorithms per shape and keeps the "
+                                   "fastest (new shapes after a structure change are timed again); false = "
+                                   "repeatable kernel choice")
     model_ema: bool = option(False, help="keep an exponential moving average of the weights (validated too)")
     model_ema_decay: float = option(0.9998, ge=0, lt=1, help="decay of the weight average")
     drop_rate: float = option(0.0, ge=0, lt=1,

@@ -17,29 +17,28 @@ from .global_batch import rng_key
 from .global_step import CanonicalBatchNorm, GradientSum, SampleRecord, forward_micro_batches
 
 
-def train_global_epoch(trainer: Any, epoch: int, record: bool, running: Any, nonfinite_error: type[Exception],
+def train_global_epoch(trainer: Any, epoch: int, record: bool, running: Any,
                        autocast: Callable[[], Any]) -> tuple[float, int, float]:
-    """One epoch of the loop's ``trainer`` (from ``running.step`` on; the loop passes its non-finite error and
-    autocast context factory); returns (mean train loss, images, last lr)."""
+    """One epoch of the loop's ``trainer`` (from ``running.step`` on; the loop passes its autocast context
+    factory); returns (mean train loss, images, last lr).  The LR, clipping and non-finite rule are the loop's."""
     cfg, ctx, device = trainer.cfg, trainer.ctx, trainer.device
     data: Any = trainer.data
     steps = data.steps_per_epoch
     params = [p for p in trainer.model.parameters() if p.requires_grad]
-    clip = cfg.clip_grad if cfg.clip_grad is not None else math.inf
     bn = trainer.canonical_bn
     if bn is None:
         bn = trainer.canonical_bn = CanonicalBatchNorm()
     samples = (SampleRecord(ctx.storage, epoch, running.step, ctx.rank, ctx.world_size)
                if cfg.debug_sample_record else None)
     trainer.sample_record = samples
-    lr = trainer.schedule.lr_at(epoch)
+    lr = trainer.schedule.lr_for_step(epoch, 0, steps)
 
     def backward(loss: torch.Tensor) -> None:
         (trainer.scaler.scale(loss) if trainer.scaler is not None else loss).backward()
 
     for gstep in data.global_steps(epoch, running.step):
         step = gstep.step
-        lr = trainer.schedule.apply(trainer.optimizer, epoch + min(step / steps, 1.0))
+        lr = trainer.schedule.apply_step(trainer.optimizer, epoch, step, steps)
         bn.begin_step(trainer.model)
         grads = GradientSum(params)
         share, images = forward_micro_batches(
@@ -52,12 +51,7 @@ def train_global_epoch(trainer: Any, epoch: int, record: bool, running: Any, non
             samples.add(gstep)
         if trainer.scaler is not None:
             trainer.scaler.unscale_(trainer.optimizer)
-        if cfg.clip_grad is not None or cfg.on_nonfinite != "ignore":
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        if cfg.on_nonfinite != "ignore" and not bool(torch.isfinite(grad_norm)):
-            if cfg.on_nonfinite == "stop":
-                raise nonfinite_error(f"non-finite loss/gradient at epoch {epoch + 1} step {step}; "
-                                      "lower the lr or set on_nonfinite=skip")
+        if not trainer._gradients_ok(epoch, step, share):  # clipping and the non-finite rule, as the loop's
             trainer.state.skipped_steps += 1
             trainer.optimizer.zero_grad(set_to_none=True)
             if trainer.scaler is not None:

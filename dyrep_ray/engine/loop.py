@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -30,9 +29,10 @@ from ..rep import recalibrate_bn, structure_graph
 from ..rundir.files import VAL_KEYS, CheckpointMeta, EpochMetrics
 from ..rundir.layout import CONFIG_FILE, METRICS_FILE, STRUCTURE_FILE
 from .adjust import AdjustHooks, adjust_structure
-from .assembly import RunParts, build_run, count_blocks, place_model
+from .assembly import RunParts, build_run, count_blocks, place_model, tune_kernels
 from .callbacks import CallbackList, TrainerCallback
 from .checkpoint import optimizer_state_by_name, rng_state, write_checkpoint_dir
+from .compile import compile_model
 from .config import TrainConfig
 from .data_source import EpochPosition
 from .global_epoch import train_global_epoch
@@ -47,6 +47,7 @@ from .midepoch import (
 from .precision import full_fp32, tf32_metric_warning
 from .protocols import DataFactory, DataSource, TrainContext
 from .state import TrainState
+from .summary import summarize
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,12 @@ class Trainer:
         self._rank_nodes: list = []
         self.canonical_bn: CanonicalBatchNorm | None = None  # global_batch_size: BN statistics over micro-batches
         self.sample_record: SampleRecord | None = None  # debug_sample_record: this epoch's sample ids
-        self.wrapped = ctx.wrap_model(self.model)
+        self.wrapped = self._wrap("at the start")
+
+    def _wrap(self, reason: str) -> nn.Module:
+        """The context's wrapper (DDP) of the model, under torch.compile with ``compile: true``."""
+        wrapped = self.ctx.wrap_model(self.model)
+        return compile_model(wrapped, reason) if self.cfg.compile else wrapped
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactory | None = None,
@@ -116,6 +122,7 @@ class Trainer:
 
     def _place_model(self) -> None:
         place_model(self.model, self.device, self.channels_last)
+        tune_kernels(self.device, self.cfg.cudnn_benchmark)
 
     # ---------------------------------------------------------------- data
     def _recal_batches(self, salt: int) -> Iterator[torch.Tensor]:
@@ -292,69 +299,34 @@ class Trainer:
         running = self.running = RunningEpoch(epoch=epoch, world_size=ctx.world_size)
         running.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         lr = self.schedule.lr_for_step(epoch, 0, steps)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        clip = cfg.clip_grad if cfg.clip_grad is not None else math.inf
         resume, self._resume_progress = self._resume_progress, None
         if resume is not None:  # continue a checkpointed epoch at its next step; skipped samples are not loaded
             resumed_loss, running.images, running.steps_done = resume.share_of(ctx.rank, ctx.world_size)
             running.loss_sum += resumed_loss
             running.step, running.samples = resume.step, resume.samples
         if cfg.global_batch_size is not None:  # the step's data and result do not depend on the world size
-            return train_global_epoch(self, epoch, record, running, NonFiniteLossError,
-                                      lambda: _autocast(cfg, self.device))
+            return train_global_epoch(self, epoch, record, running, lambda: _autocast(cfg, self.device))
         if resume is not None:
             batches = self.data.train_batches(epoch, EpochPosition(resume.step, resume.samples, resume.world_size))
         else:
             batches = self.data.train_batches(epoch)
-        first_step = running.step
-        lr_factor = self._lr_factor()
-        for step, (images, targets) in enumerate(batches, start=first_step):
-            lr = self.schedule.apply_step(self.optimizer, epoch, step, steps)
-            if lr_factor != 1.0:
-                lr *= lr_factor
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-            images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
-            with _autocast(cfg, self.device):
-                loss = F.cross_entropy(self.wrapped(images), targets, label_smoothing=cfg.smoothing)
-            loss = self.callbacks.transform_loss(self, epoch, step, loss)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
-            # DDP has averaged gradients, so every rank sees the same norm and takes the same decision.
-            # This is the loop's one host sync per step; on_nonfinite=ignore removes it.
-            if cfg.clip_grad is not None or cfg.on_nonfinite != "ignore":
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if cfg.on_nonfinite != "ignore" and not bool(torch.isfinite(grad_norm)):
-                if cfg.on_nonfinite == "stop" and not self._is_scaler_overflow(loss):
-                    raise NonFiniteLossError(f"non-finite loss/gradient at epoch {epoch + 1} step {step}; "
-                                             "lower the lr or set on_nonfinite=skip")
-                self.state.skipped_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.update()
-                running.step, running.samples = step + 1, running.samples + cfg.batch_size * ctx.world_size
-                self._step_end(epoch, step, steps, loss.detach())
-                continue
-            if record and self.dyrep is not None:
-                self.dyrep.record_metrics()
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.model)
-            running.loss_sum += loss.detach()
-            running.images += images.shape[0]
-            running.steps_done += 1
-            self.state.global_step += 1
+        step = running.step
+        # No enumerate(): its reused result tuple would keep the last batch alive during the next fetch.
+        for images, targets in batches:
+            n_images = images.shape[0]
+            loss, lr, taken = self.train_step(images, targets, epoch, step, record)
+            # Nothing may hold the batch while the next one is fetched (Ray Data hands it over on the device).
+            del images, targets
+            if taken:
+                running.loss_sum += loss
+                running.images += n_images
+                running.steps_done += 1
+                self.state.global_step += 1
             # every rank's batches but the epoch's last are full: the sample order advances by B per rank
             running.step, running.samples = step + 1, running.samples + cfg.batch_size * ctx.world_size
-            self._step_end(epoch, step, steps, loss.detach())
+            self._step_end(epoch, step, steps, loss)
+            del loss
+            step += 1
         totals = ctx.all_reduce_sum(torch.stack([running.loss_sum, torch.tensor(
             float(running.steps_done), device=self.device, dtype=torch.float64)]))
         self.running = None
@@ -365,8 +337,73 @@ class Trainer:
         halves the scale): the loss is finite and the scale of this step was above 1.  At a scale of 1 or less
         the gradients overflow without any amplification, and a non-finite loss is the model's own failure.
         Host syncs here happen only on a non-finite step."""
-        return (self.scaler is not None and bool(torch.isfinite(loss.detach()).all())
-                and self.scaler.get_scale() > 1.0)
+        if self.scaler is None or self.scaler.get_scale() <= 1.0:
+            return False
+        # every rank's loss counts: ranks must agree (their gradient norm is the same, their losses are not)
+        bad = (~torch.isfinite(loss.detach()).all()).to(device=self.device, dtype=torch.float64)
+        return float(self.ctx.all_reduce_sum(bad.reshape(1))[0]) == 0.0
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int,
+                   record: bool = False) -> tuple[torch.Tensor, float, bool]:
+        """One training step of this rank, as :meth:`fit` runs it: LR, forward, backward, non-finite check,
+        clipping (only when configured), optimizer step, EMA.  Returns the detached loss, the LR and whether
+        the step was taken (False: skipped by ``on_nonfinite: skip``)."""
+        cfg = self.cfg
+        lr = self.schedule.apply_step(self.optimizer, epoch, step, self.data.steps_per_epoch)
+        lr_factor = self._lr_factor()
+        if lr_factor != 1.0:
+            lr *= lr_factor
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
+        with _autocast(cfg, self.device):
+            loss = F.cross_entropy(self.wrapped(images), targets, label_smoothing=cfg.smoothing)
+        del images, targets
+        loss = self.callbacks.transform_loss(self, epoch, step, loss)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        loss = loss.detach()
+        if not self._gradients_ok(epoch, step, loss):
+            self.state.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()
+            return loss, lr, False
+        if record and self.dyrep is not None:
+            self.dyrep.record_metrics()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss, lr, True
+
+    def _gradients_ok(self, epoch: int, step: int, loss: torch.Tensor) -> bool:
+        """Clip when configured; with ``on_nonfinite`` on, whether the global gradient norm is finite.
+
+        DDP has averaged gradients, so every rank sees the same norm and takes the same decision.  The check is
+        the loop's one host sync per step; ``on_nonfinite: ignore`` removes it.  Without clipping the norm is
+        only computed (no clip_grad_norm_, whose scaling by 1.0 rewrites every gradient)."""
+        cfg = self.cfg
+        if cfg.clip_grad is None and cfg.on_nonfinite == "ignore":
+            return True
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.clip_grad is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if cfg.on_nonfinite == "ignore" or bool(torch.isfinite(grad_norm)):
+            return True
+        if cfg.on_nonfinite == "stop" and not self._is_scaler_overflow(loss):
+            raise NonFiniteLossError(f"non-finite loss/gradient at epoch {epoch + 1} step {step}; "
+                                     "lower the lr or set on_nonfinite=skip")
+        return False
 
     def _adjust(self, epoch: int) -> list[dict]:
         """All ranks: reduce metrics once, rank 0's plan broadcast, apply, re-wrap DDP, optimizer surgery, EMA."""
@@ -377,7 +414,7 @@ class Trainer:
             self.wrapped = self.model
 
         def rewrap() -> None:  # DDP broadcasts rank 0's weights and buffers
-            self.wrapped = self.ctx.wrap_model(self.model)
+            self.wrapped = self._wrap(f"after adjust {dyrep.adjust_count} (structure change)")
 
         hooks = AdjustHooks(broadcast=self.ctx.broadcast_object, place=self._place_model, unwrap=unwrap,
                             rewrap=rewrap)
@@ -435,35 +472,6 @@ def model_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def summarize(history: list[dict], plain_params: int | None) -> dict:
-    if not history:
-        return {}
-    events = [e for m in history for e in m.get("events", [])]
-    return {
-        "epochs": len(history),
-        "best_top1": max(m["val_top1"] for m in history),
-        "final_top1": history[-1]["val_top1"],
-        "grows": sum(e["op"] == "grow" for e in events),
-        "cuts": sum(e["op"] == "cut" for e in events),
-        "max_train_params": max(m["params"] for m in history),
-        "final_train_params": history[-1]["params"],
-        "deployed_params": plain_params,
-    }
-
-
-def summary_line(summary: dict) -> str:
-    if not summary:
-        return "no epochs completed"
-    return (f"best top-1 {summary['best_top1']:.2f}%, final top-1 {summary['final_top1']:.2f}% after "
-            f"{summary['epochs']} epochs; {summary['grows']} grows, {summary['cuts']} cuts; params during training "
-            f"{summary['final_train_params']:,} (max {summary['max_train_params']:,}) vs deployed "
-            f"{_count(summary['deployed_params'])}")
-
-
-def _count(value: int | None) -> str:
-    return "unknown" if value is None else f"{value:,}"
 
 
 def train(cfg: TrainConfig, ctx: TrainContext, data: DataSource | DataFactory | None = None,

@@ -13,10 +13,11 @@ and a learnable per-output-channel ``scale``.  Branch ``b``'s kxk kernel contrib
 and ``forward(x) = conv2d(x, Σ_b contribution_b, bias)``: one conv on the activations whatever the branch
 count, so time and activation memory stay close to the plain conv's; only the kernel assembly (batch-size
 independent) is extra.  Where that assembly would cost more than the convs themselves (a wide kernel on
-tiny activations: the 1x1->kxk merge alone is out*mid*in*k^2 MACs), ``forward`` runs every branch on the
-activations instead -- the same function, chosen per call by a MAC estimate
-(:attr:`OnlineBlock.forward_path` forces either).  Without BatchNorms the block computes the same function
-in train and eval mode; deploy is the assembled kernel (:meth:`OnlineBlock.to_conv`).
+tiny activations: the 1x1->kxk merge alone is out*mid*in*k^2 MACs), ``forward`` runs the 1x1->kxk branch on
+the activations next to one conv with the other branches' kernel (``split``), or every branch on the
+activations -- the same function, the path chosen by a MAC estimate once per input shape and recorded
+(:meth:`OnlineBlock.path_for`; :attr:`OnlineBlock.forward_path` forces one).  Without BatchNorms the block
+computes the same function in train and eval mode; deploy is the assembled kernel (:meth:`OnlineBlock.to_conv`).
 
 On the assembled path the branch convs are never called as modules (their weights are read directly), so
 hooks on them do not fire; hooks on the block itself do.
@@ -35,17 +36,12 @@ from . import online_kernels as OK
 from . import transforms as T
 from .block_base import RepBlock, plain_conv_like, take_conv
 from .geometry import BRANCH_NAMES, DEFAULT_INIT_GAMMA, KXK, ORIG_BIAS_ATTR, mid_channels_1x1_kxk
+from .online_cost import AUTO_PATH, BRANCHES_PATH, KERNEL_PATH, SPLIT_BRANCH, SPLIT_PATH, path_costs
 
 BLOCK_TYPE = "online"
 GRAPH_ENTRY_TYPE = "online"  # structure-graph entry type
 # Below this |scale| the kxk branch cannot absorb a cut branch without blowing up (same bound as the bn block).
 MIN_ABSORB_SCALE = 1e-8
-# Cost model of the forward-path choice (OnlineBlock._cheaper_on_activations), in multiply-accumulates:
-# one element of an elementwise pass costs about as much as this many conv MACs (memory-bound vs compute-bound)
-ELEMENTWISE_MACS = 8
-KERNEL_PASSES_PER_BRANCH = 4  # kernel-sized elementwise passes per branch per training step (fwd + bwd)
-OUTPUT_PASSES_PER_BRANCH = 4  # output-sized passes per branch (scale, sum; fwd + bwd)
-AUTO_PATH, KERNEL_PATH, BRANCHES_PATH = "auto", "kernel", "branches"  # OnlineBlock.forward_path values
 
 
 class OnlineBranch(Protocol):
@@ -186,6 +182,8 @@ class OnlineBlock(RepBlock):
         # activations; "auto": whichever _cheaper_on_activations estimates cheaper.  Not state: a speed
         # knob, the function is the same.
         self.forward_path = AUTO_PATH
+        # "auto"'s decision per (input shape, branch set): a speed cache, not state (see path_for)
+        self.chosen_paths: dict[tuple, str] = {}
         k, s, p, g = kernel_size, stride, self.padding, groups
         kw = dict(device=device, dtype=dtype)
         if kxk_conv is None:
@@ -226,15 +224,15 @@ class OnlineBlock(RepBlock):
             self.branches[name] = branch
 
     # ------------------------------------------------------------------ forward
-    def assembled_kernel(self) -> Tensor:
-        """Σ branches' kernel contributions (differentiable): the one kernel :meth:`forward` applies."""
+    def assembled_kernel(self, skip: str | None = None) -> Tensor:
+        """Σ branches' kernel contributions (differentiable): the one kernel :meth:`forward` applies
+        (without branch ``skip``'s: the split path runs that branch on the activations)."""
         if self.fused_conv is not None:  # folded in place by reparameterize()
             return self.fused_conv.weight
-        kxk = cast(OnlineBranch, self.branches[KXK])
-        acc = kxk.contribution()  # a fresh tensor (a product): safe to add into in place
+        acc = cast(OnlineBranch, self.branches[KXK]).contribution()  # a fresh product: safe to add into
         smaller: dict[tuple[int, ...], Tensor] = {}  # 1x1 / 1xk / kx1 contributions, summed per shape
         for name, branch in self.branches.items():
-            if name == KXK:
+            if name in (KXK, skip):
                 continue
             part = cast(OnlineBranch, branch).contribution()
             if part.shape[-2:] == acc.shape[-2:]:
@@ -248,8 +246,15 @@ class OnlineBlock(RepBlock):
         return acc
 
     def forward_branches(self, x: Tensor) -> Tensor:
-        if not self.takes_kernel_path(x):
+        path = self.path_for(x)
+        if path == BRANCHES_PATH:
             return self._forward_on_activations(x)
+        if path == SPLIT_PATH:
+            split = cast(OnlineBranch, self.branches[SPLIT_BRANCH])
+            out = F.conv2d(x, self.assembled_kernel(skip=SPLIT_BRANCH), self.bias, self.stride, self.padding, 1,
+                           self.groups)
+            y = split.on_activations(x, self.stride, self.padding, self.groups, self.kernel_size)
+            return torch.addcmul(out, y, split.scale.reshape(1, -1, 1, 1))
         return F.conv2d(x, self.assembled_kernel(), self.bias, self.stride, self.padding, 1, self.groups)
 
     def _forward_on_activations(self, x: Tensor) -> Tensor:
@@ -265,8 +270,24 @@ class OnlineBlock(RepBlock):
 
     def takes_kernel_path(self, x: Tensor) -> bool:
         """True if :meth:`forward` on ``x`` runs one conv with the assembled kernel."""
-        path = self.forward_path
-        return not (path == BRANCHES_PATH or (path == AUTO_PATH and self._cheaper_on_activations(x)))
+        return self.path_for(x) == KERNEL_PATH
+
+    def path_for(self, x: Tensor) -> str:
+        """The path :meth:`forward` takes on an input of ``x``'s shape: ``forward_path`` unless "auto", else
+        the cheapest by :meth:`path_costs`.  Decided once per (input shape, branch set) and recorded in
+        ``chosen_paths``: a step only looks the decision up."""
+        if self.forward_path != AUTO_PATH:
+            return self.forward_path
+        key = (tuple(x.shape), tuple(self.branches.keys()), self._nested_signature())
+        path = self.chosen_paths.get(key)
+        if path is None:
+            costs = self.path_costs(x)
+            path = self.chosen_paths[key] = min(costs, key=costs.__getitem__)
+        return path
+
+    def _nested_signature(self) -> tuple:
+        """Nested blocks change the split branch's cost: part of the recorded decision's key."""
+        return tuple(type(m).__name__ for m in self.branches.modules() if isinstance(m, OnlineBlock))
 
     def activation_macs(self, x: Tensor) -> int:
         """Multiply-accumulates of the convs :meth:`forward` runs on ``x`` (the usual per-forward count).
@@ -280,10 +301,13 @@ class OnlineBlock(RepBlock):
         n, _, h, w = x.shape
         pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
         cin, cout = self.in_channels // g, self.out_channels
-        if self.takes_kernel_path(x):
+        path = self.path_for(x)
+        if path == KERNEL_PATH:
             return pixels_out * cout * cin * k * k
         total = 0
-        for branch in self.branches.values():
+        for name, branch in self.branches.items():
+            if path == SPLIT_PATH and name not in (KXK, SPLIT_BRANCH):
+                continue  # assembled into the kxk conv's kernel
             if isinstance(branch, ScaledOneByOneKxk):
                 mid = int(branch.conv1.out_channels)
                 total += n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k
@@ -295,33 +319,13 @@ class OnlineBlock(RepBlock):
         return total
 
     def _cheaper_on_activations(self, x: Tensor) -> bool:
-        """True if running the branches on ``x`` costs less than assembling the kernel (estimated MACs).
+        """True if running every branch on ``x`` is estimated cheaper than the assembled kernel."""
+        costs = self.path_costs(x)
+        return costs[BRANCHES_PATH] < costs[KERNEL_PATH]
 
-        Assembling costs the kxk conv on ``x``, the 1x1->kxk kernel merge (out*mid*in*k^2/g^2 MACs
-        whatever the batch) and a few elementwise passes over a kernel-sized tensor per branch; running
-        branches costs every branch's conv on ``x`` and a few passes over its output.  Wide convs on tiny
-        activations (ResNet layer4 at 32x32 input: 1x1 pixels, small batch) are where the branches win;
-        everywhere else the block is one conv.
-        """
-        g, k, s, p = self.groups, self.kernel_size, self.stride, self.padding
-        n, _, h, w = x.shape
-        pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
-        cin, cout = self.in_channels // g, self.out_channels
-        kernel_numel, out_numel = cout * cin * k * k, pixels_out * cout
-        nb = len(self.branches)
-        kxk_conv = pixels_out * cout * cin * k * k
-        assembled = kxk_conv + ELEMENTWISE_MACS * KERNEL_PASSES_PER_BRANCH * nb * kernel_numel
-        on_activations = kxk_conv + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * nb * out_numel
-        for name, branch in self.branches.items():
-            if name == "1x1_kxk":
-                mid = cast(ScaledOneByOneKxk, branch).conv1.out_channels
-                assembled += cout * mid * cin * k * k // g
-                on_activations += n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k
-            elif name == "1x1_avg":
-                on_activations += n * h * w * cout * cin + out_numel * k * k
-            elif name in ("1x1", "1xk", "kx1"):
-                on_activations += pixels_out * cout * cin * (1 if name == "1x1" else k)
-        return on_activations < assembled
+    def path_costs(self, x: Tensor) -> dict[str, int]:
+        """:func:`~dyrep_ray.rep.online_cost.path_costs` of this block on ``x``'s shape."""
+        return path_costs(self, x)
 
     # ------------------------------------------------------------- the algebra
     @property

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine.loop import summarize
+from ..engine.summary import summarize
 from ..errors import UserError
 from ..rundir.files import plain_params_from, read_metrics
 from ..rundir.layout import BEST_CONFIG, SWEEP_SUMMARY, TRIALS_PARQUET
@@ -35,7 +35,7 @@ class TrialRecord:
     config: dict  # the searched keys' final values
     reported: list = field(default_factory=list)  # one dict per Tune report (epoch, metric, segment, ...)
     curve: list = field(default_factory=list)  # the trial's epochs: {"epoch", <metric>, "segment"}, for best/plot
-    summary: dict = field(default_factory=dict)  # engine.loop.summarize of the latest segment's history
+    summary: dict = field(default_factory=dict)  # engine.summary.summarize of the latest segment's history
     error: str = ""
     segments: int = 1
     exploits: int = 0

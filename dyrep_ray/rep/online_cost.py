@@ -1,0 +1,59 @@
+"""Cost model of the online block's forward paths (:meth:`~dyrep_ray.rep.online.OnlineBlock.path_for`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+# In multiply-accumulates:
+# one element of an elementwise pass costs about as much as this many conv MACs (memory-bound vs compute-bound)
+ELEMENTWISE_MACS = 8
+# a conv's cost per MAC grows on tiny output maps (padding, im2col and launch overhead per pixel):
+# MACs * (1 + SMALL_MAP_PIXELS / output pixels).  Fitted, with ELEMENTWISE_MACS, to CPU fwd+bwd timings of
+# one block at 64-512 channels on 2x2-16x16 maps, batch 32 (docs/benchmarks.md)
+SMALL_MAP_PIXELS = 4
+KERNEL_PASSES_PER_BRANCH = 4  # kernel-sized elementwise passes per branch per training step (fwd + bwd)
+OUTPUT_PASSES_PER_BRANCH = 4  # output-sized passes per branch (scale, sum; fwd + bwd)
+# OnlineBlock.forward_path values; SPLIT_PATH: every branch assembled but the 1x1->kxk one, which runs on the
+# activations (its kernel merge is the one assembly that costs convolution-sized work)
+AUTO_PATH, KERNEL_PATH, BRANCHES_PATH, SPLIT_PATH = "auto", "kernel", "branches", "split"
+SPLIT_BRANCH = "1x1_kxk"
+
+
+def path_costs(block: Any, x: Tensor) -> dict[str, int]:
+    """Estimated multiply-accumulates of one training step of each forward path on ``x``'s shape.
+
+    Assembling (``kernel``) costs the kxk conv on ``x``, the 1x1->kxk kernel merge (out*mid*in*k^2/g^2
+    MACs whatever the batch) and a few elementwise passes over a kernel-sized tensor per branch; running
+    every branch (``branches``) costs every branch's conv on ``x`` and a few passes over its output;
+    ``split`` assembles every branch but the 1x1->kxk one, which runs its two convs on ``x``.  Wide convs
+    on tiny activations (VGG-16's 512-channel layers at 2x2-4x4 pixels on 32x32 inputs) are where the
+    merge costs more than the convs it saves; everywhere else the block is one conv.
+    """
+    g, k, s, p = block.groups, block.kernel_size, block.stride, block.padding
+    n, _, h, w = x.shape
+    pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+    cin, cout = block.in_channels // g, block.out_channels
+    kernel_numel, out_numel = cout * cin * k * k, pixels_out * cout
+    nb = len(block.branches)
+    small_map = 1.0 + SMALL_MAP_PIXELS * n / max(pixels_out, 1)  # conv cost per MAC on this output map
+    kxk_conv = pixels_out * cout * cin * k * k * small_map
+    assembled = kxk_conv + ELEMENTWISE_MACS * KERNEL_PASSES_PER_BRANCH * nb * kernel_numel
+    on_activations = kxk_conv + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * nb * out_numel
+    split_conv = 0.0  # the 1x1->kxk branch's convs on the activations
+    for name, branch in block.branches.items():
+        if name == "1x1_kxk":
+            mid = branch.conv1.out_channels
+            assembled += cout * mid * cin * k * k // g
+            split_conv = (n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k) * small_map
+            on_activations += split_conv
+        elif name == "1x1_avg":
+            on_activations += n * h * w * cout * cin * small_map + out_numel * k * k
+        elif name in ("1x1", "1xk", "kx1"):
+            on_activations += pixels_out * cout * cin * (1 if name == "1x1" else k) * small_map
+    costs = {KERNEL_PATH: assembled, BRANCHES_PATH: on_activations}
+    if SPLIT_BRANCH in block.branches:
+        costs[SPLIT_PATH] = (kxk_conv + ELEMENTWISE_MACS * KERNEL_PASSES_PER_BRANCH * (nb - 1) * kernel_numel
+                             + split_conv + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * out_numel)
+    return {path: int(cost) for path, cost in costs.items()}
