@@ -169,7 +169,10 @@ def _train_locked(args, cfg, name: str) -> int:
             summary = train(cfg, context, callbacks=callbacks)
             context.check_resumable()
         else:
+            from .engine.context import require_a_checkpoint
+
             summary = _train_on_ray(args, cfg, name, storage)
+            require_a_checkpoint(storage, cfg.checkpoint_every)
         from .engine.summary import summary_line
 
         console.info("%s: %s (run dir: %s)", name, summary_line(summary), storage.root)

@@ -412,6 +412,26 @@ def test_failed_checkpoint_log_tells_the_truth_and_a_rerun_without_one_is_not_si
     ctx.check_resumable()  # one checkpoint exists: exit 0
 
 
+def test_a_finished_ray_run_without_any_checkpoint_ends_with_one_line(tmp_path):
+    """The Ray path's end-of-run check (cli, after the workers finished): epochs recorded, a checkpoint due, none
+    in the run directory -> NoCheckpointError (exit 2); not due yet, or one present -> fine."""
+    from dyrep_ray.engine.context import NoCheckpointError, require_a_checkpoint
+    from dyrep_ray.rundir.storage import as_storage
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    storage = as_storage(run)
+    with pytest.raises(NoCheckpointError, match=r"2 epoch\(s\) recorded in metrics.jsonl, no checkpoint directory"):
+        require_a_checkpoint(storage, checkpoint_every=1)
+    require_a_checkpoint(storage, checkpoint_every=3)  # not due yet
+    from dyrep_ray.engine.checkpoint import write_checkpoint_dir
+
+    write_checkpoint_dir(run / "checkpoint_epoch0002", state={}, graph={"version": 1, "blocks": []},
+                         meta={"epoch": 2, "global_step": 2})
+    require_a_checkpoint(storage, checkpoint_every=1)
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)])
 def test_checkpoint_directories_follow_the_umask_like_every_other_directory(tmp_path, umask, mode):
     from dyrep_ray.engine.checkpoint import write_checkpoint_dir

@@ -79,6 +79,17 @@ class NoCheckpointError(CheckpointError):
     """Not one checkpoint of a run could be written."""
 
 
+def require_a_checkpoint(storage: RunStorage, checkpoint_every: int) -> None:
+    """Raise :class:`NoCheckpointError` when a finished run recorded at least ``checkpoint_every`` epochs (so a
+    checkpoint was due) but holds none: its epochs cannot be resumed (the Ray path's end-of-run check; the
+    workers' write errors stay in their logs)."""
+    epochs = _recorded_epochs(storage)
+    if epochs >= checkpoint_every and not list_checkpoints(storage):
+        raise NoCheckpointError(f"no checkpoint of this run could be written ({epochs} epoch(s) recorded in "
+                                f"{METRICS_FILE}, no checkpoint directory); nothing can be resumed: free disk space "
+                                "(or raise ulimit -f) and re-run")
+
+
 class LocalContext:
     """Single process, single device; checkpoints go straight into the run directory."""
 
