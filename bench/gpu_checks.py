@@ -105,10 +105,10 @@ def check_lightning_device(device: torch.device, work: Path) -> Result:
 
 
 def check_bf16_true_recal(device: torch.device, work: Path) -> Result:
-    from dyrep_ray.rep.dbb import DiverseBranchBlock
+    from dyrep_ray.rep.blocks import is_block
 
     model, callback = _lightning_fit(device, image_size=8, batch_size=4, precision="bf16-true")
-    blocks = [m for m in model.modules() if isinstance(m, DiverseBranchBlock)]
+    blocks = [m for m in model.modules() if is_block(m)]
     dtypes = {p.dtype for b in blocks for p in b.parameters()}
     ok = bool(blocks) and dtypes == {torch.bfloat16}
     return Result("PASS" if ok else "FAIL",
