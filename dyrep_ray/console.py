@@ -30,6 +30,10 @@ HARMLESS_PATTERNS = (
     # Tune over Train starts a trial actor, a Train controller and workers per trial at once (and a local sweep
     # tells Ray it has more logical CPUs than cores): more Python workers than Ray's startup-concurrency hint.
     re.compile(r"PYTHON worker processes have been started on node.*maximum expected startup concurrency"),
+    # Ray Train's own DatasetManager sets an ExecutionOptions field Ray Data deprecates (the warning and the
+    # source line Python prints under it)
+    re.compile(r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources` is deprecated"),
+    re.compile(r"^\s+self\.exclude_resources = exclude_resources$"),
 )
 
 #: Forwarded lines that are routine progress, not news: Ray's per-report and per-checkpoint lines (of workers and
@@ -38,6 +42,11 @@ ROUTINE_PATTERNS = (
     re.compile(r"^Reporting training result \d+: "),
     re.compile(r"^Checkpoint successfully created at: "),
     re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(DEBUG|INFO)\s"),
+    # Ray Data, per dataset execution (every epoch of a Parquet run): start, plan, progress-bar note, end
+    re.compile(r"^Starting execution of Dataset \S+\. Full logs are in "),
+    re.compile(r"^Execution plan of Dataset \S+: "),
+    re.compile(r"^Progress bars disabled\. To enable, set "),
+    re.compile(r"^\W*Dataset \S+ execution finished in [\d.]+ seconds$"),
 )
 
 

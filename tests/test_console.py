@@ -350,6 +350,23 @@ def test_routine_patterns():
     assert is_routine("2026-12-02 00:58:25,127\tINFO tune.py:1007 -- Wrote the latest version of all result files")
     assert not is_routine("2026-12-02 00:58:25,127 WARNING dyrep_ray.engine.loop: cut skipped")
     assert not is_routine("Traceback (most recent call last):")
+
+
+def test_ray_data_lines_of_a_parquet_run_are_routine_or_harmless():
+    """The lines Ray Data and Ray Train's DatasetManager forward from a Parquet run's workers, each epoch (seen on
+    the console of `dyrep-ray train --set dataset=parquet ...`): routine, or a harmless deprecation of Ray's own."""
+    ray_data = [
+        "Starting execution of Dataset dataset_035AVdz5pf7avEMQpOmzKM_0. Full logs are in /tmp/ray/session_x/logs/ray-data",
+        "Execution plan of Dataset val_035AVeHom42FQRgaMF9szN_0: InputDataBuffer[Input] -> "
+        "TaskPoolMapOperator[ListFiles] -> TaskPoolMapOperator[ReadFilesParquetV2]",
+        "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+        "\u2714\ufe0f  Dataset val_035AVeHom42FQRgaMF9szN_0 execution finished in 9.97 seconds",
+    ]
+    assert all(is_routine(line) for line in ray_data), [line for line in ray_data if not is_routine(line)]
+    assert is_harmless("/x/ray/data/_internal/execution/interfaces/execution_options.py:436: RayDeprecationWarning: "
+                       "`ExecutionOptions.exclude_resources` is deprecated and will be removed after January 2026.")
+    assert is_harmless("  self.exclude_resources = exclude_resources")
+    assert not is_routine("Execution of Dataset x failed") and not is_harmless("  self.other = 1")
     assert is_harmless("WARNING: 8 PYTHON worker processes have been started on node: ab with address: 1.2.3.4, "
                        "which is 4x the maximum expected startup concurrency (2). This could be")
 

@@ -555,8 +555,11 @@ def test_ray_data_decode_tasks_never_wait_for_a_cpu_the_workers_hold(monkeypatch
     from dyrep_ray.engine.config import load_config
 
     assert ray_data.TRAIN_WORKER_CPUS == CPUS_PER_WORKER
-    full = {"cpus_per_task": ray_data.DECODE_CPUS_PER_TASK, "max_tasks": ray_data.DECODE_MAX_TASKS}
-    for cpus, workers, pool in ((2, 1, full), (3, 2, full), (4, 2, full), (16, [2, 4], full),
+    def full(tasks):
+        return {"cpus_per_task": ray_data.DECODE_CPUS_PER_TASK, "max_tasks": tasks}
+
+    for cpus, workers, pool in ((2, 1, full(1)), (3, 2, full(1)), (4, 2, full(2)), (16, [2, 4], full(8)),
+                                (64, 2, full(ray_data.DECODE_MAX_TASKS)),
                                 (2, 2, {"cpus_per_task": 0.0, "max_tasks": 1}),
                                 (1, 1, {"cpus_per_task": 0.0, "max_tasks": 1})):
         monkeypatch.setattr(ray, "cluster_resources", lambda cpus=cpus: {"CPU": float(cpus)})

@@ -87,8 +87,9 @@ def decode_pool(cfg: TrainConfig) -> dict[str, Any]:
     its workers), the tasks take 0 CPUs, one at a time, sharing the workers' CPUs -- slower, never stuck.
     """
     spare = ray.cluster_resources().get("CPU", 0) - cfg.max_workers * TRAIN_WORKER_CPUS
-    if spare >= DECODE_CPUS_PER_TASK:
-        return {"cpus_per_task": DECODE_CPUS_PER_TASK, "max_tasks": DECODE_MAX_TASKS}
+    if spare >= DECODE_CPUS_PER_TASK:  # no more tasks than spare CPUs (Ray Data warns about the excess)
+        return {"cpus_per_task": DECODE_CPUS_PER_TASK,
+                "max_tasks": max(1, min(DECODE_MAX_TASKS, int(spare // DECODE_CPUS_PER_TASK)))}
     return {"cpus_per_task": 0.0, "max_tasks": 1}
 
 
@@ -209,7 +210,7 @@ def decoded_dataset(
 ) -> ray.data.Dataset:
     """``ds`` (read with ``include_paths=True``) decoded and transformed by :func:`decode_augment_batch` in at most
     ``max_tasks`` concurrent tasks of ``cpus_per_task`` CPUs each (streaming: batches flow as they are ready)."""
-    return ds.map_batches(
+    decoded = ds.map_batches(
         decode_augment_batch,
         fn_kwargs=dict(dataset=dataset, train=train, image_size=image_size, aug=aug, seed=seed, epoch=epoch,
                        image_side=image_side),
@@ -218,6 +219,10 @@ def decoded_dataset(
         compute=ray.data.TaskPoolStrategy(size=max(1, max_tasks)),
         num_cpus=cpus_per_task,
     )
+    # Ray Data's per-operator progress bars would reach the console from every train worker, each epoch: the
+    # run's console is one line per epoch (--verbose shows Ray's own lines, not these bars).
+    decoded.context.enable_progress_bars = False
+    return decoded
 
 
 class ReadyBatchCollate(NumpyBatchCollateFn):
