@@ -356,7 +356,7 @@ def test_ray_data_lines_of_a_parquet_run_are_routine_or_harmless():
     """The lines Ray Data and Ray Train's DatasetManager forward from a Parquet run's workers, each epoch (seen on
     the console of `dyrep-ray train --set dataset=parquet ...`): routine, or a harmless deprecation of Ray's own."""
     ray_data = [
-        "Starting execution of Dataset dataset_035AVdz5pf7avEMQpOmzKM_0. Full logs are in /tmp/ray/session_x/logs/ray-data",
+        "Starting execution of Dataset dataset_035AVdz5pf7avEMQpOmzKM_0. Full logs are in /tmp/ray/s/logs/ray-data",
         "Execution plan of Dataset val_035AVeHom42FQRgaMF9szN_0: InputDataBuffer[Input] -> "
         "TaskPoolMapOperator[ListFiles] -> TaskPoolMapOperator[ReadFilesParquetV2]",
         "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
