@@ -51,28 +51,11 @@ def train_global_epoch(trainer: Any, epoch: int, record: bool, running: Any,
             samples.add(gstep)
         if trainer.scaler is not None:
             trainer.scaler.unscale_(trainer.optimizer)
-        if not trainer._gradients_ok(epoch, step, share):  # clipping and the non-finite rule, as the loop's
-            trainer.state.skipped_steps += 1
-            trainer.optimizer.zero_grad(set_to_none=True)
-            if trainer.scaler is not None:
-                trainer.scaler.update()
-            running.step, running.samples = step + 1, min((step + 1) * cfg.global_batch_size, data.sizes[0])
-            trainer._step_end(epoch, step, steps, share)
-            continue
-        if record and trainer.dyrep is not None:
-            trainer.dyrep.record_metrics()
-        if trainer.scaler is not None:
-            trainer.scaler.step(trainer.optimizer)
-            trainer.scaler.update()
-        else:
-            trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        if trainer.ema is not None:
-            trainer.ema.update(trainer.model)
-        running.loss_sum += share
-        running.images += images
-        running.steps_done += 1 if ctx.is_main else 0  # the step is one, whichever ranks computed it
-        trainer.state.global_step += 1
+        if trainer.apply_gradients(epoch, step, share, record):  # the loop's rule, step, metric and EMA
+            running.loss_sum += share
+            running.images += images
+            running.steps_done += 1 if ctx.is_main else 0  # the step is one, whichever ranks computed it
+            trainer.state.global_step += 1
         running.step, running.samples = step + 1, min((step + 1) * cfg.global_batch_size, data.sizes[0])
         trainer._step_end(epoch, step, steps, share)
     if samples is not None:

@@ -366,12 +366,18 @@ class Trainer:
         else:
             loss.backward()
         loss = loss.detach()
+        return loss, lr, self.apply_gradients(epoch, step, loss, record)
+
+    def apply_gradients(self, epoch: int, step: int, loss: torch.Tensor, record: bool) -> bool:
+        """After backward (and unscaling): the non-finite rule and clipping, then DyRep's metric, the optimizer
+        step and EMA; or, for a step the rule skips, the skip.  Returns whether the step was taken.  Shared by
+        the per-rank step and the global-batch epoch."""
         if not self._gradients_ok(epoch, step, loss):
             self.state.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.update()
-            return loss, lr, False
+            return False
         if record and self.dyrep is not None:
             self.dyrep.record_metrics()
         if self.scaler is not None:
@@ -382,7 +388,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
-        return loss, lr, True
+        return True
 
     def _gradients_ok(self, epoch: int, step: int, loss: torch.Tensor) -> bool:
         """Clip when configured; with ``on_nonfinite`` on, whether the global gradient norm is finite.
