@@ -73,6 +73,17 @@ def test_dbb_block_benchmark_structure():
     assert len(rows) == 3 and all("faithful original" in row[1] for row in rows)
 
 
+def test_dbb_before_after_runs_a_previous_module_next_to_the_current_one():
+    from bench import dbb_before_after
+    from dyrep_ray.rep import dbb_fused
+
+    r = dbb_before_after.run(dbb_fused.__file__, reps=1, batches=(2,), shapes=(("tiny", 8, 6),))
+    row = r["tiny b2"]
+    assert set(row) == {"original", "before", "after", "convs_only"}
+    assert row["before"]["saved"] == row["after"]["saved"] < 0.6  # the same module loaded twice
+    assert "| tiny b2 | after |" in dbb_before_after.markdown(r)
+
+
 def test_live_tensor_memory_counts_a_stack():
     x = torch.randn(4, 8)
     with LiveTensorMemory() as tracker:
