@@ -25,15 +25,18 @@ def rows_dyrep(r: dict) -> list[tuple]:
 def rows_dbb(r: dict) -> list[tuple]:
     rows = []
     for name, e in r["shapes"].items():
-        rows.append(("2", f"DBB 7-branch fwd+bwd time, fused / stack+sum, {name} b{r['batch']}",
-                     f"{_x(e['fused_over_stack_time'])} wall, {_x(e['fused_over_stack_cpu_time'])} CPU "
-                     f"(fused = {_x(e['fused_over_conv_time'], 1)} conv+BN)", "<= 0.75x",
-                     e["fused_over_stack_time"] <= r["goal_time"]))
-        rows.append(("2", f"DBB peak activation memory, fused / stack+sum, {name}",
-                     f"{_x(e['fused_over_stack_peak_mem'])} ({e['peak_bytes']['dbb_fused'] / 2**20:.1f} vs "
-                     f"{e['peak_bytes']['dbb_stack_sum'] / 2**20:.1f} MiB; conv+BN "
-                     f"{e['peak_bytes']['conv_bn'] / 2**20:.1f} MiB)", "<= 0.6x",
-                     e["fused_over_stack_peak_mem"] <= r["goal_mem"]))
+        rows.append(("2", f"bn block 7-branch fwd+bwd time, fused / faithful original, {name}",
+                     f"{_x(e['fused_over_original_time'])} wall, {_x(e['fused_over_original_cpu_time'])} CPU "
+                     f"(the original's convs alone: {_x(e['convs_only_over_original_time'])}; fused = "
+                     f"{_x(e['fused_over_conv_time'], 1)} conv+BN)", f"<= {r['goal_time']}x", e["met_time"]))
+        rows.append(("2", f"bn block peak fwd+bwd memory, fused / faithful original, {name}",
+                     f"{_x(e['fused_over_original_peak_mem'])} ({e['peak_bytes']['dbb_fused'] / 2**20:.1f} vs "
+                     f"{e['peak_bytes']['dbb_original'] / 2**20:.1f} MiB; conv+BN "
+                     f"{e['peak_bytes']['conv_bn'] / 2**20:.1f} MiB)", f"<= {r['goal_mem']}x", e["met_mem"]))
+        rows.append(("2", f"bn block bytes saved for backward, fused / faithful original, {name}",
+                     f"{_x(e['fused_over_original_saved_mem'])} ({e['saved_bytes']['dbb_fused'] / 2**20:.1f} vs "
+                     f"{e['saved_bytes']['dbb_original'] / 2**20:.1f} MiB)", f"<= {r['goal_mem']}x",
+                     e["met_saved"]))
     return rows
 
 

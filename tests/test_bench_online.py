@@ -40,9 +40,11 @@ def test_online_block_benchmark_tiny():
     assert e["blocks"] == {"plain": 0, "online": 2, "bn": 2}
     for key in ("step_s", "time_over_plain", "peak_bytes", "saved_bytes", "peak_over_plain"):
         assert set(e[key]) == set(online_block.VARIANTS) and all(v > 0 for v in e[key].values())
-    # deterministic: without per-branch BN activations the online model holds less than the bn one
+    # deterministic: without per-branch BN activations the online model holds less than the bn one at its peak;
+    # saved for backward, the bn block's recomputed 1x1 branches keep nothing of their own (rep/dbb_recompute.py),
+    # so both grown models save more than plain but their order is no longer fixed
     assert e["peak_bytes"]["online"] < e["peak_bytes"]["bn"]
-    assert e["saved_bytes"]["online"] < e["saved_bytes"]["bn"]
+    assert e["saved_bytes"]["plain"] < min(e["saved_bytes"]["online"], e["saved_bytes"]["bn"])
     b = r["block"]["tiny"]
     assert b["peak_bytes"]["online"] < b["peak_bytes"]["bn"] and b["time_over_plain"]["online"] > 0
     assert {"met", "met_time", "met_mem", "goal_time", "goal_mem"} <= r.keys()

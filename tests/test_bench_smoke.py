@@ -58,15 +58,30 @@ def test_dyrep_bookkeeping_has_no_sync_and_no_collective():
 
 def test_dbb_block_benchmark_structure():
     r = dbb_block.run(torch.device("cpu"), batch=2, reps=1, shapes=(("tiny", 8, 6),))
-    e = r["shapes"]["tiny"]
+    e = r["shapes"]["tiny b2"]
     for key in ("time_s", "cpu_time_s", "peak_bytes", "saved_bytes"):
-        assert set(e[key]) == {"conv_bn", "dbb_stack_sum", "dbb_fused"}
+        assert set(e[key]) == {"conv_bn", "dbb_original", "dbb_fused", "convs_only"}
         assert all(v > 0 for v in e[key].values())
-    for key in ("fused_over_stack_time", "fused_over_stack_peak_mem", "fused_over_conv_time"):
+    for key in ("fused_over_original_time", "fused_over_original_peak_mem", "fused_over_original_saved_mem",
+                "convs_only_over_original_time", "fused_over_conv_time"):
         assert e[key] > 0
-    # deterministic: the fused block never holds more live memory than the stacked one
-    assert e["peak_bytes"]["dbb_fused"] < e["peak_bytes"]["dbb_stack_sum"]
+    # deterministic: the fused block never holds more live memory, nor saves more, than the original
+    assert e["peak_bytes"]["dbb_fused"] < e["peak_bytes"]["dbb_original"]
+    assert e["saved_bytes"]["dbb_fused"] <= 0.6 * e["saved_bytes"]["dbb_original"]
     assert {"met", "met_time", "met_mem"} <= r.keys()
+    rows = ROW_BUILDERS["dbb_block"](r)
+    assert len(rows) == 3 and all("faithful original" in row[1] for row in rows)
+
+
+def test_dbb_before_after_runs_a_previous_module_next_to_the_current_one():
+    from bench import dbb_before_after
+    from dyrep_ray.rep import dbb_fused
+
+    r = dbb_before_after.run(dbb_fused.__file__, reps=1, batches=(2,), shapes=(("tiny", 8, 6),))
+    row = r["tiny b2"]
+    assert set(row) == {"original", "before", "after", "convs_only"}
+    assert row["before"]["saved"] == row["after"]["saved"] < 0.6  # the same module loaded twice
+    assert "| tiny b2 | after |" in dbb_before_after.markdown(r)
 
 
 def test_live_tensor_memory_counts_a_stack():

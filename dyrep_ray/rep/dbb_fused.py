@@ -12,13 +12,15 @@ from typing import TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
-import torch.nn.grad  # noqa: F401  (a submodule torch.nn does not re-export; used in _BoxFilter.backward)
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
-from . import transforms as T
+from . import dbb_recompute
 from .block_base import RepBlock
 from .dbb_branches import BNAndPad, ConvBN, IdentityBN, OneByOneAvg, OneByOneKxk
+from .dbb_pad import avg_pool_zero_padded as _avg_pool_zero_padded  # noqa: F401  (tests import it here)
+from .dbb_pad import padding_term_avg, padding_term_conv
+from .dbb_recompute import pad_value, recomputable
 from .geometry import KXK
 
 
@@ -41,18 +43,20 @@ def fusable(block: RepBlock) -> bool:
 
 
 def forward_fused(block: RepBlock, x: Tensor) -> Tensor:
-    """The same function (and the same BN running-stat updates) as the block's per-branch forward, faster.
+    """The same function (and the same BN running-stat updates) as the block's per-branch forward, faster
+    and keeping less for backward.
 
-    * the 1x1 convs that read ``x`` at stride 1 (``1x1`` when stride is 1, and the first conv of
-      ``1x1_kxk`` / ``1x1_avg``) run as one conv on their concatenated weights (``torch.cat`` in
-      the graph, so each Parameter gets its gradient); each slice then goes through its own BN;
+    * the branches that start with a 1x1 conv on ``x`` at stride 1 (``1x1``, ``1x1_kxk``, ``1x1_avg``) run
+      their 1x1 convs as one conv on the concatenated weights; when their BNs use batch statistics and
+      autograd records (training), they keep nothing but ``x`` and their parameters for backward and are
+      recomputed there (:mod:`.dbb_recompute`: cheap 1x1 convs, BNs, a box filter; the 1x1_kxk
+      branch's kxk conv is not re-run);
     * ``BNAndPad`` + unpadded kxk conv / avg-pool becomes a zero-padded conv / avg-pool plus a
       tiny input-independent border term (the bias padding's contribution), so no padded copy
       of the activation is made and the three elementwise passes of ``BNAndPad`` disappear;
     * branch outputs are accumulated in place into one tensor the block owns.
-    Every BatchNorm is still its own module, called once on its own branch's tensor, so batch
-    statistics, running-stat updates (momentum, ``num_batches_tracked``) and train/eval flags are
-    exactly per branch.
+    Every BatchNorm keeps its own statistics, running-stat updates (momentum, ``num_batches_tracked``)
+    and train/eval flag exactly as per branch.
     """
     br = block.branches
     k, s = block.kernel_size, block.stride
@@ -71,38 +75,61 @@ def forward_fused(block: RepBlock, x: Tensor) -> Tensor:
         else:
             out = out + y
 
-    # 1x1 convs reading x at stride 1: one GEMM over their concatenated weights.
-    readers: list[nn.Conv2d] = []
-    if one is not None and s == 1:
-        readers.append(cast(nn.Conv2d, one.conv))
-    readers += [b.conv1 for b in (two, avg) if b is not None]
-    if len(readers) > 1:
-        weight = torch.cat([c.weight for c in readers])
-        outs = F.conv2d(x, weight).split([c.out_channels for c in readers], dim=1)
+    reader_one = one if s == 1 else None  # the 1x1 branch reads x at the block's stride
+    readers: list[nn.Module] = [b for b in (reader_one, two, avg) if b is not None]
+    if readers and _recompute(readers, x):
+        direct, y = dbb_recompute.one_by_one_readers(x, k, s, reader_one, two, avg)
+        if direct is not None:
+            accumulate(direct)
+        if two is not None:
+            accumulate(two.bn(cast(Tensor, y)))
     else:
-        outs = [c(x) for c in readers]
-    outs = dict(zip((id(c) for c in readers), outs))
-    if one is not None:
-        y = outs[id(one.conv)] if s == 1 else one.conv(x)
-        accumulate(one.bn(y))
-    if two is not None:
-        z = _bn_then_padded(two.bn1, outs[id(two.conv1)])
-        conv2 = two.conv2
-        y = F.conv2d(z.tensor, conv2.weight, None, conv2.stride, z.pad)
-        if z.pad:  # in place: a conv does not keep its output for backward
-            y.add_(_padding_term_conv(conv2.weight, cast(Tensor, z.shift), z.height, z.width, z.pad,
-                                      cast("tuple[int, int]", conv2.stride)).to(y.dtype))
-        accumulate(two.bn(y))
-    if avg is not None:
-        z = _bn_then_padded(avg.bn1, outs[id(avg.conv1)])
-        y = _avg_pool_zero_padded(z.tensor, k, s, z.pad)
-        if z.pad:  # in place: neither pooling op keeps its output for backward
-            y.add_(_padding_term_avg(cast(Tensor, z.shift), z.height, z.width, z.pad, k, s, like=y))
-        accumulate(avg.bn(y))
+        _readers_autograd(x, k, s, reader_one, two, avg, accumulate)
+    if one is not None and reader_one is None:
+        accumulate(one(x))
     for name in ("1xk", "kx1", "identity"):
         if name in br:
             accumulate(br[name](x))
     return out
+
+
+def _recompute(readers: list[nn.Module], x: Tensor) -> bool:
+    """Recompute the 1x1 readers in backward when autograd records and their BNs normalize with batch
+    statistics (under autocast the ordinary graph: the recompute would have to replay autocast)."""
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return False
+    bns = [cast(nn.BatchNorm2d, m) for r in readers for m in r.modules() if isinstance(m, nn.BatchNorm2d)]
+    last_kxk = [cast(OneByOneKxk, r).bn for r in readers if isinstance(r, OneByOneKxk)]  # a module call after
+    return recomputable([bn for bn in bns if all(bn is not b for b in last_kxk)])
+
+
+def _readers_autograd(x: Tensor, k: int, s: int, one: ConvBN | None, two: OneByOneKxk | None,
+                      avg: OneByOneAvg | None, accumulate) -> None:
+    """The 1x1 readers through ordinary autograd (eval-mode BNs, no grad, autocast)."""
+    convs = [cast(nn.Conv2d, one.conv)] if one is not None else []
+    convs += [b.conv1 for b in (two, avg) if b is not None]
+    if len(convs) > 1:
+        weight = torch.cat([c.weight for c in convs])
+        outs = F.conv2d(x, weight).split([c.out_channels for c in convs], dim=1)
+    else:
+        outs = [c(x) for c in convs]
+    by_conv = dict(zip((id(c) for c in convs), outs))
+    if one is not None:
+        accumulate(one.bn(by_conv[id(one.conv)]))
+    if two is not None:
+        z = _bn_then_padded(two.bn1, two.bn1.bn(by_conv[id(two.conv1)]))
+        conv2 = two.conv2
+        y = F.conv2d(z.tensor, conv2.weight, None, conv2.stride, z.pad)
+        if z.pad:  # in place: a conv does not keep its output for backward
+            y.add_(padding_term_conv(conv2.weight, cast(Tensor, z.shift), z.height, z.width, z.pad,
+                                     cast("tuple[int, int]", conv2.stride)).to(y.dtype))
+        accumulate(two.bn(y))
+    if avg is not None:
+        z = _bn_then_padded(avg.bn1, avg.bn1.bn(by_conv[id(avg.conv1)]))
+        y = _avg_pool_zero_padded(z.tensor, k, s, z.pad)
+        if z.pad:  # in place: neither pooling op keeps its output for backward
+            y.add_(padding_term_avg(cast(Tensor, z.shift), z.height, z.width, z.pad, k, s, like=y))
+        accumulate(avg.bn(y))
 
 
 def _fusable_parts(name: str, branch: nn.Module, k: int, s: int) -> list[nn.Module] | None:
@@ -172,71 +199,9 @@ class _Padded:
         self.height, self.width = tensor.shape[-2:]
 
 
-def _bn_then_padded(bnpad: BNAndPad, y: Tensor) -> _Padded:
-    """``bnpad``'s BN on ``y`` and the pad value ``BNAndPad.forward`` would use (after the BN's update)."""
-    out = bnpad.bn(y)
+def _bn_then_padded(bnpad: BNAndPad, out: Tensor) -> _Padded:
+    """``out`` (``bnpad``'s BN output, just computed) and the pad value ``BNAndPad.forward`` would use
+    (after the BN's update)."""
     if bnpad.pad == 0:
         return _Padded(out, None, 0)
-    bn = bnpad.bn
-    _, shift = T.bn_scale_shift(cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var), bn.weight.detach(),
-                                bn.bias.detach(), bn.eps)  # the block's BNs track running stats
-    return _Padded(out, shift, bnpad.pad)
-
-
-def _border_mask(height: int, width: int, pad: int, like: Tensor) -> Tensor:
-    """(1, 1, H + 2p, W + 2p): 1 on the padding ring, 0 inside."""
-    mask = torch.ones(1, 1, height + 2 * pad, width + 2 * pad, dtype=like.dtype, device=like.device)
-    mask[..., pad:pad + height, pad:pad + width] = 0
-    return mask
-
-
-def _padding_term_conv(weight: Tensor, shift: Tensor, height: int, width: int, pad: int,
-                       stride: tuple[int, int]) -> Tensor:
-    """conv(pad(z, shift)) - conv(pad(z, 0)): what the bias-valued padding adds, shape (1, C_out, Ho, Wo).
-
-    Input-independent: the per-channel pad values contracted with the kernel, convolved with the
-    padding ring.  Differentiable w.r.t. ``weight``; ``shift`` is detached (as in ``BNAndPad``).
-    """
-    shift = shift.to(weight.dtype)
-    ring_kernel = torch.einsum("ocuv,c->ouv", weight, shift).unsqueeze(1)  # (C_out, 1, k, k)
-    return F.conv2d(_border_mask(height, width, pad, weight), ring_kernel, None, stride)
-
-
-def _avg_pool_zero_padded(z: Tensor, k: int, s: int, pad: int, box_filter: bool | None = None) -> Tensor:
-    """avg_pool(pad(z, 0), k, s) with divisor k*k.
-
-    On the CPU (outside autocast; ``box_filter=None``) as a depthwise conv with a constant 1/k^2
-    kernel: the same sum, ~2.5x faster forward+backward there than ``avg_pool2d`` (whose CPU kernels
-    are slow), and its input is not kept for backward.
-    """
-    if box_filter is None:
-        box_filter = z.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-    if box_filter:
-        box = torch.full((z.shape[1], 1, k, k), 1.0 / (k * k), dtype=z.dtype, device=z.device)
-        return _BoxFilter.apply(z, box, s, pad)
-    if 2 * pad <= k:
-        return F.avg_pool2d(z, k, s, pad, count_include_pad=True)
-    return F.avg_pool2d(F.pad(z, [pad] * 4), k, s, 0)  # avg_pool2d refuses padding > k / 2
-
-
-class _BoxFilter(torch.autograd.Function):
-    """Depthwise conv with a constant kernel that, unlike ``F.conv2d``, does not keep its input
-    alive for backward (the input gradient needs only the kernel)."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, box: Tensor, stride: int, pad: int) -> Tensor:
-        ctx.input_shape, ctx.stride, ctx.pad = z.shape, stride, pad
-        ctx.save_for_backward(box)
-        return F.conv2d(z, box, None, stride, pad, 1, box.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (box,) = ctx.saved_tensors
-        grad_input = torch.nn.grad.conv2d_input(ctx.input_shape, box, grad, ctx.stride, ctx.pad, 1, box.shape[0])
-        return grad_input, None, None, None
-
-
-def _padding_term_avg(shift: Tensor, height: int, width: int, pad: int, k: int, s: int, like: Tensor) -> Tensor:
-    """avg_pool(pad(z, shift)) - avg_pool(pad(z, 0)), shape (1, C, Ho, Wo)."""
-    fraction = F.avg_pool2d(_border_mask(height, width, pad, like), k, s, 0)
-    return shift.to(like.dtype).reshape(1, -1, 1, 1) * fraction
+    return _Padded(out, pad_value(bnpad), bnpad.pad)
