@@ -263,17 +263,22 @@ class LocalRayCluster:
         if survivors:
             raise RuntimeError(f"processes of node {node.node_id[:8]} survived SIGKILL: {survivors}")
 
-    def drain_node(self, node_id: str, deadline_s: int, reason: str = DRAIN_REASON_PREEMPTION) -> None:
+    def drain_node(self, node_id: str, deadline_s: int, reason: str = DRAIN_REASON_PREEMPTION) -> float:
         """Ray's real drain (what a spot reclaim notice triggers): the GCS marks the node draining with a
-        deadline; as in the cloud, the caller kills the node when the deadline has passed."""
-        done = subprocess.run(["ray", "drain-node", f"--address={self.address}", f"--node-id={node_id}",
-                               f"--reason={reason}", "--reason-message=dyrep-ray test preemption",
-                               f"--deadline-remaining-seconds={deadline_s}"],
-                              env=self.env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
-                              check=False)
+        deadline; as in the cloud, the caller kills the node when the deadline has passed.  Returns the wall
+        time at which the GCS accepted the drain (its ``DrainNode`` RPC returned, in a GCS client subprocess:
+        the same call as ``ray drain-node``, without the CLI's start-up in the figure)."""
+        done = subprocess.run([sys.executable, "-c", _DRAIN_SCRIPT, self.address, node_id, reason,
+                               str(deadline_s)], env=self.env, capture_output=True, text=True,
+                              timeout=CLI_TIMEOUT_S, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"ray drain-node failed (rc {done.returncode}): {done.stdout[-2000:]}"
+            raise RuntimeError(f"draining node {node_id[:8]} failed (rc {done.returncode}): {done.stdout[-2000:]}"
                                f"{done.stderr[-2000:]}")
+        return float(done.stdout.strip().splitlines()[-1])
+
+    def train_worker_pids(self, node: RayNode) -> list[int]:
+        """The Ray Train worker processes on ``node`` (Ray titles them ``ray::RayTrainWorker...``)."""
+        return [p for p in node.pids() if "RayTrainWorker" in proc_text(p, "cmdline") and alive([p])]
 
     # ------------------------------------------------------------ inspection
     def node_table(self) -> list[dict]:
@@ -324,6 +329,20 @@ print(json.dumps(rows))
 """
 
 
+_DRAIN_SCRIPT = r"""
+import sys, time
+from ray._raylet import GcsClient
+from ray.core.generated import autoscaler_pb2
+address, node_id, reason, deadline_s = sys.argv[1:5]
+client = GcsClient(address=address)
+accepted, message = client.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value(reason),
+                                      "dyrep-ray test preemption", int(time.time() * 1000) + int(deadline_s) * 1000)
+if not accepted:
+    sys.exit(f"drain not accepted: {message}")
+print(f"{time.time():.3f}")
+"""
+
+
 # --------------------------------------------------------------------- callbacks for runs on such a cluster
 class StepLog(TrainerCallback):
     """Rank 0 appends ``time world_size global_step`` after every step: the run's workers-over-time timeline
@@ -333,29 +352,57 @@ class StepLog(TrainerCallback):
         self.path = path
 
     def on_step_end(self, trainer, epoch, step, loss) -> None:
-        if trainer.ctx.rank == 0:
+        if trainer.ctx.rank == 0:  # the process id tells a restart (a new worker group) from a step
             with open(self.path, "a") as f:
-                f.write(f"{time.time():.3f} {trainer.ctx.world_size} {trainer.state.global_step}\n")
+                f.write(f"{time.time():.3f} {trainer.ctx.world_size} {trainer.state.global_step} {os.getpid()}\n")
 
 
 class StepDelay(TrainerCallback):
-    """Every rank sleeps ``seconds`` after each step: a tiny run lasts long enough for nodes to come and go."""
+    """Every rank sleeps ``seconds`` after each step (``single_seconds`` on one worker): a tiny run lasts long
+    enough for nodes to come and go."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, seconds: float, single_seconds: float | None = None):
+        self.seconds, self.single_seconds = seconds, single_seconds
 
     def on_step_end(self, trainer, epoch, step, loss) -> None:
-        time.sleep(self.seconds)
+        single = trainer.ctx.world_size == 1 and self.single_seconds is not None
+        time.sleep(self.single_seconds if single else self.seconds)
+
+
+class StepGate(TrainerCallback):
+    """Every rank waits after global step ``step`` until ``marker`` exists: the run cannot end before the test
+    has done what it needed a running job for."""
+
+    def __init__(self, step: int, marker: str, poll_s: float = 0.2):
+        self.step, self.marker, self.poll_s = step, marker, poll_s
+
+    def on_step_end(self, trainer, epoch, step, loss) -> None:
+        while trainer.state.global_step >= self.step and not Path(self.marker).exists():
+            time.sleep(self.poll_s)
 
 
 def read_step_log(path) -> list[tuple[float, int, int]]:
     if not Path(path).exists():
         return []
+    return [(t, world, step) for t, world, step, _ in read_step_log_pids(path)]
+
+
+def read_step_log_pids(path) -> list[tuple[float, int, int, int]]:
+    """:func:`read_step_log` with rank 0's process id (a new one after every restart)."""
+    if not Path(path).exists():
+        return []
     rows = []
     for line in Path(path).read_text().splitlines():
-        t, world, step = line.split()
-        rows.append((float(t), int(world), int(step)))
+        t, world, step, pid = line.split()
+        rows.append((float(t), int(world), int(step), int(pid)))
     return rows
+
+
+def first_step_after(path, t: float) -> tuple[float, int, int] | None:
+    """The first step (time, world size, global step) of the first worker group started after wall time ``t``."""
+    rows = read_step_log_pids(path)
+    old = {pid for when, _, _, pid in rows if when <= t}
+    return next(((when, world, step) for when, world, step, pid in rows if when > t and pid not in old), None)
 
 
 def steps_redone(log: list[tuple[float, int, int]]) -> list[int]:

@@ -258,6 +258,7 @@ def build_torch_trainer(cfg: TrainConfig, launch: Launch, *, callbacks: Sequence
     from ray.train.torch import TorchTrainer
 
     from .preemption import PreemptionCheckpoint
+    from .recovery import FreshCapacityOnRestart
 
     storage = launch.storage
     storage_uri = storage.root.rsplit("/", 1)[0] if storage.local else launch.storage_uri  # absolute for workers
@@ -282,7 +283,7 @@ def build_torch_trainer(cfg: TrainConfig, launch: Launch, *, callbacks: Sequence
                                          cfg.elastic_resize_monitor_interval_s)}
                                         if isinstance(launch.num_workers, tuple) else {})),
         run_config=run_config_for(cfg, launch.name, storage, fs, fs_path,
-                                  callbacks=list(ray_callbacks) if ray_callbacks else None),
+                                  callbacks=[FreshCapacityOnRestart(), *(ray_callbacks or ())]),
     )
 
 
@@ -304,8 +305,11 @@ def run_distributed(cfg: TrainConfig, output_dir: str | Path, name: str, address
     logger.info("launching %s %s worker(s)%s; run directory %s",
                 f"{cfg.min_workers}-{cfg.max_workers}" if cfg.elastic else cfg.min_workers,
                 "GPU" if use_gpu else "CPU", " (elastic)" if cfg.elastic else "", storage.root)
+    from .recovery import ray_train_env
+
     try:
-        result = trainer.fit()
+        with ray_train_env(cfg):  # the run's Ray Train settings reach the controller and workers through fit
+            result = trainer.fit()
     except SystemExit:  # Ray Train's own SIGINT handler aborts the run, then calls sys.exit inside fit()
         raise KeyboardInterrupt from None  # -> the CLI's "interrupted; re-run the same command" line, exit 130
     if result.error is not None:
