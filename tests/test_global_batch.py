@@ -241,6 +241,36 @@ def test_same_structure_and_metrics_at_any_world_size(runs, other):
     assert _max_diff(one["state"], many["state"]) <= 1e-6
 
 
+def test_resumed_after_an_epochs_last_step_the_adjust_is_bit_identical(tmp_path):
+    """Stopped after epoch 2's last step (global step 6 of 3 per epoch), the resumed process adjusts before it
+    has trained a step, with blocks grown at epoch 1.  The BN hooks of the canonical update must not decide
+    those blocks' forward path: left on after a step, they sent the uninterrupted run's recalibration through
+    the per-branch forward and the resumed run's through the fused one (other rounding, a drift that grew)."""
+    cfg = load_config(None, [*TINY, "epochs=3", "checkpoint_every_steps=1"])
+    one = _result(tmp_path / "one", run_world(cfg, tmp_path / "one", 1)[0])
+    run_world(cfg, tmp_path / "resumed", 1, stop_after_step=6)
+    resumed = _result(tmp_path / "resumed", run_world(cfg, tmp_path / "resumed", 1)[0])
+    assert one["history"][0]["events"] and one["history"][1]["events"], "grown at epoch 1, adjusted at epoch 2"
+    assert resumed["structure"] == one["structure"]
+    unequal = [k for k in one["state"] if not torch.equal(one["state"][k], resumed["state"][k])]
+    assert not unequal, unequal
+
+
+def test_no_bn_hook_outlives_a_step(tmp_path):
+    """Between steps (evaluation, recalibration, an adjust) the blocks take the forward path they take in a
+    process that has trained no step: the canonical update's BN hooks are removed at the end of each step."""
+    from dyrep_ray.rep.blocks import is_block
+    from dyrep_ray.rep.dbb_fused import fusable
+
+    cfg = load_config(None, [*TINY, "checkpoint_every_steps=0"])
+    trainer = run_world(cfg, tmp_path / "run", 1)[0]
+    blocks = [m for m in trainer.model.modules() if is_block(m)]
+    assert blocks, "grown at epoch 1, trained in epoch 2"
+    hooked = [n for n, m in trainer.model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
+    assert not hooked, hooked
+    assert all(fusable(b) for b in blocks)
+
+
 def test_bn_running_statistics_are_one_sequence_over_micro_batches(runs):
     """Without the canonical update world 2's rank 0 would hold the statistics of its own micro-batches only
     (every other one): far from world 1's."""

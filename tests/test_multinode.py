@@ -235,9 +235,8 @@ def test_chaos_worker_killed_node_lost_node_added_node_drained_ends_as_one_proce
     when, _, _ = first_group_step_after(t, "a step on 2 workers after a node joined", world=2)
     seconds["node joined -> first step on 2 workers"] = when - t
     # 4. the new node is drained (a spot notice): a checkpoint, the node reclaimed at the deadline, a node added.
-    # Right after an epoch's last step, so the notice is seen mid-epoch: a run resumed from a checkpoint of an
-    # epoch's last step adjusts in a process that trained no step, which rounds the adjust's BN statistics
-    # differently in the last bits (reproduced without Ray); that drift, not the drain, would then grow.
+    # Right after an epoch's last step, so the notice is seen mid-epoch and the checkpoint is a mid-epoch one
+    # (a resume from an epoch's last step: tests/test_global_batch.py, without Ray).
     wait_for(lambda: any(t > when and w == 2 and s % 2 == 0 for t, w, s in read_step_log(log_path)),
              "an epoch's last step on 2 workers", proc)
     t_drain = cluster.drain_node(node.node_id, deadline_s=DRAIN_DEADLINE_S)

@@ -57,16 +57,24 @@ class CanonicalBatchNorm:
 
     def _attach(self, model: nn.Module) -> None:
         bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        if len(bns) == len(self._bns) and all(a is b for a, b in zip(bns, self._bns)):
+        if self._hooks and len(bns) == len(self._bns) and all(a is b for a, b in zip(bns, self._bns)):
             return
-        for hook in self._hooks:
-            hook.remove()
-        self._bns, self._offsets, self._hooks, width = bns, [], [], 0
+        self._detach()
+        self._bns, self._offsets, width = bns, [], 0
         for index, bn in enumerate(bns):
             self._offsets.append(width)
             width += 2 * bn.num_features + 1  # mean, unbiased var, "ran" flag
             self._hooks.append(bn.register_forward_pre_hook(self._hook_for(index)))
         self._width = width
+
+    def _detach(self) -> None:
+        """The hooks live from :meth:`begin_step` to :meth:`finish_step` only: a hook on a BN makes a bn
+        block take its per-branch forward (``rep/dbb_fused.fusable``), so hooks left on after a step would
+        give evaluation, recalibration and an adjust other float rounding than in a process (resumed at an
+        epoch's end) that has trained no step yet."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def _hook_for(self, index: int) -> Callable:
         def hook(module: _BatchNorm, inputs: tuple) -> None:
@@ -130,6 +138,7 @@ class CanonicalBatchNorm:
                 running_mean.mul_(1 - factor).add_(table[j, at:at + c] * factor)
                 running_var.mul_(1 - factor).add_(table[j, at + c:at + 2 * c] * factor)
         self._rows = {}
+        self._detach()
 
 
 class GradientSum:
