@@ -318,3 +318,26 @@ def test_elastic_resize_interval_config_then_environment_then_ten_seconds(monkey
         TrainConfig(elastic_resize_monitor_interval_s=0)
     with pytest.raises(ConfigError, match="preemption_check_steps"):
         TrainConfig(preemption_check_steps=0)
+
+
+def test_parquet_shards_under_a_global_batch_same_at_world_1_and_2(tmp_path):
+    """Parquet under ``global_batch_size`` is read map-style by every rank (what a Ray worker runs): the same
+    run at world 1 and world 2 (threads), every row once per epoch."""
+    from dyrep_ray.data.parquet import export_parquet
+
+    sizes = dict(synthetic_train_size=64, synthetic_val_size=16)
+    for split in ("train", "val"):
+        export_parquet("synthetic", None, tmp_path / split, split=split, rows_per_shard=24, seed=3, image_size=16,
+                       **sizes)
+    cfg = load_config(None, ["dataset=parquet", f"parquet_train={tmp_path / 'train'}",
+                             f"parquet_val={tmp_path / 'val'}", "image_size=16", "global_batch_size=32",
+                             "micro_batch_size=8", "dyrep_recal_bn_iters=1", "dyrep_adjust_interval=1", "epochs=2",
+                             "debug_sample_record=true", "workers=[1,2]"])
+    one = _result(tmp_path / "w1", run_world(cfg, tmp_path / "w1", 1)[0])
+    two = _result(tmp_path / "w2", run_world(cfg, tmp_path / "w2", 2)[0])
+    assert [e for m in one["history"] for e in m["events"]], "the run must make a structure change to compare"
+    assert two["structure"] == one["structure"]
+    assert _max_diff(one["state"], two["state"]) <= 1e-6
+    for epoch in (0, 1):
+        counts = epoch_sample_counts(as_storage(tmp_path / "w2"), epoch)
+        assert sorted(counts) == list(range(64)) and set(counts.values()) == {1}, epoch
