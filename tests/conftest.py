@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -109,6 +110,25 @@ def ray_reference(ray_session, tmp_path_factory):
     return out, cfg, summary
 
 
+@pytest.fixture(scope="session")
+def errored_sweep(ray_session, tmp_path_factory):
+    """A real sweep in which one trial raises, then its ``--resume`` (read-only): see
+    :func:`tests.shared_runs.run_errored_sweep`; the Tune tests and the sweep-signing tests assert on it."""
+    from tests.shared_runs import run_errored_sweep
+
+    return run_errored_sweep(tmp_path_factory.mktemp("errored_sweep"))
+
+
+@pytest.fixture(scope="session")
+def driver_killed_rerun(ray_session, tmp_path_factory):
+    """A ``dyrep-ray train`` driver SIGKILLed mid-epoch 3, its newest checkpoint truncated, and the command re-run
+    with ``--verbose`` (read-only): see :func:`tests.shared_runs.run_driver_killed`; the resume test and the
+    console test assert on it."""
+    from tests.shared_runs import run_driver_killed
+
+    return run_driver_killed(tmp_path_factory.mktemp("driver_killed"), ray_session.get_runtime_context().gcs_address)
+
+
 @pytest.fixture()
 def tiny_overrides():
     return list(TINY_RUN)
@@ -131,9 +151,9 @@ class RecordList(logging.Handler):
         self.records.clear()
 
 
-@pytest.fixture()
-def console_records():
-    """The console logger's records (INFO and up), read through a handler on that logger itself.
+@contextlib.contextmanager
+def capture_console():
+    """The console logger's records (INFO and up) while the block runs, through a handler on that logger itself.
 
     Not pytest's ``caplog``: that reads the root logger through propagation, which depends on how each pytest
     version and whatever the code under test does to the root's handlers.
@@ -142,6 +162,15 @@ def console_records():
     handler, level = RecordList(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture()
+def console_records():
+    """The console logger's records during the test (:func:`capture_console`)."""
+    with capture_console() as handler:
+        yield handler

@@ -30,6 +30,9 @@ RAY_SHARED_TESTS = frozenset({
     "tests/test_untrusted_input.py::test_real_sweep_resume_refuses_replaced_tuner_pkl_and_resumes_untouched",
 })
 RAY_SHARED_GROUP = "ray-shared"
+#: Fixtures of tests/conftest.py that run on the shared Ray instance (``ray_session`` and the session scenarios
+#: built on it): a test naming one of them is on that instance.
+RAY_SESSION_FIXTURES = ("ray_session", "ray_reference", "errored_sweep", "driver_killed_rerun")
 #: Modules whose tests share a module-scoped cluster of their own (``ray start`` processes): one group each.
 OWN_CLUSTER_MODULES = frozenset({"tests/test_multinode.py"})
 OWN_CLUSTER_FIXTURE = "cluster"

@@ -79,10 +79,10 @@ def test_default_command_console_on_ray(tmp_path):
 
 
 @pytest.mark.ray
-def test_verbose_shows_rays_lines(ray_session, tmp_path):
-    # on the shared Ray instance (--address): the worker lines reach this driver as they would a local start's
-    address = ray_session.get_runtime_context().gcs_address
-    done = run_cli([*DEFAULT_COMMAND, "--set", "epochs=1", "--verbose", "--address", address], tmp_path)
+def test_verbose_shows_rays_lines(driver_killed_rerun):
+    # on the shared Ray instance (--address): the worker lines reach this driver as they would a local start's.
+    # The run is the session's `dyrep-ray train --verbose` that resumes a killed driver's run (its last epoch).
+    done = driver_killed_rerun.rerun
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
     assert all(r in out for r in RAY_ROUTINE), out[-3000:]

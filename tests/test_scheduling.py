@@ -8,6 +8,7 @@ import pytest
 
 from tests.scheduling import (
     OWN_CLUSTER_MODULES,
+    RAY_SESSION_FIXTURES,
     RAY_SHARED_GROUP,
     RAY_SHARED_TESTS,
     claim_ray_session,
@@ -43,10 +44,17 @@ def test_every_listed_test_exists_and_uses_what_it_is_listed_for(entry):
     text = (ROOT / module).read_text()
     if function:  # the test's own signature names the fixture
         signature = text[text.index(f"def {function}("):].split(")")[0]
-        assert "ray_session" in signature or "ray_reference" in signature, entry
+        assert any(fixture in signature for fixture in RAY_SESSION_FIXTURES), entry
     else:
-        uses = ("ray_session", "ray_reference") if entry in RAY_SHARED_TESTS else ("def cluster(",)
+        uses = RAY_SESSION_FIXTURES if entry in RAY_SHARED_TESTS else ("def cluster(",)
         assert any(fixture in text for fixture in uses), (entry, uses)
+
+
+def test_the_session_scenario_fixtures_run_on_the_shared_ray_instance():
+    text = (ROOT / "tests" / "conftest.py").read_text()
+    for fixture in RAY_SESSION_FIXTURES[1:]:
+        signature = text[text.index(f"def {fixture}("):].split(")")[0]
+        assert any(other in signature for other in RAY_SESSION_FIXTURES if other != fixture), fixture
 
 
 def test_a_second_worker_claiming_the_ray_session_fails(tmp_path, monkeypatch):

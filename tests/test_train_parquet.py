@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -49,3 +51,35 @@ def test_parquet_through_ray_data_two_workers(ray_session, shards, tmp_path):
     assert grow_epoch["events"] and grow_epoch["replica_digests"][0] == grow_epoch["replica_digests"][1]
     assert summary["grows"] == 1
     assert lines[-1]["val_top1"] > 0.0
+
+
+def test_parquet_listing_starts_a_footer_actor_per_footer_batch_not_32(shards, monkeypatch):
+    """Ray Data lists Parquet shards with a pool of footer-reading actors per execution (every epoch), 32 unless
+    RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise: for a few shards that is 32 new processes per epoch."""
+    import ray.data
+    from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer
+
+    from dyrep_ray.distributed import ray_data
+
+    monkeypatch.delenv(ray_data.FOOTER_ACTORS_ENV, raising=False)
+    monkeypatch.delenv(ray_data.FOOTER_BATCH_ENV, raising=False)
+    # Ray sizes the pool from the variable as read_parquet builds the indexer (the plan carries it to execution)
+    assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == ray_data.FOOTER_MAX_ACTORS
+    monkeypatch.setenv(ray_data.FOOTER_ACTORS_ENV, "3")
+    assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == 3
+    monkeypatch.delenv(ray_data.FOOTER_ACTORS_ENV)
+
+    seen = []
+    monkeypatch.setattr(ray.data, "read_parquet", lambda paths, **kw: seen.append(
+        (len(paths), os.environ.get(ray_data.FOOTER_ACTORS_ENV))))
+    # Ray's module default is read at its import: a process's first listing must not import it under ours
+    monkeypatch.delitem(sys.modules, FooterFileIndexer.__module__)
+    ray_data.read_parquet_dataset(shards / "train")
+    assert sys.modules[FooterFileIndexer.__module__]._DEFAULT_NUM_ACTORS == ray_data.FOOTER_MAX_ACTORS
+    ray_data.read_parquet_dataset([f"s{i}.parquet" for i in range(25)])
+    ray_data.read_parquet_dataset([f"s{i}.parquet" for i in range(1000)])
+    assert seen == [(3, "1"), (25, "3"), (1000, "32")]
+    assert ray_data.FOOTER_ACTORS_ENV not in os.environ  # set for the call only
+    monkeypatch.setenv(ray_data.FOOTER_ACTORS_ENV, "7")  # the user's setting wins
+    ray_data.read_parquet_dataset(shards / "train")
+    assert seen[-1] == (3, "7") and os.environ[ray_data.FOOTER_ACTORS_ENV] == "7"

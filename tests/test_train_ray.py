@@ -57,44 +57,13 @@ def test_worker_killed_mid_epoch_resumes_exactly(ray_reference, tmp_path):
                 == pytest.approx([m[key] for m in run_metrics(out / "ref")], rel=1e-6)), key
 
 
-def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(ray_reference, tmp_path):
+def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(ray_reference, driver_killed_rerun):
     """SIGKILL the `dyrep-ray train` process mid-epoch 3, truncate the newest checkpoint, re-run the same
     command: Ray restores the run, the workers skip the corrupt checkpoint (warning), resume from the previous
-    valid one and end with the uninterrupted run's weights and structure."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import ray
-
-    from tests.conftest import TINY_RUN
-
+    valid one and end with the uninterrupted run's weights and structure.  (The session's ``driver_killed_rerun``
+    re-runs it with ``--verbose``: tests/test_console.py reads that console.)"""
     out, cfg, _ = ray_reference
-    address = ray.get_runtime_context().gcs_address
-    run_args = ["--address", address, "--output", str(tmp_path), "--name", "drv",
-                *sum((["--set", kv] for kv in TINY_RUN), [])]
-    command = [sys.executable, "-m", "dyrep_ray.cli", "train", *run_args]
-    env = dict(os.environ)
-    log = open(tmp_path / "driver1.log", "w")
-    # The same run through the Python API with a callback that stalls every rank mid-epoch 3 (0-based 2).
-    stalled = [sys.executable, "-m", "tests.train_with_faults", "--sleep-epoch", "2", "--sleep-seconds", "120",
-               *run_args]
-    driver = subprocess.Popen(stalled, env=env, stdout=log, stderr=subprocess.STDOUT)
-    run_dir = tmp_path / "drv"
-    deadline = time.time() + 240
-    while not (run_dir / "checkpoint_epoch0002" / "MANIFEST.json").exists():
-        assert driver.poll() is None, (tmp_path / "driver1.log").read_text()[-3000:]
-        assert time.time() < deadline, "no epoch-2 checkpoint in time"
-        time.sleep(0.5)
-    time.sleep(2)  # inside epoch 3's injected stall
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
-    assert len(run_metrics(run_dir)) == 2
-    state = run_dir / "checkpoint_epoch0002" / "state.pt"
-    state.write_bytes(state.read_bytes()[:1000])  # the latest checkpoint is now corrupt
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    run_dir, rerun = driver_killed_rerun.run_dir, driver_killed_rerun.rerun
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     reference_model, ckpt_a = final_model(out / "ref")
     resumed_model, ckpt_b = final_model(run_dir)

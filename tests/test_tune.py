@@ -19,7 +19,6 @@ import yaml
 
 from dyrep_ray.engine.checkpoint import load_checkpoint_dir, write_checkpoint_dir
 from dyrep_ray.engine.config import ConfigError
-from dyrep_ray.engine.faults import RaiseAt
 from dyrep_ray.rundir.layout import CONFIG_FILE, STRUCTURE_FILE
 from dyrep_ray.tune.bridge import (
     BRIDGE_FILE,
@@ -303,42 +302,36 @@ def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path, conso
 
 
 @pytest.mark.ray
-def test_errored_trial_does_not_stop_the_sweep(ray_session, tmp_path, console_records):
+def test_errored_trial_does_not_stop_the_sweep(errored_sweep):
     """A worker of one trial raises mid-epoch (fault injection, no Train retries): the other trial finishes and
-    the table marks the errored one; resuming the sweep re-runs the errored trial to completion."""
-    from dyrep_ray.tune.sweep import run_sweep
-
-    raw = {"config": {**TINY, "epochs": 2}, "search_space": {"dyrep_cut_threshold": {"uniform": [0.05, 0.3]}},
-           "num_samples": 2, "max_concurrent_trials": 2, "resources": {"workers": 1, "use_gpu": False}}
-    out = run_sweep(load_sweep(_sweep(raw, tmp_path)), str(tmp_path), "faulty",
-                    callbacks=[RaiseAt(epoch=0, rank=0, marker=str(tmp_path / "fired"))],
-                    console=SweepConsole(status_interval_s=0))
-    assert (tmp_path / "fired").exists()
+    the table marks the errored one; resuming the sweep re-runs the errored trial to completion.
+    (The sweep is the session's ``errored_sweep``: tests/test_untrusted_input.py checks its signed files.)"""
+    root, out, first_console = errored_sweep.root, errored_sweep.first, errored_sweep.first_console
+    assert (root / "fired").exists()
     status = sorted(r.status for r in out.records)
     assert status == ["completed", "error"], [(r.trial_id, r.status, r.error) for r in out.records]
     errored = next(r for r in out.records if r.status == "error")
     assert "injected fault" in errored.error and "\n" not in errored.error
-    table = pd.read_csv(tmp_path / "faulty" / "trials.csv").set_index("trial_id")
+    table = pd.read_csv(errored_sweep.after_first / "trials.csv").set_index("trial_id")
     assert table.loc[errored.trial_id, "status"] == "error"
     assert "injected fault" in table.loc[errored.trial_id, "error"]
     good = next(r for r in out.records if r.status == "completed")
-    assert out.best["trial_id"] == good.trial_id and (tmp_path / "faulty" / "best_config.yaml").is_file()
+    assert out.best["trial_id"] == good.trial_id and (errored_sweep.after_first / "best_config.yaml").is_file()
     # The console: one warning line for the failure, naming the cause; one line per result of the good trial.
-    failed = [m for m in console_records.messages() if m.startswith(f"trial {errored.trial_id} failed")]
+    failed = [m for m in first_console if m.startswith(f"trial {errored.trial_id} failed")]
     assert len(failed) == 1 and "injected fault" in failed[0] and "\n" not in failed[0], failed
-    good_lines = [m for m in console_records.messages() if m.startswith(f"trial {good.trial_id} epoch ")]
+    good_lines = [m for m in first_console if m.startswith(f"trial {good.trial_id} epoch ")]
     assert [int(m.split()[3].split("/")[0]) for m in good_lines] == [1, 2]
-    console_records.clear()
     # --resume (Tuner.restore with resume_errored): the errored trial runs again (the fault fired once) and
     # finishes; the completed one is not re-run.  The resumed sweep shows this command's console (not the
     # pickled one of the first start): its lines name the re-run trial's epochs.
-    resumed = run_sweep(None, str(tmp_path), "faulty", resume=True, console=SweepConsole(status_interval_s=0))
-    rerun = [m for m in console_records.messages() if m.startswith(f"trial {errored.trial_id} epoch ")]
-    assert [int(m.split()[3].split("/")[0]) for m in rerun] == [1, 2], console_records.messages()
-    assert not [m for m in console_records.messages() if m.startswith(f"trial {good.trial_id} epoch ")]
+    resumed, resumed_console = errored_sweep.resumed, errored_sweep.resumed_console
+    rerun = [m for m in resumed_console if m.startswith(f"trial {errored.trial_id} epoch ")]
+    assert [int(m.split()[3].split("/")[0]) for m in rerun] == [1, 2], resumed_console
+    assert not [m for m in resumed_console if m.startswith(f"trial {good.trial_id} epoch ")]
     by_id = {r.trial_id: r for r in resumed.records}
     assert by_id[errored.trial_id].status == "completed" and by_id[good.trial_id].status == "completed"
-    table = pd.read_csv(tmp_path / "faulty" / "trials.csv").set_index("trial_id")
+    table = pd.read_csv(root / "faulty" / "trials.csv").set_index("trial_id")
     assert table.loc[errored.trial_id, "status"] == "completed"
     assert table.loc[good.trial_id, "epochs"] == 2
 

@@ -436,28 +436,24 @@ def test_cli_resume_of_tampered_sweep_exits_2_before_unpickling(tmp_path, secret
 
 
 @pytest.mark.ray
-def test_real_sweep_resume_refuses_replaced_tuner_pkl_and_resumes_untouched(ray_session, tmp_path, secret):
-    import yaml
-
+def test_real_sweep_resume_refuses_replaced_tuner_pkl_and_resumes_untouched(errored_sweep, tmp_path):
+    """The session's real sweep (``errored_sweep``: a start, then an untouched ``--resume``) was signed, and its
+    resume proceeded; a copy of it with a replaced tuner.pkl is refused before anything is unpickled."""
     from dyrep_ray.rundir.layout import SWEEP_SIGNATURE
     from dyrep_ray.tune.signing import SweepSignatureError
-    from dyrep_ray.tune.spec import load_sweep
     from dyrep_ray.tune.sweep import run_sweep
 
-    raw = {"config": {"synthetic_train_size": 64, "synthetic_val_size": 32, "batch_size": 32, "epochs": 1,
-                      "dyrep_recal_bn_iters": 2, "max_failures": 0},
-           "search_space": {"lr": {"grid": [0.05]}}, "resources": {"workers": 1, "use_gpu": False}}
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
-    first = run_sweep(load_sweep(tmp_path / "s.yaml"), str(tmp_path), "sw", verbose=0)
-    assert [r.status for r in first.records] == ["completed"]
-    signed = json.loads((tmp_path / "sw" / SWEEP_SIGNATURE).read_text())["files"]
+    first, after_first = errored_sweep.first, errored_sweep.after_first
+    assert sorted(r.status for r in first.records) == ["completed", "error"]  # the sweep it injects a fault into
+    signed = json.loads((after_first / SWEEP_SIGNATURE).read_text())["files"]
     assert "tuner.pkl" in signed and any(f.startswith("experiment_state-") for f in signed)
-    assert (tmp_path / "sw" / LOCK_FILE).exists()  # the sweep directory had its writer lock
+    assert (after_first / LOCK_FILE).exists()  # the sweep directory had its writer lock
 
-    resumed = run_sweep(None, str(tmp_path), "sw", resume=True, verbose=0)  # untouched: Tuner.restore proceeds
-    assert [r.status for r in resumed.records] == ["completed"]
-    assert resumed.records[0].trial_id == first.records[0].trial_id
+    resumed = errored_sweep.resumed  # untouched: Tuner.restore proceeded
+    assert [r.status for r in resumed.records] == ["completed"] * len(first.records)
+    assert sorted(r.trial_id for r in resumed.records) == sorted(r.trial_id for r in first.records)
 
+    shutil.copytree(errored_sweep.root / "faulty", tmp_path / "sw")  # the signature names files relative to it
     tuner_pkl, marker = tmp_path / "sw" / "tune" / "tuner.pkl", tmp_path / "pwned"
     tuner_pkl.write_bytes(pickle.dumps(_TouchMarker(marker)))
     with pytest.raises(SweepSignatureError, match="tuner.pkl changed after it was signed"):

@@ -27,6 +27,7 @@ every PNG itself): kept for callers and as the benchmark's baseline (``bench/dat
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -76,6 +77,10 @@ DECODE_MAX_TASKS = 8
 DECODE_CPUS_PER_TASK = 1.0
 #: Rows per ``DecodeAugment`` call (one Ray Data batch; independent of the training batch size).
 DECODE_ROWS_PER_CALL = 64
+#: Ray Data's Parquet listing (2.60): a pool of footer-reading actors per execution, sized by this variable
+#: (default 32); each actor reads footers in batches of FOOTER_BATCH_ENV files (default 10).
+FOOTER_ACTORS_ENV, FOOTER_MAX_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", 32
+FOOTER_BATCH_ENV, FOOTER_BATCH_FILES = "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE", 10
 #: CPUs each Ray Train worker holds (distributed/trainer.py CPUS_PER_WORKER; tests check they agree).
 TRAIN_WORKER_CPUS = 1
 
@@ -93,17 +98,34 @@ def decode_pool(cfg: TrainConfig) -> dict[str, Any]:
     return {"cpus_per_task": 0.0, "max_tasks": 1}
 
 
+def footer_actors(n_files: int) -> int:
+    """Footer-reading actors for listing ``n_files`` shards: one per footer batch, at most Ray's default."""
+    per_batch = int(os.environ.get(FOOTER_BATCH_ENV, FOOTER_BATCH_FILES))
+    return max(1, min(FOOTER_MAX_ACTORS, math.ceil(n_files / max(per_batch, 1))))
+
+
 def read_parquet_dataset(path: str | os.PathLike | Sequence[str], **read_kwargs: Any) -> ray.data.Dataset:
     """A ``ray.data.Dataset`` over the shards at ``path`` (a shard, a directory of shards, or a list).
 
     Rows carry their shard file in a ``path`` column (``include_paths``) so a bad row can be named.
+    Listing the shards (every execution: each epoch) starts :func:`footer_actors` footer-reading actors, not
+    Ray's fixed 32 (32 new processes per epoch for a few shards); a value the user set in the environment wins.
     """
     if isinstance(path, (str, os.PathLike)):
         paths: Any = [str(file) for file in _parquet_files(path)]
     else:
         paths = [str(file) for file in path]
     read_kwargs.setdefault("include_paths", True)
-    return ray.data.read_parquet(paths, **read_kwargs)
+    if FOOTER_ACTORS_ENV in os.environ:
+        return ray.data.read_parquet(paths, **read_kwargs)
+    # Ray reads the count when read_parquet builds the file indexer, which the plan carries to execution; its
+    # module default is read at import, which must not happen under the override.
+    importlib.import_module("ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer")
+    os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
+    try:
+        return ray.data.read_parquet(paths, **read_kwargs)
+    finally:
+        del os.environ[FOOTER_ACTORS_ENV]
 
 
 def parquet_datasets(cfg: TrainConfig) -> dict[str, ray.data.Dataset]:

@@ -1,0 +1,92 @@
+"""Expensive Ray scenarios that several tests assert on, each run once per session (fixtures in conftest.py).
+
+Each returns a namespace the tests only read: a test that needs to change what a scenario left (tamper with a
+file, resume it again) works on a copy in its own ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from tests.conftest import TINY_RUN, capture_console
+from tests.helpers import run_metrics
+
+#: The sweep of :func:`run_errored_sweep`: 2 trials of 2 epochs, 1 CPU worker each, no Train retries.
+ERRORED_SWEEP = {
+    "config": {"synthetic_train_size": 256, "synthetic_val_size": 128, "batch_size": 32, "dyrep_adjust_interval": 1,
+               "dyrep_recal_bn_iters": 2, "max_failures": 0, "epochs": 2},
+    "search_space": {"dyrep_cut_threshold": {"uniform": [0.05, 0.3]}},
+    "num_samples": 2, "max_concurrent_trials": 2, "resources": {"workers": 1, "use_gpu": False}}
+
+
+def run_errored_sweep(root: Path) -> SimpleNamespace:
+    """A real sweep on the shared Ray instance (``root/faulty``) in which one trial's worker raises mid-epoch 1
+    (once: the fault leaves ``root/fired``), then its ``--resume``.
+
+    Returns ``root``, ``first`` / ``resumed`` (the two :class:`~dyrep_ray.tune.sweep.SweepOutcome`),
+    ``first_console`` / ``resumed_console`` (each start's console messages) and ``after_first``: a copy of the
+    files the ``--resume`` rewrites (tables, best config, signature, lock) as the first start left them."""
+    import yaml
+
+    from dyrep_ray.engine.faults import RaiseAt
+    from dyrep_ray.rundir.layout import LOCK_FILE, SWEEP_SIGNATURE
+    from dyrep_ray.tune.console import SweepConsole
+    from dyrep_ray.tune.spec import load_sweep
+    from dyrep_ray.tune.sweep import run_sweep
+
+    (root / "sweep.yaml").write_text(yaml.safe_dump(ERRORED_SWEEP))
+    with capture_console() as console:
+        first = run_sweep(load_sweep(root / "sweep.yaml"), str(root), "faulty",
+                          callbacks=[RaiseAt(epoch=0, rank=0, marker=str(root / "fired"))],
+                          console=SweepConsole(status_interval_s=0))
+    first_console = console.messages()
+    after_first = root / "after_first"
+    after_first.mkdir()
+    for name in ("trials.csv", "best_config.yaml", SWEEP_SIGNATURE, LOCK_FILE):
+        if (root / "faulty" / name).exists():
+            shutil.copy2(root / "faulty" / name, after_first / name)
+    with capture_console() as console:
+        resumed = run_sweep(None, str(root), "faulty", resume=True, console=SweepConsole(status_interval_s=0))
+    return SimpleNamespace(root=root, first=first, resumed=resumed, first_console=first_console,
+                           resumed_console=console.messages(), after_first=after_first)
+
+
+def run_driver_killed(root: Path, address: str) -> SimpleNamespace:
+    """SIGKILL a 2-worker ``dyrep-ray train`` driver of :data:`TINY_RUN` on the Ray instance at ``address``
+    mid-epoch 3, truncate the newest checkpoint, re-run the same command with ``--verbose``.
+
+    Returns ``run_dir`` (``root/drv``) and ``rerun`` (the re-run's ``CompletedProcess``: its console)."""
+    from dyrep_ray.distributed.console import RAY_TRAIN_LOG_LEVEL_ENV
+
+    run_args = ["--address", address, "--output", str(root), "--name", "drv",
+                *sum((["--set", kv] for kv in TINY_RUN), [])]
+    # as a user's shell: no console level left in this process's environment by an in-process CLI test
+    env = {k: v for k, v in os.environ.items() if k != RAY_TRAIN_LOG_LEVEL_ENV}
+    log_path = root / "driver1.log"
+    # The same run through the Python API with a callback that stalls every rank mid-epoch 3 (0-based 2).
+    stalled = [sys.executable, "-m", "tests.train_with_faults", "--sleep-epoch", "2", "--sleep-seconds", "120",
+               *run_args]
+    run_dir = root / "drv"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(stalled, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600  # a 2-worker run to its epoch-2 checkpoint, as long as the re-run may take
+        while not (run_dir / "checkpoint_epoch0002" / "MANIFEST.json").exists():
+            assert driver.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "no epoch-2 checkpoint in time"
+            time.sleep(0.5)
+        time.sleep(2)  # inside epoch 3's injected stall
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    assert len(run_metrics(run_dir)) == 2
+    state = run_dir / "checkpoint_epoch0002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # the latest checkpoint is now corrupt
+    rerun = subprocess.run([sys.executable, "-m", "dyrep_ray.cli", "train", *run_args, "--verbose"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    return SimpleNamespace(run_dir=run_dir, rerun=rerun)
