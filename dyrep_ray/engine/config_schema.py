@@ -239,12 +239,11 @@ class TrainConfig:
                                                           "each); bounds drain -> checkpoint to this many steps")
     preemption_poll_interval_s: float | None = option(
         1.0, gt=0, example=1.0, help="seconds between Ray Train's looks for drained nodes (sets "
-                                     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S, Ray's default 5; dyrep-ray train "
-                                     "only, a sweep's trials keep their environment); null = leave it")
+                                     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S, Ray: 5; not in sweeps); null = leave it")
     worker_group_start_timeout_s: float | None = option(
         None, gt=0, example=20.0, help="Ray Train's limit on starting a worker group (sets "
-                                       "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; dyrep-ray train only, a sweep's "
-                                       "trials keep their environment); null = leave it (Ray: 60)")
+                                       "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, Ray: 60; not in sweeps); "
+                                       "null = leave it")
     lr_scale_with_workers: bool = option(False, help="elastic: scale lr linearly with the current worker count")
     use_gpu: bool | None = option(None, example=True, help="null = use GPUs when the cluster has them")
     num_data_workers: int = option(0, ge=0, help="DataLoader worker processes per Ray worker")
