@@ -59,6 +59,9 @@ TRANSIENT_PATTERNS = (
     # Tune: a trial actor's setup took long (a busy machine) -- a hint to reuse actors, not an error
     re.compile(r"Trainable\.setup took [\d.]+ seconds.*reuse_actors"),
     re.compile(r"Consider boosting PBT performance by enabling `reuse_actors`"),
+    # Train V2's state actor polls Ray's state API for dead controllers; a slow API logs this with a traceback and
+    # the actor polls again (ray/train/v2/_internal/state/state_actor.py)
+    re.compile(r"State API unavailable when checking if actor is alive\. Will check again on next poll"),
 )
 
 #: Actors whose tracebacks are transient as a whole: Train V2's PlacementGroupCleaner is a best-effort safety net

@@ -191,6 +191,22 @@ def test_a_resource_request_timeout_is_transient_with_its_whole_traceback():
         ["next"], RESOURCE_REQUEST_TIMEOUT * 2)
 
 
+def test_a_state_api_timeout_of_trains_state_actor_is_transient_with_its_traceback():
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        raise RayStateApiException("Failed to make request to /api/v0/actors: timed out")
+    except RayStateApiException:
+        record = logging.LogRecord("ray.train", logging.ERROR, "state_actor.py", 108,
+                                   "State API unavailable when checking if actor is alive. Will check again on next "
+                                   "poll.", None, sys.exc_info())
+    from ray._private.ray_constants import LOGGER_FORMAT
+
+    lines = logging.Formatter(LOGGER_FORMAT).format(record).splitlines()
+    assert lines[-1].startswith("ray.util.state.exception.RayStateApiException") and len(lines) > 3
+    assert split_transient(["epoch 1", *lines, "epoch 2"]) == (["epoch 1", "epoch 2"], lines)
+
+
 def test_slow_cluster_notice_logs_every_line_and_warns_once_only_when_it_persists(console_records):
     from dyrep_ray.distributed.console import RAY_OUTPUT_LOGGER, SlowClusterNotice
     from tests.conftest import RecordList
