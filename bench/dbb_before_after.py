@@ -20,8 +20,8 @@ from torch import nn
 
 from dyrep_ray.rep.dbb import DiverseBranchBlock
 
-from .common import interleaved_ratios, peak_memory, saved_tensor_bytes
-from .dbb_block import SHAPES, ConvsOnly, _backward
+from .common import interleaved_ratios
+from .dbb_block import SHAPES, ConvsOnly, _fwd_bwd, memory_figures
 from .dbb_original import original_from_block
 
 
@@ -58,27 +58,9 @@ def run(previous_path: str, reps: int = 11, batches=(16, 32), shapes=SHAPES) -> 
             x = torch.randn(batch, c, side, side, requires_grad=True)
             g = torch.randn(batch, c, side, side)
 
-            def fwd_bwd(m, x=x, g=g):
-                def step():
-                    m.zero_grad(set_to_none=True)
-                    x.grad = None
-                    _backward(m(x), g)
-                return step
-
-            t = interleaved_ratios({k: fwd_bwd(m) for k, m in mods.items()}, reps=reps, warmup=2,
+            t = interleaved_ratios({k: _fwd_bwd(m, x, g) for k, m in mods.items()}, reps=reps, warmup=2,
                                    baseline="original")
-            mem, saved = {}, {}
-            for k, m in mods.items():
-                _backward(m(x), g)
-
-                def step(m=m, x=x, g=g):
-                    m.zero_grad(set_to_none=False)
-                    x.grad.zero_()
-                    _backward(m(x), g)
-
-                mem[k] = peak_memory(step, cpu)
-                m.zero_grad(set_to_none=True)
-                saved[k] = saved_tensor_bytes(lambda m=m, x=x: m(x))
+            mem, saved = memory_figures(mods, x, g, cpu)
             out[f"{name} b{batch}"] = {k: {"wall": t[k]["ratio"], "cpu": t[k]["cpu_ratio"],
                                            "peak": mem[k] / mem["original"], "saved": saved[k] / saved["original"],
                                            "peak_mib": mem[k] / 2**20, "saved_mib": saved[k] / 2**20}

@@ -83,17 +83,9 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return step
 
 
-def measure(device: torch.device, batch: int, channels: int, side: int, reps: int) -> dict:
-    variants = make_variants(channels, device)
-    for m in variants.values():
-        m.train()
-    x = torch.randn(batch, channels, side, side, device=device, requires_grad=True)
-    grad = torch.randn(batch, channels, side, side, device=device)
-    steps = {k: _fwd_bwd(m, x, grad) for k, m in variants.items()}
-    timing = interleaved_ratios(steps, reps=reps, warmup=2, device=device, baseline="dbb_original")
-    entry: dict = {"batch": batch, "time_s": {k: v["median_s"] for k, v in timing.items()},
-                   "cpu_time_s": {k: v["median_cpu_s"] for k, v in timing.items()}}
-    # peak memory of one fwd+bwd and bytes saved for backward
+def memory_figures(variants: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor,
+                   device: torch.device) -> tuple[dict[str, int], dict[str, int]]:
+    """Per variant: the peak memory of one fwd+bwd and the bytes autograd saves for backward."""
     mem, saved = {}, {}
     for k, m in variants.items():
         # Parameter/input grads already allocated (zeroed in place): the peak is activations +
@@ -108,6 +100,20 @@ def measure(device: torch.device, batch: int, channels: int, side: int, reps: in
         mem[k] = peak_memory(step, device)
         m.zero_grad(set_to_none=True)
         saved[k] = saved_tensor_bytes(lambda m=m, x=x: m(x))
+    return mem, saved
+
+
+def measure(device: torch.device, batch: int, channels: int, side: int, reps: int) -> dict:
+    variants = make_variants(channels, device)
+    for m in variants.values():
+        m.train()
+    x = torch.randn(batch, channels, side, side, device=device, requires_grad=True)
+    grad = torch.randn(batch, channels, side, side, device=device)
+    steps = {k: _fwd_bwd(m, x, grad) for k, m in variants.items()}
+    timing = interleaved_ratios(steps, reps=reps, warmup=2, device=device, baseline="dbb_original")
+    entry: dict = {"batch": batch, "time_s": {k: v["median_s"] for k, v in timing.items()},
+                   "cpu_time_s": {k: v["median_cpu_s"] for k, v in timing.items()}}
+    mem, saved = memory_figures(variants, x, grad, device)
     entry["peak_bytes"] = mem
     entry["saved_bytes"] = saved
     entry["activation_unit_bytes"] = batch * channels * side * side * x.element_size()
