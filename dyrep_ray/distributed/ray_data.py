@@ -64,6 +64,7 @@ from ..data.parquet import (
 from ..engine.config import TrainConfig
 from ..engine.data_source import EpochPosition, aug_options
 from ..engine.protocols import Batch
+from ..environ import environ
 
 TRAIN, VAL = "train", "val"
 #: Rows of local shuffle buffer per row of batch (Ray Data shards are shuffled within a window, not globally).
@@ -121,11 +122,8 @@ def read_parquet_dataset(path: str | os.PathLike | Sequence[str], **read_kwargs:
     # Ray reads the count when read_parquet builds the file indexer, which the plan carries to execution; its
     # module default is read at import, which must not happen under the override.
     importlib.import_module("ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer")
-    os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
-    try:
+    with environ({FOOTER_ACTORS_ENV: str(footer_actors(len(paths)))}):
         return ray.data.read_parquet(paths, **read_kwargs)
-    finally:
-        del os.environ[FOOTER_ACTORS_ENV]
 
 
 def parquet_datasets(cfg: TrainConfig) -> dict[str, ray.data.Dataset]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.train.v2._internal.execution.controller.state import ReschedulingState, RestartingState
 
 from ..engine.config import TrainConfig
+from ..environ import environ
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +61,8 @@ def ray_train_env_values(cfg: TrainConfig) -> dict[str, str]:
 def ray_train_env(cfg: TrainConfig) -> Iterator[dict[str, str]]:
     """Set the run's Ray Train variables in this (driver) process while ``fit`` starts the controller."""
     values = ray_train_env_values(cfg)
-    before = {env: os.environ.get(env) for env in values}
-    os.environ.update(values)
-    try:
+    with environ(values):
         yield values
-    finally:
-        for env, old in before.items():
-            if old is None:
-                os.environ.pop(env, None)
-            else:
-                os.environ[env] = old
 
 
 class FreshCapacityOnRestart(ControllerCallback):

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..environ import environ
 from ..rundir.layout import METRICS_FILE, TRACKING_FILE
 from ..rundir.storage import RunStorage, as_storage
 from .base import (
@@ -75,21 +76,6 @@ def is_file_store(uri: str) -> bool:
 
 
 @contextmanager
-def _environ(values: dict[str, str]):
-    """Set environment variables for the block, restoring the previous values after it."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
-@contextmanager
 def _quiet(names: tuple[str, ...]):
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
@@ -111,7 +97,7 @@ def connect(tracking_uri: str):
     if is_http(tracking_uri):
         for key, value in RUN_HTTP_ENV.items():
             os.environ.setdefault(key, value)
-    with _environ(PROBE_HTTP_ENV if is_http(tracking_uri) else {}), _quiet(QUIET_MLFLOW_LOGGERS):
+    with environ(PROBE_HTTP_ENV if is_http(tracking_uri) else {}), _quiet(QUIET_MLFLOW_LOGGERS):
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
     return client
