@@ -277,14 +277,14 @@ def test_block_branch_names_and_state_dict_keys_unchanged():
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (3, 1, 2), (5, 2, 4), (3, 1, 0)])
 def test_avg_pool_paths_agree(k, stride, pad):
     """The CPU box-filter path and the avg_pool2d path (used on accelerators / under autocast)."""
-    from dyrep_ray.rep.dbb_fused import _avg_pool_zero_padded
+    from dyrep_ray.rep.dbb_pad import avg_pool_zero_padded
 
     gen = torch.Generator().manual_seed(k + pad)
     z = torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64)
     za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
     ref = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(z, [pad] * 4), k, stride, 0)
-    ya = _avg_pool_zero_padded(za, k, stride, pad, box_filter=True)
-    yb = _avg_pool_zero_padded(zb, k, stride, pad, box_filter=False)
+    ya = avg_pool_zero_padded(za, k, stride, pad, box_filter=True)
+    yb = avg_pool_zero_padded(zb, k, stride, pad, box_filter=False)
     assert float((ya - ref).detach().abs().max()) <= 1e-14 and float((yb - ref).detach().abs().max()) <= 1e-14
     g = torch.randn(ya.shape, generator=gen, dtype=torch.float64)
     ya.backward(g)

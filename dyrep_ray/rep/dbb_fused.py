@@ -18,8 +18,7 @@ from torch.nn.modules import module as _torch_module
 from . import dbb_recompute
 from .block_base import RepBlock
 from .dbb_branches import BNAndPad, ConvBN, IdentityBN, OneByOneAvg, OneByOneKxk
-from .dbb_pad import avg_pool_zero_padded as _avg_pool_zero_padded  # noqa: F401  (tests import it here)
-from .dbb_pad import padding_term_avg, padding_term_conv
+from .dbb_pad import avg_pool_zero_padded, padding_term_avg, padding_term_conv
 from .dbb_recompute import pad_value, recomputable
 from .geometry import KXK
 
@@ -126,7 +125,7 @@ def _readers_autograd(x: Tensor, k: int, s: int, one: ConvBN | None, two: OneByO
         accumulate(two.bn(y))
     if avg is not None:
         z = _bn_then_padded(avg.bn1, avg.bn1.bn(by_conv[id(avg.conv1)]))
-        y = _avg_pool_zero_padded(z.tensor, k, s, z.pad)
+        y = avg_pool_zero_padded(z.tensor, k, s, z.pad)
         if z.pad:  # in place: neither pooling op keeps its output for backward
             y.add_(padding_term_avg(cast(Tensor, z.shift), z.height, z.width, z.pad, k, s, like=y))
         accumulate(avg.bn(y))
