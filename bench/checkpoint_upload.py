@@ -20,6 +20,8 @@ import uuid
 
 import torch
 
+from dyrep_ray.distributed.state_api import ray_init_without_dashboard
+
 BUCKET = "dyrep-bench"
 ASYNC_GOAL = 0.25  # async must block at most a quarter of what sync does
 CHECKPOINT_FILE = "payload.bin"
@@ -89,7 +91,7 @@ def run(device: torch.device | None = None, quick: bool = False, checkpoint_mb: 
     step_gap_s = step_gap_s if step_gap_s is not None else (1.0 if quick else 3.0)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(2, os.cpu_count() or 1), log_to_driver=False, **ray_init_without_dashboard())
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import bench/
     try:
         with s3_server(BUCKET) as endpoint:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from dyrep_ray.data import build_datasets
 from dyrep_ray.data.synthetic import build_synthetic
 from dyrep_ray.data.transforms import DARTS_CUTOUT_LENGTH
+from dyrep_ray.distributed.state_api import ray_init_without_dashboard
 from dyrep_ray.models import build_model
 
 from .common import interleaved_ratios, synchronize
@@ -160,7 +161,7 @@ def _ray_data_rate(pq_dir: Path, decoder, rounds: int = RAY_ROUNDS, max_tasks: i
     t0 = time.perf_counter()
     if started:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False, **ray_init_without_dashboard())
     init_s = time.perf_counter() - t0
     tasks = max_tasks or min(DECODE_MAX_TASKS, max(1, int(ray.cluster_resources().get("CPU", 1)) - 1))
     try:

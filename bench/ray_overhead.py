@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dyrep_ray.distributed.state_api import ray_init_without_dashboard
 from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.context import LocalContext
 from dyrep_ray.engine.loop import train
@@ -52,7 +53,7 @@ def run(device: torch.device, quick: bool = False, pairs: int | None = None, ove
     started_here = not ray.is_initialized()
     if started_here:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False, **ray_init_without_dashboard())
     ray_init_s = time.perf_counter() - t0
     runs = {"local": [], "ray": []}
     with tempfile.TemporaryDirectory(prefix="dyrep-bench-ray-") as tmp:

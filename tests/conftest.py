@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from dyrep_ray.distributed.state_api import ray_init_without_dashboard
 from dyrep_ray.engine.progress import CONSOLE_LOGGER
 from tests.scheduling import check_groups, claim_ray_session, make_scheduler
 
@@ -92,7 +93,7 @@ def ray_session(tmp_path_factory):
     claim_ray_session(tmp_path_factory.getbasetemp())
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=RAY_TEST_CPUS, log_to_driver=False, **ray_init_without_dashboard())
     yield ray
     # left running for the remaining tests; Ray shuts down at interpreter exit
 

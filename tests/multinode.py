@@ -197,8 +197,9 @@ class LocalRayCluster:
     def start(self) -> RayNode:
         """Start the head (retried like :meth:`add_node`, on fresh ports)."""
         def head_args() -> list[str]:
-            self.port, client, metrics = free_ports(3)
-            return ["--head", f"--port={self.port}", "--include-dashboard=false",
+            # no dashboard, and its recorded address on a free port, not 8265: see dyrep_ray/distributed/state_api.py
+            self.port, client, metrics, dashboard = free_ports(4)
+            return ["--head", f"--port={self.port}", "--include-dashboard=false", f"--dashboard-port={dashboard}",
                     f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}"]
         return self._start_with_retries(head_args, self.head_cpus, is_head=True)
 

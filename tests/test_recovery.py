@@ -53,6 +53,31 @@ def test_silent_nodes_are_those_whose_raylet_takes_no_connection(monkeypatch):
         assert recovery.silent_alive_nodes() == ["gone"]  # the GCS already knows "dead"
 
 
+def test_a_failed_node_probe_warns_in_one_line_and_keeps_its_traceback_for_debug(monkeypatch):
+    """The controller's log reaches the user's console: a warning there is one line, not a traceback."""
+    import logging
+
+    from tests.conftest import RecordList
+
+    def state_api_down():
+        raise RuntimeError("GCS unavailable\n  (a second line of detail)")
+
+    monkeypatch.setattr(ray, "nodes", state_api_down)
+    handler, logger = RecordList(), logging.getLogger(recovery.__name__)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        assert recovery.silent_alive_nodes() == []
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    warnings = [r for r in handler.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "could not probe the cluster's nodes before a restart (RuntimeError: GCS unavailable)"]
+    assert warnings[0].exc_info is None and any(r.exc_info for r in handler.records if r.levelno == logging.DEBUG)
+
+
 def test_wait_declared_dead_until_the_gcs_agrees_or_the_limit(monkeypatch):
     answers = iter([[_node("gone", 1)], [_node("gone", 1)], [_node("gone", 1, alive=False)]])
     monkeypatch.setattr(ray, "nodes", lambda: next(answers))

@@ -95,9 +95,17 @@ def silent_alive_nodes(connect_timeout_s: float = RAYLET_CONNECT_TIMEOUT_S) -> l
         alive = [n for n in ray.nodes() if n.get("Alive") and n.get("NodeManagerPort")]
         with ThreadPoolExecutor(max_workers=min(len(alive), 16) or 1) as pool:
             return [n["NodeID"] for n, quiet in zip(alive, pool.map(silent, alive), strict=True) if quiet]
-    except Exception:  # noqa: BLE001 - no probe: size the group on what the GCS says
-        logger.warning("could not probe the cluster's nodes before a restart", exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - no probe: size the group on what the GCS says
+        # one line on the console (the controller's log reaches it); the traceback only in the debug log
+        logger.warning("could not probe the cluster's nodes before a restart (%s)", one_line(exc))
+        logger.debug("node probe failure", exc_info=True)
         return []
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: a console line, not a traceback."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def wait_declared_dead(node_ids: list[str], limit_s: float = DEATH_WAIT_LIMIT_S) -> bool:
@@ -128,6 +136,7 @@ def refresh_coordinator_nodes() -> None:
         # any requester id: recompute=True ticks before it answers (an unknown id answers {})
         ray.get(coordinator.get_reserved_resources.remote("dyrep-ray-refresh", recompute=True),
                 timeout=REFRESH_TIMEOUT_S)
-    except Exception:  # noqa: BLE001 - a missed refresh only delays the restart to Ray's own next tick
-        logger.warning("could not refresh Ray's view of the cluster before a restart; Ray's next tick (<= 20 s) "
-                       "will", exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - a missed refresh only delays the restart to Ray's own next tick
+        logger.warning("could not refresh Ray's view of the cluster before a restart (%s); Ray's next tick "
+                       "(<= 20 s) will", one_line(exc))
+        logger.debug("refresh failure", exc_info=True)

@@ -80,7 +80,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:
-    """Attach to an existing cluster (``address``, ``RAY_ADDRESS`` or inside ``ray job submit``) or start one."""
+    """Attach to an existing cluster (``address``, ``RAY_ADDRESS`` or inside ``ray job submit``) or start one;
+    refuse (:class:`ClusterError`) a cluster whose recorded state API another Ray instance answers."""
+    import ray
+
+    from .state_api import foreign_state_api, foreign_state_api_error
+
+    started = _connect(address, num_cpus)
+    gcs_address = ray.get_runtime_context().gcs_address
+    if gcs_address not in _STATE_API_CHECKED:  # once per cluster and process: the CLI connects, then its run
+        url = foreign_state_api()
+        if url is not None:
+            raise ClusterError(foreign_state_api_error(url))
+        _STATE_API_CHECKED.add(gcs_address)
+    return started
+
+
+_STATE_API_CHECKED: set[str] = set()
+
+
+def _connect(address: str | None, num_cpus: int | None) -> str:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
