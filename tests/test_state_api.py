@@ -87,8 +87,7 @@ def test_another_instances_dashboard_on_the_recorded_port_is_found_before_it_rem
     assert beside["recorded"] in result["connect"] and "--dashboard-port" in result["connect"], result
 
 
-@pytest.mark.usefixtures("ray_session")
-def test_the_shared_test_instance_records_its_state_api_on_a_free_port_not_8265():
+def test_the_shared_test_instance_records_its_state_api_on_a_free_port_not_8265(ray_session):
     """tests/conftest.py starts its instance with ``ray_init_without_dashboard``: Ray's default 8265 is where a
     concurrent test's local ``dyrep-ray train`` puts its dashboard."""
     from dyrep_ray.distributed.state_api import foreign_state_api, recorded_state_api
