@@ -74,7 +74,8 @@ def test_a_failed_node_probe_warns_in_one_line_and_keeps_its_traceback_for_debug
         logger.setLevel(level)
     warnings = [r for r in handler.records if r.levelno == logging.WARNING]
     assert [r.getMessage() for r in warnings] == [
-        "could not probe the cluster's nodes before a restart (RuntimeError: GCS unavailable)"]
+        "could not probe the cluster's nodes before a restart (RuntimeError: GCS unavailable (a second line of "
+        "detail))"]
     assert warnings[0].exc_info is None and any(r.exc_info for r in handler.records if r.levelno == logging.DEBUG)
 
 

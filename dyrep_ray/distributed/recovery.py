@@ -33,6 +33,7 @@ from ray.train.v2._internal.execution.controller.state import ReschedulingState,
 
 from ..engine.config import TrainConfig
 from ..environ import environ
+from ..tracking.base import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +101,6 @@ def silent_alive_nodes(connect_timeout_s: float = RAYLET_CONNECT_TIMEOUT_S) -> l
         logger.warning("could not probe the cluster's nodes before a restart (%s)", one_line(exc))
         logger.debug("node probe failure", exc_info=True)
         return []
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: a console line, not a traceback."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def wait_declared_dead(node_ids: list[str], limit_s: float = DEATH_WAIT_LIMIT_S) -> bool:
