@@ -87,6 +87,38 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Timeout|Exit|Int
 _CHAINED = re.compile(r"^(|During handling of the above exception.*|The above exception was the direct cause.*)$")
 
 
+def _continues_traceback(line: str) -> bool:
+    """A line a traceback's later batch may hold: a frame, a chaining note, the exception line, or blank."""
+    return bool(_TRACEBACK_BODY.match(line) or _CHAINED.match(line) or _EXCEPTION_LINE.match(line))
+
+
+class TracebackContinuations:
+    """Ray forwards a process's output in batches as it comes, so the traceback of a transient record (a
+    :data:`TRANSIENT_PATTERNS` record, a :func:`is_transient_batch` batch) may end in the next batch.  Remembers the
+    processes whose last batch ended inside one, and hands back the lines of their next batch that continue it."""
+
+    def __init__(self) -> None:
+        self._open: set[object] = set()  # processes (any hashable key) whose last batch ended in a transient record
+
+    def split(self, process: object, lines: list[str]) -> tuple[list[str], list[str]]:
+        """``(continuation, rest)``: the leading lines of ``lines`` that continue ``process``'s open traceback."""
+        if process not in self._open:
+            return [], lines
+        n = 0
+        while n < len(lines) and _continues_traceback(lines[n]):
+            n += 1
+        if n < len(lines):
+            self._open.discard(process)
+        return lines[:n], lines[n:]
+
+    def ended(self, process: object, in_transient_record: bool) -> None:
+        """Whether ``process``'s batch just seen ended inside a transient record."""
+        if in_transient_record:
+            self._open.add(process)
+        else:
+            self._open.discard(process)
+
+
 def _body_end(lines: list[str], i: int) -> int:
     """The index after the traceback body (header and indented lines) that starts at ``lines[i]``."""
     while i < len(lines) and _TRACEBACK_BODY.match(lines[i]):

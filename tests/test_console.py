@@ -262,6 +262,63 @@ def test_forwarded_output_filter_on_rays_dispatcher(console_records):
     assert len(console_records.messages(logging.WARNING)) == 1
 
 
+# A PlacementGroupCleaner's monitor thread dying beside another Ray instance, as a test run's console got it: Ray's
+# log monitor forwarded the traceback in two batches (it reads the actor's output file as lines arrive).
+CLEANER_THREAD_DIED = [
+    ["Exception in thread PlacementGroupCleanerMonitor:", "Traceback (most recent call last):",
+     '  File "/root/.pyenv/versions/3.11.7/lib/python3.11/threading.py", line 1045, in _bootstrap_inner'],
+    ["    self.run()",
+     '  File "/root/.pyenv/versions/3.11.7/lib/python3.11/threading.py", line 982, in run',
+     "    self._target(*self._args, **self._kwargs)",
+     '  File "/venv/lib/python3.11/site-packages/ray/train/v2/_internal/execution/controller/'
+     'placement_group_cleaner.py", line 80, in _monitor_loop',
+     "    alive = is_actor_alive(",
+     "            ^^^^^^^^^^^^^^^",
+     '  File "/venv/lib/python3.11/site-packages/ray/_private/services.py", line 533, in '
+     'canonicalize_bootstrap_address_or_die',
+     "    raise ConnectionError(",
+     "ConnectionError: Found multiple active Ray instances: {'192.0.2.2:63991', '192.0.2.2:50421'}. Please specify "
+     "the one to connect to by setting the `--address` flag or `RAY_ADDRESS` environment variable."],
+]
+
+
+def test_a_transient_traceback_forwarded_in_several_batches_stays_off_the_console(console_records):
+    """The batches that continue a transient record's traceback are transient too; the same process's next message,
+    and another process's lines, are not."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from dyrep_ray.distributed import console as ray_console
+
+    printed: list[dict] = []
+    previous = dict(dispatcher.handlers).get(ray_console.RAY_PRINTER)
+    if previous is not None:
+        dispatcher.remove_handler(ray_console.RAY_PRINTER)
+    dispatcher.add_handler(ray_console.RAY_PRINTER, printed.append)
+    notice = ray_console.SlowClusterNotice(after_s=3600)
+    cleaner, controller = {"actor_name": "PlacementGroupCleaner", "pid": 8}, {"actor_name": "TrainController", "pid": 7}
+    warning = ray_formatted_warning_with_traceback("Failed to send resource request for train-abc.")
+    try:
+        ray_console.filter_forwarded_output(notice)
+        for batch in CLEANER_THREAD_DIED:
+            dispatcher.emit({**cleaner, "lines": batch})
+        dispatcher.emit({**cleaner, "lines": ["Detected that the Ray Train controller actor is dead."]})
+        dispatcher.emit({**cleaner, "lines": ["    an indented line after the cleaner's own message"]})
+        dispatcher.emit({**controller, "lines": warning[:3]})
+        dispatcher.emit({**controller, "lines": [*warning[3:], "a real line"]})
+        dispatcher.emit({"actor_name": "RayTrainWorker", "pid": 9, "lines": CLEANER_THREAD_DIED[1]})
+    finally:
+        dispatcher.remove_handler(ray_console.RAY_PRINTER)
+        if previous is not None:
+            dispatcher.add_handler(ray_console.RAY_PRINTER, previous)
+    assert [batch["lines"] for batch in printed] == [
+        ["Detected that the Ray Train controller actor is dead."],
+        ["    an indented line after the cleaner's own message"],
+        ["a real line"],
+        CLEANER_THREAD_DIED[1],  # a worker's traceback is the run's problem: shown
+    ]
+    assert len(warning) > 3 and notice.records == 4
+
+
 # What a trial actor printed in CI when Ray's SIGTERM arrived during a garbage-collected ActorHandle.__del__.
 EXIT_IN_FINALIZER = ["Exception ignored in: <function ActorHandle.__del__ at 0x7f780bde2480>",
                      "Traceback (most recent call last):",

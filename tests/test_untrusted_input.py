@@ -714,18 +714,21 @@ def test_every_run_dir_error_is_a_user_error():
 def test_stale_ray_address_file_detected_in_seconds(tmp_path, monkeypatch):
     import socket
 
-    from dyrep_ray.distributed.ray_local import stale_local_cluster
+    from dyrep_ray.distributed.ray_local import recorded_local_cluster, stale_local_cluster
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-    assert stale_local_cluster() is None  # no address file: nothing to say
+    assert stale_local_cluster() is None and recorded_local_cluster() is None  # no address file: nothing to say
     (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("not an address\n")
+    assert stale_local_cluster() is None and recorded_local_cluster() is None
     (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
     start = time.monotonic()
     found = stale_local_cluster()
     assert found == (tmp_path / "ray" / "ray_current_cluster", f"127.0.0.1:{port}")
+    assert recorded_local_cluster() == f"127.0.0.1:{port}"
     assert time.monotonic() - start < 5
     with socket.socket() as listener:  # a live head answers: not stale
         listener.bind(("127.0.0.1", 0))

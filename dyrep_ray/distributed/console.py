@@ -26,7 +26,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..console import drop_exit_in_finalizers, is_harmless, is_routine, is_transient_batch, split_transient
+from ..console import (
+    TracebackContinuations,
+    drop_exit_in_finalizers,
+    is_harmless,
+    is_routine,
+    is_transient_batch,
+    split_transient,
+)
 from ..engine.callbacks import TrainerCallback
 from ..engine.progress import EPOCH_LINE, console, epoch_line
 from ..rundir.files import parse_metrics
@@ -144,16 +151,26 @@ def filter_forwarded_output(notice: SlowClusterNotice | None = None) -> None:
         logger.debug("Ray's worker-output printer not found; forwarded lines are not filtered")
         return
 
+    continuations = TracebackContinuations()
+
     def filtered(data: dict) -> None:
         name = str(data.get("actor_name") or data.get("task_name") or "")
         source = f"({name or 'ray'} pid={data.get('pid', '?')})"
-        lines = data.get("lines", [])
+        process = (name, data.get("pid"))
+        continued, lines = continuations.split(process, data.get("lines", []))
+        if continued:
+            notice.record(source, continued)
+        if not lines:
+            return
         if is_transient_batch(name, lines):
             notice.record(source, lines)
+            continuations.ended(process, True)
             return
-        kept, transient = split_transient(drop_exit_in_finalizers(lines))
+        lines = drop_exit_in_finalizers(lines)
+        kept, transient = split_transient(lines)
         if transient:
             notice.record(source, transient)
+        continuations.ended(process, bool(transient) and lines[-1:] == transient[-1:])
         kept = [line for line in kept if not (is_harmless(line) or is_routine(line))]
         if kept:
             printer({**data, "lines": kept})

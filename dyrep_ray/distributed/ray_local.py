@@ -33,16 +33,22 @@ def ray_address_file() -> Path:
     return Path(base) / "ray" / ADDRESS_FILE
 
 
-def stale_local_cluster(timeout_s: float = STALE_CHECK_TIMEOUT_S) -> tuple[Path, str] | None:
-    """``(address file, address)`` when the file names a ``host:port`` nobody answers on, else None."""
-    path = ray_address_file()
+def recorded_local_cluster() -> str | None:
+    """The ``host:port`` the address file names (``ray.init()`` without an address joins it), or None."""
     try:
-        address = path.read_text().strip()
+        address = ray_address_file().read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
     host, _, port = address.rpartition(":")
-    if not address or not host or not port.isdigit():
+    return address if host and port.isdigit() else None
+
+
+def stale_local_cluster(timeout_s: float = STALE_CHECK_TIMEOUT_S) -> tuple[Path, str] | None:
+    """``(address file, address)`` when the file names a ``host:port`` nobody answers on, else None."""
+    path, address = ray_address_file(), recorded_local_cluster()
+    if address is None:
         return None
+    host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             return None

@@ -8,12 +8,22 @@ dashboard listens there (a second cluster, a local ``ray.init()`` of another use
 answers every lookup with "no such actor", and the run fails a few seconds in with ``ControllerError: ...
 Destroying worker since its placement group was removed``.  :func:`foreign_state_api` finds that case before
 the run starts; where nothing answers, the cleaner only logs a warning and keeps the workers.
+
+The cleaner finds the state API the way Ray's clients do: ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS``, else
+by looking for a GCS process on its machine -- and with two Ray instances on one machine (a notebook's
+``ray.init()`` beside a ``dyrep-ray train``), that look-up fails with "Found multiple active Ray instances" and
+the cleaner's thread dies with a traceback.  A local instance dyrep-ray starts (:func:`own_state_api`) therefore
+gets its dashboard on a port chosen beforehand and that URL in ``RAY_API_SERVER_ADDRESS`` while it starts, which
+its processes, the cleaner's included, inherit.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +42,26 @@ def ray_init_without_dashboard() -> dict:
     """``ray.init`` keywords for a local instance with no dashboard whose recorded state-API address is a free
     port rather than 8265, where another instance's dashboard may answer for it (see the module docstring)."""
     return {"include_dashboard": False, "dashboard_port": free_local_port()}
+
+
+#: Where Ray's state-API clients look first (ray.dashboard.utils.get_address_for_submission_client).
+API_SERVER_ADDRESS_VAR = "RAY_API_SERVER_ADDRESS"
+
+
+@contextmanager
+def own_state_api() -> Iterator[dict]:
+    """Around ``ray.init`` that starts a local instance: ``ray.init`` keywords that put its dashboard on a free port,
+    and that port's URL in ``RAY_API_SERVER_ADDRESS`` meanwhile, so the instance's processes inherit it (see the
+    module docstring).  The variable is restored afterwards; one the user set (or ``RAY_ADDRESS``) is left alone."""
+    if os.environ.get(API_SERVER_ADDRESS_VAR) or os.environ.get("RAY_ADDRESS"):
+        yield {}
+        return
+    port = free_local_port()
+    os.environ[API_SERVER_ADDRESS_VAR] = f"http://127.0.0.1:{port}"
+    try:
+        yield {"dashboard_port": port}
+    finally:
+        os.environ.pop(API_SERVER_ADDRESS_VAR, None)
 
 
 def recorded_state_api() -> str | None:

@@ -111,13 +111,18 @@ def _connect(address: str | None, num_cpus: int | None) -> str:
         if address:
             ray.init(address=address, log_to_driver=True)
             return address
-        from .ray_local import stale_local_cluster
+        from .ray_local import recorded_local_cluster, stale_local_cluster
+        from .state_api import own_state_api
 
         stale = stale_local_cluster()  # a head that died without `ray stop`: ray.init would retry it for minutes
         if stale is not None:
             logger.warning("%s names a Ray head at %s that does not answer (it died without 'ray stop'); "
                            "starting a fresh local instance", *stale)
-        ray.init(address="local" if stale else None, num_cpus=num_cpus, log_to_driver=True)
+        if stale is None and recorded_local_cluster() is not None:  # `ray start`'s head on this machine: join it
+            ray.init(num_cpus=num_cpus, log_to_driver=True)
+            return "local"
+        with own_state_api() as state_api:
+            ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **state_api)
         return "local"
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local instance"
