@@ -576,3 +576,84 @@ def test_assembly_under_cpu_autocast_gives_parameter_dtype_gradients():
     ref.float().sum().backward()
     for (name, p), (_, q) in zip(block.named_parameters(), twin.named_parameters()):
         assert p.grad.dtype == p.dtype and rel_err(p.grad, q.grad) <= 5e-2, name
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_used_taps_drop_only_taps_that_read_padding(k, stride):
+    """A conv with only :func:`used_taps`' window of its kernel, and the padding it gives, computes the same output
+    on every small map and padding; the window is a strict part of the kernel exactly where some tap never reads
+    input (checked by brute force over the output pixels)."""
+    gen = torch.Generator().manual_seed(60 + k + stride)
+    for padding in range(k // 2 + 2):
+        for h in range(1, 6):
+            for w in range(1, 6):
+                if h + 2 * padding < k or w + 2 * padding < k:
+                    continue
+                x = torch.randn(2, 3, h, w, generator=gen, dtype=torch.float64)
+                kernel = torch.randn(4, 3, k, k, generator=gen, dtype=torch.float64)
+                full = F.conv2d(x, kernel, None, stride, padding)
+                window = OK.used_taps(h, w, k, stride, padding)
+                outputs = [(size + 2 * padding - k) // stride + 1 for size in (h, w)]
+                live = [[i for i in range(k) if any(0 <= o * stride + i - padding < size for o in range(out))]
+                        for size, out in zip((h, w), outputs)]
+                if not all(live):  # no tap ever reads input: an all-zero output, nothing to gain
+                    assert window is None
+                    continue
+                spans = [(taps[0], taps[-1] + 1) for taps in live]  # first to last used tap, per axis
+                if window is None:  # every tap used, or a cut no symmetric padding expresses: nothing is cut
+                    inexpressible = any(
+                        padding - lo < 0 or (size + 2 * (padding - lo) - (hi - lo)) // stride != out - 1
+                        for size, (lo, hi), out in zip((h, w), spans, outputs))
+                    assert spans == [(0, k), (0, k)] or inexpressible, (h, w, padding)
+                    continue
+                top, bottom, left, right = window
+                assert [(top, bottom), (left, right)] == spans and (bottom - top) * (right - left) < k * k
+                cut = F.conv2d(x, kernel[..., top:bottom, left:right], None, stride,
+                               (padding - top, padding - left))
+                assert cut.shape == full.shape and rel_err(cut, full) <= 1e-12, (h, w, padding)
+    assert OK.used_taps(1, 1, 3, 1, 1) == (1, 2, 1, 2) and OK.used_taps(2, 2, 3, 1, 1) is None
+    assert OK.used_taps(2, 2, 3, 2, 1) == (1, 3, 1, 3) and OK.used_taps(1, 8, 3, 1, 1) == (1, 2, 0, 3)
+
+
+@pytest.mark.parametrize("shape,stride", [((3, 16, 1, 1), 1), ((3, 16, 2, 2), 2), ((3, 16, 1, 5), 1)])
+def test_assembled_paths_on_maps_smaller_than_the_kernel_reach_equal_the_separate_branches(shape, stride):
+    """On a 1x1 map (and a 2x2 one at stride 2, a 1-row one) the kernel and split paths apply only the used taps:
+    outputs and gradients (input, every parameter) equal the branches run separately; the MACs counted are the
+    taps'; the deployed conv keeps the whole kxk kernel."""
+    c = shape[1]
+    block = OnlineBlock(c, c, 3, stride, 1, bias=True, dtype=torch.float64)
+    randomize(block, seed=70 + stride)
+    gen = torch.Generator().manual_seed(71)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    window = block.used_taps(x)
+    assert window is not None
+    taps = (window[1] - window[0]) * (window[3] - window[2])
+    for path in (KERNEL_PATH, SPLIT_PATH):
+        block.forward_path = path
+        twin = copy.deepcopy(block)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out, ref = block(x1), reference(twin, x2)
+        assert rel_err(out.detach(), ref.detach()) <= 1e-12, path
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        out.backward(grad)
+        ref.backward(grad)
+        assert rel_err(x1.grad, x2.grad) <= 1e-12, path
+        for (name, p), (_, q) in zip(block.named_parameters(), twin.named_parameters()):
+            assert rel_err(p.grad, q.grad) <= 1e-10, (path, name)
+        block.zero_grad(set_to_none=True)
+    block.forward_path = KERNEL_PATH
+    pixels = out.shape[0] * out.shape[2] * out.shape[3]
+    assert block.activation_macs(x) == pixels * c * c * taps < pixels * c * c * 9
+    assert block.to_conv().weight.shape[-2:] == (3, 3)
+    with torch.no_grad():
+        assert rel_err(block.to_conv()(x), reference(block, x)) <= 1e-12
+
+
+def test_a_wide_conv_on_a_1x1_map_takes_the_split_path_with_only_its_centre_taps():
+    """512 channels on a 1x1 map, batch 32 (ResNet-18's last stage on 32x32 images): every tap but the centre reads
+    padding, so the 1x1->kxk merge of the centre alone still costs more than running that branch on the
+    activations; the split path's estimate is now below the branches path's."""
+    block = OnlineBlock(512, 512, 3, 1, 1)
+    costs = block.path_costs(torch.zeros(32, 512, 1, 1))
+    assert costs[SPLIT_PATH] < costs[KERNEL_PATH] < costs[BRANCHES_PATH]

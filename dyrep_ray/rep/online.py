@@ -16,7 +16,9 @@ independent) is extra.  Where that assembly would cost more than the convs thems
 tiny activations: the 1x1->kxk merge alone is out*mid*in*k^2 MACs), ``forward`` runs the 1x1->kxk branch on
 the activations next to one conv with the other branches' kernel (``split``), or every branch on the
 activations -- the same function, the path chosen by a MAC estimate once per input shape and recorded
-(:meth:`OnlineBlock.path_for`; :attr:`OnlineBlock.forward_path` forces one).  Without BatchNorms the block
+(:meth:`OnlineBlock.path_for`; :attr:`OnlineBlock.forward_path` forces one).  On a map smaller than the
+kernel's reach (a 3x3 conv on a 1x1 map) the assembled paths merge and apply only the taps that read input
+(:meth:`OnlineBlock.used_taps`): the others only ever multiply zero padding.  Without BatchNorms the block
 computes the same function in train and eval mode; deploy is the assembled kernel (:meth:`OnlineBlock.to_conv`).
 
 On the assembled path the branch convs are never called as modules (their weights are read directly), so
@@ -25,7 +27,9 @@ hooks on them do not fire; hooks on the block itself do.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import ClassVar, Protocol, cast
 
 import torch
@@ -49,9 +53,14 @@ class OnlineBranch(Protocol):
 
     scale: nn.Parameter
 
-    def contribution(self) -> Tensor: ...
+    def contribution(self, crop: Crop | None = None) -> Tensor: ...
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor: ...
+
+
+#: Cuts a branch's kernel (natural size, centred in the block's kxk) to the taps a forward uses
+#: (:func:`~dyrep_ray.rep.online_kernels.crop_centred` bound to the block's window).
+Crop = Callable[[Tensor], Tensor]
 
 
 def _conv_kernel(conv: nn.Module) -> Tensor:
@@ -71,9 +80,10 @@ class ScaledConv(nn.Module):
         self.conv = conv
         self.scale = _scale_param(out_channels, 1.0, like)
 
-    def contribution(self) -> Tensor:
-        """This branch's scaled kernel at its natural size (centred in the block's kxk window)."""
-        return OK.scale_kernel(_conv_kernel(self.conv), self.scale)
+    def contribution(self, crop: Crop | None = None) -> Tensor:
+        """This branch's scaled kernel at its natural size (centred in the block's kxk window), or ``crop`` of it."""
+        kernel = _conv_kernel(self.conv)  # cut before scaling: no full-size temporary for a view to keep alive
+        return OK.scale_kernel(kernel if crop is None else crop(kernel), self.scale)
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         """This branch's (unscaled) output on ``x``; the block's ``padding`` for its ``window`` x ``window``
@@ -95,15 +105,18 @@ class ScaledOneByOneKxk(nn.Module):
         self.conv1, self.conv2 = conv1, conv2
         self.scale = _scale_param(out_channels, 1.0, like)
 
-    def contribution(self) -> Tensor:
-        # Scale the kxk factor first: one kernel-sized temporary in all.
-        return OK.merge_1x1_kxk_kernel(self.conv1.weight, OK.scale_kernel(_conv_kernel(self.conv2), self.scale),
-                                       self.groups)
+    def contribution(self, crop: Crop | None = None) -> Tensor:
+        # Cut and scale the kxk factor first: one kernel-sized temporary in all, and a merge of only the taps used.
+        kxk = _conv_kernel(self.conv2)
+        return OK.merge_1x1_kxk_kernel(self.conv1.weight, OK.scale_kernel(kxk if crop is None else crop(kxk),
+                                                                          self.scale), self.groups)
 
-    def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
+    def on_activations(self, x: Tensor, stride: int, padding: int | tuple[int, int], groups: int, window: int,
+                       crop: Crop | None = None) -> Tensor:
         # Bias-free 1x1: zero padding its output is exact (a nested conv2 is bias-free too: its conv had none).
-        return F.conv2d(F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), _conv_kernel(self.conv2), None,
-                        stride, padding, 1, groups)
+        kxk = _conv_kernel(self.conv2)
+        return F.conv2d(F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), kxk if crop is None else crop(kxk),
+                        None, stride, padding, 1, groups)
 
 
 class ScaledOneByOneAvg(nn.Module):
@@ -115,8 +128,9 @@ class ScaledOneByOneAvg(nn.Module):
         self.conv1 = conv1
         self.scale = _scale_param(out_channels, 1.0, like)
 
-    def contribution(self) -> Tensor:
-        return OK.avg_branch_kernel(OK.scale_kernel(self.conv1.weight, self.scale), self.kernel_size)
+    def contribution(self, crop: Crop | None = None) -> Tensor:
+        kernel = OK.avg_branch_kernel(OK.scale_kernel(self.conv1.weight, self.scale), self.kernel_size)
+        return kernel if crop is None else crop(kernel)
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         y, k = F.conv2d(x, self.conv1.weight, None, 1, 0, 1, groups), self.kernel_size
@@ -136,8 +150,8 @@ class ScaledIdentity(nn.Module):
         # Not in the state_dict: a constant of the geometry, rebuilt by the constructor.
         self.register_buffer("eye", OK.identity_matrix(channels, groups, like), persistent=False)
 
-    def contribution(self) -> Tensor:
-        return OK.scale_kernel(self.eye, self.scale)
+    def contribution(self, crop: Crop | None = None) -> Tensor:
+        return OK.scale_kernel(self.eye if crop is None else crop(self.eye), self.scale)
 
     def on_activations(self, x: Tensor, stride: int, padding: int, groups: int, window: int) -> Tensor:
         return x
@@ -224,11 +238,18 @@ class OnlineBlock(RepBlock):
             self.branches[name] = branch
 
     # ------------------------------------------------------------------ forward
-    def assembled_kernel(self, skip: str | None = None) -> Tensor:
+    def assembled_kernel(self, skip: str | None = None, taps: OK.TapWindow | None = None) -> Tensor:
         """Σ branches' kernel contributions (differentiable): the one kernel :meth:`forward` applies
-        (without branch ``skip``'s: the split path runs that branch on the activations)."""
+        (without branch ``skip``'s: the split path runs that branch on the activations); only the ``taps`` window
+        of it if given (:meth:`used_taps`), each branch cut to it before any merge."""
         if self.fused_conv is not None:  # folded in place by reparameterize()
-            return self.fused_conv.weight
+            weight = self.fused_conv.weight
+            return weight if taps is None else weight[..., taps[0]:taps[1], taps[2]:taps[3]]
+        if taps is not None:
+            crop = self._crop(taps)
+            parts = [cast(OnlineBranch, branch).contribution(crop) for name, branch in self.branches.items()
+                     if name != skip]
+            return functools.reduce(torch.add, parts)
         acc = cast(OnlineBranch, self.branches[KXK]).contribution()  # a fresh product: safe to add into
         smaller: dict[tuple[int, ...], Tensor] = {}  # 1x1 / 1xk / kx1 contributions, summed per shape
         for name, branch in self.branches.items():
@@ -249,13 +270,26 @@ class OnlineBlock(RepBlock):
         path = self.path_for(x)
         if path == BRANCHES_PATH:
             return self._forward_on_activations(x)
+        # The assembled paths run only the taps that read input on this map (all of them but on maps smaller than
+        # the kernel's reach): the same output, without the work the other taps spend on zero padding.
+        taps = self.used_taps(x)
+        padding = self.padding if taps is None else (self.padding - taps[0], self.padding - taps[2])
         if path == SPLIT_PATH:
-            split = cast(OnlineBranch, self.branches[SPLIT_BRANCH])
-            out = F.conv2d(x, self.assembled_kernel(skip=SPLIT_BRANCH), self.bias, self.stride, self.padding, 1,
-                           self.groups)
-            y = split.on_activations(x, self.stride, self.padding, self.groups, self.kernel_size)
+            split = cast(ScaledOneByOneKxk, self.branches[SPLIT_BRANCH])
+            out = F.conv2d(x, self.assembled_kernel(skip=SPLIT_BRANCH, taps=taps), self.bias, self.stride, padding,
+                           1, self.groups)
+            y = split.on_activations(x, self.stride, padding, self.groups, self.kernel_size,
+                                     None if taps is None else self._crop(taps))
             return torch.addcmul(out, y, split.scale.reshape(1, -1, 1, 1))
-        return F.conv2d(x, self.assembled_kernel(), self.bias, self.stride, self.padding, 1, self.groups)
+        return F.conv2d(x, self.assembled_kernel(taps=taps), self.bias, self.stride, padding, 1, self.groups)
+
+    def used_taps(self, x: Tensor) -> OK.TapWindow | None:
+        """The window of kernel taps that read input (not only padding) on ``x``'s map, if some never do
+        (:func:`~dyrep_ray.rep.online_kernels.used_taps`: a 3x3 conv on a 1x1 map uses only its centre)."""
+        return OK.used_taps(int(x.shape[-2]), int(x.shape[-1]), self.kernel_size, self.stride, self.padding)
+
+    def _crop(self, taps: OK.TapWindow) -> Crop:
+        return partial(OK.crop_to_taps, k=self.kernel_size, window=taps)
 
     def _forward_on_activations(self, x: Tensor) -> Tensor:
         """The same function, every branch run on ``x`` and its output scaled (no BN: zero padding exact)."""
@@ -302,20 +336,22 @@ class OnlineBlock(RepBlock):
         pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
         cin, cout = self.in_channels // g, self.out_channels
         path = self.path_for(x)
+        window = None if path == BRANCHES_PATH else self.used_taps(x)
+        taps = k * k if window is None else (window[1] - window[0]) * (window[3] - window[2])
         if path == KERNEL_PATH:
-            return pixels_out * cout * cin * k * k
+            return pixels_out * cout * cin * taps
         total = 0
         for name, branch in self.branches.items():
             if path == SPLIT_PATH and name not in (KXK, SPLIT_BRANCH):
                 continue  # assembled into the kxk conv's kernel
             if isinstance(branch, ScaledOneByOneKxk):
                 mid = int(branch.conv1.out_channels)
-                total += n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k
+                total += n * h * w * mid * cin + pixels_out * cout * (mid // g) * taps
             elif isinstance(branch, ScaledOneByOneAvg):
                 total += n * h * w * cout * cin
             elif isinstance(branch, ScaledConv) and isinstance(branch.conv, nn.Conv2d):  # kxk, 1x1, 1xk, kx1
                 kh, kw = branch.conv.kernel_size
-                total += pixels_out * cout * cin * kh * kw
+                total += pixels_out * cout * cin * (taps if name == KXK else kh * kw)
         return total
 
     def _cheaper_on_activations(self, x: Tensor) -> bool:

@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .online_kernels import used_taps
+
 # In multiply-accumulates:
 # one element of an elementwise pass costs about as much as this many conv MACs (memory-bound vs compute-bound)
 ELEMENTWISE_MACS = 8
@@ -35,19 +37,23 @@ def path_costs(block: Any, x: Tensor) -> dict[str, int]:
     n, _, h, w = x.shape
     pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
     cin, cout = block.in_channels // g, block.out_channels
-    kernel_numel, out_numel = cout * cin * k * k, pixels_out * cout
+    # the assembled paths use only the taps that read input (all k*k but on maps smaller than the kernel's reach)
+    window = used_taps(int(h), int(w), k, s, p)
+    taps = k * k if window is None else (window[1] - window[0]) * (window[3] - window[2])
+    kernel_numel, out_numel = cout * cin * taps, pixels_out * cout
     nb = len(block.branches)
     small_map = 1.0 + SMALL_MAP_PIXELS * n / max(pixels_out, 1)  # conv cost per MAC on this output map
-    kxk_conv = pixels_out * cout * cin * k * k * small_map
+    kxk_conv = pixels_out * cout * cin * taps * small_map
     assembled = kxk_conv + ELEMENTWISE_MACS * KERNEL_PASSES_PER_BRANCH * nb * kernel_numel
-    on_activations = kxk_conv + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * nb * out_numel
+    on_activations = (pixels_out * cout * cin * k * k * small_map
+                      + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * nb * out_numel)
     split_conv = 0.0  # the 1x1->kxk branch's convs on the activations
     for name, branch in block.branches.items():
         if name == "1x1_kxk":
             mid = branch.conv1.out_channels
-            assembled += cout * mid * cin * k * k // g
-            split_conv = (n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k) * small_map
-            on_activations += split_conv
+            assembled += cout * mid * cin * taps // g
+            split_conv = (n * h * w * mid * cin + pixels_out * cout * (mid // g) * taps) * small_map
+            on_activations += (n * h * w * mid * cin + pixels_out * cout * (mid // g) * k * k) * small_map
         elif name == "1x1_avg":
             on_activations += n * h * w * cout * cin * small_map + out_numel * k * k
         elif name in ("1x1", "1xk", "kx1"):

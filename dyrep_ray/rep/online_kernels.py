@@ -1,4 +1,5 @@
-"""Pure kernel maths of the online (OREPA-style) block: every function takes and returns tensors.
+"""Pure kernel maths of the online (OREPA-style) block: functions of tensors (and, for :func:`used_taps`, of
+shapes) without side effects.
 
 Kernels use the ``nn.Conv2d`` layout ``(out_channels, in_channels // groups, kh, kw)``; a per-channel
 ``scale`` has shape ``(out_channels,)``.  All functions are differentiable (the block's kernel is
@@ -7,7 +8,10 @@ assembled from them on every training step), and none allocates more than one ke
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -45,3 +49,51 @@ def identity_matrix(channels: int, groups: int, like: Tensor) -> Tensor:
     idx = torch.arange(channels, device=like.device)
     eye[idx, idx % per_group] = 1.0
     return eye
+
+
+#: Rows ``[top, bottom)`` and columns ``[left, right)`` of a kxk kernel: the taps a conv uses on an input shape.
+TapWindow = tuple[int, int, int, int]
+
+
+def _live_taps(size: int, k: int, stride: int, padding: int) -> tuple[int, int]:
+    """``[first, last + 1)`` of the taps along one axis that read an input pixel (not padding) for some output."""
+    outputs = (size + 2 * padding - k) // stride + 1
+    live = [i for i in range(k) if any(0 <= o * stride + i - padding < size for o in range(outputs))]
+    return (live[0], live[-1] + 1) if live else (0, k)
+
+
+@functools.lru_cache(maxsize=4096)
+def used_taps(height: int, width: int, k: int, stride: int, padding: int) -> TapWindow | None:
+    """The taps of a kxk conv (``stride``, symmetric ``padding``) that read input on a ``height`` x ``width`` map,
+    when some never do (a 3x3 conv, padding 1, on a 1x1 map reads only its centre tap), else None.
+
+    A conv with only those taps and padding ``padding - top`` / ``padding - left`` computes the same output, pixel
+    for pixel: each output reads the same input positions through the same taps; the dropped taps only ever
+    multiply zero padding.  None too where that symmetric padding would not give the same output size.
+    """
+    top, bottom = _live_taps(height, k, stride, padding)
+    left, right = _live_taps(width, k, stride, padding)
+    if (top, bottom, left, right) == (0, k, 0, k):
+        return None
+    pad_h, pad_w = padding - top, padding - left
+    if pad_h < 0 or pad_w < 0:
+        return None
+    for size, pad, taps in ((height, pad_h, bottom - top), (width, pad_w, right - left)):
+        if (size + 2 * pad - taps) // stride != (size + 2 * padding - k) // stride:
+            return None
+    return top, bottom, left, right
+
+
+def crop_to_taps(kernel: Tensor, k: int, window: TapWindow) -> Tensor:
+    """The ``window`` of the kxk kernel that ``kernel`` (kh x kw, centred in k x k) contributes to: its taps inside
+    the window, zeros elsewhere -- the same as cropping ``pad_kernel_to(kernel, k)``, without building it."""
+    top, bottom, left, right = window
+    kh, kw = kernel.shape[-2:]
+    off_h, off_w = (k - kh) // 2, (k - kw) // 2
+    r0, r1 = max(top, off_h), min(bottom, off_h + kh)
+    c0, c1 = max(left, off_w), min(right, off_w + kw)
+    if r0 >= r1 or c0 >= c1:  # every tap of this kernel is outside the window
+        return kernel.new_zeros(*kernel.shape[:2], bottom - top, right - left)
+    part = kernel[..., r0 - off_h:r1 - off_h, c0 - off_w:c1 - off_w]
+    pad = [c0 - left, right - c1, r0 - top, bottom - r1]
+    return F.pad(part, pad) if any(pad) else part
