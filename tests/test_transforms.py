@@ -175,6 +175,30 @@ def test_avg_pool_kernel_equals_avg_pool2d(k, stride, padding, groups, dtype):
     assert rel_err(got, expected) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("groups", [1, 2, "dw"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_merge_1x1_avg_closed_form_equals_the_general_merge_and_the_ops(k, groups):
+    """The 1x1_avg branch's closed form: the same kernel and bias as merge_1x1_kxk with the BN-fused avg-pool
+    kernel, and as the ops themselves (1x1 conv, padding with its bias, avg-pool, BN) away from the border."""
+    gen = torch.Generator().manual_seed(30 + k)
+    c_in, c = 4, 6
+    g = c if groups == "dw" else groups
+    c_in = c if groups == "dw" else c_in * g
+    k1 = torch.randn(c, c_in // g, 1, 1, generator=gen, dtype=torch.float64)
+    b1 = torch.randn(c, generator=gen, dtype=torch.float64)
+    mean, var = torch.randn(c, generator=gen, dtype=torch.float64), torch.rand(c, generator=gen, dtype=torch.float64)
+    gamma, beta = torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64)
+    scale2, shift2 = T.bn_scale_shift(mean, var + 0.5, gamma, beta, 1e-5)
+    kernel, bias = T.merge_1x1_avg(k1, b1, k, scale2, shift2)
+    k2, b2 = T.fuse_conv_bn(T.avg_pool_kernel(c, k, g, like=k1), None, mean, var + 0.5, gamma, beta, 1e-5)
+    general_kernel, general_bias = T.merge_1x1_kxk(k1, b1, k2, b2, g)
+    assert kernel.shape == general_kernel.shape == (c, c_in // g, k, k)
+    assert rel_err(kernel, general_kernel) <= 1e-14 and rel_err(bias, general_bias) <= 1e-14
+    x = torch.randn(2, c_in, 9, 8, generator=gen, dtype=torch.float64)
+    ops = F.avg_pool2d(F.conv2d(x, k1, b1, groups=g), k, 1) * scale2.reshape(1, -1, 1, 1) + shift2.reshape(1, -1, 1, 1)
+    assert rel_err(F.conv2d(x, kernel, bias, groups=g), ops) <= 1e-12
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("groups", [1, 2, "dw"])
 @pytest.mark.parametrize("k", [1, 3, 5, 7])

@@ -117,11 +117,9 @@ class OneByOneAvg(nn.Module):
         b1n, b2n = self.bn1.bn, self.bn
         k1, b1 = T.fuse_conv_bn(self.conv1.weight, None, cast(Tensor, b1n.running_mean),
                                 cast(Tensor, b1n.running_var), b1n.weight, b1n.bias, b1n.eps)
-        out_ch = k1.shape[0]
-        avg = T.avg_pool_kernel(out_ch, kernel_size, self.groups, like=k1)
-        k2, b2 = T.fuse_conv_bn(avg, None, cast(Tensor, b2n.running_mean), cast(Tensor, b2n.running_var),
-                                b2n.weight, b2n.bias, b2n.eps)
-        return T.merge_1x1_kxk(k1, b1, k2, b2, self.groups)
+        scale2, shift2 = T.bn_scale_shift(cast(Tensor, b2n.running_mean), cast(Tensor, b2n.running_var),
+                                          b2n.weight, b2n.bias, b2n.eps)
+        return T.merge_1x1_avg(k1, b1, kernel_size, scale2, shift2)
 
 
 class AvgBN(nn.Module):

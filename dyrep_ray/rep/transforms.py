@@ -73,6 +73,17 @@ def merge_1x1_kxk(
     return merged, bias
 
 
+def merge_1x1_avg(k1: Tensor, b1: Tensor, kernel_size: int, scale2: Tensor, shift2: Tensor) -> tuple[Tensor, Tensor]:
+    """``BN(avg_pool_kxk(conv_1x1(k1, b1)))`` as one kxk conv, the BN given as ``scale2``/``shift2``
+    (:func:`bn_scale_shift`): what :func:`merge_1x1_kxk` gives with the BN-fused :func:`avg_pool_kernel`, in
+    closed form.  The pool is per channel, so output channel ``o`` is ``scale2[o] * k1[o] / k^2`` on every tap
+    (with any ``groups``), and the bias ``shift2 + scale2 * b1`` (the pool's taps sum to 1; the 1x1 output is
+    padded with its bias, as for :func:`merge_1x1_kxk`).  ``k1``: (out, in/g, 1, 1).  No out*out*in*k^2 merge."""
+    per_tap = k1 * (scale2 / (kernel_size * kernel_size)).reshape(-1, 1, 1, 1)
+    kernel = per_tap.expand(*k1.shape[:2], kernel_size, kernel_size).contiguous()
+    return kernel, shift2 + scale2 * b1
+
+
 def avg_pool_kernel(channels: int, kernel_size: int, groups: int, like: Tensor) -> Tensor:
     """Kernel of ``AvgPool2d(kernel_size)`` (count_include_pad) as a grouped conv on ``channels``."""
     per_group = channels // groups
