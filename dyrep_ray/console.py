@@ -175,6 +175,20 @@ def drop_exit_in_finalizers(lines: list[str]) -> list[str]:
     return kept
 
 
+def unfinished_finalizer_record(lines: list[str]) -> int | None:
+    """Where an "Exception ignored in ...__del__" record starts whose traceback runs to the end of ``lines`` with
+    no exception line yet (Ray forwarded the rest of it in a later batch), or None."""
+    i = 0
+    while i < len(lines):
+        if _FINALIZER_START.match(lines[i]):
+            end = _body_end(lines, i + 1)
+            if end == len(lines):
+                return i
+            i = end
+        i += 1
+    return None
+
+
 def is_harmless(text: str) -> bool:
     return any(p.search(text) for p in HARMLESS_PATTERNS)
 

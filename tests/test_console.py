@@ -329,6 +329,42 @@ EXIT_IN_FINALIZER = ["Exception ignored in: <function ActorHandle.__del__ at 0x7
                      "SystemExit: 1"]
 
 
+def test_a_finalizer_record_forwarded_in_two_batches_is_judged_whole(console_records, monkeypatch):
+    """Ray forwarded a SystemExit-in-finalizer record split after its first line: the start is held until the rest
+    comes, then dropped whole; a finalizer's real error split the same way is shown whole; a start whose rest never
+    comes is shown after the hold."""
+    import time
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from dyrep_ray.distributed import console as ray_console
+
+    monkeypatch.setattr(ray_console.HeldFinalizerRecords, "HOLD_S", 0.3)
+    printed: list[dict] = []
+    previous = dict(dispatcher.handlers).get(ray_console.RAY_PRINTER)
+    if previous is not None:
+        dispatcher.remove_handler(ray_console.RAY_PRINTER)
+    dispatcher.add_handler(ray_console.RAY_PRINTER, printed.append)
+    real_error = [*EXIT_IN_FINALIZER[:-1], "ValueError: the handle is broken"]
+    try:
+        ray_console.filter_forwarded_output(ray_console.SlowClusterNotice(after_s=3600))
+        dispatcher.emit({"actor_name": "Plain", "pid": 1, "lines": ["collected", EXIT_IN_FINALIZER[0]]})
+        dispatcher.emit({"actor_name": "Plain", "pid": 1, "lines": [*EXIT_IN_FINALIZER[1:], "after"]})
+        dispatcher.emit({"actor_name": "Broken", "pid": 2, "lines": real_error[:3]})
+        dispatcher.emit({"actor_name": "Broken", "pid": 2, "lines": real_error[3:]})
+        dispatcher.emit({"actor_name": "Cut", "pid": 3, "lines": EXIT_IN_FINALIZER[:2]})
+        assert [batch["lines"] for batch in printed] == [["collected"], ["after"], real_error]
+        deadline = time.monotonic() + 30
+        while len(printed) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        dispatcher.remove_handler(ray_console.RAY_PRINTER)
+        if previous is not None:
+            dispatcher.add_handler(ray_console.RAY_PRINTER, previous)
+    assert [batch["lines"] for batch in printed[3:]] == [EXIT_IN_FINALIZER[:2]]
+    assert printed[3]["actor_name"] == "Cut"
+
+
 def test_exit_in_a_finalizer_is_dropped_whole_and_nothing_else():
     assert drop_exit_in_finalizers(["before", *EXIT_IN_FINALIZER, "after"]) == ["before", "after"]
     # a finalizer's real error, and a traceback cut off before its SystemExit line, are shown

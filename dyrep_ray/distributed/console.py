@@ -33,6 +33,7 @@ from ..console import (
     is_routine,
     is_transient_batch,
     split_transient,
+    unfinished_finalizer_record,
 )
 from ..engine.callbacks import TrainerCallback
 from ..engine.progress import EPOCH_LINE, console, epoch_line
@@ -152,14 +153,19 @@ def filter_forwarded_output(notice: SlowClusterNotice | None = None) -> None:
         return
 
     continuations = TracebackContinuations()
+    held = HeldFinalizerRecords(lambda data: _print_kept(printer, data))
 
     def filtered(data: dict) -> None:
         name = str(data.get("actor_name") or data.get("task_name") or "")
         source = f"({name or 'ray'} pid={data.get('pid', '?')})"
         process = (name, data.get("pid"))
-        continued, lines = continuations.split(process, data.get("lines", []))
+        continued, lines = continuations.split(process, held.release(process) + list(data.get("lines", [])))
         if continued:
             notice.record(source, continued)
+        start = unfinished_finalizer_record(lines)
+        if start is not None:  # decided when the rest of its traceback arrives (or shown after HOLD_S)
+            held.hold(process, {**data, "lines": lines[start:]})
+            lines = lines[:start]
         if not lines:
             return
         if is_transient_batch(name, lines):
@@ -171,13 +177,52 @@ def filter_forwarded_output(notice: SlowClusterNotice | None = None) -> None:
         if transient:
             notice.record(source, transient)
         continuations.ended(process, bool(transient) and lines[-1:] == transient[-1:])
-        kept = [line for line in kept if not (is_harmless(line) or is_routine(line))]
-        if kept:
-            printer({**data, "lines": kept})
+        _print_kept(printer, {**data, "lines": kept})
 
     dispatcher.remove_handler(RAY_PRINTER)
     dispatcher.add_handler(RAY_PRINTER, filtered)
     _filter_raylet_messages()
+
+
+def _print_kept(printer: Callable[[dict], None], data: dict) -> None:
+    kept = [line for line in data.get("lines", []) if not (is_harmless(line) or is_routine(line))]
+    if kept:
+        printer({**data, "lines": kept})
+
+
+class HeldFinalizerRecords:
+    """The start of a process's "Exception ignored in ...__del__" record whose traceback a later batch completes:
+    held back until that batch comes (then filtered whole: a ``SystemExit`` one is dropped, any other error
+    shown), or shown as it is after ``hold_s`` seconds if none does."""
+
+    HOLD_S = 5.0
+
+    def __init__(self, show: Callable[[dict], None], hold_s: float | None = None):
+        self.show, self.hold_s = show, self.HOLD_S if hold_s is None else hold_s
+        self._lock = threading.Lock()
+        self._held: dict[object, tuple[dict, threading.Timer]] = {}
+
+    def hold(self, process: object, data: dict) -> None:
+        timer = threading.Timer(self.hold_s, self._expire, args=(process,))
+        timer.daemon = True
+        with self._lock:
+            self._held[process] = (data, timer)
+        timer.start()
+
+    def release(self, process: object) -> list[str]:
+        """The lines held for ``process`` (to go in front of its next batch), or none."""
+        with self._lock:
+            entry = self._held.pop(process, None)
+        if entry is None:
+            return []
+        entry[1].cancel()
+        return list(entry[0]["lines"])
+
+    def _expire(self, process: object) -> None:
+        with self._lock:
+            entry = self._held.pop(process, None)
+        if entry is not None:
+            self.show(entry[0])
 
 
 def _filter_raylet_messages() -> None:

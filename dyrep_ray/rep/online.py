@@ -40,7 +40,7 @@ from . import online_kernels as OK
 from . import transforms as T
 from .block_base import RepBlock, plain_conv_like, take_conv
 from .geometry import BRANCH_NAMES, DEFAULT_INIT_GAMMA, KXK, ORIG_BIAS_ATTR, mid_channels_1x1_kxk
-from .online_cost import AUTO_PATH, BRANCHES_PATH, KERNEL_PATH, SPLIT_BRANCH, SPLIT_PATH, path_costs
+from .online_cost import AUTO_PATH, BRANCHES_PATH, KERNEL_PATH, SPLIT_BRANCH, SPLIT_PATH, activation_macs, path_costs
 
 BLOCK_TYPE = "online"
 GRAPH_ENTRY_TYPE = "online"  # structure-graph entry type
@@ -59,7 +59,7 @@ class OnlineBranch(Protocol):
 
 
 #: Cuts a branch's kernel (natural size, centred in the block's kxk) to the taps a forward uses
-#: (:func:`~dyrep_ray.rep.online_kernels.crop_centred` bound to the block's window).
+#: (:func:`~dyrep_ray.rep.online_kernels.crop_to_taps` bound to the block's window).
 Crop = Callable[[Tensor], Tensor]
 
 
@@ -324,35 +324,10 @@ class OnlineBlock(RepBlock):
         return tuple(type(m).__name__ for m in self.branches.modules() if isinstance(m, OnlineBlock))
 
     def activation_macs(self, x: Tensor) -> int:
-        """Multiply-accumulates of the convs :meth:`forward` runs on ``x`` (the usual per-forward count).
-
-        On the kernel path one kxk conv (the kernel assembly is weight-only, batch-independent work, and
-        absent after deploy: not counted); on the branches path every branch's convs, except a nested block
-        in the kxk slot, which is called as a module and counts itself.  Average pooling and the identity
-        are not MACs (as for the bn block).
-        """
-        g, k, s, p = self.groups, self.kernel_size, self.stride, self.padding
-        n, _, h, w = x.shape
-        pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
-        cin, cout = self.in_channels // g, self.out_channels
+        """Multiply-accumulates of the convs :meth:`forward` runs on ``x`` (the usual per-forward count):
+        :func:`~dyrep_ray.rep.online_cost.activation_macs` on the path it takes."""
         path = self.path_for(x)
-        window = None if path == BRANCHES_PATH else self.used_taps(x)
-        taps = k * k if window is None else (window[1] - window[0]) * (window[3] - window[2])
-        if path == KERNEL_PATH:
-            return pixels_out * cout * cin * taps
-        total = 0
-        for name, branch in self.branches.items():
-            if path == SPLIT_PATH and name not in (KXK, SPLIT_BRANCH):
-                continue  # assembled into the kxk conv's kernel
-            if isinstance(branch, ScaledOneByOneKxk):
-                mid = int(branch.conv1.out_channels)
-                total += n * h * w * mid * cin + pixels_out * cout * (mid // g) * taps
-            elif isinstance(branch, ScaledOneByOneAvg):
-                total += n * h * w * cout * cin
-            elif isinstance(branch, ScaledConv) and isinstance(branch.conv, nn.Conv2d):  # kxk, 1x1, 1xk, kx1
-                kh, kw = branch.conv.kernel_size
-                total += pixels_out * cout * cin * (taps if name == KXK else kh * kw)
-        return total
+        return activation_macs(self, x, path, None if path == BRANCHES_PATH else self.used_taps(x))
 
     def _cheaper_on_activations(self, x: Tensor) -> bool:
         """True if running every branch on ``x`` is estimated cheaper than the assembled kernel."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from .online_kernels import used_taps
+from .online_kernels import TapWindow, used_taps
 
 # In multiply-accumulates:
 # one element of an elementwise pass costs about as much as this many conv MACs (memory-bound vs compute-bound)
@@ -63,3 +63,34 @@ def path_costs(block: Any, x: Tensor) -> dict[str, int]:
         costs[SPLIT_PATH] = (kxk_conv + ELEMENTWISE_MACS * KERNEL_PASSES_PER_BRANCH * (nb - 1) * kernel_numel
                              + split_conv + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * out_numel)
     return {path: int(cost) for path, cost in costs.items()}
+
+
+def activation_macs(block: Any, x: Tensor, path: str, window: TapWindow | None) -> int:
+    """Multiply-accumulates of the convs the online block ``block`` runs on ``x`` on ``path``, with the kernel taps
+    of ``window`` (:func:`~dyrep_ray.rep.online_kernels.used_taps`) on the assembled paths.
+
+    On the kernel path one kxk conv (the kernel assembly is weight-only, batch-independent work, and absent after
+    deploy: not counted); on the branches path every branch's convs, except a nested block in the kxk slot, which
+    is called as a module and counts itself; on the split path the assembled conv and the 1x1->kxk branch's.
+    Average pooling and the identity are not MACs (as for the bn block).
+    """
+    g, k, s, p = block.groups, block.kernel_size, block.stride, block.padding
+    n, _, h, w = x.shape
+    pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+    cin, cout = block.in_channels // g, block.out_channels
+    taps = k * k if window is None else (window[1] - window[0]) * (window[3] - window[2])
+    if path == KERNEL_PATH:
+        return pixels_out * cout * cin * taps
+    total = 0
+    for name, branch in block.branches.items():
+        if path == SPLIT_PATH and name not in ("kxk", SPLIT_BRANCH):
+            continue  # assembled into the kxk conv's kernel
+        if name == "1x1_kxk":
+            mid = int(branch.conv1.out_channels)
+            total += n * h * w * mid * cin + pixels_out * cout * (mid // g) * taps
+        elif name == "1x1_avg":
+            total += n * h * w * cout * cin
+        elif name in ("kxk", "1x1", "1xk", "kx1") and isinstance(branch.conv, nn.Conv2d):  # not a nested block
+            kh, kw = branch.conv.kernel_size
+            total += pixels_out * cout * cin * (taps if name == "kxk" else kh * kw)
+    return total
