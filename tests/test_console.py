@@ -6,6 +6,7 @@ known harmless warnings.  ``--verbose``: Ray's lines are back.  Everything lands
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import subprocess
@@ -233,8 +234,11 @@ def test_slow_cluster_notice_logs_every_line_and_warns_once_only_when_it_persist
     assert len(warnings) == 1 and "slow to answer" in warnings[0] and "3 time(s) in 61 s" in warnings[0]
 
 
-def test_forwarded_output_filter_on_rays_dispatcher(console_records):
-    """Ray's own dispatcher of forwarded worker output, with the driver's filter installed over its printer."""
+@contextlib.contextmanager
+def filter_on_rays_dispatcher(notice):
+    """Ray's own dispatcher of forwarded worker output, with the driver's filter (reporting to ``notice``) installed
+    over a printer that records the batches it is given: yields ``(dispatcher, printed)``; Ray's printer is put
+    back afterwards."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     from dyrep_ray.distributed import console as ray_console
@@ -244,19 +248,27 @@ def test_forwarded_output_filter_on_rays_dispatcher(console_records):
     if previous is not None:
         dispatcher.remove_handler(ray_console.RAY_PRINTER)
     dispatcher.add_handler(ray_console.RAY_PRINTER, printed.append)
-    notice = ray_console.SlowClusterNotice(after_s=0)
     try:
         ray_console.filter_forwarded_output(notice)
+        yield dispatcher, printed
+    finally:
+        dispatcher.remove_handler(ray_console.RAY_PRINTER)
+        if previous is not None:
+            dispatcher.add_handler(ray_console.RAY_PRINTER, previous)
+
+
+def test_forwarded_output_filter_on_rays_dispatcher(console_records):
+    """Ray's own dispatcher of forwarded worker output, with the driver's filter installed over its printer."""
+    from dyrep_ray.distributed import console as ray_console
+
+    notice = ray_console.SlowClusterNotice(after_s=0)
+    with filter_on_rays_dispatcher(notice) as (dispatcher, printed):
         warning = ray_formatted_warning_with_traceback("Failed to send resource request for train-abc.")
         dispatcher.emit({"actor_name": "TrainController", "pid": 7, "lines": [*warning, "a real line"]})
         dispatcher.emit({"actor_name": "PlacementGroupCleaner", "pid": 8,
                          "lines": ["Exception in thread PlacementGroupCleanerMonitor:", "Traceback (most recent "
                                    "call last):", "  File 'x.py'", "requests.exceptions.ReadTimeout: timed out"]})
         dispatcher.emit({"actor_name": "RayTrainWorker", "pid": 9, "lines": ["Reporting training result 1: {}"]})
-    finally:
-        dispatcher.remove_handler(ray_console.RAY_PRINTER)
-        if previous is not None:
-            dispatcher.add_handler(ray_console.RAY_PRINTER, previous)
     assert [batch["lines"] for batch in printed] == [["a real line"]]
     assert notice.records == 2
     assert len(console_records.messages(logging.WARNING)) == 1
@@ -285,20 +297,12 @@ CLEANER_THREAD_DIED = [
 def test_a_transient_traceback_forwarded_in_several_batches_stays_off_the_console(console_records):
     """The batches that continue a transient record's traceback are transient too; the same process's next message,
     and another process's lines, are not."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
     from dyrep_ray.distributed import console as ray_console
 
-    printed: list[dict] = []
-    previous = dict(dispatcher.handlers).get(ray_console.RAY_PRINTER)
-    if previous is not None:
-        dispatcher.remove_handler(ray_console.RAY_PRINTER)
-    dispatcher.add_handler(ray_console.RAY_PRINTER, printed.append)
     notice = ray_console.SlowClusterNotice(after_s=3600)
     cleaner, controller = {"actor_name": "PlacementGroupCleaner", "pid": 8}, {"actor_name": "TrainController", "pid": 7}
     warning = ray_formatted_warning_with_traceback("Failed to send resource request for train-abc.")
-    try:
-        ray_console.filter_forwarded_output(notice)
+    with filter_on_rays_dispatcher(notice) as (dispatcher, printed):
         for batch in CLEANER_THREAD_DIED:
             dispatcher.emit({**cleaner, "lines": batch})
         dispatcher.emit({**cleaner, "lines": ["Detected that the Ray Train controller actor is dead."]})
@@ -306,10 +310,6 @@ def test_a_transient_traceback_forwarded_in_several_batches_stays_off_the_consol
         dispatcher.emit({**controller, "lines": warning[:3]})
         dispatcher.emit({**controller, "lines": [*warning[3:], "a real line"]})
         dispatcher.emit({"actor_name": "RayTrainWorker", "pid": 9, "lines": CLEANER_THREAD_DIED[1]})
-    finally:
-        dispatcher.remove_handler(ray_console.RAY_PRINTER)
-        if previous is not None:
-            dispatcher.add_handler(ray_console.RAY_PRINTER, previous)
     assert [batch["lines"] for batch in printed] == [
         ["Detected that the Ray Train controller actor is dead."],
         ["    an indented line after the cleaner's own message"],
@@ -335,19 +335,11 @@ def test_a_finalizer_record_forwarded_in_two_batches_is_judged_whole(console_rec
     comes is shown after the hold."""
     import time
 
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
     from dyrep_ray.distributed import console as ray_console
 
     monkeypatch.setattr(ray_console.HeldFinalizerRecords, "HOLD_S", 0.3)
-    printed: list[dict] = []
-    previous = dict(dispatcher.handlers).get(ray_console.RAY_PRINTER)
-    if previous is not None:
-        dispatcher.remove_handler(ray_console.RAY_PRINTER)
-    dispatcher.add_handler(ray_console.RAY_PRINTER, printed.append)
     real_error = [*EXIT_IN_FINALIZER[:-1], "ValueError: the handle is broken"]
-    try:
-        ray_console.filter_forwarded_output(ray_console.SlowClusterNotice(after_s=3600))
+    with filter_on_rays_dispatcher(ray_console.SlowClusterNotice(after_s=3600)) as (dispatcher, printed):
         dispatcher.emit({"actor_name": "Plain", "pid": 1, "lines": ["collected", EXIT_IN_FINALIZER[0]]})
         dispatcher.emit({"actor_name": "Plain", "pid": 1, "lines": [*EXIT_IN_FINALIZER[1:], "after"]})
         dispatcher.emit({"actor_name": "Broken", "pid": 2, "lines": real_error[:3]})
@@ -357,10 +349,6 @@ def test_a_finalizer_record_forwarded_in_two_batches_is_judged_whole(console_rec
         deadline = time.monotonic() + 30
         while len(printed) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        dispatcher.remove_handler(ray_console.RAY_PRINTER)
-        if previous is not None:
-            dispatcher.add_handler(ray_console.RAY_PRINTER, previous)
     assert [batch["lines"] for batch in printed[3:]] == [EXIT_IN_FINALIZER[:2]]
     assert printed[3]["actor_name"] == "Cut"
 

@@ -23,6 +23,11 @@ AUTO_PATH, KERNEL_PATH, BRANCHES_PATH, SPLIT_PATH = "auto", "kernel", "branches"
 SPLIT_BRANCH = "1x1_kxk"
 
 
+def tap_count(window: TapWindow | None, k: int) -> int:
+    """Taps a kxk conv computes with only ``window``'s taps (:func:`~dyrep_ray.rep.online_kernels.used_taps`)."""
+    return k * k if window is None else (window[1] - window[0]) * (window[3] - window[2])
+
+
 def path_costs(block: Any, x: Tensor) -> dict[str, int]:
     """Estimated multiply-accumulates of one training step of each forward path on ``x``'s shape.
 
@@ -38,8 +43,7 @@ def path_costs(block: Any, x: Tensor) -> dict[str, int]:
     pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
     cin, cout = block.in_channels // g, block.out_channels
     # the assembled paths use only the taps that read input (all k*k but on maps smaller than the kernel's reach)
-    window = used_taps(int(h), int(w), k, s, p)
-    taps = k * k if window is None else (window[1] - window[0]) * (window[3] - window[2])
+    taps = tap_count(used_taps(int(h), int(w), k, s, p), k)
     kernel_numel, out_numel = cout * cin * taps, pixels_out * cout
     nb = len(block.branches)
     small_map = 1.0 + SMALL_MAP_PIXELS * n / max(pixels_out, 1)  # conv cost per MAC on this output map
@@ -78,7 +82,7 @@ def activation_macs(block: Any, x: Tensor, path: str, window: TapWindow | None) 
     n, _, h, w = x.shape
     pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
     cin, cout = block.in_channels // g, block.out_channels
-    taps = k * k if window is None else (window[1] - window[0]) * (window[3] - window[2])
+    taps = tap_count(window, k)
     if path == KERNEL_PATH:
         return pixels_out * cout * cin * taps
     total = 0
