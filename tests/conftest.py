@@ -30,6 +30,8 @@ torch.set_num_threads(1)
 
 # Tune-over-Train on 2 cores deadlocks unless Ray sees more logical CPUs than it has.
 RAY_TEST_CPUS = 4
+#: The MLflow experiment of the ``ray_reference`` run.
+REFERENCE_MLFLOW_EXPERIMENT = "set-in-the-driver"
 TINY_RUN = [
     "synthetic_train_size=256", "synthetic_val_size=128", "batch_size=32", "dyrep_recal_bn_iters=2",
     "dyrep_adjust_interval=1", "epochs=3", "workers=2",
@@ -101,13 +103,25 @@ def ray_session(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_reference(ray_session, tmp_path_factory):
     """One uninterrupted 2-worker Ray run of :data:`TINY_RUN` (read-only): what every fault-and-resume test on the
-    shared Ray instance must end with. Returns ``(output dir, config, summary)``; the run is ``<output>/ref``."""
+    shared Ray instance must end with. Returns ``(output dir, config, summary)``; the run is ``<output>/ref``.
+
+    It also tracks to MLflow (an SQLite store, ``<output>/mlflow.db``) under the experiment
+    :data:`REFERENCE_MLFLOW_EXPERIMENT`, named in the driver's environment after Ray started, as a user attaching
+    to a running cluster would: tests/test_tracking.py reads what rank 0 logged. Tracking changes no weight."""
     from dyrep_ray.distributed.trainer import run_distributed
     from dyrep_ray.engine.config import load_config
 
     out = tmp_path_factory.mktemp("ray_reference")
-    cfg = load_config(None, TINY_RUN)
-    summary = run_distributed(cfg, out, "ref")
+    cfg = load_config(None, [*TINY_RUN, f"mlflow_tracking_uri=sqlite:///{out / 'mlflow.db'}"])
+    before = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = REFERENCE_MLFLOW_EXPERIMENT
+    try:
+        summary = run_distributed(cfg, out, "ref")
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = before
     return out, cfg, summary
 
 

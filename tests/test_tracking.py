@@ -2,7 +2,8 @@
 
 The main fixture is a real run whose Trainer calls the callbacks itself (``Trainer(callbacks=...)``); the failure
 and resume cases replay that run's recorded rows through the same hooks.  ``test_ray_run_tracks_from_rank_0_only``
-runs them the way ``dyrep-ray train`` does on Ray (built in each worker, rank 0 only).
+reads what the session's 2-worker Ray reference run tracked (built in each worker, rank 0 only), as
+``dyrep-ray train`` does on Ray.
 """
 
 from __future__ import annotations
@@ -410,21 +411,19 @@ def test_tracking_to_a_real_mlflow_server(tracked_run, mlflow_server, tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path, monkeypatch):
-    """``run_distributed`` with 2 workers: one event file, one MLflow run, both equal to metrics.jsonl; the MLflow
-    settings of the driver's environment (here the experiment name, set after Ray started, as a user attaching
-    to a running cluster would) are what rank 0's worker logs with."""
-    from dyrep_ray.distributed.trainer import run_distributed
-    from tests.conftest import TINY_RUN
+def test_ray_run_tracks_from_rank_0_only(ray_reference):
+    """``run_distributed`` with 2 workers (the session's ``ray_reference`` run, tests/conftest.py): one event
+    file, one MLflow run, both equal to metrics.jsonl; the MLflow settings of the driver's environment (there the
+    experiment name, set after Ray started, as a user attaching to a running cluster would) are what rank 0's
+    worker logs with."""
+    from tests.conftest import REFERENCE_MLFLOW_EXPERIMENT
 
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "set-in-the-driver")
-
-    store = f"sqlite:///{tmp_path / 'ray-mlflow.db'}"
-    cfg = load_config(None, [*TINY_RUN, "epochs=2", f"mlflow_tracking_uri={store}"])
-    summary = run_distributed(cfg, tmp_path, "tracked-ray")
-    run_dir = tmp_path / "tracked-ray"
+    out, cfg, summary = ray_reference
+    store = cfg.mlflow_tracking_uri
+    assert store and store.startswith("sqlite:///")
+    run_dir = out / "ref"
     rows = read_rows(run_dir)
-    assert summary["epochs"] == 2 and len(rows) == 2
+    assert summary["epochs"] == cfg.epochs == len(rows)
     event_files = list((run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     assert len(event_files) == 1, event_files  # rank 1 wrote none
     scalars, texts = read_tensorboard(run_dir / TENSORBOARD_DIR)
@@ -434,7 +433,7 @@ def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path, monkeypatch):
     assert grown and set(grown) <= set(texts["structure_events/text_summary"])
     info = json.loads((run_dir / TRACKING_FILE).read_text())["mlflow"]
     client = MlflowClient(tracking_uri=store)
-    assert client.get_experiment(info["experiment_id"]).name == "set-in-the-driver"
+    assert client.get_experiment(info["experiment_id"]).name == REFERENCE_MLFLOW_EXPERIMENT
     runs = client.search_runs([info["experiment_id"]])
     assert [r.info.run_id for r in runs] == [info["run_id"]]  # one run: rank 0's
     assert runs[0].info.status == "FINISHED"
@@ -442,7 +441,6 @@ def test_ray_run_tracks_from_rank_0_only(ray_session, tmp_path, monkeypatch):
         assert metric_history(client, info["run_id"], key) == {r["epoch"]: pytest.approx(r[key], rel=1e-6)
                                                               for r in rows}, key
     assert STRUCTURE_FILE in artifact_paths(client, info["run_id"])
-
 
 
 def test_driver_tracking_environment_carries_mlflow_settings_only_when_tracking(monkeypatch):

@@ -7,9 +7,11 @@ import json
 import pytest
 
 from dyrep_ray.distributed.trainer import run_distributed
+from dyrep_ray.engine.config import load_config
 from dyrep_ray.engine.faults import KillAt
 from dyrep_ray.engine.loop import model_digest
 from dyrep_ray.rundir.layout import STRUCTURE_FILE
+from tests.conftest import TINY_RUN
 from tests.helpers import RESUME_ATOL, final_model, max_abs_diff, run_metrics
 
 pytestmark = pytest.mark.ray
@@ -39,7 +41,8 @@ def test_two_workers_grow_and_replicas_identical(ray_reference):
 def test_worker_killed_mid_epoch_resumes_exactly(ray_reference, tmp_path):
     """A real SIGKILL of rank 1 in epoch 3 (after two growths): Ray restarts the workers from the
     epoch-2 checkpoint and the run ends with the same weights and structure as the uninterrupted one."""
-    out, cfg, _ = ray_reference
+    out, _, _ = ray_reference
+    cfg = load_config(None, TINY_RUN)  # the reference's config, without its MLflow store
     marker = tmp_path / "fault-fired"
     run_distributed(cfg, tmp_path, "killed", callbacks=[KillAt(epoch=2, rank=1, marker=str(marker))])
     assert marker.exists(), "the fault was not injected"
