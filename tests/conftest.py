@@ -126,6 +126,15 @@ def ray_reference(ray_session, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ray_worker_kills(ray_session, tmp_path_factory):
+    """A 2-worker Ray run whose rank 1 is SIGKILLed mid-epoch 2 and at the start of epoch 3 (read-only): see
+    :func:`tests.shared_runs.run_worker_kills`; the mid-epoch and the epoch-checkpoint resume tests assert on it."""
+    from tests.shared_runs import run_worker_kills
+
+    return run_worker_kills(tmp_path_factory.mktemp("worker_kills"))
+
+
+@pytest.fixture(scope="session")
 def errored_sweep(ray_session, tmp_path_factory):
     """A real sweep in which one trial raises, then its ``--resume`` (read-only): see
     :func:`tests.shared_runs.run_errored_sweep`; the Tune tests and the sweep-signing tests assert on it."""

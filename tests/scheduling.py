@@ -33,7 +33,8 @@ RAY_SHARED_TESTS = frozenset({
 RAY_SHARED_GROUP = "ray-shared"
 #: Fixtures of tests/conftest.py that run on the shared Ray instance (``ray_session`` and the session scenarios
 #: built on it): a test naming one of them is on that instance.
-RAY_SESSION_FIXTURES = ("ray_session", "ray_reference", "errored_sweep", "driver_killed_rerun")
+RAY_SESSION_FIXTURES = ("ray_session", "ray_reference", "ray_worker_kills", "errored_sweep",
+                        "driver_killed_rerun")
 #: Modules whose tests share a module-scoped cluster of their own (``ray start`` processes): one group each.
 OWN_CLUSTER_MODULES = frozenset({"tests/test_multinode.py"})
 OWN_CLUSTER_FIXTURE = "cluster"

@@ -58,6 +58,33 @@ def run_errored_sweep(root: Path) -> SimpleNamespace:
                            resumed_console=console.messages(), after_first=after_first)
 
 
+#: :data:`TINY_RUN` (4 steps per epoch) with a mid-epoch checkpoint after every 2nd step and room for two restarts.
+WORKER_KILLS_RUN = [*TINY_RUN, "checkpoint_every_steps=2", "max_failures=2"]
+
+
+def run_worker_kills(root: Path) -> SimpleNamespace:
+    """A 2-worker run of :data:`WORKER_KILLS_RUN` on the shared Ray instance (``root/killed``) whose rank 1 is
+    SIGKILLed twice; Ray restarts the workers each time.
+
+    1. After step 3 of epoch 2, past its mid-epoch checkpoint (global step 6): the restart resumes there.
+    2. After step 1 of epoch 3, before its mid-epoch checkpoint and right after epoch 2's checkpoint was
+       written (which Ray's controller may not have registered yet): the restart resumes from epoch 2's end
+       (global step 8).
+
+    Mid-epoch checkpoints change nothing in the training, so the run must end as :data:`TINY_RUN` uninterrupted.
+    Returns ``run_dir`` and the two faults' markers, ``mid_epoch_kill`` and ``epoch_start_kill`` (each written
+    when its fault fired)."""
+    from dyrep_ray.distributed.trainer import run_distributed
+    from dyrep_ray.engine.config import load_config
+    from dyrep_ray.engine.faults import KillAt
+
+    mid_epoch, epoch_start = root / "mid-epoch-kill-fired", root / "epoch-start-kill-fired"
+    run_distributed(load_config(None, WORKER_KILLS_RUN), root, "killed",
+                    callbacks=[KillAt(epoch=1, rank=1, marker=str(mid_epoch)),
+                               KillAt(epoch=2, rank=1, step=0, marker=str(epoch_start))])
+    return SimpleNamespace(run_dir=root / "killed", mid_epoch_kill=mid_epoch, epoch_start_kill=epoch_start)
+
+
 def run_driver_killed(root: Path, address: str) -> SimpleNamespace:
     """SIGKILL a 2-worker ``dyrep-ray train`` driver of :data:`TINY_RUN` on the Ray instance at ``address``
     mid-epoch 3, truncate the newest checkpoint, re-run the same command with ``--verbose``.

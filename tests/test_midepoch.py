@@ -110,3 +110,23 @@ def test_bad_cluster_settings_one_line_exit_2_nothing_written(tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dyrep-ray: error:") and needle in err[0], err
     assert not out.exists()
+
+
+def test_a_restarted_worker_takes_the_newest_complete_checkpoint_in_the_run_dir(tmp_path):
+    """What a restarted Ray worker resumes from (``RayTrainContext.resume_checkpoint``): Ray hands it the newest
+    checkpoint its controller registered, and a later complete one in the run directory wins -- also an epoch
+    checkpoint that rank 0 finished while its report was still on the way when a worker died.  A corrupt later
+    one is passed over (the registered one stands)."""
+    from dyrep_ray.engine.midepoch import newer_checkpoint
+    from dyrep_ray.rundir.storage import as_storage
+
+    run_dir = tmp_path / "run"
+    run_local(run_dir, [*LOCAL_TINY, "epochs=2", "keep_checkpoints=2"])
+    first, second = (load_checkpoint_dir(run_dir / f"checkpoint_epoch000{k}") for k in (1, 2))
+    storage = as_storage(run_dir)
+    newer = newer_checkpoint(storage, first)
+    assert newer is not None and newer.meta["epoch"] == 2 and newer.meta["global_step"] == second.meta["global_step"]
+    assert newer_checkpoint(storage, second) is None  # nothing is newer than the newest
+    state = run_dir / "checkpoint_epoch0002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    assert newer_checkpoint(storage, first) is None

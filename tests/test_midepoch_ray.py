@@ -5,36 +5,28 @@ from __future__ import annotations
 
 import pytest
 
-from dyrep_ray.distributed.trainer import run_distributed
-from dyrep_ray.engine.config import load_config
-from dyrep_ray.engine.faults import KillAt
 from dyrep_ray.engine.loop import model_digest
-from tests.conftest import TINY_RUN
 from tests.helpers import RESUME_ATOL, final_model, max_abs_diff, run_metrics
 
 pytestmark = pytest.mark.ray
 
-# 256 images / 2 workers / batch 32 = 4 steps per epoch: a mid-epoch checkpoint after step 2; KillAt fires after
-# step 4 // 2 = 2 (3 steps done), so the restart resumes at step 3 of the epoch.
-MID_RAY = [*TINY_RUN, "checkpoint_every_steps=2", "max_failures=1"]
 
-
-def test_ray_worker_killed_mid_epoch_resumes_from_mid_epoch_checkpoint(ray_reference, tmp_path, caplog):
+def test_ray_worker_killed_mid_epoch_resumes_from_mid_epoch_checkpoint(ray_reference, ray_worker_kills):
     """Killed and resumed from a mid-epoch checkpoint, the run ends as the uninterrupted one (which wrote no
-    mid-epoch checkpoints: they change nothing in the training)."""
+    mid-epoch checkpoints: they change nothing in the training).  The session's ``ray_worker_kills`` run
+    (tests/shared_runs.py): 256 images / 2 workers / batch 32 = 4 steps per epoch, a mid-epoch checkpoint after
+    step 2; rank 1 is SIGKILLed after step 3 of epoch 2, so the restart resumes at global step 4 + 2."""
     reference_out, _, _ = ray_reference
-    cfg = load_config(None, MID_RAY)
-    marker = tmp_path / "fired"
-    run_distributed(cfg, tmp_path, "killed", callbacks=[KillAt(epoch=1, rank=1, marker=str(marker))])
-    assert marker.exists(), "the fault was not injected"
+    run_dir = ray_worker_kills.run_dir
+    assert ray_worker_kills.mid_epoch_kill.exists(), "the fault was not injected"
     ref_model, ref_ckpt = final_model(reference_out / "ref")
-    model, ckpt = final_model(tmp_path / "killed")
+    model, ckpt = final_model(run_dir)
     assert ckpt.graph == ref_ckpt.graph
     worst = max_abs_diff(ref_model.state_dict(), model.state_dict())
     assert worst <= RESUME_ATOL, worst
     print(f"mid-epoch resume (Ray Train, 2 workers): max |w - w_ref| = {worst:.3g}")
     assert model_digest(ref_model) == model_digest(model)
-    lines, ref_lines = run_metrics(tmp_path / "killed"), run_metrics(reference_out / "ref")
+    lines, ref_lines = run_metrics(run_dir), run_metrics(reference_out / "ref")
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     assert [m["train_loss"] for m in lines] == pytest.approx([m["train_loss"] for m in ref_lines], rel=1e-12)
     # the restart resumed from the mid-epoch checkpoint of epoch 2 (global step 4 + 2), not from epoch 1's end

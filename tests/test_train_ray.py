@@ -6,12 +6,8 @@ import json
 
 import pytest
 
-from dyrep_ray.distributed.trainer import run_distributed
-from dyrep_ray.engine.config import load_config
-from dyrep_ray.engine.faults import KillAt
 from dyrep_ray.engine.loop import model_digest
 from dyrep_ray.rundir.layout import STRUCTURE_FILE
-from tests.conftest import TINY_RUN
 from tests.helpers import RESUME_ATOL, final_model, max_abs_diff, run_metrics
 
 pytestmark = pytest.mark.ray
@@ -38,26 +34,31 @@ def test_two_workers_grow_and_replicas_identical(ray_reference):
     assert ckpt.meta["epoch"] == 3
 
 
-def test_worker_killed_mid_epoch_resumes_exactly(ray_reference, tmp_path):
-    """A real SIGKILL of rank 1 in epoch 3 (after two growths): Ray restarts the workers from the
-    epoch-2 checkpoint and the run ends with the same weights and structure as the uninterrupted one."""
+def test_worker_killed_at_an_epoch_start_resumes_from_the_epoch_checkpoint_exactly(ray_reference,
+                                                                                   ray_worker_kills):
+    """A real SIGKILL of rank 1 right at the start of epoch 3 (after two growths, before that epoch's mid-epoch
+    checkpoint): Ray restarts the workers, they resume from the epoch-2 checkpoint -- even when Ray's controller
+    had not yet registered it (the newest complete checkpoint in the run directory wins) -- and the run ends with
+    the same weights and structure as the uninterrupted one.  The session's ``ray_worker_kills`` run
+    (tests/shared_runs.py), whose first kill, mid-epoch 2, is tests/test_midepoch_ray.py's."""
     out, _, _ = ray_reference
-    cfg = load_config(None, TINY_RUN)  # the reference's config, without its MLflow store
-    marker = tmp_path / "fault-fired"
-    run_distributed(cfg, tmp_path, "killed", callbacks=[KillAt(epoch=2, rank=1, marker=str(marker))])
-    assert marker.exists(), "the fault was not injected"
+    run_dir = ray_worker_kills.run_dir
+    assert ray_worker_kills.epoch_start_kill.exists(), "the fault was not injected"
     reference_model, ckpt_a = final_model(out / "ref")
-    resumed_model, ckpt_b = final_model(tmp_path / "killed")
+    resumed_model, ckpt_b = final_model(run_dir)
     assert ckpt_a.graph == ckpt_b.graph
     ref_state, new_state = reference_model.state_dict(), resumed_model.state_dict()
     worst = max_abs_diff(ref_state, new_state)
     assert worst <= RESUME_ATOL, worst
-    assert [m["epoch"] for m in run_metrics(tmp_path / "killed")] == [1, 2, 3]
+    lines = run_metrics(run_dir)
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    restarted = lines[2]  # from epoch 2's end checkpoint: 2 epochs of 4 steps
+    assert restarted["start_global_step"] == 8, restarted
+    assert len(restarted["start_digests"]) == 2 and len(set(restarted["start_digests"])) == 1
     assert model_digest(reference_model) == model_digest(resumed_model)
     # the resume matrix's 2-worker case (bn blocks, no EMA, no AMP, after a grow): the losses agree too
     for key in ("train_loss", "val_loss", "n_blocks"):
-        assert ([m[key] for m in run_metrics(tmp_path / "killed")]
-                == pytest.approx([m[key] for m in run_metrics(out / "ref")], rel=1e-6)), key
+        assert [m[key] for m in lines] == pytest.approx([m[key] for m in run_metrics(out / "ref")], rel=1e-6), key
 
 
 def test_driver_killed_then_rerun_resumes_past_a_corrupt_checkpoint(ray_reference, driver_killed_rerun):

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..engine.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint_dir
 from ..engine.context import load_newest_valid
-from ..engine.midepoch import newer_mid_epoch_checkpoint
+from ..engine.midepoch import newer_checkpoint
 from ..engine.progress import EVENTS_TEXT, event_labels
 from ..engine.protocols import CheckpointWriter
 from ..rundir.checkpoints import checkpoint_failure_note
@@ -94,8 +94,9 @@ class RayTrainContext:
             try:
                 with checkpoint.as_directory() as directory:
                     loaded = load_checkpoint_dir(directory)
-                # Ray manages epoch checkpoints only; a later mid-epoch one in the run dir is where we stand.
-                return newer_mid_epoch_checkpoint(self.storage, loaded) or loaded
+                # a later checkpoint in the run dir (mid-epoch, or an epoch one Ray had not registered) is
+                # where we stand
+                return newer_checkpoint(self.storage, loaded) or loaded
             except (CheckpointError, OSError) as exc:
                 bad = Path(checkpoint.path).name
                 logger.warning("latest Ray checkpoint unusable (%s); looking for an earlier valid one", exc)

@@ -33,14 +33,17 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class _MidEpochFault(TrainerCallback):
-    """Fires once, after the middle step of ``epoch``, on ``rank`` (None: every rank)."""
+    """Fires once, after step ``step`` (0-based; None: the middle step) of ``epoch``, on ``rank`` (None: every
+    rank).  A mid-epoch checkpoint due at that step is written before it fires."""
 
     epoch: int
     rank: int | None = 0
     marker: str | None = None
+    step: int | None = None
 
     def on_step_end(self, trainer: TrainerView, epoch: int, step: int, loss: torch.Tensor) -> None:
-        if epoch != self.epoch or step != trainer.data.steps_per_epoch // 2:
+        at = trainer.data.steps_per_epoch // 2 if self.step is None else self.step
+        if epoch != self.epoch or step != at:
             return
         rank = trainer.ctx.rank
         if self.rank is not None and rank != self.rank:

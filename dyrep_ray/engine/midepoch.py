@@ -10,7 +10,8 @@ They are written by rank 0 straight into the run directory (local, NFS or object
 Train's checkpoint manager: Ray keeps the best ``keep_checkpoints`` epoch checkpoints by ``val_top1`` plus the
 latest, and a checkpoint without that score would push an epoch checkpoint out.  Here only the newest
 mid-epoch checkpoint is kept (older ones are deleted after a new one is complete), and epoch checkpoints are
-never touched.  Resume takes whichever checkpoint records the later ``(epoch, global_step)``.
+never touched.  Resume takes whichever complete checkpoint of the run directory records the latest
+``(epoch, global_step)`` (:func:`newer_checkpoint`).
 """
 
 from __future__ import annotations
@@ -96,14 +97,16 @@ def checkpoint_position(ckpt: LoadedCheckpoint | None) -> tuple[int, int]:
     return int(ckpt.meta.get("epoch", -1)), int(ckpt.meta.get("global_step", -1))
 
 
-def newer_mid_epoch_checkpoint(storage: RunStorage, than: LoadedCheckpoint | None) -> LoadedCheckpoint | None:
-    """The newest valid mid-epoch checkpoint of the run directory recording a later position than ``than``
-    (Ray hands workers only the checkpoints it manages, i.e. epoch checkpoints); None if there is none."""
+def newer_checkpoint(storage: RunStorage, than: LoadedCheckpoint | None) -> LoadedCheckpoint | None:
+    """The newest valid checkpoint of the run directory, mid-epoch or epoch, recording a later position than
+    ``than``; None if there is none.  Ray hands restarted workers only the checkpoints its manager registered:
+    never a mid-epoch one, and not an epoch checkpoint that rank 0 completed just before a worker died, while
+    its report was still on the way to the controller."""
     floor = checkpoint_position(than)
     for entry in list_checkpoints(storage):
         if tuple(entry.position) <= floor:
             break  # newest first: nothing further down is newer
-        if not entry.meta_ok or not is_mid_epoch_name(entry.name):
+        if not entry.meta_ok:
             continue
         tmp = None
         try:
@@ -112,7 +115,7 @@ def newer_mid_epoch_checkpoint(storage: RunStorage, than: LoadedCheckpoint | Non
             tmp = storage.temp_download(entry.name)
             return load_checkpoint_dir(tmp)
         except (CheckpointError, OSError) as exc:
-            logger.warning("mid-epoch checkpoint unusable, using an earlier checkpoint: %s", exc)
+            logger.warning("checkpoint %s unusable, using an earlier one: %s", entry.name, exc)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp.parent, ignore_errors=True)
