@@ -113,15 +113,9 @@ def ray_reference(ray_session, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ray_reference")
     cfg = load_config(None, [*TINY_RUN, f"mlflow_tracking_uri=sqlite:///{out / 'mlflow.db'}"])
-    before = os.environ.get("MLFLOW_EXPERIMENT_NAME")
-    os.environ["MLFLOW_EXPERIMENT_NAME"] = REFERENCE_MLFLOW_EXPERIMENT
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_EXPERIMENT_NAME", REFERENCE_MLFLOW_EXPERIMENT)
         summary = run_distributed(cfg, out, "ref")
-    finally:
-        if before is None:
-            os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
-        else:
-            os.environ["MLFLOW_EXPERIMENT_NAME"] = before
     return out, cfg, summary
 
 

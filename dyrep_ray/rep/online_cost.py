@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .geometry import KXK
 from .online_kernels import TapWindow, used_taps
 
 # In multiply-accumulates:
@@ -28,6 +29,15 @@ def tap_count(window: TapWindow | None, k: int) -> int:
     return k * k if window is None else (window[1] - window[0]) * (window[3] - window[2])
 
 
+def conv_geometry(block: Any, x: Tensor) -> tuple[int, int, int, int, int, int]:
+    """``(n, h, w, pixels_out, cin, cout)`` of the block's kxk conv on ``x``: batch and input map size, output
+    pixels over the whole batch, input channels per group, output channels."""
+    g, k, s, p = block.groups, block.kernel_size, block.stride, block.padding
+    n, _, h, w = x.shape
+    pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+    return int(n), int(h), int(w), int(pixels_out), block.in_channels // g, block.out_channels
+
+
 def path_costs(block: Any, x: Tensor) -> dict[str, int]:
     """Estimated multiply-accumulates of one training step of each forward path on ``x``'s shape.
 
@@ -38,12 +48,10 @@ def path_costs(block: Any, x: Tensor) -> dict[str, int]:
     on tiny activations (VGG-16's 512-channel layers at 2x2-4x4 pixels on 32x32 inputs) are where the
     merge costs more than the convs it saves; everywhere else the block is one conv.
     """
-    g, k, s, p = block.groups, block.kernel_size, block.stride, block.padding
-    n, _, h, w = x.shape
-    pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
-    cin, cout = block.in_channels // g, block.out_channels
+    g, k = block.groups, block.kernel_size
+    n, h, w, pixels_out, cin, cout = conv_geometry(block, x)
     # the assembled paths use only the taps that read input (all k*k but on maps smaller than the kernel's reach)
-    taps = tap_count(used_taps(int(h), int(w), k, s, p), k)
+    taps = tap_count(used_taps(h, w, k, block.stride, block.padding), k)
     kernel_numel, out_numel = cout * cin * taps, pixels_out * cout
     nb = len(block.branches)
     small_map = 1.0 + SMALL_MAP_PIXELS * n / max(pixels_out, 1)  # conv cost per MAC on this output map
@@ -53,7 +61,7 @@ def path_costs(block: Any, x: Tensor) -> dict[str, int]:
                       + ELEMENTWISE_MACS * OUTPUT_PASSES_PER_BRANCH * nb * out_numel)
     split_conv = 0.0  # the 1x1->kxk branch's convs on the activations
     for name, branch in block.branches.items():
-        if name == "1x1_kxk":
+        if name == SPLIT_BRANCH:  # 1x1 -> kxk
             mid = branch.conv1.out_channels
             assembled += cout * mid * cin * taps // g
             split_conv = (n * h * w * mid * cin + pixels_out * cout * (mid // g) * taps) * small_map
@@ -78,23 +86,21 @@ def activation_macs(block: Any, x: Tensor, path: str, window: TapWindow | None) 
     is called as a module and counts itself; on the split path the assembled conv and the 1x1->kxk branch's.
     Average pooling and the identity are not MACs (as for the bn block).
     """
-    g, k, s, p = block.groups, block.kernel_size, block.stride, block.padding
-    n, _, h, w = x.shape
-    pixels_out = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
-    cin, cout = block.in_channels // g, block.out_channels
-    taps = tap_count(window, k)
+    g = block.groups
+    n, h, w, pixels_out, cin, cout = conv_geometry(block, x)
+    taps = tap_count(window, block.kernel_size)
     if path == KERNEL_PATH:
         return pixels_out * cout * cin * taps
     total = 0
     for name, branch in block.branches.items():
-        if path == SPLIT_PATH and name not in ("kxk", SPLIT_BRANCH):
+        if path == SPLIT_PATH and name not in (KXK, SPLIT_BRANCH):
             continue  # assembled into the kxk conv's kernel
-        if name == "1x1_kxk":
+        if name == SPLIT_BRANCH:  # 1x1 -> kxk
             mid = int(branch.conv1.out_channels)
             total += n * h * w * mid * cin + pixels_out * cout * (mid // g) * taps
         elif name == "1x1_avg":
             total += n * h * w * cout * cin
-        elif name in ("kxk", "1x1", "1xk", "kx1") and isinstance(branch.conv, nn.Conv2d):  # not a nested block
+        elif name in (KXK, "1x1", "1xk", "kx1") and isinstance(branch.conv, nn.Conv2d):  # not a nested block
             kh, kw = branch.conv.kernel_size
-            total += pixels_out * cout * cin * (taps if name == "kxk" else kh * kw)
+            total += pixels_out * cout * cin * (taps if name == KXK else kh * kw)
     return total
