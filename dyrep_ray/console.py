@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from .engine.progress import CONSOLE_LOGGER, EPOCH_LINE
@@ -64,6 +65,16 @@ TRANSIENT_PATTERNS = (
     re.compile(r"State API unavailable when checking if actor is alive\. Will check again on next poll"),
 )
 
+#: Ray's own reports of a failed trial, which the sweep console already gives in one line (the cause and the
+#: trial's error file): a trial worker's "Error in training function" record with its traceback (forwarded
+#: output), Ray Tune's "Trial task failed" record with its traceback and its "Trials did not complete" line (the
+#: driver's ``ray`` logger).  Under the sweep console (not ``--verbose``) they go to ``tune.log`` only.
+TRIAL_FAILURE_PATTERNS = (
+    re.compile(r"^Error in training function:"),
+    re.compile(r"Trial task failed for trial "),
+    re.compile(r"Trials did not complete: "),
+)
+
 #: Actors whose tracebacks are transient as a whole: Train V2's PlacementGroupCleaner is a best-effort safety net
 #: (it removes a run's placement group if the controller dies ungracefully) that polls Ray's state API; a slow
 #: API (``requests`` timeouts) or several Ray instances on one machine ("Found multiple active Ray instances")
@@ -83,7 +94,9 @@ def is_transient_batch(actor_name: str, lines: list[str]) -> bool:
 _FINALIZER_START = re.compile(r"^Exception ignored in: <function \S+\.__del__ at ")
 _TRACEBACK_BODY = re.compile(r"^(Traceback \(most recent call last\):|\s)")
 _SYSTEM_EXIT = re.compile(r"^SystemExit(: .*)?$")
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Timeout|Exit|Interrupt)\b(: .*)?$")
+# the exception line that ends a traceback: a (dotted) exception class, Ray's "Cls(Cause)" form, and its message
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(?:[A-Z]\w*|\w*(?:Error|Exception|Timeout|Exit|Interrupt))"
+                             r"(?:\([\w.]+\))?(?::\s.*)?$")
 _CHAINED = re.compile(r"^(|During handling of the above exception.*|The above exception was the direct cause.*)$")
 
 
@@ -141,15 +154,18 @@ def record_end(lines: list[str], start: int) -> int:
     return end
 
 
-def split_transient(lines: list[str]) -> tuple[list[str], list[str]]:
-    """``lines`` as (kept, transient): each record a :data:`TRANSIENT_PATTERNS` pattern starts, with its traceback,
-    goes to the second list; every other line stays, in order."""
+def split_transient(lines: list[str], patterns: Sequence[re.Pattern] = TRANSIENT_PATTERNS,
+                    ) -> tuple[list[str], list[str]]:
+    """``lines`` as (kept, matched): each record one of ``patterns`` starts, with its traceback (and the blank lines
+    right after it), goes to the second list; every other line stays, in order."""
     kept: list[str] = []
     transient: list[str] = []
     i = 0
     while i < len(lines):
-        if any(p.search(lines[i]) for p in TRANSIENT_PATTERNS):
+        if any(p.search(lines[i]) for p in patterns):
             end = record_end(lines, i)
+            while end < len(lines) and not lines[end].strip():
+                end += 1
             transient.extend(lines[i:end])
             i = end
         else:
@@ -195,6 +211,10 @@ def is_harmless(text: str) -> bool:
 
 def is_routine(text: str) -> bool:
     return any(p.search(text) for p in ROUTINE_PATTERNS)
+
+
+def is_trial_failure_report(text: str) -> bool:
+    return any(p.search(text) for p in TRIAL_FAILURE_PATTERNS)
 
 
 class _DropHarmless(logging.Filter):

@@ -55,12 +55,28 @@ def pytest_addoption(parser):
                      help=f"niceness of the --cpu-load processes (default {RAY_WORKER_NICENESS}: Ray's workers')")
 
 
+#: Packages whose bytecode the suite compiles once, before its workers start: every Ray worker, CLI and driver it
+#: starts imports them, and where Python writes no bytecode cache (PYTHONDONTWRITEBYTECODE, set on some CI images)
+#: each of those hundreds of processes would compile them again (about 0.2 CPU-s each for the training path).
+BYTECODE_PACKAGES = ("dyrep_ray", "tests", "bench")
+
+
+def compile_bytecode() -> None:
+    import compileall
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for package in BYTECODE_PACKAGES:
+        compileall.compile_dir(root / package, quiet=1)
+
+
 def pytest_configure(config):
     import subprocess
     import sys
 
     if hasattr(config, "workerinput"):  # an xdist worker: the controller keeps the load for the whole run
         return
+    compile_bytecode()
     count, nice = config.getoption("--cpu-load"), config.getoption("--cpu-load-nice")
     config._cpu_load = [subprocess.Popen([sys.executable, "-c", _SPIN, str(nice)]) for _ in range(count)]
 
@@ -130,11 +146,12 @@ def ray_worker_kills(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def errored_sweep(ray_session, tmp_path_factory):
-    """A real sweep in which one trial raises, then its ``--resume`` (read-only): see
-    :func:`tests.shared_runs.run_errored_sweep`; the Tune tests and the sweep-signing tests assert on it."""
+    """``dyrep-ray tune`` on the demo sweep with one trial raising, then its ``--resume`` on the shared instance
+    (read-only): see :func:`tests.shared_runs.run_errored_sweep`; the Tune tests, the tune console test and the
+    sweep-signing tests assert on it."""
     from tests.shared_runs import run_errored_sweep
 
-    return run_errored_sweep(tmp_path_factory.mktemp("errored_sweep"))
+    return run_errored_sweep(tmp_path_factory.mktemp("errored_sweep"), ray_session.get_runtime_context().gcs_address)
 
 
 @pytest.fixture(scope="session")

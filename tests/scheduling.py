@@ -23,7 +23,7 @@ RAY_SHARED_TESTS = frozenset({
     "tests/test_midepoch_ray.py", "tests/test_ray_data_ingest.py", "tests/test_storage_s3.py",
     "tests/test_train_parquet.py", "tests/test_train_ray.py",
     "tests/test_state_api.py::test_the_shared_test_instance_records_its_state_api_on_a_free_port_not_8265",
-    "tests/test_console.py::test_verbose_shows_rays_lines",
+    "tests/test_console.py::test_verbose_shows_rays_lines", "tests/test_console.py::test_tune_console",
     "tests/test_fault_handling.py::test_more_workers_than_cluster_cpus",
     "tests/test_tracking.py::test_ray_run_tracks_from_rank_0_only",
     "tests/test_tune.py::test_pbt_exploit_continues_from_donor_structure",

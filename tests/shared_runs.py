@@ -15,47 +15,58 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from tests.conftest import TINY_RUN, capture_console
+from tests.conftest import TINY_RUN
 from tests.helpers import run_metrics
 
-#: The sweep of :func:`run_errored_sweep`: 2 trials of 2 epochs, 1 CPU worker each, no Train retries.
-ERRORED_SWEEP = {
-    "config": {"synthetic_train_size": 256, "synthetic_val_size": 128, "batch_size": 32, "dyrep_adjust_interval": 1,
-               "dyrep_recal_bn_iters": 2, "max_failures": 0, "epochs": 2},
-    "search_space": {"dyrep_cut_threshold": {"uniform": [0.05, 0.3]}},
-    "num_samples": 2, "max_concurrent_trials": 2, "resources": {"workers": 1, "use_gpu": False}}
+REPO = Path(__file__).resolve().parents[1]
+
+#: The sweep of :func:`run_errored_sweep`: the shipped demo sweep (2 trials of small_cnn, 1 CPU worker each, ASHA)
+#: at 2 epochs of 256 images, without Train retries, with a status table every second.
+ERRORED_SWEEP_NAME = "demo"
+ERRORED_SWEEP_ARGS = ["-c", str(REPO / "experiments" / "tune" / "demo.yaml"), "--set", "epochs=2",
+                      "--set", "synthetic_train_size=256", "--set", "config.max_failures=0", "--status-interval", "1"]
+SWEEP_COMMAND_TIMEOUT_S = 600
 
 
-def run_errored_sweep(root: Path) -> SimpleNamespace:
-    """A real sweep on the shared Ray instance (``root/faulty``) in which one trial's worker raises mid-epoch 1
-    (once: the fault leaves ``root/fired``), then its ``--resume``.
+def user_env() -> dict[str, str]:
+    """This process's environment as a user's shell has it (no console level left by an in-process CLI test),
+    with this checkout importable (``tests.*``)."""
+    from dyrep_ray.distributed.console import RAY_TRAIN_LOG_LEVEL_ENV
 
-    Returns ``root``, ``first`` / ``resumed`` (the two :class:`~dyrep_ray.tune.sweep.SweepOutcome`),
-    ``first_console`` / ``resumed_console`` (each start's console messages) and ``after_first``: a copy of the
-    files the ``--resume`` rewrites (tables, best config, signature, lock) as the first start left them."""
-    import yaml
+    env = {k: v for k, v in os.environ.items() if k != RAY_TRAIN_LOG_LEVEL_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
 
-    from dyrep_ray.engine.faults import RaiseAt
-    from dyrep_ray.rundir.layout import LOCK_FILE, SWEEP_SIGNATURE
-    from dyrep_ray.tune.console import SweepConsole
-    from dyrep_ray.tune.spec import load_sweep
-    from dyrep_ray.tune.sweep import run_sweep
 
-    (root / "sweep.yaml").write_text(yaml.safe_dump(ERRORED_SWEEP))
-    with capture_console() as console:
-        first = run_sweep(load_sweep(root / "sweep.yaml"), str(root), "faulty",
-                          callbacks=[RaiseAt(epoch=0, rank=0, marker=str(root / "fired"))],
-                          console=SweepConsole(status_interval_s=0))
-    first_console = console.messages()
+def console_messages(done: subprocess.CompletedProcess) -> list[str]:
+    """The console lines of a ``dyrep-ray`` command (its stdout lines with the ``dyrep-ray: `` prefix), unprefixed."""
+    prefix = "dyrep-ray: "
+    return [line[len(prefix):] for line in done.stdout.splitlines() if line.startswith(prefix)]
+
+
+def run_errored_sweep(root: Path, address: str) -> SimpleNamespace:
+    """``dyrep-ray tune`` on :data:`ERRORED_SWEEP_ARGS` (a real process that starts a Ray instance of its own, as
+    the command does by default) in which one trial's rank 0 raises mid-epoch 1 (once: the fault leaves
+    ``root/fired``), then ``dyrep-ray tune --resume`` of it on the shared Ray instance at ``address``.
+
+    Returns ``root``, ``sweep`` (``root/demo``), ``first`` / ``resumed`` (each command's ``CompletedProcess``: exit
+    code and console) and ``after_first``: a copy of the files the ``--resume`` rewrites (tables, best config,
+    signature, lock, ``tune.log``) as the first start left them."""
+    from dyrep_ray.rundir.layout import LOCK_FILE, SWEEP_SIGNATURE, TUNE_LOG
+
+    env, sweep = user_env(), root / ERRORED_SWEEP_NAME
+    first = subprocess.run([sys.executable, "-m", "tests.tune_with_faults", "--raise-epoch", "0",
+                            "--marker", str(root / "fired"), "--", "tune", *ERRORED_SWEEP_ARGS, "--output", str(root)],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=SWEEP_COMMAND_TIMEOUT_S)
     after_first = root / "after_first"
     after_first.mkdir()
-    for name in ("trials.csv", "best_config.yaml", SWEEP_SIGNATURE, LOCK_FILE):
-        if (root / "faulty" / name).exists():
-            shutil.copy2(root / "faulty" / name, after_first / name)
-    with capture_console() as console:
-        resumed = run_sweep(None, str(root), "faulty", resume=True, console=SweepConsole(status_interval_s=0))
-    return SimpleNamespace(root=root, first=first, resumed=resumed, first_console=first_console,
-                           resumed_console=console.messages(), after_first=after_first)
+    for name in ("trials.csv", "best_config.yaml", SWEEP_SIGNATURE, LOCK_FILE, TUNE_LOG):
+        if (sweep / name).exists():
+            shutil.copy2(sweep / name, after_first / name)
+    resumed = subprocess.run([sys.executable, "-m", "dyrep_ray.cli", "tune", "--resume", "--output", str(root),
+                              "--name", ERRORED_SWEEP_NAME, "--address", address, "--status-interval", "1"],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=SWEEP_COMMAND_TIMEOUT_S)
+    return SimpleNamespace(root=root, sweep=sweep, first=first, resumed=resumed, after_first=after_first)
 
 
 #: :data:`TINY_RUN` (4 steps per epoch) with a mid-epoch checkpoint after every 2nd step and room for two restarts.
@@ -90,12 +101,9 @@ def run_driver_killed(root: Path, address: str) -> SimpleNamespace:
     mid-epoch 3, truncate the newest checkpoint, re-run the same command with ``--verbose``.
 
     Returns ``run_dir`` (``root/drv``) and ``rerun`` (the re-run's ``CompletedProcess``: its console)."""
-    from dyrep_ray.distributed.console import RAY_TRAIN_LOG_LEVEL_ENV
-
     run_args = ["--address", address, "--output", str(root), "--name", "drv",
                 *sum((["--set", kv] for kv in TINY_RUN), [])]
-    # as a user's shell: no console level left in this process's environment by an in-process CLI test
-    env = {k: v for k, v in os.environ.items() if k != RAY_TRAIN_LOG_LEVEL_ENV}
+    env = user_env()
     log_path = root / "driver1.log"
     # The same run through the Python API with a callback that stalls every rank mid-epoch 3 (0-based 2).
     stalled = [sys.executable, "-m", "tests.train_with_faults", "--sleep-epoch", "2", "--sleep-seconds", "120",

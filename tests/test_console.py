@@ -235,10 +235,10 @@ def test_slow_cluster_notice_logs_every_line_and_warns_once_only_when_it_persist
 
 
 @contextlib.contextmanager
-def filter_on_rays_dispatcher(notice):
-    """Ray's own dispatcher of forwarded worker output, with the driver's filter (reporting to ``notice``) installed
-    over a printer that records the batches it is given: yields ``(dispatcher, printed)``; Ray's printer is put
-    back afterwards."""
+def filter_on_rays_dispatcher(notice, **options):
+    """Ray's own dispatcher of forwarded worker output, with the driver's filter (reporting to ``notice``, with
+    ``options``) installed over a printer that records the batches it is given: yields ``(dispatcher, printed)``;
+    Ray's printer is put back afterwards."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     from dyrep_ray.distributed import console as ray_console
@@ -249,7 +249,7 @@ def filter_on_rays_dispatcher(notice):
         dispatcher.remove_handler(ray_console.RAY_PRINTER)
     dispatcher.add_handler(ray_console.RAY_PRINTER, printed.append)
     try:
-        ray_console.filter_forwarded_output(notice)
+        ray_console.filter_forwarded_output(notice, **options)
         yield dispatcher, printed
     finally:
         dispatcher.remove_handler(ray_console.RAY_PRINTER)
@@ -317,6 +317,72 @@ def test_a_transient_traceback_forwarded_in_several_batches_stays_off_the_consol
         CLEANER_THREAD_DIED[1],  # a worker's traceback is the run's problem: shown
     ]
     assert len(warning) > 3 and notice.records == 4
+
+
+# A Tune trial's worker raising (what the errored sweep's worker forwarded), in two batches
+WORKER_ERROR = [["fault injection: raise at epoch 0 on rank 0", "Error in training function:",
+                 "Traceback (most recent call last):",
+                 '  File "/work/main/dyrep_ray/tune/worker.py", line 13, in segment_loop'],
+                ["    train_loop_per_worker(loop_config)",
+                 "dyrep_ray.engine.faults.InjectedFault: injected fault at epoch 0 on rank 0", ""]]
+
+
+@pytest.mark.parametrize("sweep_console", [True, False])
+def test_a_trial_workers_error_record_goes_to_the_run_log_under_the_sweep_console(console_records, sweep_console):
+    """The sweep console says in one line that a trial failed and why: the worker's "Error in training function"
+    record (traceback split over two batches, and the blank line after it) goes to the run's log instead.
+    Without the sweep console (``dyrep-ray train``) a worker's error is shown whole."""
+    from dyrep_ray.distributed import console as ray_console
+    from tests.conftest import RecordList
+
+    run_log, ray_output = RecordList(), logging.getLogger(ray_console.RAY_OUTPUT_LOGGER)
+    ray_output.addHandler(run_log)
+    ray_output.setLevel(logging.INFO)
+    worker = {"actor_name": "RayTrainWorker", "pid": 9}
+    try:
+        with filter_on_rays_dispatcher(ray_console.SlowClusterNotice(after_s=3600),
+                                       trial_failures_to_log=sweep_console) as (dispatcher, printed):
+            for batch in WORKER_ERROR:
+                dispatcher.emit({**worker, "lines": batch})
+            dispatcher.emit({**worker, "lines": ["the worker's next message"]})
+    finally:
+        ray_output.removeHandler(run_log)
+        ray_output.setLevel(logging.NOTSET)
+    shown = [line for batch in printed for line in batch["lines"]]
+    if sweep_console:
+        assert shown == [WORKER_ERROR[0][0], "the worker's next message"]
+        assert run_log.messages() == [f"(RayTrainWorker pid=9) {line}" for line in [*WORKER_ERROR[0][1:],
+                                                                                    *WORKER_ERROR[1]]]
+    else:
+        assert shown == [*WORKER_ERROR[0], *WORKER_ERROR[1], "the worker's next message"]
+        assert run_log.messages() == []
+
+
+def test_tunes_report_of_a_failed_trial_leaves_the_console_of_a_sweep_only():
+    """Ray Tune's "Trial task failed" and "Trials did not complete" records (the driver's ``ray`` logger) are off
+    the console under the sweep console, which reports the failure itself; any other Ray error stays."""
+    import ray  # noqa: F401 -- installs the "ray" logger's console handler
+
+    from dyrep_ray.distributed.console import _is_console_handler, quiet_ray_driver
+
+    handlers = [h for h in logging.getLogger("ray").handlers if _is_console_handler(h)]
+    saved = [(h, h.level, list(h.filters)) for h in handlers]
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.tune.execution.tune_controller", logging.ERROR, __file__, 1, message, None, None)
+
+    try:
+        quiet_ray_driver()
+        assert handlers and all(h.filter(record("Trial task failed for trial a_00000")) for h in handlers)
+        quiet_ray_driver(trial_failures_to_log=True)
+        for h in handlers:
+            assert not h.filter(record("Trial task failed for trial a_00000"))
+            assert not h.filter(record("Trials did not complete: [a_00000]"))
+            assert h.filter(record("Failed to restore the tuner: something else"))
+    finally:
+        for h, level, filters in saved:
+            h.setLevel(level)
+            h.filters[:] = filters
 
 
 # What a trial actor printed in CI when Ray's SIGTERM arrived during a garbage-collected ActorHandle.__del__.
@@ -469,41 +535,53 @@ def test_ray_data_lines_of_a_parquet_run_are_routine_or_harmless():
 
 
 TUNE_RESULT_LINE = re.compile(r"^dyrep-ray: trial (\w+) epoch (\d+)/(\d+)  loss ")
+#: The warning of the fault the errored sweep injects (dyrep_ray.engine.faults), which its worker prints.
+INJECTED_FAULT_WARNING = "fault injection: raise at epoch 0 on rank 0"
 
 
 @pytest.mark.ray
-def test_tune_console(tmp_path):
-    """``dyrep-ray tune`` on the demo sweep: a header, a start line per trial, one line per trial result, an end
-    line per trial, status tables at the interval, the final table -- and none of Tune's boxes, Ray's routine
-    lines or the known harmless warnings; ``tune.log`` keeps what the console hides."""
-    epochs = 2
-    done = run_cli(["tune", "-c", str(REPO / "experiments" / "tune" / "demo.yaml"), "--output", str(tmp_path),
-                    "--set", f"epochs={epochs}", "--set", "synthetic_train_size=256", "--status-interval", "1"],
-                   tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = non_empty(done.stdout) + non_empty(done.stderr)
-    assert not [line for line in lines if any(r in line for r in RAY_ROUTINE)], lines
-    assert not [line for line in lines if is_harmless(line) or is_routine(line)], lines
-    assert not [line for line in lines if "╭" in line or "Trial status:" in line or "(RayTrainWorker" in line
-                or "(TrainController" in line or "(DyRepTrial" in line], lines
-    header = [line for line in lines if line.startswith("dyrep-ray: tune demo: 2 trial(s) of small_cnn")]
-    assert len(header) == 1 and "metric val_top1 (max)" in header[0], lines
+def test_tune_console(errored_sweep):
+    """``dyrep-ray tune`` on the demo sweep (the session's ``errored_sweep``: one trial's worker raises in its first
+    epoch, then ``dyrep-ray tune --resume`` re-runs that trial): a header, a start line per trial, one line per
+    trial result, an end line per trial (the failure's is one line naming the cause), status tables at the
+    interval, the final table -- and none of Tune's boxes, Ray's routine lines, the known harmless warnings or
+    Ray's own tracebacks of the failure, from either command; ``tune.log`` keeps what the console hides."""
+    epochs, first, resumed = 2, errored_sweep.first, errored_sweep.resumed
     results: dict[str, list[int]] = {}
-    for line in lines:
-        if m := TUNE_RESULT_LINE.match(line):
-            results.setdefault(m.group(1), []).append(int(m.group(2)))
-            assert int(m.group(3)) == epochs
-    assert len(results) == 2 and all(seen == list(range(1, len(seen) + 1)) for seen in results.values()), lines
+    for done in (first, resumed):
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = non_empty(done.stdout) + non_empty(done.stderr)
+        assert not [line for line in lines if any(r in line for r in RAY_ROUTINE)], lines
+        assert not [line for line in lines if is_harmless(line) or is_routine(line)], lines
+        shown = [line for line in lines if not line.endswith(INJECTED_FAULT_WARNING)]  # the test's own fault
+        assert not [line for line in shown if "╭" in line or "Trial status:" in line or "(RayTrainWorker" in line
+                    or "(TrainController" in line or "(DyRepTrial" in line or "Traceback" in line], lines
+        for line in lines:
+            if m := TUNE_RESULT_LINE.match(line):
+                results.setdefault(m.group(1), []).append(int(m.group(2)))
+                assert int(m.group(3)) == epochs
+        assert any(line.startswith("dyrep-ray: status after ") for line in lines), lines
+        final = [i for i, line in enumerate(lines) if line.startswith("dyrep-ray tune: sweep demo: 2 trial(s)")]
+        assert len(final) == 1 and lines[final[0] + 1].split()[:2] == ["trial_id", "status"], lines
+    first_lines, resumed_lines = non_empty(first.stdout), non_empty(resumed.stdout)
+    header = [line for line in first_lines if line.startswith("dyrep-ray: tune demo: 2 trial(s) of small_cnn")]
+    assert len(header) == 1 and "metric val_top1 (max)" in header[0], first_lines
+    assert [line for line in resumed_lines if line.startswith("dyrep-ray: tune demo: resuming ")], resumed_lines
+    assert len(results) == 2 and all(seen == list(range(1, epochs + 1)) for seen in results.values()), results
+    failed = [line for line in first_lines if re.match(r"^dyrep-ray: trial \w+ failed after epoch 0: ", line)]
+    assert len(failed) == 1 and "InjectedFault: injected fault" in failed[0], first_lines
+    errored = failed[0].split()[2]
     for trial in results:
-        assert sum(line.startswith(f"dyrep-ray: trial {trial} started: ") for line in lines) == 1, lines
-        ends = [line for line in lines if line.startswith(f"dyrep-ray: trial {trial} ") and "best val_top1" in line]
-        assert len(ends) == 1 and (" completed " in ends[0] or " stopped by asha " in ends[0]), lines
-    assert any(line.startswith("dyrep-ray: status after ") for line in lines), lines
-    final = [i for i, line in enumerate(lines) if line.startswith("dyrep-ray tune: sweep demo: 2 trial(s)")]
-    assert len(final) == 1 and lines[final[0] + 1].split()[:2] == ["trial_id", "status"], lines
-    log = (tmp_path / "demo" / "tune.log").read_text()
-    assert "Started a local Ray instance" in log and "tune demo: 2 trial(s)" in log  # hidden + shown lines
-    check_demo_sweep_results(tmp_path / "demo", results)
+        run = resumed_lines if trial == errored else first_lines  # where the trial ran to its end
+        assert sum(line.startswith(f"dyrep-ray: trial {trial} started: ") for line in run) == 1, run
+        ends = [line for line in run if line.startswith(f"dyrep-ray: trial {trial} ") and "best val_top1" in line]
+        assert len(ends) == 1 and (" completed " in ends[0] or " stopped by asha " in ends[0]), run
+    # the first command's log: what its console showed and what it hid (Ray's start, the failure's tracebacks)
+    log = (errored_sweep.after_first / "tune.log").read_text()
+    assert "Started a local Ray instance" in log and "tune demo: 2 trial(s)" in log
+    assert "Error in training function:" in log and f"Trial task failed for trial {errored}" in log
+    assert "InjectedFault: injected fault" in log.split(f"Trial task failed for trial {errored}")[1]
+    check_demo_sweep_results(errored_sweep.sweep, results)
 
 
 def check_demo_sweep_results(sweep: Path, reported: dict[str, list[int]]) -> None:

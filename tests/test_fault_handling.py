@@ -22,7 +22,7 @@ from dyrep_ray.engine.checkpoint import (
     write_checkpoint_dir,
 )
 from dyrep_ray.engine.context import load_newest_valid
-from dyrep_ray.engine.faults import NanLoss, RaiseAt
+from dyrep_ray.engine.faults import InjectedFault, NanLoss, RaiseAt
 from dyrep_ray.engine.loop import NonFiniteLossError
 from dyrep_ray.rundir.layout import METRICS_FILE
 from dyrep_ray.rundir.storage import RunStorage
@@ -225,3 +225,15 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert len(errors) == 1 and "cifar" in errors[0].lower(), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fault_with_a_marker_fires_in_one_process_only(tmp_path):
+    """Two processes (two trials of a sweep) at the fault's step at once, both past the marker check: the marker is
+    created exclusively, so the one that creates it fires and the other trains on."""
+    marker = tmp_path / "fired"
+    first, second = RaiseAt(epoch=0, marker=str(marker)), RaiseAt(epoch=0, marker=str(marker))
+    with pytest.raises(InjectedFault, match="injected fault at epoch 0 on rank 0"):
+        first.fire(0, 0)
+    second.fire(0, 1)  # returns: the first one fired
+    assert marker.read_text().startswith("raise at epoch 0 rank 0 pid ")
+

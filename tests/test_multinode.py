@@ -142,26 +142,16 @@ class LocalReference(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory):
-    """An uninterrupted 2-worker run on the two nodes."""
+def node_killed(cluster, tmp_path_factory):
+    """A fixed 2-worker run whose worker node is SIGKILLed in epoch 2 (after the first growth, after a mid-epoch
+    checkpoint) and replaced 5 s later, next to its uninterrupted reference: the same config trained in this
+    process meanwhile (with ``global_batch_size`` one worker ends within ``RESUME_ATOL`` of two:
+    tests/test_global_batch.py).  Returns the output directory (runs ``nodekill`` and ``ref``) and whether the
+    driver was still waiting for capacity 5 s after the kill."""
     out = tmp_path_factory.mktemp("mn")
     overrides = [*BASE, "epochs=3", "workers=2"]
-    finish(start_driver(cluster, out, "ref", overrides), out, "ref")
-    return out, overrides
-
-
-def test_workers_are_placed_across_nodes(reference):
-    out, _ = reference
-    lines = run_metrics(out / "ref")
-    nodes = lines[0]["rank_nodes"]
-    assert len(nodes) == 2 and nodes[0] != nodes[1], nodes  # one rank per node: the head and the worker node
-    assert all(len(set(m["start_digests"])) == 1 for m in lines if "start_digests" in m)
-
-
-def test_node_killed_mid_epoch_fixed_workers_wait_and_resume_bit_identical(cluster, reference):
-    """Kill the worker node in epoch 2 (after the first growth, after a mid-epoch checkpoint); the fixed
-    2-worker run waits for capacity, resumes when a new node joins, and ends with the reference weights."""
-    out, overrides = reference
+    reference = LocalReference(overrides, out / "ref")
+    reference.start()
     marker = out / "stall-off"
     node = cluster.worker_nodes()[-1]
     proc = start_driver(cluster, out, "nodekill", overrides,
@@ -173,13 +163,32 @@ def test_node_killed_mid_epoch_fixed_workers_wait_and_resume_bit_identical(clust
     cluster.kill_node(node)
     t_kill = time.monotonic()
     time.sleep(5.0)
-    assert proc.poll() is None, "a fixed-size run must wait for capacity, not fail"
+    waited = proc.poll() is None
     cluster.add_node(num_cpus=1)
     finish(proc, out, "nodekill")
     print(f"node loss (fixed workers=2): recovered {time.monotonic() - t_kill:.0f}s after the kill")
+    reference.join()
+    assert not reference.failed, reference.failed
+    return out, waited
+
+
+def test_workers_are_placed_across_nodes(node_killed):
+    out, _ = node_killed
+    lines = run_metrics(out / "nodekill")
+    nodes = lines[0]["rank_nodes"]  # the first worker group, before the node loss
+    assert len(nodes) == 2 and nodes[0] != nodes[1], nodes  # one rank per node: the head and the worker node
+    assert all(len(set(m["start_digests"])) == 1 for m in lines if "start_digests" in m)
+
+
+def test_node_killed_mid_epoch_fixed_workers_wait_and_resume_bit_identical(node_killed):
+    """Kill the worker node in epoch 2 (after the first growth, after a mid-epoch checkpoint); the fixed
+    2-worker run waits for capacity, resumes when a new node joins, and ends with the reference weights."""
+    out, waited = node_killed
+    assert waited, "a fixed-size run must wait for capacity, not fail"
     ref_model, ref_ckpt = final_model(out / "ref")
     model, ckpt = final_model(out / "nodekill")
     assert ckpt.graph == ref_ckpt.graph
+    assert [m["events"] for m in run_metrics(out / "nodekill")] == [m["events"] for m in run_metrics(out / "ref")]
     worst = max_abs_diff(ref_model.state_dict(), model.state_dict())
     assert worst <= RESUME_ATOL, worst
     lines = run_metrics(out / "nodekill")

@@ -3,8 +3,9 @@
 Fast tests (no Ray) check the sweep format, its one-line errors and the segment logic of the bridge.
 Ray tests run real sweeps (one TorchTrainer per trial, 1 CPU worker, tiny synthetic data): a PBT sweep
 that forces an exploit and checks that the weak trial continues from the donor's structure,
-weights, optimizer state and epoch with its mutated learning rate, and a sweep in which one trial raises.
-The demo sweep runs once, through the CLI, in tests/test_console.py (its console and its result files).
+weights, optimizer state and epoch with its mutated learning rate, and the demo sweep through ``dyrep-ray tune``
+with one trial raising, then resumed (the session's ``errored_sweep``; tests/test_console.py checks its console
+and its result files).
 """
 
 from __future__ import annotations
@@ -303,37 +304,42 @@ def test_pbt_exploit_continues_from_donor_structure(ray_session, tmp_path, conso
 
 @pytest.mark.ray
 def test_errored_trial_does_not_stop_the_sweep(errored_sweep):
-    """A worker of one trial raises mid-epoch (fault injection, no Train retries): the other trial finishes and
-    the table marks the errored one; resuming the sweep re-runs the errored trial to completion.
-    (The sweep is the session's ``errored_sweep``: tests/test_untrusted_input.py checks its signed files.)"""
-    root, out, first_console = errored_sweep.root, errored_sweep.first, errored_sweep.first_console
+    """A worker of one trial raises mid-epoch (fault injection, no Train retries): the other trial finishes, the
+    command succeeds and the table marks the errored one; ``--resume`` re-runs the errored trial to completion.
+    (The sweep is the session's ``errored_sweep``, the demo sweep through ``dyrep-ray tune``: tests/test_console.py
+    checks its console, tests/test_untrusted_input.py its signed files.)"""
+    from tests.shared_runs import console_messages
+
+    root, first, resumed = errored_sweep.root, errored_sweep.first, errored_sweep.resumed
+    assert first.returncode == 0, first.stderr[-3000:]  # one trial completed: the sweep did its job
     assert (root / "fired").exists()
-    status = sorted(r.status for r in out.records)
-    assert status == ["completed", "error"], [(r.trial_id, r.status, r.error) for r in out.records]
-    errored = next(r for r in out.records if r.status == "error")
-    assert "injected fault" in errored.error and "\n" not in errored.error
-    table = pd.read_csv(errored_sweep.after_first / "trials.csv").set_index("trial_id")
-    assert table.loc[errored.trial_id, "status"] == "error"
-    assert "injected fault" in table.loc[errored.trial_id, "error"]
-    good = next(r for r in out.records if r.status == "completed")
-    assert out.best["trial_id"] == good.trial_id and (errored_sweep.after_first / "best_config.yaml").is_file()
+    table = pd.read_csv(errored_sweep.after_first / "trials.csv", keep_default_na=False).set_index("trial_id")
+    assert sorted(table["status"]) == ["completed", "error"], table
+    errored = table.index[table["status"] == "error"][0]
+    good = table.index[table["status"] == "completed"][0]
+    assert "injected fault" in table.loc[errored, "error"] and "\n" not in table.loc[errored, "error"]
+    assert "trials: 1 completed, 1 error" in first.stdout.splitlines()
+    best = [line for line in first.stdout.splitlines() if line.startswith("best: ")]
+    assert len(best) == 1 and best[0].split()[1] == good and (errored_sweep.after_first / "best_config.yaml").is_file()
     # The console: one warning line for the failure, naming the cause; one line per result of the good trial.
-    failed = [m for m in first_console if m.startswith(f"trial {errored.trial_id} failed")]
-    assert len(failed) == 1 and "injected fault" in failed[0] and "\n" not in failed[0], failed
-    good_lines = [m for m in first_console if m.startswith(f"trial {good.trial_id} epoch ")]
+    first_console = console_messages(first)
+    failed = [m for m in first_console if m.startswith(f"trial {errored} failed")]
+    assert len(failed) == 1 and "injected fault" in failed[0], first_console
+    good_lines = [m for m in first_console if m.startswith(f"trial {good} epoch ")]
     assert [int(m.split()[3].split("/")[0]) for m in good_lines] == [1, 2]
+    assert not [m for m in first_console if m.startswith(f"trial {errored} epoch ")]
     # --resume (Tuner.restore with resume_errored): the errored trial runs again (the fault fired once) and
     # finishes; the completed one is not re-run.  The resumed sweep shows this command's console (not the
     # pickled one of the first start): its lines name the re-run trial's epochs.
-    resumed, resumed_console = errored_sweep.resumed, errored_sweep.resumed_console
-    rerun = [m for m in resumed_console if m.startswith(f"trial {errored.trial_id} epoch ")]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_console = console_messages(resumed)
+    rerun = [m for m in resumed_console if m.startswith(f"trial {errored} epoch ")]
     assert [int(m.split()[3].split("/")[0]) for m in rerun] == [1, 2], resumed_console
-    assert not [m for m in resumed_console if m.startswith(f"trial {good.trial_id} epoch ")]
-    by_id = {r.trial_id: r for r in resumed.records}
-    assert by_id[errored.trial_id].status == "completed" and by_id[good.trial_id].status == "completed"
-    table = pd.read_csv(root / "faulty" / "trials.csv").set_index("trial_id")
-    assert table.loc[errored.trial_id, "status"] == "completed"
-    assert table.loc[good.trial_id, "epochs"] == 2
+    assert not [m for m in resumed_console if m.startswith(f"trial {good} ")]
+    assert "trials: 2 completed" in resumed.stdout.splitlines()
+    table = pd.read_csv(errored_sweep.sweep / "trials.csv").set_index("trial_id")
+    assert table.loc[errored, "status"] == "completed" and table.loc[good, "status"] == "completed"
+    assert table.loc[errored, "epochs"] == table.loc[good, "epochs"] == 2
 
 
 def test_bridge_forwards_epoch_reports_and_skips_the_preemption_barrier():

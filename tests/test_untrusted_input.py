@@ -439,21 +439,25 @@ def test_cli_resume_of_tampered_sweep_exits_2_before_unpickling(tmp_path, secret
 def test_real_sweep_resume_refuses_replaced_tuner_pkl_and_resumes_untouched(errored_sweep, tmp_path):
     """The session's real sweep (``errored_sweep``: a start, then an untouched ``--resume``) was signed, and its
     resume proceeded; a copy of it with a replaced tuner.pkl is refused before anything is unpickled."""
+    import pandas as pd
+
     from dyrep_ray.rundir.layout import SWEEP_SIGNATURE
     from dyrep_ray.tune.signing import SweepSignatureError
     from dyrep_ray.tune.sweep import run_sweep
 
-    first, after_first = errored_sweep.first, errored_sweep.after_first
-    assert sorted(r.status for r in first.records) == ["completed", "error"]  # the sweep it injects a fault into
+    after_first = errored_sweep.after_first
+    first = pd.read_csv(after_first / "trials.csv")
+    assert sorted(first["status"]) == ["completed", "error"]  # the sweep it injects a fault into
     signed = json.loads((after_first / SWEEP_SIGNATURE).read_text())["files"]
     assert "tuner.pkl" in signed and any(f.startswith("experiment_state-") for f in signed)
     assert (after_first / LOCK_FILE).exists()  # the sweep directory had its writer lock
 
-    resumed = errored_sweep.resumed  # untouched: Tuner.restore proceeded
-    assert [r.status for r in resumed.records] == ["completed"] * len(first.records)
-    assert sorted(r.trial_id for r in resumed.records) == sorted(r.trial_id for r in first.records)
+    assert errored_sweep.resumed.returncode == 0, errored_sweep.resumed.stderr[-3000:]  # untouched: it proceeded
+    resumed = pd.read_csv(errored_sweep.sweep / "trials.csv")
+    assert list(resumed["status"]) == ["completed"] * len(first)
+    assert sorted(resumed["trial_id"]) == sorted(first["trial_id"])
 
-    shutil.copytree(errored_sweep.root / "faulty", tmp_path / "sw")  # the signature names files relative to it
+    shutil.copytree(errored_sweep.sweep, tmp_path / "sw")  # the signature names files relative to it
     tuner_pkl, marker = tmp_path / "sw" / "tune" / "tuner.pkl", tmp_path / "pwned"
     tuner_pkl.write_bytes(pickle.dumps(_TouchMarker(marker)))
     with pytest.raises(SweepSignatureError, match="tuner.pkl changed after it was signed"):

@@ -13,6 +13,9 @@ Ray forwards every worker's and the Train controller's stdout/stderr to the driv
 * Ray's transient retry noise on a slow cluster (:data:`dyrep_ray.console.TRANSIENT_PATTERNS`,
   :data:`~dyrep_ray.console.TRANSIENT_ACTORS`) goes to the run's log (``train.log``/``tune.log``) instead of the
   console; if it goes on for :data:`SLOW_CLUSTER_AFTER_S`, one console warning says so (:class:`SlowClusterNotice`);
+* a sweep's console: Ray's own reports of a failed trial (:data:`dyrep_ray.console.TRIAL_FAILURE_PATTERNS`: the
+  worker's traceback, Tune's "Trial task failed") go to ``tune.log``; the console's one ``trial <id> failed`` line
+  names the cause and the trial's error file;
 * the epoch lines come from the run's ``metrics.jsonl`` (:class:`EpochFollower`), read by the driver, so they
   carry no worker prefix and appear once however many workers there are.
 """
@@ -27,11 +30,13 @@ import time
 from collections.abc import Callable
 
 from ..console import (
+    TRIAL_FAILURE_PATTERNS,
     TracebackContinuations,
     drop_exit_in_finalizers,
     is_harmless,
     is_routine,
     is_transient_batch,
+    is_trial_failure_report,
     split_transient,
     unfinished_finalizer_record,
 )
@@ -104,14 +109,18 @@ def quiet_exit_in_finalizers() -> None:
     sys.unraisablehook = hook
 
 
-def quiet_ray_driver() -> None:
-    """Driver, before ``ray.init``: Ray's own INFO lines and harmless warnings off the terminal."""
+def quiet_ray_driver(trial_failures_to_log: bool = False) -> None:
+    """Driver, before ``ray.init``: Ray's own INFO lines and harmless warnings off the terminal, and with
+    ``trial_failures_to_log`` (the sweep console) Ray Tune's reports of a failed trial
+    (:data:`~dyrep_ray.console.TRIAL_FAILURE_PATTERNS`); the run's log keeps them."""
     import ray  # noqa: F401 -- importing ray installs the handlers of its "ray" logger
 
     for handler in logging.getLogger("ray").handlers:
         if _is_console_handler(handler):
             handler.setLevel(logging.WARNING)
             handler.addFilter(lambda record: not is_harmless(record.getMessage()))
+            if trial_failures_to_log:
+                handler.addFilter(lambda record: not is_trial_failure_report(record.getMessage()))
 
 
 class SlowClusterNotice:
@@ -138,9 +147,11 @@ class SlowClusterNotice:
                             "log and Ray's session logs", self.records, now - self.first)
 
 
-def filter_forwarded_output(notice: SlowClusterNotice | None = None) -> None:
+def filter_forwarded_output(notice: SlowClusterNotice | None = None, trial_failures_to_log: bool = False) -> None:
     """Driver, after ``ray.init``: drop forwarded worker/controller/trial lines known to be harmless or routine;
-    Ray's transient retry noise goes to ``notice`` (the run's log; one console line if it persists)."""
+    Ray's transient retry noise goes to ``notice`` (the run's log; one console line if it persists).  With
+    ``trial_failures_to_log`` (the sweep console, which says in one line that a trial failed and why), a trial
+    worker's "Error in training function" record goes to the run's log only."""
     notice = notice or SlowClusterNotice()
     try:  # Ray has no public hook for forwarded worker output: wrap its printer (absent: nothing filtered)
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -152,8 +163,9 @@ def filter_forwarded_output(notice: SlowClusterNotice | None = None) -> None:
         logger.debug("Ray's worker-output printer not found; forwarded lines are not filtered")
         return
 
-    continuations = TracebackContinuations()
+    continuations, failures = TracebackContinuations(), TracebackContinuations()
     held = HeldFinalizerRecords(lambda data: _print_kept(printer, data))
+    run_log = logging.getLogger(RAY_OUTPUT_LOGGER)
 
     def filtered(data: dict) -> None:
         name = str(data.get("actor_name") or data.get("task_name") or "")
@@ -162,6 +174,9 @@ def filter_forwarded_output(notice: SlowClusterNotice | None = None) -> None:
         continued, lines = continuations.split(process, held.release(process) + list(data.get("lines", [])))
         if continued:
             notice.record(source, continued)
+        failed, lines = failures.split(process, lines)
+        for line in failed:
+            run_log.info("%s %s", source, line)
         start = unfinished_finalizer_record(lines)
         if start is not None:  # decided when the rest of its traceback arrives (or shown after HOLD_S)
             held.hold(process, {**data, "lines": lines[start:]})
@@ -177,6 +192,12 @@ def filter_forwarded_output(notice: SlowClusterNotice | None = None) -> None:
         if transient:
             notice.record(source, transient)
         continuations.ended(process, bool(transient) and lines[-1:] == transient[-1:])
+        if trial_failures_to_log:
+            shown, failed = split_transient(kept, TRIAL_FAILURE_PATTERNS)
+            for line in failed:
+                run_log.info("%s %s", source, line)
+            failures.ended(process, bool(failed) and kept[-1:] == failed[-1:])
+            kept = shown
         _print_kept(printer, {**data, "lines": kept})
 
     dispatcher.remove_handler(RAY_PRINTER)

@@ -52,11 +52,17 @@ class _MidEpochFault(TrainerCallback):
             return
         self.fire(epoch, rank)
 
-    def claim(self, what: str, epoch: int, rank: int) -> None:
-        """Record (in the marker) that the fault fires now, before it takes the process down."""
+    def claim(self, what: str, epoch: int, rank: int) -> bool:
+        """Record (in the marker) that the fault fires now, before it takes the process down; False when another
+        process (another trial of a sweep) created the marker first: the fault has fired, this one does not."""
         if self.marker is not None:
-            Path(self.marker).write_text(f"{what} at epoch {epoch} rank {rank} pid {os.getpid()}\n")
+            try:
+                with open(self.marker, "x") as marker:  # exclusive: one process wins
+                    marker.write(f"{what} at epoch {epoch} rank {rank} pid {os.getpid()}\n")
+            except FileExistsError:
+                return False
         logger.warning("fault injection: %s at epoch %d on rank %d", what, epoch, rank)
+        return True
 
     def fire(self, epoch: int, rank: int) -> None:
         raise NotImplementedError
@@ -67,8 +73,8 @@ class KillAt(_MidEpochFault):
     """SIGKILL this process mid-``epoch`` on ``rank``: a real worker (or process) death."""
 
     def fire(self, epoch: int, rank: int) -> None:
-        self.claim("kill", epoch, rank)
-        os.kill(os.getpid(), signal.SIGKILL)
+        if self.claim("kill", epoch, rank):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,8 @@ class RaiseAt(_MidEpochFault):
     """Raise :class:`InjectedFault` mid-``epoch`` on ``rank``."""
 
     def fire(self, epoch: int, rank: int) -> None:
-        self.claim("raise", epoch, rank)
-        raise InjectedFault(f"injected fault at epoch {epoch} on rank {rank}")
+        if self.claim("raise", epoch, rank):
+            raise InjectedFault(f"injected fault at epoch {epoch} on rank {rank}")
 
 
 @dataclass(frozen=True)

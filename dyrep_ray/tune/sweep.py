@@ -257,12 +257,12 @@ def _run_sweep_locked(spec: SweepSpec | None, output: str, name: str, *, resume:
 
         console.spec, train_log_level = spec, QUIET_RAY_TRAIN_LOG_LEVEL
         callbacks = [WorkerConsole(verbose=False), *callbacks]
-        quiet_ray_driver()
+        quiet_ray_driver(trial_failures_to_log=True)
     started = connect(address, num_cpus=local_ray_cpus())  # num_cpus only matters for a new local Ray
     if console is not None:
         from ..distributed.console import filter_forwarded_output
 
-        filter_forwarded_output()
+        filter_forwarded_output(trial_failures_to_log=True)
     logger.info("Ray: %s", started)
     if spec.use_gpu is None:
         spec.use_gpu = resolve_use_gpu(_probe_config(spec))
