@@ -38,10 +38,12 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RUN_TIMEOUT_S = 600
 WAIT_TIMEOUT_S = 300
 POLL_S = 0.5
+#: Seconds Ray Train waits for a worker group's placement group before it tries again (the runs' config)
+WORKER_GROUP_START_TIMEOUT_S = 10
 # 128 images / global batch 64 = 2 steps per epoch at any worker count; adjust after every epoch.
 BASE = ["synthetic_train_size=128", "synthetic_val_size=64", "global_batch_size=64", "dyrep_recal_bn_iters=2",
         "dyrep_adjust_interval=1", "checkpoint_every_steps=1", "max_failures=3",
-        "worker_group_start_timeout_s=10"]
+        f"worker_group_start_timeout_s={WORKER_GROUP_START_TIMEOUT_S}"]
 ELASTIC_VAL_LOSS_ATOL = 1e-4
 RESIZE_INTERVAL_S = "3"  # elastic: Ray looks for capacity this often (default 60 s)
 # Recommended for spot clusters (docs/cluster.md): the GCS declares a lost node dead after 3 missed 1 s checks
@@ -50,7 +52,6 @@ FAST_NODE_HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_time
                     "RAY_health_check_failure_threshold": "3"}
 CHAOS_EPOCHS = 11  # with 1-3 s per step, long enough for every disturbance; the last step waits for the test
 DRAIN_DEADLINE_S = 10
-NODE_LOSS_RECOVERY_S = 30
 DRAIN_CHECKPOINT_S = 10
 
 DRIVER = """
@@ -303,5 +304,9 @@ def test_chaos_worker_killed_node_lost_node_added_node_drained_ends_as_one_proce
     for epoch in range(CHAOS_EPOCHS):  # every sample once per epoch, through the restarts and resizes
         counts = epoch_sample_counts(storage, epoch)
         assert sorted(counts) == list(range(128)) and set(counts.values()) == {1}, epoch
-    assert seconds["node SIGKILLed -> first step on the remaining worker"] <= NODE_LOSS_RECOVERY_S
+    # A node loss costs no more than this run's plain worker restart (same machine, same load) plus one worker-group
+    # start timeout: a restart sized for the dead node's CPUs would wait out that timeout and more
+    # (docs/cluster.md, "Recovery in seconds"); seconds alone would measure how busy the machine is.
+    restart = seconds["worker SIGKILLed -> first step of the restarted group"]
+    assert seconds["node SIGKILLed -> first step on the remaining worker"] <= restart + WORKER_GROUP_START_TIMEOUT_S
     assert seconds["drain accepted by the GCS -> preemption checkpoint committed"] <= DRAIN_CHECKPOINT_S
