@@ -154,24 +154,28 @@ def record_end(lines: list[str], start: int) -> int:
     return end
 
 
-def split_transient(lines: list[str], patterns: Sequence[re.Pattern] = TRANSIENT_PATTERNS,
-                    ) -> tuple[list[str], list[str]]:
+def split_transient(lines: list[str]) -> tuple[list[str], list[str]]:
+    """``lines`` as (kept, transient): the records of :data:`TRANSIENT_PATTERNS` (:func:`split_records`)."""
+    return split_records(lines, TRANSIENT_PATTERNS)
+
+
+def split_records(lines: list[str], patterns: Sequence[re.Pattern]) -> tuple[list[str], list[str]]:
     """``lines`` as (kept, matched): each record one of ``patterns`` starts, with its traceback (and the blank lines
     right after it), goes to the second list; every other line stays, in order."""
     kept: list[str] = []
-    transient: list[str] = []
+    matched: list[str] = []
     i = 0
     while i < len(lines):
         if any(p.search(lines[i]) for p in patterns):
             end = record_end(lines, i)
             while end < len(lines) and not lines[end].strip():
                 end += 1
-            transient.extend(lines[i:end])
+            matched.extend(lines[i:end])
             i = end
         else:
             kept.append(lines[i])
             i += 1
-    return kept, transient
+    return kept, matched
 
 
 def drop_exit_in_finalizers(lines: list[str]) -> list[str]:

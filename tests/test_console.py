@@ -26,8 +26,8 @@ from dyrep_ray.console import (
 )
 from dyrep_ray.engine.progress import epoch_line
 from dyrep_ray.rundir.layout import TRAIN_LOG
+from tests.shared_runs import user_env
 
-REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
 DEFAULT_COMMAND = ["train", "--set", f"epochs={EPOCHS}", "--set", "synthetic_train_size=256",
                    "--set", "synthetic_val_size=128"]
@@ -39,15 +39,8 @@ EPOCH_LINE = re.compile(r"^dyrep-ray: epoch (\d+)/(\d+)  loss ")
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env_path = str(REPO)
     return subprocess.run([sys.executable, "-m", "dyrep_ray.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S, env={**_env(), "PYTHONPATH": env_path})
-
-
-def _env() -> dict:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "DYREP_RAY_TRAIN_LOG_LEVEL"}
+                          timeout=RUN_TIMEOUT_S, env=user_env())
 
 
 def non_empty(text: str) -> list[str]:
@@ -496,7 +489,7 @@ def test_sigterm_in_a_finalizer_prints_no_traceback(tmp_path, driver):
     script = tmp_path / "driver.py"
     script.write_text(SIGTERM_IN_FINALIZER_DRIVER)
     done = subprocess.run([sys.executable, str(script), driver], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S, env={**_env(), "PYTHONPATH": str(REPO)})
+                          timeout=RUN_TIMEOUT_S, env=user_env())
     assert done.returncode == 0, done.stderr[-3000:]
     lines = non_empty(done.stdout) + non_empty(done.stderr)
     for actor in ("Plain", "Quiet"):  # both actors ran, and Ray forwarded their output

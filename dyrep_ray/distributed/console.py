@@ -37,6 +37,7 @@ from ..console import (
     is_routine,
     is_transient_batch,
     is_trial_failure_report,
+    split_records,
     split_transient,
     unfinished_finalizer_record,
 )
@@ -123,6 +124,13 @@ def quiet_ray_driver(trial_failures_to_log: bool = False) -> None:
                 handler.addFilter(lambda record: not is_trial_failure_report(record.getMessage()))
 
 
+def log_forwarded(source: str, lines: list[str]) -> None:
+    """Forwarded lines kept off the console, to the run's log (:data:`RAY_OUTPUT_LOGGER`), each after its source."""
+    log = logging.getLogger(RAY_OUTPUT_LOGGER)
+    for line in lines:
+        log.info("%s %s", source, line)
+
+
 class SlowClusterNotice:
     """Takes Ray's transient retry noise: every line to the run's log, and once it has gone on for ``after_s``
     seconds, one console warning (a cluster that is slow for a moment says nothing; one that stays slow, once)."""
@@ -134,9 +142,7 @@ class SlowClusterNotice:
         self.warned = False
 
     def record(self, source: str, lines: list[str]) -> None:
-        log = logging.getLogger(RAY_OUTPUT_LOGGER)
-        for line in lines:
-            log.info("%s %s", source, line)
+        log_forwarded(source, lines)
         now = self.clock()
         self.first = now if self.first is None else self.first
         self.records += 1
@@ -165,7 +171,6 @@ def filter_forwarded_output(notice: SlowClusterNotice | None = None, trial_failu
 
     continuations, failures = TracebackContinuations(), TracebackContinuations()
     held = HeldFinalizerRecords(lambda data: _print_kept(printer, data))
-    run_log = logging.getLogger(RAY_OUTPUT_LOGGER)
 
     def filtered(data: dict) -> None:
         name = str(data.get("actor_name") or data.get("task_name") or "")
@@ -175,8 +180,7 @@ def filter_forwarded_output(notice: SlowClusterNotice | None = None, trial_failu
         if continued:
             notice.record(source, continued)
         failed, lines = failures.split(process, lines)
-        for line in failed:
-            run_log.info("%s %s", source, line)
+        log_forwarded(source, failed)
         start = unfinished_finalizer_record(lines)
         if start is not None:  # decided when the rest of its traceback arrives (or shown after HOLD_S)
             held.hold(process, {**data, "lines": lines[start:]})
@@ -193,9 +197,8 @@ def filter_forwarded_output(notice: SlowClusterNotice | None = None, trial_failu
             notice.record(source, transient)
         continuations.ended(process, bool(transient) and lines[-1:] == transient[-1:])
         if trial_failures_to_log:
-            shown, failed = split_transient(kept, TRIAL_FAILURE_PATTERNS)
-            for line in failed:
-                run_log.info("%s %s", source, line)
+            shown, failed = split_records(kept, TRIAL_FAILURE_PATTERNS)
+            log_forwarded(source, failed)
             failures.ended(process, bool(failed) and kept[-1:] == failed[-1:])
             kept = shown
         _print_kept(printer, {**data, "lines": kept})
